@@ -1,0 +1,1 @@
+"""DPAR: dynamic patchification for efficient autoregressive image generation."""

@@ -1,0 +1,138 @@
+"""Configs: a dataclass schema, a YAML file and command-line overrides, merged and validated.
+
+Every script takes ``--config FILE.yaml`` plus overrides in either form::
+
+    --model.gpt_model DGPT-L      (reference README style)
+    model.gpt_model=DGPT-L        (OmegaConf dotlist style; ``--model.gpt_model=DGPT-L`` too)
+
+Values are parsed as YAML (``null``, ``true``, numbers). An unknown key, a value of the wrong type
+or a value outside a field's ``choices`` metadata is a :class:`ConfigError` whose one-line message
+names the key and lists what is valid. ``save_config`` writes the fully resolved config atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .errors import UserError
+from .fileio import atomic_write_text
+
+
+class ConfigError(UserError):
+    """An invalid config file, key or value."""
+
+
+def parse_overrides(args: Sequence[str]) -> list[str]:
+    """Turn ``--a.b value``, ``--a.b=value`` and ``a.b=value`` into an OmegaConf dotlist."""
+    dotlist, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key = arg[2:]
+            if "=" in key:
+                dotlist.append(key)
+            elif i + 1 < len(args) and not (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
+                dotlist.append(f"{key}={args[i + 1]}")
+                i += 1
+            else:
+                raise ConfigError(f"missing value for override --{key}")
+        elif "=" in arg:
+            dotlist.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --a.b value or a.b=value")
+        i += 1
+    return dotlist
+
+
+def load_config(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML file <- overrides; validated, with missing values reported."""
+    config = OmegaConf.structured(schema)
+    if path is not None:
+        config = _merge(config, _read_yaml(path), f"in {path}: ")
+    if overrides:
+        config = _merge(config, OmegaConf.from_dotlist(parse_overrides(overrides)), "")
+    _check_choices(config, schema, "")
+    missing = sorted(OmegaConf.missing_keys(config))
+    if missing:
+        raise ConfigError(f"config key {missing[0]!r} needs a value (set it in the YAML or with --{missing[0]} ...)")
+    try:
+        OmegaConf.resolve(config)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"cannot resolve config: {_first_line(error)}") from None
+    return config
+
+
+def parse_cli(parser: argparse.ArgumentParser, schema: type,
+              argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, DictConfig]:
+    """Parse a script's own flags with ``parser``; everything else configures ``schema``.
+
+    Adds ``--config`` unless the parser has it. Returns the script flags and the validated config.
+    """
+    if not any("--config" in action.option_strings for action in parser._actions):
+        parser.add_argument("--config", help="YAML config file (overrides follow as --a.b value or a.b=value)")
+    parser.allow_abbrev = False
+    args, rest = parser.parse_known_args(argv)
+    return args, load_config(schema, args.config, rest)
+
+
+def save_config(config: DictConfig, path: str | Path) -> None:
+    """Write the fully resolved config as YAML, atomically."""
+    atomic_write_text(path, OmegaConf.to_yaml(config, resolve=True))
+
+
+def to_dataclass(config: DictConfig) -> Any:
+    """The config as an instance of its schema dataclass (plain attribute access, no OmegaConf nodes)."""
+    return OmegaConf.to_object(config)
+
+
+def _read_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {_first_line(error)}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
+    return OmegaConf.create(loaded)
+
+
+def _merge(config: DictConfig, update: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(config, update)
+    except ConfigKeyError as error:
+        key = error.full_key or str(error.key)
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(config, parent) if parent else config
+        valid = ", ".join(node.keys()) if isinstance(node, DictConfig) else "none"
+        raise ConfigError(f"{where}unknown config key {key!r}; valid keys"
+                          f"{f' under {parent!r}' if parent else ''}: {valid}") from None
+    except ValidationError as error:
+        key = f"config key {error.full_key!r}: " if error.full_key else ""
+        raise ConfigError(f"{where}{key}{_first_line(error)}") from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{where}invalid config: {_first_line(error)}") from None
+
+
+def _check_choices(config: DictConfig, schema: type, prefix: str) -> None:
+    for field in dataclasses.fields(schema):
+        value = config[field.name]
+        key = prefix + field.name
+        choices = field.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"config key {key!r} must be one of: {', '.join(map(str, choices))}; got {value!r}")
+        if isinstance(value, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(value)):
+            _check_choices(value, OmegaConf.get_type(value), key + ".")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,19 @@
+"""User-facing errors: bad input is reported as one line naming the problem, never a traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (a config key, a file, a shape)."""
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a script's ``main``; a :class:`UserError` exits with status 2 and a one-line message."""
+    try:
+        status = main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status or 0)

@@ -1,0 +1,170 @@
+"""Parameter and FLOP accounting, measured by running the real modules on the meta device.
+
+Nothing here is a formula: the model is built on ``meta`` (no memory, so even DGPT-XXL answers in
+seconds) and one forward per sample runs under ``torch.utils.flop_counter.FlopCounterMode``.
+
+- ``linear_gmacs``: forward multiply-accumulates per sample in linear layers (matrix products with
+  a weight: ``aten.mm`` / ``aten.addmm``), the convention of the paper's Table 8, which leaves out
+  attention score/value products.
+- ``gflops``: all forward FLOPs per sample (2 per MAC), attention included; attention is counted as
+  dense products, the way FlopCounterMode counts SDPA.
+
+DPAR's cost depends on the number of patches M = N / tokens_per_patch. When M is fractional the
+sample is a mix of the two nearest integer patch counts with that mean, each measured for real.
+
+    python -m dpar.flops --model DGPT-L --image-size 256 --json
+    python -m dpar.flops --tables        # paper Tables 1 and 8, reproduced
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import MODEL_NAMES, DPAR_models, GPT_models, PatchLayout, is_dpar
+
+# Paper Table 6 / section 4.1: mean tokens per patch on ImageNet with the default patcher.
+PAPER_TOKENS_PER_PATCH = {256: 1.81, 384: 2.06}
+# Parameters: DPAR from paper Table 1, LlamaGen from paper Table 2 (LlamaGen's own figures).
+PAPER_PARAMS = {"GPT-B": 111e6, "GPT-L": 343e6, "GPT-XL": 775e6, "GPT-XXL": 1.4e9,
+                "DGPT-B": 120e6, "DGPT-L": 352e6, "DGPT-XL": 789e6, "DGPT-XXL": 1.4e9}
+# Paper Table 8: forward linear GMACs per sample (the paper's column header says GFLOPs).
+PAPER_LINEAR_GMACS = {
+    ("GPT-B", 256): 24.98, ("GPT-L", 256): 83.26, ("GPT-XL", 256): 192.69,
+    ("GPT-B", 384): 56.21, ("GPT-L", 384): 187.35, ("GPT-XL", 384): 433.57,
+    ("DGPT-B", 256): 19.21, ("DGPT-L", 256): 56.74, ("DGPT-XL", 256): 125.52,
+    ("DGPT-B", 384): 40.92, ("DGPT-L", 384): 117.92, ("DGPT-XL", 384): 258.53,
+}
+_LINEAR_OPS = (torch.ops.aten.mm, torch.ops.aten.addmm)
+
+
+def build_on_meta(name: str, grid_size: int, vocab_size: int = 16384, num_classes: int = 1000) -> torch.nn.Module:
+    zoo = DPAR_models if is_dpar(name) else GPT_models
+    with torch.device("meta"):
+        model = zoo[name](vocab_size=vocab_size, block_size=grid_size ** 2, num_classes=num_classes)
+    return model.eval()
+
+
+def measure_forward(model: torch.nn.Module, *inputs, **kwargs) -> tuple[int, int]:
+    """(linear MACs, all FLOPs) of one forward."""
+    with FlopCounterMode(display=False) as counter:
+        model(*inputs, **kwargs)
+    counts = counter.get_flop_counts()["Global"]
+    linear_flops = sum(n for op, n in counts.items() if op in _LINEAR_OPS)
+    return linear_flops // 2, counter.get_total_flops()
+
+
+def evenly_spaced_patches(num_tokens: int, num_patches: int) -> torch.Tensor:
+    """A ``[1, N]`` patch-start mask with ``num_patches`` patches of near-equal length."""
+    mask = torch.zeros(1, num_tokens, dtype=torch.bool)
+    mask[0, torch.arange(num_patches) * num_tokens // num_patches] = True
+    return mask
+
+
+def count(name: str, image_size: int, tokens_per_patch: float | None = None, downsample_size: int = 16,
+          vocab_size: int = 16384, num_classes: int = 1000) -> dict:
+    """Parameters and per-sample forward cost of model ``name`` at ``image_size`` pixels."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
+    if image_size % downsample_size:
+        raise ValueError(f"image size {image_size} is not a multiple of the downsampling {downsample_size}")
+    grid = image_size // downsample_size
+    num_tokens = grid * grid
+    model = build_on_meta(name, grid, vocab_size, num_classes)
+    params = sum(p.numel() for p in model.parameters())
+    label = torch.zeros(1, dtype=torch.long, device="meta")
+
+    if not is_dpar(name):
+        tokens = torch.zeros(1, num_tokens - 1, dtype=torch.long, device="meta")
+        linear, total = measure_forward(model, tokens, label)
+        tokens_per_patch, patches = 1.0, float(num_tokens)
+    else:
+        if tokens_per_patch is None:
+            tokens_per_patch = PAPER_TOKENS_PER_PATCH.get(image_size)
+            if tokens_per_patch is None:
+                raise ValueError(f"give --tokens-per-patch for image size {image_size} (the paper reports "
+                                 f"{', '.join(f'{k} px: {v}' for k, v in PAPER_TOKENS_PER_PATCH.items())})")
+        if not 1.0 <= tokens_per_patch <= num_tokens:
+            raise ValueError(f"tokens per patch must lie in [1, {num_tokens}], got {tokens_per_patch}")
+        patches = num_tokens / tokens_per_patch
+        tokens = torch.zeros(1, num_tokens, dtype=torch.long, device="meta")
+        low, high = math.floor(patches), math.ceil(patches)
+        weight_high = patches - low
+        linear, total = 0.0, 0.0
+        for num_patches, weight in ((low, 1 - weight_high), (high, weight_high)):
+            if weight == 0:
+                continue
+            mask = evenly_spaced_patches(num_tokens, num_patches)
+            layout = PatchLayout.from_mask(mask, grid).to("meta")
+            run_linear, run_total = measure_forward(model, tokens, label, mask.to("meta"), layout=layout)
+            linear += weight * run_linear
+            total += weight * run_total
+
+    return {
+        "model": name,
+        "image_size": image_size,
+        "grid_size": grid,
+        "tokens": num_tokens,
+        "tokens_per_patch": tokens_per_patch,
+        "patches_per_image": patches,
+        "params": int(params),
+        "linear_gmacs": linear / 1e9,
+        "gflops": total / 1e9,
+        "attention_gflops": (total - 2 * linear) / 1e9,
+    }
+
+
+def _pct(measured: float, paper: float) -> str:
+    return f"{100 * (measured - paper) / paper:+.1f}%"
+
+
+def tables_markdown() -> str:
+    """Paper Tables 1 and 8 next to the figures this code measures."""
+    lines = ["Parameters (paper Table 1 for DPAR, Table 2 for LlamaGen):", "",
+             "| model | paper | measured | diff |", "|---|---|---|---|"]
+    for name, paper in PAPER_PARAMS.items():
+        params = count(name, 256)["params"]
+        lines.append(f"| {name} | {paper / 1e6:,.0f}M | {params / 1e6:,.1f}M | {_pct(params, paper)} |")
+    lines += ["", "Forward linear GMACs per sample (paper Table 8; DPAR at 1.81 tokens/patch at 256 px, "
+              "2.06 at 384 px):", "",
+              "| variant | LlamaGen paper | LlamaGen measured | diff | DPAR paper | DPAR measured | diff |",
+              "|---|---|---|---|---|---|---|"]
+    for size in ("B", "L", "XL"):
+        for image_size in (256, 384):
+            row = [f"{size}-{image_size}"]
+            for name in (f"GPT-{size}", f"DGPT-{size}"):
+                paper = PAPER_LINEAR_GMACS[(name, image_size)]
+                measured = count(name, image_size)["linear_gmacs"]
+                row += [f"{paper:.2f}", f"{measured:.2f}", _pct(measured, paper)]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dpar.flops", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODEL_NAMES, default="DGPT-B")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--tokens-per-patch", type=float, default=None,
+                        help="DPAR only; default: the paper's 1.81 (256 px) / 2.06 (384 px)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--tables", action="store_true", help="print paper Tables 1 and 8 with measured values")
+    args = parser.parse_args(argv)
+    if args.tables:
+        print(tables_markdown())
+        return
+    try:
+        result = count(args.model, args.image_size, args.tokens_per_patch)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>18}: {value:,.3f}" if isinstance(value, float) else f"{key:>18}: {value}")
+
+
+if __name__ == "__main__":
+    main()

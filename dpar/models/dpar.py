@@ -1,0 +1,264 @@
+"""DPAR: a token-level patch encoder, a global transformer over patches, a token-level patch decoder.
+
+Shapes for a batch of B images of N tokens grouped into P patches in all (DESIGN.md section 4):
+
+    tokens x [B, N] --embed--> e [B, N, d]
+      PatchEncoder: causal self-attention over tokens (2D RoPE) -> h [B, N, d];
+                    each patch = max-pool of its h, then cross-attends to its own tokens -> [P, d]
+      global stream per image: [class, patch_1, ..., patch_{M-1}] packed over the batch -> [1, P, d]
+                    LLaMA blocks with Dynamic RoPE, block-diagonal causal attention -> g [P, d]
+      PatchDecoder: u_i = h_{i-1} + Linear(RMSNorm(g_{p(i)-1})), causal self-attention (2D RoPE)
+      norm + head -> logits [B, N, vocab]; position i predicts x_i
+
+With patch boundaries fixed, logits for x_i depend on x_<i only: h_{i-1} sees x_<i, and the global
+output used by token i sees the class and the patches that end before token i's patch starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..patcher import patch_lengths
+from .attention import PackedSeqs, attend
+from .layers import FeedForward, ModelArgs, RMSNorm, TransformerBlock, class_embedder, init_weights
+from .rope import ROPE_MODES, grid_rope, patch_rope
+
+
+@dataclass
+class DPARArgs(ModelArgs):
+    """LlamaGen's ``ModelArgs`` (``n_layer`` = global transformer layers) plus DPAR's own."""
+
+    n_enc_layer: int = 1
+    n_dec_layer: int = 3
+    rope: str = "dynamic"  # Dynamic RoPE variant of the global transformer (paper Table 9)
+    attn_backend: str = "auto"  # packed attention backend of the global transformer
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rope not in ROPE_MODES:
+            raise ValueError(f"rope must be one of {', '.join(ROPE_MODES)}, got {self.rope!r}")
+        if self.cls_token_num != 1:
+            raise ValueError(f"DPAR uses one class token, got cls_token_num={self.cls_token_num}")
+        if self.drop_path_rate > 0:
+            raise ValueError("DPAR does not support drop_path_rate > 0: in the packed global stream "
+                             "a sample-wise drop would drop the whole batch")
+
+
+@dataclass
+class PatchLayout:
+    """Everything DPAR needs to know about a batch's patches, computed once per batch.
+
+    Patches are numbered image after image (flat index ``0 .. total-1``). Image b's global stream
+    is ``[class, patch_1, ..., patch_{M_b - 1}]``, also M_b long, so stream position k holds the
+    class (``stream_is_class``) or patch k-1, and its output predicts patch k.
+    """
+
+    token_patch: Tensor        # [B, N] flat index of each token's patch
+    patch_start: Tensor        # [P] flat token index (into B*N) of each patch's first token
+    patch_length: Tensor       # [P] tokens in each patch
+    patch_image: Tensor        # [P] image of each patch
+    patch_row: Tensor          # [P] grid row of each patch's first token
+    patch_start_col: Tensor    # [P] its grid column
+    patch_end_col: Tensor      # [P] start_col + length - 1 (the end column when rows break patches)
+    stream_is_class: Tensor    # [P] True at the first stream position of each image
+    packed: PackedSeqs         # the global stream's sequence lengths (one per image)
+    max_patch_length: int
+
+    @classmethod
+    def from_mask(cls, mask: Tensor, grid_width: int) -> PatchLayout:
+        if mask.dim() != 2 or mask.dtype != torch.bool:
+            raise ValueError(f"patch_start must be a bool tensor [B, N], got {mask.dtype} {list(mask.shape)}")
+        if not bool(mask[:, 0].all()):
+            raise ValueError("patch_start must be True at token 0 of every image")
+        batch, num_tokens = mask.shape
+        flat_start = mask.reshape(-1).nonzero().squeeze(1)
+        lengths = patch_lengths(mask)
+        local = flat_start % num_tokens
+        per_image = mask.sum(dim=1)
+        return cls(
+            token_patch=mask.reshape(-1).long().cumsum(0).view(batch, num_tokens) - 1,
+            patch_start=flat_start,
+            patch_length=lengths,
+            patch_image=flat_start // num_tokens,
+            patch_row=local // grid_width,
+            patch_start_col=local % grid_width,
+            patch_end_col=local % grid_width + lengths - 1,
+            stream_is_class=local == 0,
+            packed=PackedSeqs.from_seqlens(per_image.tolist(), device=mask.device),
+            max_patch_length=int(lengths.max()),
+        )
+
+    @property
+    def num_patches(self) -> int:
+        return self.packed.total
+
+    def to(self, device: torch.device | str) -> PatchLayout:
+        moved = {name: getattr(self, name).to(device) for name in self.__dataclass_fields__
+                 if isinstance(getattr(self, name), Tensor)}
+        return PatchLayout(**moved, packed=self.packed.to(device), max_patch_length=self.max_patch_length)
+
+
+class PatchCrossAttention(nn.Module):
+    """Each patch (query) attends to its own tokens only (keys/values); no positions, as in BLT."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.wq = nn.Linear(config.dim, config.dim, bias=False)
+        self.wkv = nn.Linear(config.dim, 2 * config.dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.resid_dropout = nn.Dropout(config.resid_dropout_p)
+
+    def forward(self, patches: Tensor, tokens: Tensor, slots: Tensor, valid: Tensor) -> Tensor:
+        """``patches [P, d]``, ``tokens [B*N, d]``; ``slots/valid [P, L]`` list each patch's tokens."""
+        num_patches, width = slots.shape
+        q = self.wq(patches).view(num_patches, 1, self.n_head, self.head_dim).transpose(1, 2)
+        kv = self.wkv(tokens)[slots].view(num_patches, width, 2, self.n_head, self.head_dim)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(dim=2))
+        out = attend(q, k, v, mask=valid[:, None, None, :])
+        return self.resid_dropout(self.wo(out.reshape(num_patches, -1)))
+
+
+class PatchPoolingBlock(nn.Module):
+    """Cross-attention from patches to their tokens + residual, then a SwiGLU FFN + residual."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.query_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.token_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.cross_attention = PatchCrossAttention(config)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, patches: Tensor, tokens: Tensor, slots: Tensor, valid: Tensor) -> Tensor:
+        patches = patches + self.cross_attention(self.query_norm(patches), self.token_norm(tokens), slots, valid)
+        return patches + self.feed_forward(self.ffn_norm(patches))
+
+
+class PatchEncoder(nn.Module):
+    """Tokens -> token states h and one vector per patch (paper Eq. 4-5)."""
+
+    def __init__(self, config: DPARArgs):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_enc_layer))
+        self.cross_layers = nn.ModuleList(PatchPoolingBlock(config) for _ in range(config.n_enc_layer))
+
+    def forward(self, x: Tensor, rope: Tensor, layout: PatchLayout) -> tuple[Tensor, Tensor]:
+        offsets = torch.arange(layout.max_patch_length, device=x.device)
+        valid = offsets < layout.patch_length[:, None]
+        slots = (layout.patch_start[:, None] + offsets).clamp(max=x.shape[0] * x.shape[1] - 1)
+        patches = None
+        for block, cross in zip(self.layers, self.cross_layers):
+            x = block(x, rope)
+            tokens = x.reshape(-1, x.shape[-1])
+            if patches is None:  # initialise each patch by max-pooling its token states
+                patches = tokens[slots].masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
+            patches = cross(patches, tokens, slots, valid)
+        return x, patches
+
+
+class PatchDecoder(nn.Module):
+    """Global outputs -> per-token states: u_i = h_{i-1} + Linear(RMSNorm(g_{p(i)-1})), then causal blocks."""
+
+    def __init__(self, config: DPARArgs):
+        super().__init__()
+        self.start = nn.Parameter(torch.zeros(config.dim))  # h_0, stands before the first token
+        self.patch_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.patch_proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_dec_layer))
+
+    def forward(self, h: Tensor, g: Tensor, rope: Tensor, layout: PatchLayout) -> Tensor:
+        previous = torch.cat([self.start.expand(h.shape[0], 1, -1).to(h.dtype), h[:, :-1]], dim=1)
+        u = previous + self.patch_proj(self.patch_norm(g))[layout.token_patch]
+        for layer in self.layers:
+            u = layer(u, rope)
+        return u
+
+
+class DPAR(nn.Module):
+    def __init__(self, config: DPARArgs):
+        super().__init__()
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.block_size = config.block_size
+        self.model_type = config.model_type
+        self.cls_token_num = 1
+        self.cls_embedding = class_embedder(config)
+        self.num_classes = self.cls_embedding.num_classes  # also the index of the null class
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        self.encoder = PatchEncoder(config)
+        self.global_layers = nn.ModuleList(TransformerBlock(config, backend=config.attn_backend)
+                                           for _ in range(config.n_layer))
+        self.decoder = PatchDecoder(config)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        init_weights(self, config.initializer_range)
+        nn.init.normal_(self.decoder.start, std=config.initializer_range)
+
+    def null_labels(self, batch: int, device: torch.device | str | None = None) -> Tensor:
+        """Class indices of the null class: the CFG unconditional half, or an uncond model's start token."""
+        return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+
+    def token_rope(self, num_tokens: int, device: torch.device) -> Tensor:
+        positions = torch.arange(num_tokens, device=device)
+        width = self.config.grid_size
+        return grid_rope(positions // width, positions % width, self.config.head_dim, self.config.rope_base)
+
+    def global_rope(self, layout: PatchLayout) -> Tensor:
+        """Dynamic RoPE of each stream position's input patch (patch k-1); zero rows for the class."""
+        table = patch_rope(layout.patch_row, layout.patch_start_col, layout.patch_end_col,
+                           self.config.head_dim, self.config.rope_base, self.config.rope)
+        return table.roll(1, dims=0).masked_fill(layout.stream_is_class[:, None, None], 0.0)
+
+    def forward(self, idx: Tensor, cond_idx: Tensor | None, patch_start: Tensor | None,
+                targets: Tensor | None = None, layout: PatchLayout | None = None) -> tuple[Tensor, Tensor | None]:
+        """``idx [B, N]`` tokens, ``patch_start [B, N]`` bool -> logits ``[B, N, vocab]`` (position i predicts x_i).
+
+        ``layout`` may be passed precomputed (e.g. by the data loader) to skip building it from the mask.
+        """
+        batch, num_tokens = idx.shape
+        if num_tokens > self.block_size:
+            raise ValueError(f"idx has {num_tokens} tokens, the model was built for block_size={self.block_size}")
+        if layout is None:
+            layout = PatchLayout.from_mask(patch_start, self.config.grid_size)
+        if cond_idx is None:
+            if self.model_type != "uncond":
+                raise ValueError("a class-conditional model needs cond_idx")
+            cond_idx = self.null_labels(batch, idx.device)
+
+        token_rope = self.token_rope(num_tokens, idx.device)
+        h, patches = self.encoder(self.tok_dropout(self.tok_embeddings(idx)), token_rope, layout)
+
+        cls = self.tok_dropout(self.cls_embedding(cond_idx, train=self.training)[:, 0])
+        stream = torch.where(layout.stream_is_class[:, None], cls[layout.patch_image], patches.roll(1, dims=0))
+        g, global_rope = stream[None], self.global_rope(layout)
+        for layer in self.global_layers:
+            g = layer(g, global_rope, packed=layout.packed)
+
+        u = self.decoder(h, g[0], token_rope, layout)
+        logits = self.output(self.norm(u)).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+
+def _size(n_enc_layer: int, n_layer: int, n_dec_layer: int, dim: int, n_head: int):
+    def build(**kwargs) -> DPAR:
+        return DPAR(DPARArgs(n_enc_layer=n_enc_layer, n_layer=n_layer, n_dec_layer=n_dec_layer,
+                             dim=dim, n_head=n_head, **kwargs))
+    return build
+
+
+# Paper Table 1: encoder / global / decoder layers, hidden size, heads.
+DPAR_models = {
+    "DGPT-B": _size(1, 8, 3, 768, 12),     # 120M
+    "DGPT-L": _size(1, 19, 4, 1024, 16),   # 352M
+    "DGPT-XL": _size(1, 30, 5, 1280, 20),  # 789M
+    "DGPT-XXL": _size(1, 41, 6, 1536, 24),  # 1.4B
+}
+DPAR_models.update({name.replace("DGPT", "DPAR"): build for name, build in list(DPAR_models.items())})

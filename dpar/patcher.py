@@ -1,0 +1,129 @@
+"""Entropy patching: which image tokens start a new patch (DESIGN.md section 3, paper section 3.2.1).
+
+Token i (0-based, raster order) starts a patch iff
+
+1. i == 0;
+2. its entropy H_i > threshold;
+3. the current patch already holds ``max_patch_length`` tokens; or
+4. ``row_break`` is on and i is the first token of a grid row.
+
+H_i depends on x_<i only, so the sampler can decide a boundary before sampling x_i. The same
+rule serves training (vectorised over whole sequences) and sampling (one position at a time):
+both go through :func:`forced_starts`, and the cap is the count since the last forced start.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+PATCH_MODES = ("entropy", "static", "token")
+
+
+@dataclass
+class PatcherConfig:
+    # entropy: the paper's rule; static: fixed-length patches; token: every token is a patch.
+    mode: str = field(default="entropy", metadata={"choices": PATCH_MODES})
+    # theta: a token whose entropy (nats) exceeds this starts a patch (7.8 at 256 px in the paper).
+    threshold: float = 7.8
+    # P: longest patch in tokens; null for no cap (paper Table 3, "entropy only").
+    max_patch_length: int | None = 4
+    # start a new patch at the first token of every grid row.
+    row_break: bool = True
+    # K: patch length in static mode.
+    static_length: int = 2
+    # config.yaml of the entropy model experiment whose entropies the token store holds.
+    entropy_model_checkpoint_config: str | None = None
+    # model.safetensors of that entropy model.
+    entropy_model_checkpoint: str | None = None
+
+
+def forced_starts(entropies: Tensor | None, positions: Tensor, *, grid_width: int,
+                  threshold: float = float("inf"), row_break: bool = True) -> Tensor:
+    """Rules 1, 2 and 4 (every rule but the cap), elementwise for tokens at ``positions``."""
+    forced = positions == 0
+    if row_break:
+        forced = forced | (positions % grid_width == 0)
+    if entropies is not None:
+        forced = forced | (entropies.float() > threshold)
+    return forced
+
+
+def _cap(forced: Tensor, period: int | None) -> Tensor:
+    """Add rule 3: a new patch every ``period`` tokens after the last forced start."""
+    if period is None:
+        return forced
+    positions = torch.arange(forced.shape[-1], device=forced.device)
+    last_forced = torch.where(forced, positions, 0).cummax(dim=-1).values
+    return forced | ((positions - last_forced) % period == 0)
+
+
+def _check_cap(max_patch_length: int | None) -> None:
+    if max_patch_length is not None and max_patch_length < 1:
+        raise ValueError(f"max_patch_length must be >= 1 or None, got {max_patch_length}")
+
+
+def patch_start_mask(entropies: Tensor, *, grid_width: int, threshold: float,
+                     max_patch_length: int | None, row_break: bool = True) -> Tensor:
+    """Entropy patching of ``entropies [B, N]`` (nats; H_1 is +inf) -> ``BoolTensor [B, N]``."""
+    _check_cap(max_patch_length)
+    positions = torch.arange(entropies.shape[-1], device=entropies.device)
+    forced = forced_starts(entropies, positions, grid_width=grid_width, threshold=threshold,
+                           row_break=row_break)
+    return _cap(forced, max_patch_length)
+
+
+def static_patch_start_mask(batch: int, num_tokens: int, *, grid_width: int, patch_length: int,
+                            max_patch_length: int | None = None, row_break: bool = True,
+                            device: torch.device | str | None = None) -> Tensor:
+    """Fixed-length patches of ``patch_length`` tokens (restarting at row breaks, capped at P)."""
+    _check_cap(max_patch_length)
+    if patch_length < 1:
+        raise ValueError(f"static patch length must be >= 1, got {patch_length}")
+    period = patch_length if max_patch_length is None else min(patch_length, max_patch_length)
+    positions = torch.arange(num_tokens, device=device)
+    forced = forced_starts(None, positions, grid_width=grid_width, row_break=row_break)
+    return _cap(forced, period).expand(batch, num_tokens).clone()
+
+
+def token_patch_start_mask(batch: int, num_tokens: int, device: torch.device | str | None = None) -> Tensor:
+    """Every token its own patch: DPAR's path equivalent to token-level LlamaGen."""
+    return torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
+
+
+def patch_starts(config: PatcherConfig, entropies: Tensor, grid_width: int) -> Tensor:
+    """Patch-start mask for ``entropies [B, N]`` under a :class:`PatcherConfig`."""
+    batch, num_tokens = entropies.shape
+    if config.mode == "entropy":
+        return patch_start_mask(entropies, grid_width=grid_width, threshold=config.threshold,
+                                max_patch_length=config.max_patch_length, row_break=config.row_break)
+    if config.mode == "static":
+        return static_patch_start_mask(batch, num_tokens, grid_width=grid_width,
+                                       patch_length=config.static_length,
+                                       max_patch_length=config.max_patch_length,
+                                       row_break=config.row_break, device=entropies.device)
+    if config.mode == "token":
+        return token_patch_start_mask(batch, num_tokens, device=entropies.device)
+    raise ValueError(f"unknown patcher mode {config.mode!r}; valid: {', '.join(PATCH_MODES)}")
+
+
+def patch_ids(mask: Tensor) -> Tensor:
+    """``[B, N]`` index of each token's patch within its image (0-based)."""
+    return mask.long().cumsum(dim=-1) - 1
+
+
+def patch_lengths(mask: Tensor) -> Tensor:
+    """Lengths of all patches, image after image, as one flat ``LongTensor``."""
+    starts = mask.reshape(-1).nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([mask.numel()])])
+    return ends - starts
+
+
+def patch_stats(entropies: Tensor, *, grid_width: int, threshold: float, max_patch_length: int | None,
+                row_break: bool = True) -> dict[str, float]:
+    """Mean tokens per patch and patches per image for a batch of entropies (paper Table 6)."""
+    mask = patch_start_mask(entropies, grid_width=grid_width, threshold=threshold,
+                            max_patch_length=max_patch_length, row_break=row_break)
+    patches = mask.sum().item()
+    return {"tokens_per_patch": mask.numel() / patches, "patches_per_image": patches / mask.shape[0]}

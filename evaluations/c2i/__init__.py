@@ -1,0 +1,1 @@
+"""Class-conditional ImageNet evaluation: FID / sFID / IS / precision / recall."""

@@ -1,0 +1,34 @@
+"""Tiny models with random (non-zero) weights, so that every test can actually fail."""
+import torch
+
+from dpar.models.dpar import DPAR, DPARArgs
+from dpar.models.gpt import Transformer
+from dpar.models.layers import ModelArgs
+
+TINY = dict(dim=32, n_head=2, vocab_size=48, block_size=16, num_classes=5,
+            token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+
+
+def randomize(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """LlamaGen zero-initialises the head, which would make every logit 0 and every comparison pass."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return model
+
+
+def tiny_gpt(**overrides) -> Transformer:
+    return randomize(Transformer(ModelArgs(**{**TINY, "n_layer": 2, **overrides}))).eval()
+
+
+def tiny_dpar(**overrides) -> DPAR:
+    config = {**TINY, "n_layer": 2, "n_enc_layer": 1, "n_dec_layer": 2, **overrides}
+    return randomize(DPAR(DPARArgs(**config))).eval()
+
+
+def random_patch_starts(batch: int, num_tokens: int, p: float = 0.4, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, num_tokens, generator=generator) < p
+    mask[:, 0] = True
+    return mask

@@ -1,0 +1,119 @@
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from dpar.config import ConfigError, load_config, parse_cli, parse_overrides, save_config, to_dataclass
+from dpar.models import ModelConfig, create_model
+from dpar.patcher import PatcherConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Schema:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    patcher: PatcherConfig = field(default_factory=PatcherConfig)
+    seed: int = 0
+    name: str = "run-${model.gpt_model}"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_both_override_styles_and_yaml_values(tmp_path):
+    path = write(tmp_path, "model:\n  gpt_model: DGPT-L\npatcher:\n  threshold: 8.0\n")
+    config = load_config(Schema, path, ["--model.image_size", "384", "patcher.max_patch_length=null",
+                                        "--patcher.row_break=false", "--seed", "3"])
+    assert config.model.gpt_model == "DGPT-L" and config.model.image_size == 384
+    assert config.patcher.threshold == 8.0 and config.patcher.max_patch_length is None
+    assert config.patcher.row_break is False and config.seed == 3
+    assert config.name == "run-DGPT-L"
+
+
+def test_override_parsing():
+    assert parse_overrides(["--a.b", "1", "c.d=x", "--e=-2", "--f", "-3"]) == ["a.b=1", "c.d=x", "e=-2", "f=-3"]
+    with pytest.raises(ConfigError, match="missing value for override --a.b"):
+        parse_overrides(["--a.b", "--c", "1"])
+    with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
+        parse_overrides(["stray"])
+
+
+def one_line_error(*args) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(Schema, *args)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
+    message = one_line_error(None, ["--model.gpt_modl", "DGPT-L"])
+    assert "'model.gpt_modl'" in message and "gpt_model, model_type, image_size" in message
+    message = one_line_error(write(tmp_path, "modle:\n  x: 1\n"))
+    assert "config.yaml" in message and "'modle'" in message and "model, patcher, seed, name" in message
+
+
+def test_wrong_type_and_bad_choice(tmp_path):
+    assert "'model.image_size'" in one_line_error(None, ["model.image_size=big"])
+    message = one_line_error(None, ["--patcher.mode", "bytes"])
+    assert "'patcher.mode'" in message and "entropy, static, token" in message
+    assert "DGPT-XXL" in one_line_error(None, ["--model.gpt_model", "GPT-Z"])
+
+
+def test_bad_files(tmp_path):
+    assert "not found" in one_line_error(tmp_path / "missing.yaml")
+    assert "not valid YAML" in one_line_error(write(tmp_path, "model: [unclosed\n"))
+    assert "must hold a mapping" in one_line_error(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_save_writes_the_resolved_config_atomically(tmp_path):
+    config = load_config(Schema, None, ["model.gpt_model=GPT-L"])
+    out = tmp_path / "exp" / "config.yaml"
+    save_config(config, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["config.yaml"]
+    saved = OmegaConf.load(out)
+    assert saved.name == "run-GPT-L"
+    assert load_config(Schema, out) == config
+
+
+def test_parse_cli_separates_script_flags():
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prod", action="store_true")
+    args, config = parse_cli(parser, Schema, ["--prod", "--model.gpt_model", "DGPT-XL", "seed=5"])
+    assert args.prod and args.config is None
+    assert config.model.gpt_model == "DGPT-XL" and config.seed == 5
+
+
+def test_config_builds_the_model():
+    config = to_dataclass(load_config(Schema, None, ["model.gpt_model=DPAR-B", "model.rope=2d"]))
+    assert isinstance(config.model, ModelConfig)
+    import torch
+    with torch.device("meta"):
+        model = create_model(config.model)
+    assert model.config.rope == "2d" and model.block_size == 256
+
+
+@pytest.mark.parametrize("script,config", [
+    ("train_global_model.py", "configs/patching_modes/global_model_entropy_row_break.yaml"),
+    ("train_entropy_model.py", "configs/entropy_model/gpt_b_256.yaml"),
+])
+def test_shipped_configs_validate_in_their_scripts(script, config):
+    proc = subprocess.run([sys.executable, script, "--config", config, "--model.gpt_model", "GPT-L"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and "config is valid" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_script_reports_config_errors_in_one_line():
+    proc = subprocess.run([sys.executable, "train_global_model.py", "--patcher.treshold", "8"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "'patcher.treshold'" in proc.stderr

@@ -1,0 +1,163 @@
+import pytest
+import torch
+
+from dpar.models import DPAR, DPAR_models, DPARArgs, PatchLayout
+from dpar.models.rope import ROPE_MODES
+from dpar.patcher import token_patch_start_mask
+from helpers import TINY, random_patch_starts, tiny_dpar
+
+N = 16  # 4 x 4 token grid
+
+
+def batch(b=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 48, (b, N), generator=generator)
+    cond = torch.randint(0, 5, (b,), generator=generator)
+    return idx, cond, random_patch_starts(b, N, seed=seed)
+
+
+def test_logits_shape_and_loss():
+    model = tiny_dpar()
+    idx, cond, starts = batch()
+    logits, loss = model(idx, cond, starts, targets=idx)
+    assert logits.shape == (3, N, 48) and logits.dtype == torch.float32
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 48), idx.reshape(-1)))
+
+
+@pytest.mark.parametrize("rope", ROPE_MODES)
+def test_causality_with_fixed_boundaries(rope):
+    model = tiny_dpar(rope=rope)
+    idx, cond, starts = batch()
+    base = model(idx, cond, starts)[0]
+    for j in (0, 1, 5, 8, 15):
+        changed = idx.clone()
+        changed[:, j:] = (changed[:, j:] + 11) % 48
+        out = model(changed, cond, starts)[0]
+        assert torch.allclose(out[:, : j + 1], base[:, : j + 1], atol=1e-6), j
+        if j < N - 1:
+            assert not torch.allclose(out[:, j + 1], base[:, j + 1])
+
+
+def test_token_mode_runs_and_is_causal():
+    model = tiny_dpar()
+    idx, cond, _ = batch()
+    starts = token_patch_start_mask(3, N)
+    base = model(idx, cond, starts)[0]
+    changed = idx.clone()
+    changed[:, 7:] = 0
+    assert torch.allclose(model(changed, cond, starts)[0][:, :8], base[:, :8], atol=1e-6)
+
+
+def test_batch_equals_images_one_by_one():
+    model = tiny_dpar()
+    idx, cond, starts = batch(b=4, seed=3)
+    together = model(idx, cond, starts)[0]
+    for b in range(4):
+        alone = model(idx[b:b + 1], cond[b:b + 1], starts[b:b + 1])[0]
+        assert torch.allclose(alone[0], together[b], atol=1e-5)
+
+
+def test_layout_describes_the_patches():
+    starts = torch.tensor([[1, 0, 0, 1, 1, 0, 1, 0], [1, 1, 0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    layout = PatchLayout.from_mask(starts, grid_width=4)
+    assert layout.patch_length.tolist() == [3, 1, 2, 2, 1, 3, 4]
+    assert layout.patch_image.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert layout.patch_row.tolist() == [0, 0, 1, 1, 0, 0, 1]
+    assert layout.patch_start_col.tolist() == [0, 3, 0, 2, 0, 1, 0]
+    assert layout.patch_end_col.tolist() == [2, 3, 1, 3, 0, 3, 3]
+    assert layout.stream_is_class.tolist() == [True, False, False, False, True, False, False]
+    assert layout.packed.seqlens == (4, 3) and layout.packed.cu_seqlens.tolist() == [0, 4, 7]
+    assert layout.token_patch.tolist() == [[0, 0, 0, 1, 2, 2, 3, 3], [4, 5, 5, 5, 6, 6, 6, 6]]
+    assert layout.max_patch_length == 4
+    with pytest.raises(ValueError, match="True at token 0"):
+        PatchLayout.from_mask(~starts, grid_width=4)
+
+
+def test_eval_is_deterministic_and_train_uses_dropout():
+    model = tiny_dpar(resid_dropout_p=0.3, token_dropout_p=0.3, class_dropout_prob=0.5)
+    idx, cond, starts = batch()
+    logits = model(idx, cond, starts)[0]
+    assert torch.equal(logits, model(idx, cond, starts)[0])
+    model.train()
+    assert not torch.allclose(model(idx, cond, starts)[0], logits)
+
+
+def test_rope_options_change_the_model():
+    idx, cond, starts = batch()
+    outputs = [tiny_dpar(rope=rope)(idx, cond, starts)[0] for rope in ROPE_MODES]
+    assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[0], outputs[2])
+
+
+def test_every_parameter_gets_a_gradient():
+    model = tiny_dpar().train()
+    idx, cond, starts = batch()
+    model(idx, cond, starts, targets=idx)[1].backward()
+    silent = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert silent == []
+
+
+def test_overfits_a_tiny_batch():
+    model = DPAR(DPARArgs(**{**TINY, "n_layer": 2, "n_dec_layer": 1, "class_dropout_prob": 0.0})).train()
+    idx, cond, starts = batch(b=4, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        loss = model(idx, cond, starts, targets=idx)[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0]
+
+
+def test_unconditional_dpar():
+    model = tiny_dpar(model_type="uncond")
+    idx, _, starts = batch()
+    assert torch.equal(model(idx, None, starts)[0], model(idx, model.null_labels(3), starts)[0])
+
+
+def test_sizes_and_aliases():
+    assert set(DPAR_models) >= {"DGPT-B", "DGPT-L", "DGPT-XL", "DGPT-XXL", "DPAR-B", "DPAR-L", "DPAR-XL", "DPAR-XXL"}
+    with torch.device("meta"):
+        model = DPAR_models["DPAR-L"](vocab_size=16384, block_size=256, num_classes=1000, cls_token_num=1,
+                                     model_type="c2i", rope="dynamic_no_redundancy")
+    assert (len(model.encoder.layers), len(model.global_layers), len(model.decoder.layers)) == (1, 19, 4)
+    assert model.config.dim == 1024 and model.config.n_head == 16
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="rope must be one of"):
+        tiny_dpar(rope="3d")
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        tiny_dpar(drop_path_rate=0.1)
+    idx, cond, starts = batch()
+    with pytest.raises(ValueError, match="needs cond_idx"):
+        tiny_dpar()(idx, None, starts)
+
+
+@pytest.mark.cuda
+def test_dgpt_b_bf16_forward_backward_on_every_cuda_backend():
+    from dpar.models.attention import available_backends
+    from dpar.patcher import patch_start_mask
+    torch.manual_seed(0)
+    model = DPAR_models["DGPT-B"](vocab_size=16384, block_size=256, num_classes=1000).cuda().train()
+    torch.nn.init.normal_(model.output.weight, std=0.02)
+    idx = torch.randint(0, 16384, (8, 256), device="cuda")
+    cond = torch.randint(0, 1000, (8,), device="cuda")
+    entropies = torch.rand(8, 256, device="cuda") * 10
+    starts = patch_start_mask(entropies, grid_width=16, threshold=7.8, max_patch_length=4)
+    layout = PatchLayout.from_mask(starts, grid_width=16)
+    results = {}
+    for backend in available_backends("cuda", torch.bfloat16, grad=True):
+        for layer in model.global_layers:
+            layer.attention.backend = backend
+        model.zero_grad()
+        torch.manual_seed(1)  # same dropout masks for every backend
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, loss = model(idx, cond, starts, targets=idx, layout=layout)
+        loss.backward()
+        results[backend] = (logits.float(), model.tok_embeddings.weight.grad.float().clone())
+    ref_logits, ref_grad = results.pop("sdpa")
+    for backend, (logits, grad) in results.items():
+        assert torch.allclose(logits, ref_logits, atol=5e-2, rtol=5e-2), backend
+        assert torch.allclose(grad, ref_grad, atol=1e-3, rtol=5e-2), backend

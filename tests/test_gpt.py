@@ -1,0 +1,158 @@
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpar.models import GPT_models
+from helpers import tiny_gpt
+
+# LlamaGen autoregressive/models/gpt.py, GPT-B c2i (dim 768, 12 layers, ffn hidden find_multiple(int(2*4*768/3), 256)
+# = 2048, vocab 16384, 1000 classes + 1 null class for CFG), read from its source.
+LLAMAGEN_GPT_B_TOP = {
+    "cls_embedding.embedding_table.weight": (1001, 768),
+    "tok_embeddings.weight": (16384, 768),
+    "norm.weight": (768,),
+    "output.weight": (16384, 768),
+}
+LLAMAGEN_GPT_B_LAYER = {
+    "attention.wqkv.weight": (2304, 768),
+    "attention.wo.weight": (768, 768),
+    "feed_forward.w1.weight": (2048, 768),
+    "feed_forward.w3.weight": (2048, 768),
+    "feed_forward.w2.weight": (768, 2048),
+    "attention_norm.weight": (768,),
+    "ffn_norm.weight": (768,),
+}
+
+
+def test_state_dict_matches_llamagen_gpt_b():
+    with torch.device("meta"):
+        model = GPT_models["GPT-B"](vocab_size=16384, block_size=256, num_classes=1000, cls_token_num=1,
+                                    model_type="c2i")
+    expected = dict(LLAMAGEN_GPT_B_TOP)
+    for i in range(12):
+        expected.update({f"layers.{i}.{k}": v for k, v in LLAMAGEN_GPT_B_LAYER.items()})
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected
+
+
+def test_checkpoint_round_trip_strict():
+    model = tiny_gpt()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict()}, buffer)
+    buffer.seek(0)
+    fresh = tiny_gpt()
+    torch.nn.init.zeros_(fresh.output.weight)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True)["model"], strict=True)
+    idx, cond = torch.randint(0, 48, (2, 15)), torch.tensor([1, 4])
+    assert torch.equal(fresh(idx, cond)[0], model(idx, cond)[0])
+
+
+def llamagen_reference_logits(sd, idx, cond, n_layer, n_head, grid, eps=1e-5, base=10000.0):
+    """LlamaGen's c2i forward written out functionally from its source (one class token)."""
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    dim = sd["tok_embeddings.weight"].shape[1]
+    head = dim // n_head
+    half = head // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    angles = torch.outer(torch.arange(grid).float(), freqs)
+    grid_angles = torch.cat([angles[:, None].expand(-1, grid, -1), angles[None].expand(grid, -1, -1)], -1).flatten(0, 1)
+    cos = torch.cat([torch.zeros(1, half), torch.cos(grid_angles)])  # class position: all-zero table
+    sin = torch.cat([torch.zeros(1, half), torch.sin(grid_angles)])
+
+    def rotary(x):  # x [B, L, H, D], pairs (2k, 2k+1)
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        c, s = cos[: x.shape[1], None], sin[: x.shape[1], None]
+        return torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], -1).flatten(-2)
+
+    h = torch.cat([sd["cls_embedding.embedding_table.weight"][cond][:, None], sd["tok_embeddings.weight"][idx]], 1)
+    B, L, _ = h.shape
+    for i in range(n_layer):
+        p = f"layers.{i}."
+        x = rms(h, sd[p + "attention_norm.weight"])
+        q, k, v = (x @ sd[p + "attention.wqkv.weight"].T).split(dim, -1)
+        q, k, v = (t.view(B, L, n_head, head) for t in (q, k, v))
+        q, k = rotary(q), rotary(k)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / head ** 0.5
+        scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+        attn = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, L, dim)
+        h = h + attn @ sd[p + "attention.wo.weight"].T
+        x = rms(h, sd[p + "ffn_norm.weight"])
+        ffn = (F.silu(x @ sd[p + "feed_forward.w1.weight"].T) * (x @ sd[p + "feed_forward.w3.weight"].T))
+        h = h + ffn @ sd[p + "feed_forward.w2.weight"].T
+    return rms(h, sd["norm.weight"]) @ sd["output.weight"].T
+
+
+def test_logits_equal_llamagen_math():
+    model = tiny_gpt(n_layer=3)
+    idx, cond = torch.randint(0, 48, (2, 15)), torch.tensor([0, 3])
+    expected = llamagen_reference_logits(model.state_dict(), idx, cond, n_layer=3, n_head=2, grid=4)
+    assert torch.allclose(model(idx, cond)[0], expected, atol=1e-4)
+
+
+def test_causality():
+    model = tiny_gpt()
+    idx, cond = torch.randint(0, 48, (2, 15)), torch.tensor([1, 2])
+    base = model(idx, cond)[0]
+    for j in (0, 6, 14):  # logits[:, t] predicts x_{t+1} from the class and idx[:, :t]
+        changed = idx.clone()
+        changed[:, j:] = (changed[:, j:] + 7) % 48
+        out = model(changed, cond)[0]
+        assert torch.equal(out[:, : j + 1], base[:, : j + 1])
+        assert not torch.allclose(out[:, j + 1], base[:, j + 1])
+
+
+@pytest.mark.parametrize("overrides", [{}, {"model_type": "uncond"}, {"n_kv_head": 1}])
+def test_kv_cached_steps_equal_full_forward(overrides):
+    model = tiny_gpt(**overrides)
+    idx = torch.randint(0, 48, (3, 15))
+    cond = model.null_labels(3) if overrides.get("model_type") == "uncond" else torch.tensor([0, 4, 5])
+    full = model(idx, cond)[0]
+    model.setup_caches(max_batch_size=3, max_seq_length=16, dtype=torch.float32)
+    steps = [model(None, cond, input_pos=torch.tensor([0]))[0]]
+    for t in range(15):
+        steps.append(model(idx[:, t:t + 1], None, input_pos=torch.tensor([t + 1]))[0])
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_kv_cache_accepts_per_row_positions_and_multi_token_chunks():
+    model = tiny_gpt()
+    idx, cond = torch.randint(0, 48, (2, 15)), torch.tensor([1, 3])
+    full = model(idx, cond)[0]
+    model.setup_caches(max_batch_size=2, max_seq_length=16, dtype=torch.float32)
+    first = model(None, cond, input_pos=torch.tensor([[0], [0]]))[0]
+    chunk = model(idx[:, :6], None, input_pos=torch.arange(1, 7).expand(2, 6))[0]
+    step = model(idx[:, 6:7], None, input_pos=torch.tensor([7]))[0]
+    assert torch.allclose(torch.cat([first, chunk, step], dim=1), full[:, :8], atol=1e-5)
+
+
+def test_eval_mode_returns_all_positions_without_dropout():
+    model = tiny_gpt(resid_dropout_p=0.5, token_dropout_p=0.5, class_dropout_prob=0.5)
+    idx, cond = torch.randint(0, 48, (2, 15)), torch.tensor([1, 3])
+    logits, loss = model(idx, cond, targets=torch.randint(0, 48, (2, 16)))
+    assert logits.shape == (2, 16, 48) and loss.ndim == 0
+    assert torch.equal(logits, model(idx, cond)[0])
+    model.train()
+    assert not torch.allclose(model(idx, cond)[0], logits)
+
+
+def test_loss_is_token_cross_entropy_and_valid_masks_samples():
+    model = tiny_gpt()
+    idx, cond = torch.randint(0, 48, (2, 15)), torch.tensor([1, 3])
+    targets = torch.randint(0, 48, (2, 16))
+    logits, loss = model(idx, cond, targets=targets)
+    assert torch.allclose(loss, F.cross_entropy(logits.reshape(-1, 48), targets.reshape(-1)))
+    _, first_only = model(idx, cond, targets=targets, valid=torch.tensor([1, 0]))
+    assert torch.allclose(first_only, F.cross_entropy(logits[0], targets[0]))
+
+
+def test_unconditional_model_needs_no_class():
+    model = tiny_gpt(model_type="uncond")
+    assert model.cls_embedding.embedding_table.weight.shape[0] == 1
+    idx = torch.randint(0, 48, (2, 15))
+    assert torch.equal(model(idx, None)[0], model(idx, model.null_labels(2))[0])
+    with pytest.raises(ValueError, match="needs cond_idx"):
+        tiny_gpt()(idx, None)

@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+from dpar.patcher import (PatcherConfig, patch_ids, patch_lengths, patch_start_mask, patch_starts, patch_stats,
+                          static_patch_start_mask, token_patch_start_mask)
+
+INF = math.inf
+
+
+def starts(mask: torch.Tensor) -> list[int]:
+    return mask[0].nonzero().squeeze(1).tolist()
+
+
+def entropy_mask(values, width=100, threshold=5.0, cap=None, row_break=True):
+    return patch_start_mask(torch.tensor([values], dtype=torch.float32), grid_width=width, threshold=threshold,
+                            max_patch_length=cap, row_break=row_break)
+
+
+def test_first_token_always_starts_a_patch():
+    assert starts(entropy_mask([0.0, 0.0, 0.0])) == [0]
+    assert starts(entropy_mask([INF, 0.0, 0.0])) == [0]
+
+
+def test_threshold_is_strict():
+    assert starts(entropy_mask([INF, 1, 9, 1, 1, 9, 5.0, 5.01])) == [0, 2, 5, 7]
+
+
+def test_cap_splits_long_low_entropy_runs():
+    assert starts(entropy_mask([INF] + [0.0] * 15, cap=3)) == [0, 3, 6, 9, 12, 15]
+
+
+def test_cap_counts_from_the_last_entropy_start():
+    values = [INF, 0, 0, 0, 9, 0, 0, 0, 0, 0]
+    assert starts(entropy_mask(values, cap=3)) == [0, 3, 4, 7]
+
+
+def test_row_break():
+    values = [INF] + [0.0] * 11
+    assert starts(entropy_mask(values, width=4)) == [0, 4, 8]
+    assert starts(entropy_mask(values, width=4, row_break=False)) == [0]
+
+
+def test_row_break_restarts_the_cap_count():
+    values = [INF] + [0.0] * 17
+    assert starts(entropy_mask(values, width=6, cap=4)) == [0, 4, 6, 10, 12, 16]
+
+
+def test_static_mode():
+    mask = static_patch_start_mask(2, 12, grid_width=5, patch_length=2)
+    assert starts(mask) == [0, 2, 4, 5, 7, 9, 10]
+    assert torch.equal(mask[0], mask[1])
+    capped = static_patch_start_mask(1, 8, grid_width=8, patch_length=5, max_patch_length=3, row_break=False)
+    assert starts(capped) == [0, 3, 6]
+
+
+def test_token_mode():
+    assert token_patch_start_mask(2, 7).all()
+
+
+def reference_loop(entropies, width, threshold, cap, row_break):
+    """The rule, one token at a time (DESIGN.md section 3)."""
+    out = torch.zeros(entropies.shape, dtype=torch.bool)
+    for b in range(entropies.shape[0]):
+        length = 0
+        for i in range(entropies.shape[1]):
+            new = (i == 0 or entropies[b, i] > threshold or (cap is not None and length == cap)
+                   or (row_break and i % width == 0))
+            out[b, i] = new
+            length = 1 if new else length + 1
+    return out
+
+
+@pytest.mark.parametrize("width,threshold,cap,row_break", [
+    (4, 1.0, 4, True), (8, 1.5, 2, True), (8, 2.0, None, True), (16, 1.2, 5, False), (6, 0.3, 1, True),
+    (16, 10.0, 3, False), (16, 10.0, None, False),
+])
+def test_vectorised_equals_loop_reference(width, threshold, cap, row_break):
+    generator = torch.Generator().manual_seed(width + int(10 * threshold))
+    entropies = torch.rand(8, width * width // 2, generator=generator) * 3
+    entropies[:, 0] = INF
+    got = patch_start_mask(entropies, grid_width=width, threshold=threshold, max_patch_length=cap,
+                           row_break=row_break)
+    assert torch.equal(got, reference_loop(entropies, width, threshold, cap, row_break))
+
+
+def test_float16_entropies_are_accepted():
+    values = torch.tensor([[INF, 1, 9, 1]], dtype=torch.float16)
+    assert starts(patch_start_mask(values, grid_width=8, threshold=5, max_patch_length=None)) == [0, 2]
+
+
+def test_lengths_and_ids():
+    mask = torch.tensor([[1, 0, 0, 1, 1, 0], [1, 1, 0, 0, 0, 1]], dtype=torch.bool)
+    assert patch_lengths(mask).tolist() == [3, 1, 2, 1, 4, 1]
+    assert patch_ids(mask).tolist() == [[0, 0, 0, 1, 2, 2], [0, 1, 1, 1, 1, 2]]
+
+
+def test_patch_stats():
+    entropies = torch.tensor([[INF, 0, 0, 0, 9, 0, 0, 0], [INF, 9, 9, 9, 9, 9, 9, 9]])
+    stats = patch_stats(entropies, grid_width=8, threshold=5, max_patch_length=None)
+    assert stats["patches_per_image"] == pytest.approx((2 + 8) / 2)
+    assert stats["tokens_per_patch"] == pytest.approx(16 / 10)
+
+
+def test_config_dispatch():
+    entropies = torch.zeros(2, 16)
+    entropies[:, 0] = INF
+    assert starts(patch_starts(PatcherConfig(mode="entropy", max_patch_length=3), entropies, 8)) == [0, 3, 6, 8, 11, 14]
+    assert starts(patch_starts(PatcherConfig(mode="static", static_length=4, max_patch_length=None),
+                               entropies, 8)) == [0, 4, 8, 12]
+    assert patch_starts(PatcherConfig(mode="token"), entropies, 8).all()
+    with pytest.raises(ValueError, match="unknown patcher mode"):
+        patch_starts(PatcherConfig(mode="bytes"), entropies, 8)
+
+
+def test_bad_cap_is_rejected():
+    with pytest.raises(ValueError, match="max_patch_length"):
+        entropy_mask([INF, 0], cap=0)
