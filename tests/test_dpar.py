@@ -68,7 +68,7 @@ def test_layout_describes_the_patches():
     assert layout.stream_is_class.tolist() == [True, False, False, False, True, False, False]
     assert layout.packed.seqlens == (4, 3) and layout.packed.cu_seqlens.tolist() == [0, 4, 7]
     assert layout.token_patch.tolist() == [[0, 0, 0, 1, 2, 2, 3, 3], [4, 5, 5, 5, 6, 6, 6, 6]]
-    assert layout.max_patch_length == 4
+    assert layout.longest_patch == 4
     with pytest.raises(ValueError, match="True at token 0"):
         PatchLayout.from_mask(~starts, grid_width=4)
 
@@ -113,7 +113,7 @@ def test_overfits_a_tiny_batch():
 def test_unconditional_dpar():
     model = tiny_dpar(model_type="uncond")
     idx, _, starts = batch()
-    assert torch.equal(model(idx, None, starts)[0], model(idx, model.null_labels(3), starts)[0])
+    assert torch.equal(model(idx, None, starts)[0], model(idx, model.cls_embedding.null_labels(3), starts)[0])
 
 
 def test_sizes_and_aliases():

@@ -109,7 +109,7 @@ def test_causality():
 def test_kv_cached_steps_equal_full_forward(overrides):
     model = tiny_gpt(**overrides)
     idx = torch.randint(0, 48, (3, 15))
-    cond = model.null_labels(3) if overrides.get("model_type") == "uncond" else torch.tensor([0, 4, 5])
+    cond = model.cls_embedding.null_labels(3) if overrides.get("model_type") == "uncond" else torch.tensor([0, 4, 5])
     full = model(idx, cond)[0]
     model.setup_caches(max_batch_size=3, max_seq_length=16, dtype=torch.float32)
     steps = [model(None, cond, input_pos=torch.tensor([0]))[0]]
@@ -153,6 +153,6 @@ def test_unconditional_model_needs_no_class():
     model = tiny_gpt(model_type="uncond")
     assert model.cls_embedding.embedding_table.weight.shape[0] == 1
     idx = torch.randint(0, 48, (2, 15))
-    assert torch.equal(model(idx, None)[0], model(idx, model.null_labels(2))[0])
+    assert torch.equal(model(idx, None)[0], model(idx, model.cls_embedding.null_labels(2))[0])
     with pytest.raises(ValueError, match="needs cond_idx"):
         tiny_gpt()(idx, None)

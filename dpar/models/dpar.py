@@ -57,7 +57,7 @@ class PatchLayout:
     """
 
     token_patch: Tensor        # [B, N] flat index of each token's patch
-    patch_start: Tensor        # [P] flat token index (into B*N) of each patch's first token
+    first_token: Tensor        # [P] flat token index (into B*N) of each patch's first token
     patch_length: Tensor       # [P] tokens in each patch
     patch_image: Tensor        # [P] image of each patch
     patch_row: Tensor          # [P] grid row of each patch's first token
@@ -65,7 +65,7 @@ class PatchLayout:
     patch_end_col: Tensor      # [P] start_col + length - 1 (the end column when rows break patches)
     stream_is_class: Tensor    # [P] True at the first stream position of each image
     packed: PackedSeqs         # the global stream's sequence lengths (one per image)
-    max_patch_length: int
+    longest_patch: int         # tokens in the longest patch of the batch
 
     @classmethod
     def from_mask(cls, mask: Tensor, grid_width: int) -> PatchLayout:
@@ -80,7 +80,7 @@ class PatchLayout:
         per_image = mask.sum(dim=1)
         return cls(
             token_patch=mask.reshape(-1).long().cumsum(0).view(batch, num_tokens) - 1,
-            patch_start=flat_start,
+            first_token=flat_start,
             patch_length=lengths,
             patch_image=flat_start // num_tokens,
             patch_row=local // grid_width,
@@ -88,17 +88,13 @@ class PatchLayout:
             patch_end_col=local % grid_width + lengths - 1,
             stream_is_class=local == 0,
             packed=PackedSeqs.from_seqlens(per_image.tolist(), device=mask.device),
-            max_patch_length=int(lengths.max()),
+            longest_patch=int(lengths.max()),
         )
-
-    @property
-    def num_patches(self) -> int:
-        return self.packed.total
 
     def to(self, device: torch.device | str) -> PatchLayout:
         moved = {name: getattr(self, name).to(device) for name in self.__dataclass_fields__
                  if isinstance(getattr(self, name), Tensor)}
-        return PatchLayout(**moved, packed=self.packed.to(device), max_patch_length=self.max_patch_length)
+        return PatchLayout(**moved, packed=self.packed.to(device), longest_patch=self.longest_patch)
 
 
 class PatchCrossAttention(nn.Module):
@@ -147,9 +143,9 @@ class PatchEncoder(nn.Module):
         self.cross_layers = nn.ModuleList(PatchPoolingBlock(config) for _ in range(config.n_enc_layer))
 
     def forward(self, x: Tensor, rope: Tensor, layout: PatchLayout) -> tuple[Tensor, Tensor]:
-        offsets = torch.arange(layout.max_patch_length, device=x.device)
+        offsets = torch.arange(layout.longest_patch, device=x.device)
         valid = offsets < layout.patch_length[:, None]
-        slots = (layout.patch_start[:, None] + offsets).clamp(max=x.shape[0] * x.shape[1] - 1)
+        slots = (layout.first_token[:, None] + offsets).clamp(max=x.shape[0] * x.shape[1] - 1)
         patches = None
         for block, cross in zip(self.layers, self.cross_layers):
             x = block(x, rope)
@@ -185,7 +181,6 @@ class DPAR(nn.Module):
         self.vocab_size = config.vocab_size
         self.block_size = config.block_size
         self.model_type = config.model_type
-        self.cls_token_num = 1
         self.cls_embedding = class_embedder(config)
         self.num_classes = self.cls_embedding.num_classes  # also the index of the null class
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
@@ -198,10 +193,6 @@ class DPAR(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         init_weights(self, config.initializer_range)
         nn.init.normal_(self.decoder.start, std=config.initializer_range)
-
-    def null_labels(self, batch: int, device: torch.device | str | None = None) -> Tensor:
-        """Class indices of the null class: the CFG unconditional half, or an uncond model's start token."""
-        return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
 
     def token_rope(self, num_tokens: int, device: torch.device) -> Tensor:
         positions = torch.arange(num_tokens, device=device)
@@ -225,10 +216,7 @@ class DPAR(nn.Module):
             raise ValueError(f"idx has {num_tokens} tokens, the model was built for block_size={self.block_size}")
         if layout is None:
             layout = PatchLayout.from_mask(patch_start, self.config.grid_size)
-        if cond_idx is None:
-            if self.model_type != "uncond":
-                raise ValueError("a class-conditional model needs cond_idx")
-            cond_idx = self.null_labels(batch, idx.device)
+        cond_idx = self.cls_embedding.labels_or_null(cond_idx, batch, idx.device)
 
         token_rope = self.token_rope(num_tokens, idx.device)
         h, patches = self.encoder(self.tok_dropout(self.tok_embeddings(idx)), token_rope, layout)

@@ -41,10 +41,6 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         init_weights(self, config.initializer_range)
 
-    def null_labels(self, batch: int, device: torch.device | str | None = None) -> Tensor:
-        """Class indices of the null class: the CFG unconditional half, or an uncond model's start token."""
-        return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-
     def sequence_rope(self, positions: Tensor) -> Tensor:
         """2D RoPE table for sequence positions (class positions get LlamaGen's all-zero rows)."""
         grid_index = (positions - self.cls_token_num).clamp(min=0)
@@ -69,10 +65,7 @@ class Transformer(nn.Module):
         if input_pos is None:  # full sequence: training or teacher-forced evaluation
             if idx is None:
                 raise ValueError("a full forward needs idx (image tokens); KV-cached steps need input_pos")
-            if cond_idx is None:
-                if self.model_type != "uncond":
-                    raise ValueError("a class-conditional model needs cond_idx")
-                cond_idx = self.null_labels(idx.shape[0], idx.device)
+            cond_idx = self.cls_embedding.labels_or_null(cond_idx, idx.shape[0], idx.device)
             cond = self.cls_embedding(cond_idx, train=self.training)[:, :self.cls_token_num]
             h = torch.cat([cond, self.tok_embeddings(idx)], dim=1)
             positions = torch.arange(h.shape[1], device=h.device)

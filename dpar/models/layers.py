@@ -209,6 +209,18 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
+    def null_labels(self, batch: int, device: torch.device | str | None = None) -> Tensor:
+        """The null class: CFG's unconditional half, or an unconditional model's start token."""
+        return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+
+    def labels_or_null(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """``labels``, or the null class for an unconditional model called without them."""
+        if labels is not None:
+            return labels
+        if self.num_classes > 0:
+            raise ValueError("a class-conditional model needs cond_idx")
+        return self.null_labels(batch, device)
+
     def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
         """``[B]`` labels -> ``[B, 1, dim]``; in training, labels become null with ``dropout_prob``."""
         if force_drop_ids is not None:
