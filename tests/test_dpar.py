@@ -128,6 +128,8 @@ def test_sizes_and_aliases():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="rope must be one of"):
         tiny_dpar(rope="3d")
+    with pytest.raises(ValueError, match="attn_backend must be"):
+        tiny_dpar(attn_backend="flash")
     with pytest.raises(ValueError, match="drop_path_rate"):
         tiny_dpar(drop_path_rate=0.1)
     idx, cond, starts = batch()

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .attention import BACKENDS
 from .dpar import DPAR, DPAR_models, DPARArgs, PatchLayout
 from .gpt import GPT, GPT_models, Transformer
 from .layers import MODEL_TYPES, ModelArgs
@@ -38,7 +39,7 @@ class ModelConfig:
     # DPAR only: Dynamic RoPE variant of the global transformer (paper Table 9).
     rope: str = field(default="dynamic", metadata={"choices": ROPE_MODES})
     # DPAR only: packed attention backend of the global transformer (auto = fastest available).
-    attn_backend: str = field(default="auto", metadata={"choices": ("auto", "xformers", "varlen", "flex", "sdpa")})
+    attn_backend: str = field(default="auto", metadata={"choices": ("auto",) + BACKENDS})
 
 
 def is_dpar(name: str) -> bool:

@@ -16,6 +16,7 @@ Tensors use SDPA's layout ``[B, H, L, D]``; a packed stream has ``B == 1``.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -46,10 +47,7 @@ class PackedSeqs:
         seqlens = tuple(int(n) for n in seqlens)
         if not seqlens or min(seqlens) < 1:
             raise ValueError(f"packed sequences need at least one element each, got lengths {seqlens}")
-        offsets = [0]
-        for n in seqlens:
-            offsets.append(offsets[-1] + n)
-        cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+        cu = torch.tensor((0, *itertools.accumulate(seqlens)), dtype=torch.int32, device=device)
         return cls(cu_seqlens=cu, max_seqlen=max(seqlens), seqlens=seqlens)
 
     @property

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..patcher import patch_lengths
-from .attention import PackedSeqs, attend
+from .attention import BACKENDS, PackedSeqs, attend
 from .layers import FeedForward, ModelArgs, RMSNorm, TransformerBlock, class_embedder, init_weights
 from .rope import ROPE_MODES, grid_rope, patch_rope
 
@@ -40,6 +40,8 @@ class DPARArgs(ModelArgs):
         super().__post_init__()
         if self.rope not in ROPE_MODES:
             raise ValueError(f"rope must be one of {', '.join(ROPE_MODES)}, got {self.rope!r}")
+        if self.attn_backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"attn_backend must be auto or one of {', '.join(BACKENDS)}, got {self.attn_backend!r}")
         if self.cls_token_num != 1:
             raise ValueError(f"DPAR uses one class token, got cls_token_num={self.cls_token_num}")
         if self.drop_path_rate > 0:
