@@ -116,6 +116,9 @@ def test_kv_cached_steps_equal_full_forward(overrides):
     for t in range(15):
         steps.append(model(idx[:, t:t + 1], None, input_pos=torch.tensor([t + 1]))[0])
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    model.clear_caches()
+    assert all(layer.attention.kv_cache is None for layer in model.layers)
+    assert torch.equal(model(idx, cond)[0], full)
 
 
 def test_kv_cache_accepts_per_row_positions_and_multi_token_chunks():
