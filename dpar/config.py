@@ -86,6 +86,16 @@ def save_config(config: DictConfig, path: str | Path) -> None:
     atomic_write_text(path, OmegaConf.to_yaml(config, resolve=True))
 
 
+def read_section(path: str | Path, key: str, schema: type) -> Any:
+    """One section of a saved config (e.g. a run's ``model``) validated against ``schema``, as a dataclass."""
+    node = _read_yaml(path).get(key)
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path} has no {key!r} section")
+    config = _merge(OmegaConf.structured(schema), node, f"in {path}, section {key!r}: ")
+    _check_choices(config, schema, key + ".")
+    return to_dataclass(config)
+
+
 def to_dataclass(config: DictConfig) -> Any:
     """The config as an instance of its schema dataclass (plain attribute access, no OmegaConf nodes)."""
     return OmegaConf.to_object(config)
@@ -125,6 +135,8 @@ def _merge(config: DictConfig, update: DictConfig, where: str) -> DictConfig:
 
 def _check_choices(config: DictConfig, schema: type, prefix: str) -> None:
     for field in dataclasses.fields(schema):
+        if OmegaConf.is_missing(config, field.name):
+            continue  # reported by load_config, after all overrides
         value = config[field.name]
         key = prefix + field.name
         choices = field.metadata.get("choices")

@@ -14,6 +14,14 @@ def run_main(main: Callable[[], int | None]) -> None:
     try:
         status = main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(status or 0)
+
+
+def one_line(error: UserError) -> str:
+    """The message itself, also when a DataLoader worker re-raised it wrapped in its traceback text."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines)

@@ -1,4 +1,6 @@
-"""Tiny models with random (non-zero) weights, so that every test can actually fail."""
+"""Tiny models with random (non-zero) weights, so that every test can actually fail, and tiny data."""
+from pathlib import Path
+
 import torch
 
 from dpar.models.dpar import DPAR, DPARArgs
@@ -32,3 +34,24 @@ def random_patch_starts(batch: int, num_tokens: int, p: float = 0.4, seed: int =
     mask = torch.rand(batch, num_tokens, generator=generator) < p
     mask[:, 0] = True
     return mask
+
+
+def write_image_folder(root, classes: int = 2, per_class: int = 4, size: int = 16, seed: int = 0):
+    """Small PNGs of coloured boxes and discs on flat backgrounds, one subfolder per class."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for label in range(classes):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 256, 3)))
+            draw = ImageDraw.Draw(image)
+            x0, y0 = (int(v) for v in rng.integers(0, size // 2, 2))
+            box = [x0, y0, x0 + size // 3 + int(rng.integers(size // 4)), y0 + size // 3 + int(rng.integers(size // 4))]
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.rectangle if label % 2 == 0 else draw.ellipse)(box, fill=colour)
+            image.save(folder / f"{i:03d}.png")
+    return root

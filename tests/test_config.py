@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from dpar.config import ConfigError, load_config, parse_cli, parse_overrides, save_config, to_dataclass
@@ -117,3 +118,23 @@ def test_script_reports_config_errors_in_one_line():
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "'patcher.treshold'" in proc.stderr
+
+
+def test_missing_mandatory_value_is_named_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "tokenizer.train_vq", "--config", "configs/tokenizer/vq_tiny.yaml"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: config key 'data.data_path' needs a value (set it in the YAML or with " \
+                          "--data.data_path ...)\n"
+
+
+def test_shipped_tokenizer_configs_validate():
+    from tokenizer.train_vq import TrainVQConfig
+    from tokenizer.vq_model import create_vq
+
+    for name in ("vq_16", "vq_tiny"):
+        config = to_dataclass(load_config(TrainVQConfig, ROOT / "configs" / "tokenizer" / f"{name}.yaml",
+                                          ["data.data_path=x"]))
+        with torch.device("meta"):
+            vq = create_vq(config.model)
+        assert vq.downsample == config.model.downsample

@@ -1,1 +1,1 @@
-"""LlamaGen-compatible VQ tokenizer (VQ-16, VQ-8) and image transforms; arrives with issue 3."""
+"""LlamaGen-compatible VQ tokenizer (VQ-16, VQ-8), image transforms and a tokenizer trainer."""

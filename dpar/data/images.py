@@ -1,0 +1,75 @@
+"""Image folders: the ImageNet layout (one subfolder per class) or a flat folder of images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from dpar.errors import UserError
+from tokenizer.transforms import open_rgb, random_crop_arr
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def scan_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """(paths, labels, class names), sorted as torchvision's ImageFolder sorts them.
+
+    With class subfolders, labels index the sorted subfolder names; a flat folder is one class ``""``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"image folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [(root / name, label) for label, name in enumerate(classes)] if classes else [(root, 0)]
+    paths, labels = [], []
+    for folder, label in folders:
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths += found
+        labels += [label] * len(found)
+    if not paths:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}; expected class subfolders "
+                        "(root/<class>/<image>) or images directly in root")
+    return paths, labels, classes or [""]
+
+
+class RandomCropImages(Dataset):
+    """LlamaGen's VQ training augmentation (random crop 0.8-1.0, horizontal flip) as uint8 [H, W, 3].
+
+    The crop of image ``i`` in epoch ``e`` depends only on (seed, e, i): the same with any number of
+    workers or processes, and again after a resume.
+    """
+
+    def __init__(self, paths: list[Path], image_size: int, seed: int = 0):
+        self.paths, self.image_size, self.seed, self.epoch = paths, image_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        crop = np.asarray(random_crop_arr(open_rgb(self.paths[index]), self.image_size, rng))
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        return torch.from_numpy(np.array(crop))
+
+
+class EpochPermutation(Sampler[int]):
+    """A shuffled order that is a function of (seed, epoch) alone, so a resumed run sees the same order."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())

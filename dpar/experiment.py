@@ -1,0 +1,190 @@
+"""Experiment directories and checkpoints: one layout for every trainer in the project.
+
+::
+
+    <root>/<config name>/<YYYYMMDD_HH>/            with --prod (the reference layout)
+    <root>/scratch/<config name>/<YYYYMMDD_HHMMSS>/ without it: trial runs never mix with real ones
+        config.yaml                                 the fully resolved config
+        metrics.jsonl                               one JSON object per logged step / epoch
+        checkpoints/epoch_{epoch:08d}/
+            model.safetensors                       the model weights (what sampling loads)
+            training_state.pt                       optimizers, counters, RNG state (what resume loads)
+
+A checkpoint directory is written under a temporary name and renamed into place, so a killed run
+leaves either the previous checkpoint or the complete new one. Weights are read with
+``torch.load(weights_only=True)`` or safetensors; nothing unpickles arbitrary objects.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+SCRATCH = "scratch"
+_CHECKPOINT_NAME = re.compile(r"^epoch_(\d{8})$")
+
+
+def new_experiment_dir(root: str | Path, config_name: str, prod: bool, now: datetime | None = None) -> Path:
+    """The directory a new run writes to (not created here)."""
+    now = now or datetime.now()
+    if prod:
+        return Path(root) / config_name / now.strftime("%Y%m%d_%H")
+    return Path(root) / SCRATCH / config_name / now.strftime("%Y%m%d_%H%M%S")
+
+
+def latest_experiment_dir(root: str | Path, config_name: str, prod: bool) -> Path | None:
+    """The most recent run of ``config_name`` (prod or scratch) that has a checkpoint, if any."""
+    parent = Path(root) / config_name if prod else Path(root) / SCRATCH / config_name
+    runs = sorted(p for p in parent.glob("*") if p.is_dir() and latest_checkpoint(p) is not None)
+    return runs[-1] if runs else None
+
+
+def resolve_run(root: str | Path, config_name: str, prod: bool, resume: str | None) -> tuple[Path, Path | None]:
+    """(experiment dir, checkpoint to continue from or None) for a trainer's ``--prod`` / ``--resume``.
+
+    ``resume`` is None (a new run; a same-hour ``--prod`` dir that already has checkpoints continues),
+    ``"latest"`` (the newest run of this config) or an experiment dir.
+    """
+    if resume is None:
+        experiment = new_experiment_dir(root, config_name, prod)
+    elif resume == "latest":
+        experiment = latest_experiment_dir(root, config_name, prod)
+        if experiment is None:
+            kind = "--prod" if prod else "scratch"
+            raise UserError(f"--resume: no {kind} run of {config_name!r} with a checkpoint under {root}")
+    else:
+        experiment = Path(resume)
+        if latest_checkpoint(experiment) is None:
+            raise UserError(f"--resume {experiment}: no {CHECKPOINTS}/epoch_*/{MODEL_FILE} there")
+    return experiment, latest_checkpoint(experiment)
+
+
+def checkpoint_dir(experiment_dir: str | Path, epoch: int) -> Path:
+    return Path(experiment_dir) / CHECKPOINTS / f"epoch_{epoch:08d}"
+
+
+def list_checkpoints(experiment_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (epoch, dir), oldest first."""
+    found = []
+    for path in (Path(experiment_dir) / CHECKPOINTS).glob("epoch_*"):
+        match = _CHECKPOINT_NAME.match(path.name)
+        if match and (path / MODEL_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def experiment_of(checkpoint: str | Path) -> Path | None:
+    """The experiment dir a ``checkpoints/epoch_*/model.safetensors`` file belongs to, else None."""
+    path = Path(checkpoint).resolve()
+    if len(path.parents) > 2 and path.parents[1].name == CHECKPOINTS and _CHECKPOINT_NAME.match(path.parent.name):
+        return path.parents[2]
+    return None
+
+
+def latest_checkpoint(experiment_dir: str | Path) -> Path | None:
+    checkpoints = list_checkpoints(experiment_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def save_checkpoint(experiment_dir: str | Path, epoch: int, model_state: dict[str, torch.Tensor],
+                    training_state: dict[str, Any] | None = None, keep_last: int = 0, keep_every: int = 0) -> Path:
+    """Write ``epoch``'s checkpoint atomically, then prune (see :func:`prune_checkpoints`)."""
+    final = checkpoint_dir(experiment_dir, epoch)
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model_state.items()}
+    save_file(tensors, staging / MODEL_FILE, metadata={"epoch": str(epoch)})
+    if training_state is not None:
+        torch.save(training_state, staging / STATE_FILE)
+    replaced = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(staging, final)
+    shutil.rmtree(replaced, ignore_errors=True)
+    prune_checkpoints(experiment_dir, keep_last, keep_every)
+    return final
+
+
+def prune_checkpoints(experiment_dir: str | Path, keep_last: int, keep_every: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints and every epoch divisible by ``keep_every``.
+
+    ``keep_last=0`` keeps everything. The newest checkpoint is never removed.
+    """
+    if keep_last <= 0:
+        return
+    checkpoints = list_checkpoints(experiment_dir)
+    for epoch, path in checkpoints[:-keep_last]:
+        if not (keep_every > 0 and epoch % keep_every == 0):
+            shutil.rmtree(path)
+
+
+def read_state_dict(path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:
+    """Weights from a ``.safetensors`` file or a torch checkpoint (taking ``checkpoint[key]`` when present)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"cannot read {path}: {error}") from None
+    checkpoint = load_torch_file(path)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+        checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise UserError(f"{path} holds no state dict (expected tensors, or a dict with a {key!r} entry)")
+    return checkpoint
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)``; also admits the argparse.Namespace LlamaGen stores as ``args``."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a bad file; all mean the same to the user
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read {path} as a weights-only torch checkpoint: {message}") from None
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path, key: str = "model") -> None:
+    """Load weights strictly; a mismatch is one line naming the first missing/unexpected/misshapen key."""
+    state = read_state_dict(path, key)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshapen = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or misshapen:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (first {missing[0]!r})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected (first {unexpected[0]!r})")
+        if misshapen:
+            k = misshapen[0]
+            details.append(f"{len(misshapen)} with other shapes (first {k!r}: "
+                           f"{list(state[k].shape)} in file, {list(own[k].shape)} in model)")
+        raise UserError(f"{path} does not fit the model: " + "; ".join(details))
+    model.load_state_dict(state, strict=True)
+
+
+def append_metrics(experiment_dir: str | Path, record: dict[str, Any]) -> None:
+    with open(Path(experiment_dir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")

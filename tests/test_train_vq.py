@@ -1,0 +1,118 @@
+"""train_vq.py end to end on a handful of tiny images: layout, resume, GAN and LPIPS paths, errors."""
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpar.errors import UserError, one_line
+from dpar.experiment import latest_checkpoint, list_checkpoints
+from tests.helpers import write_image_folder
+from tokenizer import train_vq
+from tokenizer.lpips import LPIPS
+from tokenizer.vq_model import load_vq
+
+TINY = ["--config", "configs/tokenizer/vq_tiny.yaml", "data.image_size=16", "model.ch=16", "model.ch_mult=[1,2]",
+        "model.z_channels=16", "model.codebook_size=32", "model.codebook_embed_dim=4",
+        "train.global_batch_size=4", "train.log_every=1", "train.recon_every=1", "train.ckpt_every=1",
+        "train.keep_last=0", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images"), classes=2, per_class=4, size=20)
+
+
+def train(images, results, *extra):
+    train_vq.main(TINY + [f"data.data_path={images}", f"train.results_dir={results}", *extra])
+    runs = sorted((results / "scratch" / "vq_tiny").iterdir())
+    return runs[-1]
+
+
+def test_run_writes_the_experiment_layout(images, tmp_path):
+    run = train(images, tmp_path, "train.epochs=2")
+    assert re.fullmatch(r"\d{8}_\d{6}", run.name)
+    assert [epoch for epoch, _ in list_checkpoints(run)] == [0, 1]
+    assert (run / "config.yaml").is_file() and (run / "reconstructions" / "epoch_00000001.png").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for r in records if r.get("epoch_summary")) == 2
+    assert all(0 < r["codebook_usage"] <= 1 for r in records)
+    vq = load_vq(latest_checkpoint(run) / "model.safetensors")  # architecture from the run's config.yaml
+    assert vq.config.codebook_size == 32 and vq.images_to_codes(torch.zeros(1, 16, 16, 3, dtype=torch.uint8)).shape == (1, 64)
+
+
+def test_resume_equals_an_uninterrupted_run(images, tmp_path):
+    gan = ["loss.disc_start=0", "loss.disc_dim=8", "loss.disc_num_layers=1"]
+    straight = train(images, tmp_path / "a", "train.epochs=3", *gan)
+    interrupted = train(images, tmp_path / "b", "train.epochs=2", *gan)
+    train_vq.main(TINY + [f"data.data_path={images}", f"train.results_dir={tmp_path / 'b'}", "train.epochs=3", *gan,
+                          "--resume", str(interrupted)])
+    final_a = load_file(latest_checkpoint(straight) / "model.safetensors")
+    final_b = load_file(latest_checkpoint(interrupted) / "model.safetensors")
+    assert latest_checkpoint(interrupted).name == "epoch_00000002"
+    summaries = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in summaries if r.get("epoch_summary")] == [0, 1, 2]  # continued, not restarted
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    first = load_file(list_checkpoints(straight)[0][1] / "model.safetensors")
+    assert not all(torch.equal(first[k], final_a[k]) for k in first)  # training did change the weights
+
+
+def test_resume_refuses_another_architecture(images, tmp_path):
+    run = train(images, tmp_path, "train.epochs=1")
+    with pytest.raises(UserError, match="different tokenizer"):
+        train_vq.main(TINY + [f"data.data_path={images}", f"train.results_dir={tmp_path}", "model.ch=8",
+                              "model.norm_groups=4", "--resume", str(run)])
+
+
+def test_input_errors_are_one_line(images, tmp_path):
+    with pytest.raises(UserError, match="image folder not found"):
+        train(tmp_path / "nowhere", tmp_path)
+    with pytest.raises(UserError, match="fewer than train.global_batch_size"):
+        train(images, tmp_path, "train.global_batch_size=64")
+    with pytest.raises(UserError, match="not a multiple"):
+        train(images, tmp_path, "data.image_size=17")
+    broken = write_image_folder(tmp_path / "broken", classes=1, per_class=4, size=20)
+    (broken / "class_0" / "zzz.png").write_bytes(b"junk")
+    with pytest.raises(UserError, match="cannot read image .*zzz.png"):
+        train(broken, tmp_path, "train.epochs=1")
+    with pytest.raises(UserError) as raised:  # from a DataLoader worker: re-raised with a traceback inside
+        train(broken, tmp_path, "train.epochs=1", "data.num_workers=1")
+    assert re.fullmatch(r"cannot read image \S*zzz.png: .*", one_line(raised.value))
+
+
+def random_lpips_files(tmp_path):
+    """LPIPS heads in taming's names and a trunk in torchvision's, filled with random numbers."""
+    reference = LPIPS()
+    heads = {f"lin{i}.model.1.weight": torch.rand_like(reference.lins[i].model[1].weight) for i in range(5)}
+    trunk = {k: torch.randn_like(v) * 0.05 for k, v in reference.state_dict().items() if k.startswith("features.")}
+    trunk["classifier.0.weight"] = torch.zeros(2, 2)  # torchvision's file also holds the classifier
+    torch.save(heads, tmp_path / "vgg.pth")
+    torch.save(trunk, tmp_path / "vgg16.pth")
+    return tmp_path / "vgg.pth", tmp_path / "vgg16.pth", heads, trunk
+
+
+def test_lpips_loads_weights_by_path_and_measures(tmp_path):
+    heads_path, trunk_path, heads, trunk = random_lpips_files(tmp_path)
+    with pytest.raises(UserError, match="vgg16_weights"):
+        LPIPS.from_files(heads_path)
+    lpips = LPIPS.from_files(heads_path, trunk_path)
+    assert torch.equal(lpips.lins[3].model[1].weight, heads["lin3.model.1.weight"])
+    assert torch.equal(lpips.features[28].weight, trunk["features.28.weight"])
+    lpips.train()
+    assert not lpips.training  # stays a fixed metric inside a module put in train mode
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).requires_grad_()
+    assert lpips(x, x).abs().max() < 1e-6
+    distance = lpips(x, y)
+    assert distance.shape == (2, 1, 1, 1) and (distance > 0).all()
+    distance.sum().backward()
+    assert y.grad.abs().sum() > 0 and all(p.grad is None for p in lpips.parameters())
+
+
+def test_training_with_perceptual_loss(images, tmp_path):
+    heads_path, trunk_path, _, _ = random_lpips_files(tmp_path)
+    run = train(images, tmp_path / "runs", "train.epochs=1", f"loss.lpips_weights={heads_path}",
+                f"loss.vgg16_weights={trunk_path}")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["perceptual_loss"] > 0 for r in records if "step" in r and not r.get("epoch_summary"))

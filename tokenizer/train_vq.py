@@ -1,0 +1,227 @@
+r"""Train a VQ tokenizer (LlamaGen's VQ-16 / VQ-8 or a tiny one) on an image folder.
+
+    python -m tokenizer.train_vq --config configs/tokenizer/vq_tiny.yaml --data.data_path my_images
+    accelerate launch -m tokenizer.train_vq --config configs/tokenizer/vq_16.yaml --data.data_path imagenet/train --prod
+
+Losses: reconstruction (L1/L2), codebook and commitment, LPIPS when its weights are given by path,
+PatchGAN hinge loss from ``loss.disc_start`` on. Writes the experiment-dir layout of
+``dpar/experiment.py``, a reconstruction grid per ``train.recon_every`` epochs, and resumes with
+``--resume [DIR]`` (or by itself when the ``--prod`` dir of this hour already has checkpoints).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from omegaconf import MISSING
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dpar.config import parse_cli, read_section, save_config, to_dataclass
+from dpar.data.images import EpochPermutation, RandomCropImages, scan_image_folder
+from dpar.errors import UserError, run_main
+from dpar.experiment import (CONFIG_FILE, STATE_FILE, append_metrics, load_model_weights, load_torch_file,
+                             resolve_run, save_checkpoint)
+from dpar.visual import image_grid, save_png
+from tokenizer.lpips import LPIPS
+from tokenizer.transforms import center_crop_arr, open_rgb
+from tokenizer.vq_loss import VQLoss, VQLossConfig
+from tokenizer.vq_model import VQConfig, create_vq, uint8_to_unit, unit_to_uint8
+
+
+@dataclass
+class VQDataConfig:
+    data_path: str = MISSING
+    image_size: int = 256
+    num_workers: int = 4
+
+
+@dataclass
+class VQTrainConfig:
+    results_dir: str = "results_tokenizer"
+    epochs: int = 40
+    global_batch_size: int = 128
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    max_grad_norm: float = 1.0
+    mixed_precision: str = field(default="bf16", metadata={"choices": ("no", "bf16")})
+    global_seed: int = 0
+    log_every: int = 100
+    recon_every: int = 1
+    ckpt_every: int = 1
+    keep_last: int = 0
+    keep_every: int = 0
+
+
+@dataclass
+class TrainVQConfig:
+    model: VQConfig = field(default_factory=VQConfig)
+    loss: VQLossConfig = field(default_factory=VQLossConfig)
+    data: VQDataConfig = field(default_factory=VQDataConfig)
+    train: VQTrainConfig = field(default_factory=VQTrainConfig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prod", action="store_true", help="write to <results_dir>/<config>/<YYYYMMDD_HH>/")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
+                        help="continue DIR, or without DIR the newest run of this config")
+    args, config = parse_cli(parser, TrainVQConfig, argv)
+    cfg: TrainVQConfig = to_dataclass(config)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.train.global_batch_size % world:
+        raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by {world} processes")
+    per_device_batch = cfg.train.global_batch_size // world
+    if cfg.data.image_size % cfg.model.downsample:
+        raise UserError(f"data.image_size={cfg.data.image_size} is not a multiple of the tokenizer's "
+                        f"downsampling factor {cfg.model.downsample}")
+
+    paths, _, _ = scan_image_folder(cfg.data.data_path)
+    if len(paths) < cfg.train.global_batch_size:
+        raise UserError(f"{cfg.data.data_path} has {len(paths)} images, fewer than "
+                        f"train.global_batch_size={cfg.train.global_batch_size}")
+    config_name = Path(args.config).stem if args.config else "vq"
+    run = [resolve_run(cfg.train.results_dir, config_name, args.prod, args.resume)] if accelerator.is_main_process \
+        else [None]
+    experiment, resume_from = broadcast_object_list(run)[0]
+    if accelerator.is_main_process:
+        _write_config(config, experiment, cfg.model)
+
+    torch.manual_seed(cfg.train.global_seed)
+    model = create_vq(cfg.model)
+    perceptual = (LPIPS.from_files(cfg.loss.lpips_weights, cfg.loss.vgg16_weights)
+                  if cfg.loss.lpips_weights else None)
+    loss_fn = VQLoss(cfg.loss, perceptual)
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=betas)
+    disc_optimizer = (torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.train.lr, betas=betas)
+                      if loss_fn.discriminator is not None else None)
+    dataset = RandomCropImages(paths, cfg.data.image_size, cfg.train.global_seed)
+    sampler = EpochPermutation(len(dataset), cfg.train.global_seed)
+    loader = DataLoader(dataset, batch_size=per_device_batch, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, persistent_workers=False)
+
+    start_epoch, step = 0, 0
+    if resume_from is not None:
+        load_model_weights(model, resume_from / "model.safetensors")
+        state = load_torch_file(resume_from / STATE_FILE)
+        optimizer.load_state_dict(state["optimizer"])
+        if disc_optimizer is not None:
+            loss_fn.discriminator.load_state_dict(state["discriminator"])
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        accelerator.print(f"resuming {experiment} after epoch {state['epoch']} (step {step})")
+
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if loss_fn.discriminator is not None:
+        loss_fn, disc_optimizer = accelerator.prepare(loss_fn, disc_optimizer)
+    else:
+        loss_fn = loss_fn.to(accelerator.device)
+    vq = accelerator.unwrap_model(model)
+    preview = _preview_images(paths, cfg.data.image_size)
+    accelerator.print(f"{len(paths)} images, {world} process(es) x batch {per_device_batch}, "
+                      f"VQ parameters {sum(p.numel() for p in vq.parameters()):,}; writing to {experiment}")
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        # Seeding per (epoch, rank) makes a resumed run draw what an uninterrupted one would.
+        torch.manual_seed(cfg.train.global_seed * 1_000_003 + epoch * world + rank)
+        model.train()
+        dataset.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        started, totals = time.time(), {}
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process, unit="batch")
+        for images in bar:
+            x = uint8_to_unit(images)
+            with accelerator.autocast():
+                reconstructions, codebook_losses = model(x)
+                loss, logs = loss_fn(x, reconstructions, codebook_losses, step, vq.decoder.last_layer)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            if disc_optimizer is not None:
+                with accelerator.autocast():
+                    disc_loss, disc_logs = loss_fn(x, reconstructions, step=step, discriminator_step=True)
+                disc_optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(disc_loss)
+                accelerator.clip_grad_norm_(loss_fn.parameters(), cfg.train.max_grad_norm)
+                disc_optimizer.step()
+                logs.update(disc_logs)
+            step += 1
+            logs["loss"] = loss.detach()
+            for key, value in logs.items():
+                totals[key] = totals.get(key, 0.0) + value
+            if step % cfg.train.log_every == 0:
+                record = {k: float(v) for k, v in logs.items()}
+                if not np.isfinite(record["loss"]):
+                    raise UserError(f"VQ loss is {record['loss']} at step {step}; the last good checkpoint "
+                                    f"in {experiment} is intact")
+                record["codebook_usage"] = codebook_losses[3]
+                bar.set_postfix(loss=f"{record['loss']:.4f}", rec=f"{record['rec_loss']:.4f}",
+                                usage=f"{record['codebook_usage']:.3f}")
+                if accelerator.is_main_process:
+                    append_metrics(experiment, {"step": step, "epoch": epoch, **record})
+
+        summary = {k: float(v) / max(1, len(loader)) for k, v in totals.items()}
+        summary.update(epoch=epoch, step=step, codebook_usage=codebook_losses[3],
+                       images_per_s=len(loader) * cfg.train.global_batch_size / max(time.time() - started, 1e-9))
+        if not np.isfinite(summary["loss"]):
+            raise UserError(f"VQ loss is {summary['loss']} in epoch {epoch}; the last good checkpoint "
+                            f"in {experiment} is intact")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            last = epoch == cfg.train.epochs - 1
+            if (epoch + 1) % cfg.train.recon_every == 0 or last:
+                summary["preview_rec_mse"] = _save_reconstructions(vq, preview, experiment, epoch)
+            append_metrics(experiment, {"epoch_summary": True, **summary})
+            accelerator.print(f"epoch {epoch}: loss {summary['loss']:.4f}, rec_loss {summary['rec_loss']:.4f}, "
+                              f"codebook usage {summary['codebook_usage']:.3f}, "
+                              f"{summary['images_per_s']:.1f} images/s")
+            if (epoch + 1) % cfg.train.ckpt_every == 0 or last:
+                state = {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict()}
+                if disc_optimizer is not None:
+                    state["discriminator"] = accelerator.unwrap_model(loss_fn).discriminator.state_dict()
+                    state["disc_optimizer"] = disc_optimizer.state_dict()
+                save_checkpoint(experiment, epoch, vq.state_dict(), state,
+                                cfg.train.keep_last, cfg.train.keep_every)
+        accelerator.wait_for_everyone()
+    accelerator.print(f"done: {experiment}")
+
+
+def _write_config(config, experiment: Path, model: VQConfig) -> None:
+    """Save the resolved config; a resumed run must keep the tokenizer architecture it started with."""
+    path = experiment / CONFIG_FILE
+    if path.is_file() and read_section(path, "model", VQConfig) != model:
+        raise UserError(f"{path} describes a different tokenizer (model section); start a new run instead")
+    save_config(config, path)
+
+
+def _preview_images(paths: list[Path], image_size: int, count: int = 8) -> torch.Tensor:
+    """Center crops of the first images: a fixed batch whose reconstructions are saved over training."""
+    return torch.from_numpy(np.stack([np.asarray(center_crop_arr(open_rgb(p), image_size)) for p in paths[:count]]))
+
+
+@torch.no_grad()
+def _save_reconstructions(vq, images: torch.Tensor, experiment: Path, epoch: int) -> float:
+    """Originals above reconstructions as PNG; returns the reconstruction MSE in [-1, 1] units."""
+    was_training = vq.training
+    vq.eval()
+    x = uint8_to_unit(images.to(vq.quant_conv.weight.device))
+    quant, _, _ = vq.encode(x)
+    decoded = vq.decode(quant)
+    vq.train(was_training)
+    grid = image_grid(torch.cat([images, unit_to_uint8(decoded).cpu()]), nrow=len(images))
+    save_png(grid, experiment / "reconstructions" / f"epoch_{epoch:08d}.png")
+    return float((decoded.float().clamp(-1, 1) - x).pow(2).mean())
+
+
+if __name__ == "__main__":
+    run_main(main)
