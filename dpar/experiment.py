@@ -188,3 +188,24 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, key: str = "mod
 def append_metrics(experiment_dir: str | Path, record: dict[str, Any]) -> None:
     with open(Path(experiment_dir) / METRICS_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = None):
+    """(model in eval mode, its ModelConfig) from a run's ``model.safetensors`` and the ``model`` section of
+    its ``config.yaml`` (found next to the checkpoint's experiment dir unless ``config_path`` is given)."""
+    from .config import read_section
+    from .models import ModelConfig, create_model
+
+    if config_path is None:
+        experiment = experiment_of(checkpoint)
+        if experiment is None:
+            raise UserError(f"{checkpoint} is not inside an experiment dir (…/checkpoints/epoch_*/); "
+                            "also give the run's config.yaml")
+        config_path = experiment / CONFIG_FILE
+    config = read_section(config_path, "model", ModelConfig)
+    try:
+        model = create_model(config)
+    except ValueError as error:
+        raise UserError(f"{config_path}: {error}") from None
+    load_model_weights(model, checkpoint)
+    return model.eval(), config

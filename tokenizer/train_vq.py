@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dpar.config import parse_cli, read_section, save_config, to_dataclass
-from dpar.data.images import EpochPermutation, RandomCropImages, scan_image_folder
+from dpar.data.images import EpochPermutation, RandomCropImages, list_images
 from dpar.errors import UserError, run_main
 from dpar.experiment import (CONFIG_FILE, STATE_FILE, append_metrics, load_model_weights, load_torch_file,
                              resolve_run, save_checkpoint)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"data.image_size={cfg.data.image_size} is not a multiple of the tokenizer's "
                         f"downsampling factor {cfg.model.downsample}")
 
-    paths, _, _ = scan_image_folder(cfg.data.data_path)
+    paths, _, _ = list_images(cfg.data.data_path)
     if len(paths) < cfg.train.global_batch_size:
         raise UserError(f"{cfg.data.data_path} has {len(paths)} images, fewer than "
                         f"train.global_batch_size={cfg.train.global_batch_size}")

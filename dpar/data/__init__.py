@@ -1,1 +1,1 @@
-"""Data: image folders for the tokenizer; token stores, datasets and packing arrive with issue 4."""
+"""Data: image folders, the synthetic dataset, the token store, preprocessing, datasets and packing."""

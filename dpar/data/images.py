@@ -22,16 +22,51 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str
     if not root.is_dir():
         raise UserError(f"image folder not found: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    folders = [(root / name, label) for label, name in enumerate(classes)] if classes else [(root, 0)]
+    if not classes:
+        paths = _images_under(root)
+        if not paths:
+            raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}; expected class subfolders "
+                            "(root/<class>/<image>) or images directly in root")
+        return paths, [0] * len(paths), [""]
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        raise UserError(f"{root} has class subfolders and also images directly inside (e.g. {loose[0].name}); "
+                        "put every image in its class folder")
     paths, labels = [], []
-    for folder, label in folders:
-        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for label, name in enumerate(classes):
+        found = _images_under(root / name)
+        if not found:
+            raise UserError(f"class folder {root / name} has no images ({', '.join(IMAGE_SUFFIXES)})")
         paths += found
         labels += [label] * len(found)
+    return paths, labels, classes
+
+
+def read_image_list(path: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """A list file of ``<image path> <integer label>`` lines (paths relative to the file's folder)."""
+    path = Path(path)
+    paths, labels = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, _, label = line.rstrip().rpartition(" ")
+        if not name or not label.lstrip("-").isdigit() or int(label) < 0:
+            raise UserError(f"{path}:{number}: expected '<image path> <label >= 0>', got {line.strip()!r}")
+        paths.append(path.parent / name.strip())
+        labels.append(int(label))
     if not paths:
-        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}; expected class subfolders "
-                        "(root/<class>/<image>) or images directly in root")
-    return paths, labels, classes or [""]
+        raise UserError(f"{path} lists no images")
+    return paths, labels, [str(i) for i in range(max(labels) + 1)]
+
+
+def list_images(data_path: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """An ImageFolder directory or a list file."""
+    data_path = Path(data_path)
+    return read_image_list(data_path) if data_path.is_file() else scan_image_folder(data_path)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 class RandomCropImages(Dataset):

@@ -250,5 +250,6 @@ DPAR_models = {
     "DGPT-L": _size(1, 19, 4, 1024, 16),   # 352M
     "DGPT-XL": _size(1, 30, 5, 1280, 20),  # 789M
     "DGPT-XXL": _size(1, 41, 6, 1536, 24),  # 1.4B
+    "DGPT-tiny": _size(1, 3, 2, 64, 4),     # as deep as GPT-tiny: CPU tests and the embedded demo
 }
 DPAR_models.update({name.replace("DGPT", "DPAR"): build for name, build in list(DPAR_models.items())})

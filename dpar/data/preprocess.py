@@ -1,0 +1,208 @@
+"""The two preprocessing stages behind ``preprocess_tokens.py``: images -> tokens, tokens -> entropies.
+
+Work is done shard by shard (see :mod:`dpar.data.store`); shard ``k`` goes to process
+``k % world_size``. A shard's result depends only on its inputs, so an interrupted and resumed run
+writes byte-identical files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dpar.errors import UserError
+from dpar.fileio import atomic_write_text
+from tokenizer.transforms import ImageError, image_views, open_rgb
+
+from .store import META_FILE, SHARDS, SKIPPED_FILE, read_meta, shard_file, write_array, write_json
+
+
+@dataclass
+class TokenJob:
+    """What the tokens stage makes; the identity a resumed run must match."""
+    image_size: int
+    views: int
+    crop_range: float
+    grid: int
+    codebook_size: int
+    tokenizer: dict[str, Any]
+    shard_size: int
+    num_inputs: int
+    listing_sha256: str
+    class_names: list[str]
+
+
+def listing_hash(paths: list[Path], labels: list[int], root: Path) -> str:
+    digest = hashlib.sha256()
+    for path, label in zip(paths, labels):
+        digest.update(f"{_relative(path, root)}\t{label}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def start_store(store: Path, job: TokenJob) -> dict[str, Any]:
+    """Create ``meta.json`` for a new store, or check that an existing one was made the same way."""
+    meta = read_meta(store)
+    identity = {"image_size": job.image_size, "grid": job.grid, "views": job.views, "crop_range": job.crop_range,
+                "codebook_size": job.codebook_size, "tokenizer": job.tokenizer, "shard_size": job.shard_size,
+                "num_inputs": job.num_inputs, "listing_sha256": job.listing_sha256, "class_names": job.class_names}
+    if meta is None:
+        meta = {"version": 1, **identity, "tokens": {"complete": False}}
+        write_json(store / META_FILE, meta)
+        return meta
+    for key, value in identity.items():
+        if meta.get(key) != value:
+            raise UserError(f"token store {store} was made with {key}={_short(meta.get(key))}, this run has "
+                            f"{_short(value)}; use another --store or delete it")
+    return meta
+
+
+class _ShardImages(Dataset):
+    """The views of one shard's images; an unreadable image yields its error message instead."""
+
+    def __init__(self, paths: list[Path], image_size: int, views: int, crop_range: float):
+        self.paths, self.image_size, self.views, self.crop_range = paths, image_size, views, crop_range
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return image_views(open_rgb(self.paths[index]), self.image_size, self.views, self.crop_range), None
+        except ImageError as error:
+            return None, str(error)
+
+
+def tokenize_shards(store: Path, job: TokenJob, paths: list[Path], labels: list[int], encode: Callable,
+                    *, rank: int, world: int, batch_size: int, num_workers: int, root: Path,
+                    show_progress: bool) -> None:
+    """Write every unfinished shard assigned to ``rank``. ``encode`` maps uint8 [B, H, W, 3] to [B, N] codes."""
+    shards = math.ceil(len(paths) / job.shard_size)
+    todo = [k for k in range(rank, shards, world) if not _tokens_done(store, k)]
+    remaining = sum(len(paths[k * job.shard_size:(k + 1) * job.shard_size]) for k in todo)
+    bar = tqdm(total=remaining, desc=f"tokens (rank {rank})", unit="img", disable=not show_progress)
+    for k in todo:
+        lo, hi = k * job.shard_size, min((k + 1) * job.shard_size, len(paths))
+        loader = DataLoader(_ShardImages(paths[lo:hi], job.image_size, job.views, job.crop_range),
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+        codes, kept, skipped = [], [], []
+        for offset, items in _enumerate_batches(loader, batch_size):
+            good = [(lo + offset + i, views) for i, (views, error) in enumerate(items) if views is not None]
+            skipped += [[_relative(paths[lo + offset + i], root), error]
+                        for i, (_, error) in enumerate(items) if error is not None]
+            if good:
+                pixels = torch.from_numpy(np.concatenate([views for _, views in good]))
+                codes.append(encode(pixels).view(len(good), job.views, -1).cpu().numpy().astype(np.uint16))
+                kept += [index for index, _ in good]
+            bar.update(len(items))
+        tokens = np.concatenate(codes) if codes else np.zeros((0, job.views, job.grid ** 2), np.uint16)
+        write_json(shard_file(store, "tokens", k, ".json"), {"images": len(kept), "skipped": skipped})
+        write_array(shard_file(store, "labels", k), np.asarray([labels[i] for i in kept], dtype=np.int16))
+        write_array(shard_file(store, "tokens", k), tokens)
+    bar.close()
+
+
+def finish_tokens(store: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Once every shard exists: counts, the skipped-image log, ``tokens.complete``."""
+    shards = math.ceil(meta["num_inputs"] / meta["shard_size"])
+    missing = [k for k in range(shards) if not _tokens_done(store, k)]
+    if missing:
+        raise UserError(f"token store {store} still lacks shard {missing[0]} (of {shards}); rerun to finish it")
+    _remove_stale_temporaries(store)
+    records = [json.loads(shard_file(store, "tokens", k, ".json").read_text()) for k in range(shards)]
+    skipped = [entry for record in records for entry in record["skipped"]]
+    atomic_write_text(store / SKIPPED_FILE, "".join(f"{path}\t{reason}\n" for path, reason in skipped))
+    meta["tokens"] = {"complete": True, "shard_images": [r["images"] for r in records],
+                      "images": sum(r["images"] for r in records), "skipped": len(skipped)}
+    write_json(store / META_FILE, meta)
+    return meta
+
+
+def start_entropies(store: Path, meta: dict[str, Any], identity: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """Record which entropy model fills the store; refuse to mix two models' entropies."""
+    previous = meta.get("entropies")
+    if previous and previous["model"]["sha256"] != identity["sha256"]:
+        if not overwrite:
+            raise UserError(f"token store {store} holds entropies of another entropy model "
+                            f"({previous['model']['checkpoint']}); pass --overwrite to replace them")
+        for path in (store / SHARDS).glob("entropies_*.npy"):
+            path.unlink()
+        previous = None
+    if previous is None:
+        meta["entropies"] = {"complete": False, "model": identity}
+        write_json(store / META_FILE, meta)
+    return meta
+
+
+def entropy_shards(store: Path, shards: list[int], token_shard: Callable[[int], np.ndarray],
+                   entropies_of: Callable[[torch.Tensor], torch.Tensor], *, batch_size: int,
+                   show_progress: bool) -> None:
+    """Write ``entropies_k.npy`` for the unfinished ``shards``; ``entropies_of`` maps [B, N] tokens to [B, N]."""
+    todo = [k for k in shards if not shard_file(store, "entropies", k).exists()]
+    bar = tqdm(total=sum(token_shard(k).shape[0] * token_shard(k).shape[1] for k in todo), desc="entropies",
+               unit="seq", disable=not show_progress)
+    for k in todo:
+        tokens = np.asarray(token_shard(k))
+        images, views, length = tokens.shape
+        flat = torch.from_numpy(tokens.reshape(-1, length).astype(np.int64))
+        out = np.empty((images * views, length), dtype=np.float16)
+        for lo in range(0, len(flat), batch_size):
+            out[lo:lo + batch_size] = entropies_of(flat[lo:lo + batch_size]).cpu().numpy().astype(np.float16)
+            bar.update(min(lo + batch_size, len(flat)) - lo)
+        write_array(shard_file(store, "entropies", k), out.reshape(images, views, length))
+    bar.close()
+
+
+def finish_entropies(store: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    shards = len(meta["tokens"]["shard_images"])
+    missing = [k for k in range(shards) if not shard_file(store, "entropies", k).exists()]
+    if missing:
+        raise UserError(f"token store {store} still lacks entropies for shard {missing[0]}; rerun to finish")
+    _remove_stale_temporaries(store)
+    meta["entropies"]["complete"] = True
+    write_json(store / META_FILE, meta)
+    return meta
+
+
+@torch.no_grad()
+def next_token_entropies(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats, fp32) of an unconditional GPT's prediction of each token; the first is +inf."""
+    logits, _ = model(tokens[:, :-1], None)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    entropy[:, 0] = float("inf")
+    return entropy
+
+
+def _remove_stale_temporaries(store: Path) -> None:
+    """Half-written files of a killed run (a clean exit removes its own)."""
+    for path in (store / SHARDS).glob(".*.tmp"):
+        path.unlink()
+
+
+def _tokens_done(store: Path, shard: int) -> bool:
+    return shard_file(store, "tokens", shard).exists() and shard_file(store, "tokens", shard, ".json").exists()
+
+
+def _enumerate_batches(loader: DataLoader, batch_size: int):
+    for number, items in enumerate(loader):
+        yield number * batch_size, items
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 80 else text[:77] + "..."

@@ -1,0 +1,56 @@
+"""Tokens per patch and patches per image of a token store's entropies (paper Table 6), for one or more θ.
+
+    python -m dpar.data.stats --store data/imagenet256_tokens --threshold 7.8 --max-patch-length 4
+    python -m dpar.data.stats --store data/imagenet256_tokens --threshold 7.0 7.4 7.8 8.2 --max-patch-length none
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dpar.errors import UserError, run_main
+from dpar.patcher import patch_start_mask
+
+from .store import TokenStore
+
+
+def store_patch_stats(store: TokenStore, thresholds: list[float], max_patch_length: int | None, row_break: bool,
+                      max_images: int | None = None, batch_size: int = 4096) -> list[dict[str, float]]:
+    """Mean tokens per patch and patches per image over every view of (the first ``max_images``) images."""
+    count = len(store) if max_images is None else min(max_images, len(store))
+    if count == 0:
+        raise UserError(f"token store {store.path} has no images")
+    patches = np.zeros(len(thresholds))
+    for lo in tqdm(range(0, count, batch_size), desc="patch stats", unit="batch"):
+        entropies = torch.from_numpy(np.stack([store.entropies(i) for i in range(lo, min(lo + batch_size, count))])
+                                     .astype(np.float32)).flatten(0, 1)
+        for t, threshold in enumerate(thresholds):
+            patches[t] += patch_start_mask(entropies, grid_width=store.grid, threshold=threshold,
+                                           max_patch_length=max_patch_length, row_break=row_break).sum().item()
+    sequences, tokens = count * store.views, count * store.views * store.num_tokens
+    return [{"threshold": threshold, "tokens_per_patch": tokens / p, "patches_per_image": p / sequences}
+            for threshold, p in zip(thresholds, patches)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", required=True, help="token store with entropies")
+    parser.add_argument("--threshold", type=float, nargs="+", default=[7.8], help="θ in nats; several for a sweep")
+    parser.add_argument("--max-patch-length", default="4", help="P, or 'none' for no cap")
+    parser.add_argument("--no-row-break", action="store_true", help="let patches run across grid rows")
+    parser.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    args = parser.parse_args(argv)
+    cap = None if args.max_patch_length.lower() in ("none", "null") else int(args.max_patch_length)
+    store = TokenStore(args.store)
+    rows = store_patch_stats(store, args.threshold, cap, not args.no_row_break, args.max_images)
+    print(f"{store.path}: {store.grid}x{store.grid} tokens, P={cap}, row break {'off' if args.no_row_break else 'on'}")
+    print("| threshold | tokens/patch | patches/image |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row['threshold']:.2f} | {row['tokens_per_patch']:.3f} | {row['patches_per_image']:.1f} |")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,140 @@
+"""The token store: VQ tokens (and entropies) of every view of every image, in memory-mapped shards.
+
+::
+
+    <store>/meta.json                   resolution, grid, codebook, views, counts, classes, tokenizer and
+                                        entropy-model identity; ``tokens.complete`` once every shard exists
+    <store>/skipped.txt                 images that could not be read: path and reason, one per line
+    <store>/shards/tokens_00000.npy     uint16 [images, views, N]   (N = grid * grid, raster order)
+    <store>/shards/labels_00000.npy     int16  [images]
+    <store>/shards/tokens_00000.json    the shard's image count and skipped images
+    <store>/shards/entropies_00000.npy  float16 [images, views, N]  (nats; the first token is +inf)
+
+Shard ``k`` holds the readable images among inputs ``k * shard_size .. (k + 1) * shard_size - 1``.
+Each file is written under a temporary name and renamed, and a shard counts as done once its
+``tokens`` (or ``entropies``) file exists, so an interrupted run redoes only unfinished shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpar.errors import UserError
+from dpar.fileio import atomic_path, atomic_write_text
+
+META_FILE = "meta.json"
+SKIPPED_FILE = "skipped.txt"
+SHARDS = "shards"
+
+
+def shard_file(store: str | Path, kind: str, shard: int, suffix: str = ".npy") -> Path:
+    return Path(store) / SHARDS / f"{kind}_{shard:05d}{suffix}"
+
+
+def write_array(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def read_meta(store: str | Path) -> dict[str, Any] | None:
+    path = Path(store) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error}); delete the store and preprocess again") from None
+
+
+def file_sha256(path: str | Path, length: int = 16) -> str:
+    """A short content hash: the identity of a tokenizer or entropy-model checkpoint."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+class TokenStore:
+    """Read access to a complete store. Shards are memory-mapped on first use in each process."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta = read_meta(self.path)
+        if meta is None:
+            raise UserError(f"no token store at {self.path} (missing {META_FILE}); run preprocess_tokens.py "
+                            "--stage tokens first")
+        if not meta["tokens"].get("complete"):
+            raise UserError(f"token store {self.path} is incomplete; rerun preprocess_tokens.py --stage tokens "
+                            "(it continues where it stopped)")
+        self.meta = meta
+        self.shard_images = list(meta["tokens"]["shard_images"])
+        self.offsets = np.cumsum([0] + self.shard_images)
+        self.labels = np.concatenate([np.load(shard_file(self.path, "labels", k)) for k in
+                                      range(len(self.shard_images))]) if self.shard_images else np.zeros(0, np.int16)
+        self._open: dict[tuple[str, int], np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers map the files themselves
+        return {**self.__dict__, "_open": {}}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def grid(self) -> int:
+        return self.meta["grid"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.meta["grid"] ** 2
+
+    @property
+    def views(self) -> int:
+        return self.meta["views"]
+
+    @property
+    def codebook_size(self) -> int:
+        return self.meta["codebook_size"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["class_names"])
+
+    @property
+    def has_entropies(self) -> bool:
+        return bool(self.meta.get("entropies", {}).get("complete"))
+
+    def locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"image {index} is outside the store's {len(self)} images")
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return shard, index - int(self.offsets[shard])
+
+    def _array(self, kind: str, shard: int) -> np.ndarray:
+        key = (kind, shard)
+        if key not in self._open:
+            self._open[key] = np.load(shard_file(self.path, kind, shard), mmap_mode="r")
+        return self._open[key]
+
+    def tokens(self, index: int) -> np.ndarray:
+        """uint16 [views, N]."""
+        shard, row = self.locate(index)
+        return self._array("tokens", shard)[row]
+
+    def entropies(self, index: int) -> np.ndarray:
+        """float16 [views, N]."""
+        if not self.has_entropies:
+            raise UserError(f"token store {self.path} has no entropies; run preprocess_tokens.py --stage entropies")
+        shard, row = self.locate(index)
+        return self._array("entropies", shard)[row]
+
+    def shard_tokens(self, shard: int) -> np.ndarray:
+        return self._array("tokens", shard)

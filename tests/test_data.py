@@ -1,0 +1,240 @@
+"""Data pipeline: synthetic images -> token store -> entropies -> dataset -> packed batch -> DPAR."""
+import filecmp
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import preprocess_tokens
+from dpar.data import preprocess
+from dpar.data.dataset import PackedCollate, TokenDataset
+from dpar.data.images import list_images
+from dpar.data.stats import main as stats_main
+from dpar.data.stats import store_patch_stats
+from dpar.data.store import TokenStore
+from dpar.data.synthetic import CLASSES, class_folder, synthetic_image, write_image_folder
+from dpar.errors import UserError
+from dpar.experiment import save_checkpoint
+from dpar.models import ModelConfig, create_model
+from dpar.patcher import PatcherConfig
+from tests.helpers import randomize
+from tokenizer.transforms import image_views, open_rgb
+from tokenizer.vq_model import VQConfig, create_vq
+
+SIZE, GRID, CODES = 32, 8, 64
+TINY_VQ = VQConfig(vq_model="VQ-16", codebook_size=CODES, codebook_embed_dim=4, ch=16, ch_mult=[1, 2, 2],
+                   z_channels=16, num_res_blocks=1, norm_groups=8)
+
+
+def experiment(root: Path, model, section) -> Path:
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(OmegaConf.to_yaml({"model": asdict(section)}))
+    return save_checkpoint(root, 0, model.state_dict()) / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    images = write_image_folder(root / "images", num_images=24, image_size=40)
+    torch.manual_seed(0)
+    vq_ckpt = experiment(root / "vq_run", create_vq(TINY_VQ), TINY_VQ)
+    entropy_config = ModelConfig(gpt_model="GPT-tiny", model_type="uncond", image_size=SIZE, downsample_size=4,
+                                 vocab_size=CODES, num_classes=len(CLASSES))
+    entropy_model = randomize(create_model(entropy_config), std=0.2)
+    entropy_ckpt = experiment(root / "entropy_run", entropy_model, entropy_config)
+    return root, images, vq_ckpt, entropy_ckpt
+
+
+def tokens_args(setup, store, *extra):
+    _, images, vq_ckpt, _ = setup
+    return ["--stage", "tokens", "--data-path", str(images), "--store", str(store), "--vq-ckpt", str(vq_ckpt),
+            "--image-size", str(SIZE), "--views", "2", "--shard-size", "10", "--num-workers", "0",
+            "--batch-size", "4", *extra]
+
+
+def entropy_args(setup, store, *extra):
+    return ["--stage", "entropies", "--store", str(store), "--entropy-model-checkpoint", str(setup[3]),
+            "--batch-size", "8", *extra]
+
+
+@pytest.fixture(scope="module")
+def store(setup):
+    path = setup[0] / "store"
+    preprocess_tokens.main(tokens_args(setup, path))
+    preprocess_tokens.main(entropy_args(setup, path))
+    return TokenStore(path)
+
+
+def test_synthetic_images_are_deterministic_and_have_flat_and_sharp_parts():
+    assert len(CLASSES) >= 10
+    for index in range(len(CLASSES)):
+        image, label = synthetic_image(index, 64, seed=3)
+        assert label == index % len(CLASSES) and image.shape == (64, 64, 3) and image.dtype == np.uint8
+        assert np.array_equal(image, synthetic_image(index, 64, seed=3)[0])
+        assert not np.array_equal(image, synthetic_image(index, 64, seed=4)[0])
+        steps = np.abs(np.diff(image.astype(int), axis=1)).sum(-1)
+        assert (steps <= 8).mean() > 0.5, CLASSES[label]  # mostly flat or gently varying
+        if CLASSES[label] != "gradient":
+            assert steps.max() > 100, CLASSES[label]  # and a sharp edge somewhere
+    assert synthetic_image(5, 200)[0].shape == (200, 200, 3)
+
+
+def test_synthetic_folder_is_an_image_folder(setup):
+    paths, labels, classes = list_images(setup[1])
+    assert classes == [class_folder(i) for i in range(len(CLASSES))] and len(paths) == 24
+    for path, label in zip(paths, labels):
+        assert int(path.stem) % len(CLASSES) == label
+
+
+def test_store_holds_the_tokenizers_codes_and_the_models_entropies(setup, store):
+    _, images, vq_ckpt, entropy_ckpt = setup
+    assert len(store) == 24 and store.views == 2 and store.grid == GRID and store.codebook_size == CODES
+    assert store.meta["tokens"]["skipped"] == 0 and store.meta["tokenizer"]["checkpoint"] == str(vq_ckpt)
+    paths, labels, _ = list_images(images)
+    from tokenizer.vq_model import load_vq
+    vq = load_vq(vq_ckpt)
+    for index in (0, 13, 23):
+        views = torch.from_numpy(image_views(open_rgb(paths[index]), SIZE, 2))
+        assert np.array_equal(store.tokens(index), vq.images_to_codes(views).numpy())
+        assert store.labels[index] == labels[index]
+    from dpar.experiment import load_trained_model
+    model, _ = load_trained_model(entropy_ckpt)
+    tokens = torch.from_numpy(store.tokens(7).astype(np.int64))
+    expected = preprocess.next_token_entropies(model, tokens).numpy().astype(np.float16)
+    assert np.array_equal(store.entropies(7), expected)
+    assert np.isinf(store.entropies(7)[:, 0]).all()
+    finite = store.entropies(7)[:, 1:].astype(np.float32)
+    assert (finite >= 0).all() and (finite <= math.log(CODES) + 1e-2).all() and finite.std() > 0
+
+
+def test_entropies_are_the_entropy_of_the_softmax():
+    logits = torch.randn(2, 5, 7)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, idx, cond):
+            return logits, None
+
+    probs = logits.softmax(-1)
+    expected = -(probs * probs.log()).sum(-1)
+    got = preprocess.next_token_entropies(Fixed(), torch.zeros(2, 6, dtype=torch.long))
+    assert torch.isinf(got[:, 0]).all() and torch.allclose(got[:, 1:], expected[:, 1:], atol=1e-5)
+
+
+def test_interrupted_runs_resume_byte_identical(setup, store, monkeypatch):
+    path = setup[0] / "resumed"
+    real_tokenize = preprocess.tokenize_shards
+
+    def crash_after(calls: int):
+        def tokenize(store, job, paths, labels, encode, **kwargs):
+            count = {"n": 0}
+
+            def flaky(pixels):
+                count["n"] += 1
+                if count["n"] > calls:
+                    raise KeyboardInterrupt  # a kill in the middle of a shard
+                return encode(pixels)
+            return real_tokenize(store, job, paths, labels, flaky, **kwargs)
+        return tokenize
+
+    monkeypatch.setattr(preprocess_tokens, "tokenize_shards", crash_after(4))
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_tokens.main(tokens_args(setup, path))
+    monkeypatch.undo()
+    done = sorted(p.name for p in (path / "shards").iterdir())
+    assert "tokens_00000.npy" in done and "tokens_00001.npy" not in done
+    (path / "shards" / ".tokens_00001.npy.abc.tmp").write_bytes(b"half")  # what SIGKILL would leave
+    with pytest.raises(UserError, match="incomplete"):
+        TokenStore(path)
+    preprocess_tokens.main(tokens_args(setup, path))
+    preprocess_tokens.main(entropy_args(setup, path))
+    comparison = filecmp.dircmp(store.path / "shards", path / "shards")
+    assert not comparison.left_only and not comparison.right_only and not comparison.diff_files
+    assert filecmp.cmp(store.path / "meta.json", path / "meta.json", shallow=False)
+
+
+def test_corrupt_images_are_skipped_and_counted(setup, tmp_path):
+    images = write_image_folder(tmp_path / "images", num_images=12, image_size=40)
+    bad = images / class_folder(3) / "000003.png"
+    bad.write_bytes(b"\x89PNG broken")
+    args = tokens_args(setup, tmp_path / "store")
+    args[args.index("--data-path") + 1] = str(images)
+    preprocess_tokens.main(args)
+    store = TokenStore(tmp_path / "store")
+    assert len(store) == 11 and store.meta["tokens"]["skipped"] == 1
+    assert (tmp_path / "store" / "skipped.txt").read_text().startswith(f"{class_folder(3)}/000003.png\t")
+    paths, labels, _ = list_images(images)
+    kept = [label for path, label in zip(paths, labels) if path != bad]
+    assert store.labels.tolist() == kept
+
+
+def test_clear_errors(setup, store, tmp_path):
+    with pytest.raises(UserError, match="not a multiple"):
+        preprocess_tokens.main(tokens_args(setup, tmp_path / "s", "--image-size", "30"))
+    with pytest.raises(UserError, match="views=2, this run has 1"):
+        preprocess_tokens.main(tokens_args(setup, store.path, "--views", "1"))
+    mixed = write_image_folder(tmp_path / "mixed", num_images=12, image_size=40)
+    (mixed / "stray.png").write_bytes((mixed / class_folder(0) / "000000.png").read_bytes())
+    with pytest.raises(UserError, match="also images directly inside"):
+        list_images(mixed)
+    other = ModelConfig(gpt_model="GPT-tiny", model_type="uncond", image_size=SIZE, downsample_size=4,
+                        vocab_size=CODES * 2)
+    wrong_codebook = experiment(tmp_path / "other", create_model(other), other)
+    with pytest.raises(UserError, match="predicts 128 codes but the store's tokenizer has 64"):
+        preprocess_tokens.main(["--stage", "entropies", "--store", str(store.path),
+                                "--entropy-model-checkpoint", str(wrong_codebook)])
+    with pytest.raises(UserError, match="no token store"):
+        TokenStore(tmp_path / "nowhere")
+
+
+def test_dataset_and_collate_feed_dpar(store):
+    patcher = PatcherConfig(threshold=2.0, max_patch_length=4)
+    dataset = TokenDataset(store, entropies=True, seed=0)
+    views = {int(np.random.default_rng([0, 0, i]).integers(2)) for i in range(len(dataset))}
+    assert views == {0, 1}  # both views get used
+    item = dataset[3]
+    assert item["tokens"].shape == (GRID * GRID,) and item["entropies"].dtype == torch.float32
+    batch = PackedCollate(patcher, GRID)([dataset[i] for i in range(6)])
+    mask = batch.patch_start
+    assert mask.shape == (6, GRID * GRID) and mask[:, ::GRID].all()  # row breaks
+    per_image = mask.sum(1)
+    assert batch.layout.packed.seqlens == tuple(per_image.tolist())  # one stream per image: no padding
+    assert batch.layout.packed.cu_seqlens.tolist() == [0] + per_image.cumsum(0).tolist()
+    assert batch.layout.packed.total == int(mask.sum()) and batch.layout.first_token.numel() == int(mask.sum())
+    assert torch.equal(batch.layout.patch_image, torch.repeat_interleave(torch.arange(6), per_image))
+    lengths = torch.diff(torch.nonzero(torch.cat([mask, torch.ones(6, 1, dtype=torch.bool)], 1).flatten()).flatten())
+    assert int(lengths.max()) <= 4
+
+    config = ModelConfig(gpt_model="DGPT-tiny", image_size=SIZE, downsample_size=4, vocab_size=CODES,
+                         num_classes=len(CLASSES), dropout_p=0.0, token_dropout_p=0.0, class_dropout_prob=0.0)
+    model = randomize(create_model(config), std=0.1)
+    logits, loss = model(batch.tokens, batch.labels, batch.patch_start, targets=batch.tokens, layout=batch.layout)
+    loss.backward()
+    assert logits.shape == (6, GRID * GRID, CODES) and torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    # No leakage across packed images: changing image 1 leaves image 0's logits alone.
+    other = [dataset[i] for i in range(6)]
+    other[1] = dict(other[1], tokens=torch.randint(0, CODES, other[1]["tokens"].shape))
+    moved = PackedCollate(patcher, GRID)(other)
+    with torch.no_grad():
+        model.eval()
+        before = model(batch.tokens, batch.labels, batch.patch_start, layout=batch.layout)[0]
+        after = model(moved.tokens, moved.labels, moved.patch_start, layout=moved.layout)[0]
+    assert torch.equal(before[0], after[0]) and not torch.equal(before[1], after[1])
+
+    baseline = PackedCollate(None, GRID)([dataset[i] for i in range(2)])
+    assert baseline.patch_start is None and baseline.layout is None
+    with pytest.raises(UserError, match="needs the store's entropies"):
+        PackedCollate(patcher, GRID)([TokenDataset(store, entropies=False)[0]])
+
+
+def test_patch_stats_report(store, capsys):
+    huge, tiny = store_patch_stats(store, [1e9, -1.0], max_patch_length=None, row_break=True)
+    assert huge["tokens_per_patch"] == GRID and huge["patches_per_image"] == GRID  # one patch per row
+    assert tiny["tokens_per_patch"] == 1.0
+    stats_main(["--store", str(store.path), "--threshold", "1e9", "--max-patch-length", "4"])
+    assert "| 1000000000.00 | 4.000 | 16.0 |" in capsys.readouterr().out
