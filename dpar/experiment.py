@@ -29,7 +29,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import read_section
 from .errors import UserError
+from .models import ModelConfig, create_model
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -193,9 +195,6 @@ def append_metrics(experiment_dir: str | Path, record: dict[str, Any]) -> None:
 def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = None):
     """(model in eval mode, its ModelConfig) from a run's ``model.safetensors`` and the ``model`` section of
     its ``config.yaml`` (found next to the checkpoint's experiment dir unless ``config_path`` is given)."""
-    from .config import read_section
-    from .models import ModelConfig, create_model
-
     if config_path is None:
         experiment = experiment_of(checkpoint)
         if experiment is None:

@@ -398,7 +398,8 @@ def load_vq(checkpoint: str | Path, config: VQConfig | None = None) -> VQModel:
     """
     checkpoint = Path(checkpoint)
     if config is None:
-        run_config = experiment_of(checkpoint) / CONFIG_FILE if experiment_of(checkpoint) else None
+        experiment = experiment_of(checkpoint)
+        run_config = experiment / CONFIG_FILE if experiment else None
         config = read_section(run_config, "model", VQConfig) if run_config and run_config.is_file() else VQConfig()
     model = create_vq(config)
     load_model_weights(model, checkpoint)

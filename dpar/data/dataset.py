@@ -22,8 +22,8 @@ class TokenDataset(Dataset):
     """
 
     def __init__(self, store: TokenStore, entropies: bool, seed: int = 0):
-        if entropies and not store.has_entropies:
-            store.entropies(0)  # raises the store's one-line "no entropies" error
+        if entropies:
+            store.require_entropies()
         self.store, self.with_entropies, self.seed, self.epoch = store, entropies, seed, 0
 
     def set_epoch(self, epoch: int) -> None:

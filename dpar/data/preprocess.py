@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,9 +50,7 @@ def listing_hash(paths: list[Path], labels: list[int], root: Path) -> str:
 def start_store(store: Path, job: TokenJob) -> dict[str, Any]:
     """Create ``meta.json`` for a new store, or check that an existing one was made the same way."""
     meta = read_meta(store)
-    identity = {"image_size": job.image_size, "grid": job.grid, "views": job.views, "crop_range": job.crop_range,
-                "codebook_size": job.codebook_size, "tokenizer": job.tokenizer, "shard_size": job.shard_size,
-                "num_inputs": job.num_inputs, "listing_sha256": job.listing_sha256, "class_names": job.class_names}
+    identity = asdict(job)
     if meta is None:
         meta = {"version": 1, **identity, "tokens": {"complete": False}}
         write_json(store / META_FILE, meta)
@@ -93,7 +91,8 @@ def tokenize_shards(store: Path, job: TokenJob, paths: list[Path], labels: list[
         loader = DataLoader(_ShardImages(paths[lo:hi], job.image_size, job.views, job.crop_range),
                             batch_size=batch_size, num_workers=num_workers, collate_fn=list)
         codes, kept, skipped = [], [], []
-        for offset, items in _enumerate_batches(loader, batch_size):
+        for number, items in enumerate(loader):
+            offset = number * batch_size
             good = [(lo + offset + i, views) for i, (views, error) in enumerate(items) if views is not None]
             skipped += [[_relative(paths[lo + offset + i], root), error]
                         for i, (_, error) in enumerate(items) if error is not None]
@@ -189,11 +188,6 @@ def _remove_stale_temporaries(store: Path) -> None:
 
 def _tokens_done(store: Path, shard: int) -> bool:
     return shard_file(store, "tokens", shard).exists() and shard_file(store, "tokens", shard, ".json").exists()
-
-
-def _enumerate_batches(loader: DataLoader, batch_size: int):
-    for number, items in enumerate(loader):
-        yield number * batch_size, items
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -129,10 +129,13 @@ class TokenStore:
         shard, row = self.locate(index)
         return self._array("tokens", shard)[row]
 
-    def entropies(self, index: int) -> np.ndarray:
-        """float16 [views, N]."""
+    def require_entropies(self) -> None:
         if not self.has_entropies:
             raise UserError(f"token store {self.path} has no entropies; run preprocess_tokens.py --stage entropies")
+
+    def entropies(self, index: int) -> np.ndarray:
+        """float16 [views, N]."""
+        self.require_entropies()
         shard, row = self.locate(index)
         return self._array("entropies", shard)[row]
 
