@@ -1,27 +1,40 @@
-"""Train the entropy model: an unconditional LlamaGen GPT (GPT-B by default) on a token store.
+r"""Train the entropy model: an unconditional LlamaGen GPT (GPT-B by default) on a token store.
 
-    python train_entropy_model.py --config configs/entropy_model/gpt_b_256.yaml
+    accelerate launch --multi-gpu train_entropy_model.py --config configs/entropy_model/gpt_b_256.yaml --prod
 
-The config is parsed and validated today; the training loop arrives with issue 5.
+Its next-token entropies (``preprocess_tokens.py --stage entropies``) decide DPAR's patch boundaries.
+Reports validation NLL per token when the config names validation images. Same experiment-dir
+layout, ``--prod`` and ``--resume`` as train_global_model.py.
 """
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dpar.config import parse_cli
 from dpar.errors import UserError, run_main
-from dpar.models import ModelConfig
+from dpar.experiment import add_run_arguments
+from dpar.models import ModelConfig, is_dpar
+from dpar.training import DataConfig, TrainConfig, train
 
 
 @dataclass
 class TrainEntropyConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(gpt_model="GPT-B", model_type="uncond"))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(gpt_model="GPT-B", model_type="uncond",
+                                                                   class_dropout_prob=0.0))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prod", action="store_true", help="write to the production experiment directory")
-    parse_cli(parser, TrainEntropyConfig)
-    raise UserError("train_entropy_model.py: the config is valid, but training is not implemented yet (see issue 5)")
+    add_run_arguments(parser)
+    args, config = parse_cli(parser, TrainEntropyConfig, argv)
+    if is_dpar(config.model.gpt_model):
+        raise UserError(f"model.gpt_model {config.model.gpt_model}: the entropy model is a token-level GPT-* model")
+    if config.model.model_type != "uncond":
+        raise UserError("model.model_type must be uncond: entropies are computed without a class")
+    name = config.train.experiment_name or (Path(args.config).stem if args.config else "entropy_model")
+    train(config, patcher=None, run_name=name, prod=args.prod, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Every script takes ``--config FILE.yaml`` plus overrides in either form::
 
 Values are parsed as YAML (``null``, ``true``, numbers). An unknown key, a value of the wrong type
 or a value outside a field's ``choices`` metadata is a :class:`ConfigError` whose one-line message
-names the key and lists what is valid. ``save_config`` writes the fully resolved config atomically.
+names the key and lists what is valid. A YAML file may begin with ``base: other.yaml`` to start from
+another file and change only some keys. ``save_config`` writes the fully resolved config atomically.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .errors import UserError
 from .fileio import atomic_write_text
+
+
+BASE_KEY = "base"
 
 
 class ConfigError(UserError):
@@ -101,10 +105,12 @@ def to_dataclass(config: DictConfig) -> Any:
     return OmegaConf.to_object(config)
 
 
-def _read_yaml(path: str | Path) -> DictConfig:
+def _read_yaml(path: str | Path, _children: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML mapping; ``base: other.yaml`` (relative to this file) starts it from another config file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (the base of {_children[-1]})" if _children else ""
+        raise ConfigError(f"config file not found: {path}{where}")
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -113,7 +119,16 @@ def _read_yaml(path: str | Path) -> DictConfig:
         loaded = {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
-    return OmegaConf.create(loaded)
+    base = loaded.pop(BASE_KEY, None)
+    node = OmegaConf.create(loaded)
+    if base is None:
+        return node
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {BASE_KEY!r} must be the path of another config file, got {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in {child.resolve() for child in (*_children, path)}:
+        raise ConfigError(f"{path}: {BASE_KEY!r} chain returns to {base_path}")
+    return OmegaConf.merge(_read_yaml(base_path, (*_children, path)), node)
 
 
 def _merge(config: DictConfig, update: DictConfig, where: str) -> DictConfig:

@@ -6,12 +6,16 @@
     <root>/scratch/<config name>/<YYYYMMDD_HHMMSS>/ without it: trial runs never mix with real ones
         config.yaml                                 the fully resolved config
         metrics.jsonl                               one JSON object per logged step / epoch
-        checkpoints/epoch_{epoch:08d}/
+        checkpoints/epoch_{epoch:08d}/              the end of an epoch (0-based), kept per keep_last / keep_every
             model.safetensors                       the model weights (what sampling loads)
-            training_state.pt                       optimizers, counters, RNG state (what resume loads)
+            ema.safetensors                         the EMA weights, when the run keeps an EMA
+            training_state.pt                       optimizers, counters, data order (what resume loads)
+        checkpoints/latest/                         the mid-epoch resume point, replaced every few steps
+                                                    and removed once a newer epoch checkpoint exists
 
 A checkpoint directory is written under a temporary name and renamed into place, so a killed run
-leaves either the previous checkpoint or the complete new one. Weights are read with
+leaves either the previous checkpoint or the complete new one. Resuming takes whichever of the
+newest epoch checkpoint and ``latest/`` is further along (the ``step`` in the weights' metadata). Weights are read with
 ``torch.load(weights_only=True)`` or safetensors; nothing unpickles arbitrary objects.
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import read_section
@@ -37,9 +41,19 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STEP_CHECKPOINT = "latest"
 STATE_FILE = "training_state.pt"
 SCRATCH = "scratch"
 _CHECKPOINT_NAME = re.compile(r"^epoch_(\d{8})$")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every trainer's ``--prod`` and ``--resume [DIR]`` (see :func:`resolve_run`)."""
+    parser.add_argument("--prod", action="store_true",
+                        help="write to <results_dir>/<name>/<YYYYMMDD_HH>/ instead of <results_dir>/scratch/")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
+                        help="continue DIR, or without DIR the newest run of this config")
 
 
 def new_experiment_dir(root: str | Path, config_name: str, prod: bool, now: datetime | None = None) -> Path:
@@ -53,7 +67,7 @@ def new_experiment_dir(root: str | Path, config_name: str, prod: bool, now: date
 def latest_experiment_dir(root: str | Path, config_name: str, prod: bool) -> Path | None:
     """The most recent run of ``config_name`` (prod or scratch) that has a checkpoint, if any."""
     parent = Path(root) / config_name if prod else Path(root) / SCRATCH / config_name
-    runs = sorted(p for p in parent.glob("*") if p.is_dir() and latest_checkpoint(p) is not None)
+    runs = sorted(p for p in parent.glob("*") if p.is_dir() and resume_checkpoint(p) is not None)
     return runs[-1] if runs else None
 
 
@@ -72,9 +86,9 @@ def resolve_run(root: str | Path, config_name: str, prod: bool, resume: str | No
             raise UserError(f"--resume: no {kind} run of {config_name!r} with a checkpoint under {root}")
     else:
         experiment = Path(resume)
-        if latest_checkpoint(experiment) is None:
+        if resume_checkpoint(experiment) is None:
             raise UserError(f"--resume {experiment}: no {CHECKPOINTS}/epoch_*/{MODEL_FILE} there")
-    return experiment, latest_checkpoint(experiment)
+    return experiment, resume_checkpoint(experiment)
 
 
 def checkpoint_dir(experiment_dir: str | Path, epoch: int) -> Path:
@@ -105,14 +119,50 @@ def latest_checkpoint(experiment_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(experiment_dir: str | Path, epoch: int, model_state: dict[str, torch.Tensor],
-                    training_state: dict[str, Any] | None = None, keep_last: int = 0, keep_every: int = 0) -> Path:
-    """Write ``epoch``'s checkpoint atomically, then prune (see :func:`prune_checkpoints`)."""
-    final = checkpoint_dir(experiment_dir, epoch)
+                    training_state: dict[str, Any] | None = None, keep_last: int = 0, keep_every: int = 0, *,
+                    ema_state: dict[str, torch.Tensor] | None = None, step: int | None = None) -> Path:
+    """Write the checkpoint of the end of ``epoch`` atomically, then prune (see :func:`prune_checkpoints`)."""
+    final = _write_checkpoint(checkpoint_dir(experiment_dir, epoch), model_state, training_state, ema_state,
+                              {"epoch": epoch, "step": step})
+    shutil.rmtree(step_checkpoint_dir(experiment_dir), ignore_errors=True)
+    prune_checkpoints(experiment_dir, keep_last, keep_every)
+    return final
+
+
+def save_step_checkpoint(experiment_dir: str | Path, epoch: int, step: int, model_state: dict[str, torch.Tensor],
+                         training_state: dict[str, Any], *, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Replace the mid-epoch resume point ``checkpoints/latest/`` atomically."""
+    return _write_checkpoint(step_checkpoint_dir(experiment_dir), model_state, training_state, ema_state,
+                             {"epoch": epoch, "step": step})
+
+
+def step_checkpoint_dir(experiment_dir: str | Path) -> Path:
+    return Path(experiment_dir) / CHECKPOINTS / STEP_CHECKPOINT
+
+
+def resume_checkpoint(experiment_dir: str | Path) -> Path | None:
+    """The checkpoint a resumed run continues from: the newest epoch one or ``latest/``, whichever is later."""
+    candidates = [path for path in (latest_checkpoint(experiment_dir), step_checkpoint_dir(experiment_dir))
+                  if path is not None and (path / MODEL_FILE).is_file()]
+    return max(candidates, key=checkpoint_step, default=None)
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The optimizer step a checkpoint was written at (-1 when its metadata does not say)."""
+    with safe_open(Path(checkpoint) / MODEL_FILE, framework="pt") as f:
+        return int((f.metadata() or {}).get("step", -1))
+
+
+def _write_checkpoint(final: Path, model_state: dict[str, torch.Tensor], training_state: dict[str, Any] | None,
+                      ema_state: dict[str, torch.Tensor] | None, metadata: dict[str, int | None]) -> Path:
     staging = final.with_name(final.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model_state.items()}
-    save_file(tensors, staging / MODEL_FILE, metadata={"epoch": str(epoch)})
+    metadata = {key: str(value) for key, value in metadata.items() if value is not None}
+    for name, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
+        if state is not None:
+            tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}
+            save_file(tensors, staging / name, metadata=metadata)
     if training_state is not None:
         torch.save(training_state, staging / STATE_FILE)
     replaced = final.with_name(final.name + ".old")
@@ -121,7 +171,6 @@ def save_checkpoint(experiment_dir: str | Path, epoch: int, model_state: dict[st
         os.replace(final, replaced)
     os.replace(staging, final)
     shutil.rmtree(replaced, ignore_errors=True)
-    prune_checkpoints(experiment_dir, keep_last, keep_every)
     return final
 
 

@@ -55,3 +55,44 @@ def write_image_folder(root, classes: int = 2, per_class: int = 4, size: int = 1
             (draw.rectangle if label % 2 == 0 else draw.ellipse)(box, fill=colour)
             image.save(folder / f"{i:03d}.png")
     return root
+
+
+
+def write_token_store(path, tokens, labels, *, codebook_size: int, num_classes: int, entropies=None,
+                      entropy_checkpoint=None, shard_size: int | None = None) -> Path:
+    """A complete token store from arrays (tokens [I, V, N], labels [I], entropies [I, V, N]), no tokenizer.
+
+    The entropies are recorded as coming from ``entropy_checkpoint`` (its sha256), as the entropies stage does.
+    """
+    import math
+
+    import numpy as np
+
+    from dpar.data import preprocess
+    from dpar.data.store import file_sha256, shard_file, write_array
+
+    path = Path(path)
+    images, views, num_tokens = tokens.shape
+    shard_size = shard_size or images
+    grid = math.isqrt(num_tokens)
+    job = preprocess.TokenJob(image_size=4 * grid, views=views, crop_range=1.1, grid=grid, codebook_size=codebook_size,
+                              tokenizer={"checkpoint": "arrays", "sha256": "0", "downsample": 4},
+                              shard_size=shard_size, num_inputs=images, listing_sha256="0",
+                              class_names=[f"class_{c}" for c in range(num_classes)])
+    meta = preprocess.start_store(path, job)
+    shards = range(0, images, shard_size)
+    for k, lo in enumerate(shards):
+        (path / "shards").mkdir(exist_ok=True)
+        shard_file(path, "tokens", k, ".json").write_text(f'{{"images": {len(tokens[lo:lo + shard_size])}, '
+                                                          '"skipped": []}')
+        write_array(shard_file(path, "labels", k), np.asarray(labels[lo:lo + shard_size], dtype=np.int16))
+        write_array(shard_file(path, "tokens", k), np.asarray(tokens[lo:lo + shard_size], dtype=np.uint16))
+    meta = preprocess.finish_tokens(path, meta)
+    if entropies is not None:
+        identity = {"checkpoint": str(entropy_checkpoint), "sha256": file_sha256(entropy_checkpoint),
+                    "gpt_model": "GPT-tiny"}
+        meta = preprocess.start_entropies(path, meta, identity, overwrite=False)
+        for k, lo in enumerate(shards):
+            write_array(shard_file(path, "entropies", k), np.asarray(entropies[lo:lo + shard_size], dtype=np.float16))
+        preprocess.finish_entropies(path, meta)
+    return path

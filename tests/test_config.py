@@ -102,15 +102,50 @@ def test_config_builds_the_model():
     assert model.config.rope == "2d" and model.block_size == 256
 
 
-@pytest.mark.parametrize("script,config", [
-    ("train_global_model.py", "configs/patching_modes/global_model_entropy_row_break.yaml"),
-    ("train_entropy_model.py", "configs/entropy_model/gpt_b_256.yaml"),
-])
-def test_shipped_configs_validate_in_their_scripts(script, config):
-    proc = subprocess.run([sys.executable, script, "--config", config, "--model.gpt_model", "GPT-L"],
-                          capture_output=True, text=True, cwd=ROOT)
+GLOBAL_CONFIGS = sorted(str(p.relative_to(ROOT)) for pattern in ("patching_modes/*.yaml", "baselines/*.yaml",
+                                                                   "tiny/global_*.yaml", "tiny/gpt_*.yaml")
+                        for p in (ROOT / "configs").glob(pattern))
+ENTROPY_CONFIGS = sorted(str(p.relative_to(ROOT)) for pattern in ("entropy_model/*.yaml", "tiny/entropy_model.yaml")
+                         for p in (ROOT / "configs").glob(pattern))
+
+
+@pytest.mark.parametrize("config", GLOBAL_CONFIGS + ENTROPY_CONFIGS)
+def test_shipped_training_configs_validate_and_build(config):
+    from train_entropy_model import TrainEntropyConfig
+    from train_global_model import TrainGlobalConfig
+
+    schema = TrainEntropyConfig if config in ENTROPY_CONFIGS else TrainGlobalConfig
+    cfg = to_dataclass(load_config(schema, ROOT / config))
+    with torch.device("meta"):
+        model = create_model(cfg.model)
+    assert model.block_size == (cfg.model.image_size // cfg.model.downsample_size) ** 2
+    assert (cfg.model.model_type == "uncond") == (schema is TrainEntropyConfig)
+    assert len(GLOBAL_CONFIGS) >= 10 and len(ENTROPY_CONFIGS) == 3
+
+
+def test_config_files_inherit_from_their_base(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  gpt_model: DGPT-L\n  image_size: 384\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel:\n  image_size: 256\n")
+    config = load_config(Schema, tmp_path / "child.yaml")
+    assert config.model.gpt_model == "DGPT-L" and config.model.image_size == 256
+    base.write_text("base: child.yaml\n")
+    with pytest.raises(ConfigError, match="chain returns to"):
+        load_config(Schema, tmp_path / "child.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml \\(the base of"):
+        load_config(Schema, tmp_path / "orphan.yaml")
+
+
+def test_reference_command_reports_a_missing_store_in_one_line():
+    proc = subprocess.run([sys.executable, "train_global_model.py", "--config",
+                           "configs/patching_modes/global_model_entropy_row_break.yaml", "--model.gpt_model", "DGPT-L",
+                           "--patcher.entropy_model_checkpoint_config", "e/config.yaml",
+                           "--patcher.entropy_model_checkpoint", "e/checkpoints/epoch_00000299/model.safetensors",
+                           "--prod"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error:") and "config is valid" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr == "error: no token store at data/imagenet256_tokens (missing meta.json); run " \
+                          "preprocess_tokens.py --stage tokens first\n"
 
 
 def test_script_reports_config_errors_in_one_line():

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from dpar.errors import UserError
-from dpar.experiment import (experiment_of, latest_checkpoint, list_checkpoints, load_model_weights,
-                             new_experiment_dir, read_state_dict, resolve_run, save_checkpoint)
+from dpar.experiment import (checkpoint_step, experiment_of, latest_checkpoint, list_checkpoints, load_model_weights,
+                             new_experiment_dir, read_state_dict, resolve_run, resume_checkpoint, save_checkpoint,
+                             save_step_checkpoint)
 
 STATE = {"w": torch.arange(6.0).view(2, 3)}
 
@@ -45,6 +46,18 @@ def test_resolve_run(tmp_path):
         resolve_run(tmp_path, "cfg", prod=False, resume=str(tmp_path / "elsewhere"))
     assert experiment_of(run / "checkpoints" / "epoch_00000004" / "model.safetensors") == run.resolve()
     assert experiment_of(tmp_path / "model.safetensors") is None
+
+
+def test_resume_takes_the_later_of_epoch_and_mid_epoch_checkpoints(tmp_path):
+    save_checkpoint(tmp_path, 0, STATE, {}, step=10, ema_state=STATE)
+    assert (tmp_path / "checkpoints" / "epoch_00000000" / "ema.safetensors").is_file()
+    save_step_checkpoint(tmp_path, 1, 14, {"w": STATE["w"] + 1}, {"step": 14})
+    assert resume_checkpoint(tmp_path).name == "latest" and checkpoint_step(resume_checkpoint(tmp_path)) == 14
+    assert [epoch for epoch, _ in list_checkpoints(tmp_path)] == [0]  # sampling never sees the mid-epoch one
+    assert resolve_run(tmp_path.parent, "x", prod=False, resume=str(tmp_path))[1].name == "latest"
+    save_checkpoint(tmp_path, 1, STATE, {}, step=20)
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert resume_checkpoint(tmp_path).name == "epoch_00000001"
 
 
 def test_strict_loading_names_the_problem(tmp_path):

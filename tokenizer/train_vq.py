@@ -26,8 +26,8 @@ from tqdm import tqdm
 from dpar.config import parse_cli, read_section, save_config, to_dataclass
 from dpar.data.images import EpochPermutation, RandomCropImages, list_images
 from dpar.errors import UserError, run_main
-from dpar.experiment import (CONFIG_FILE, STATE_FILE, append_metrics, load_model_weights, load_torch_file,
-                             resolve_run, save_checkpoint)
+from dpar.experiment import (CONFIG_FILE, STATE_FILE, add_run_arguments, append_metrics, load_model_weights,
+                             load_torch_file, resolve_run, save_checkpoint)
 from dpar.visual import image_grid, save_png
 from tokenizer.lpips import LPIPS
 from tokenizer.transforms import center_crop_arr, open_rgb
@@ -70,9 +70,7 @@ class TrainVQConfig:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prod", action="store_true", help="write to <results_dir>/<config>/<YYYYMMDD_HH>/")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
-                        help="continue DIR, or without DIR the newest run of this config")
+    add_run_arguments(parser)
     args, config = parse_cli(parser, TrainVQConfig, argv)
     cfg: TrainVQConfig = to_dataclass(config)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)

@@ -106,5 +106,10 @@ class EpochPermutation(Sampler[int]):
         return self.size
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(epoch_order(self.size, self.seed, self.epoch))
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of ``size`` items in ``epoch``: a function of (seed, epoch) alone."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(size, generator=generator).tolist()

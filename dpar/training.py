@@ -1,0 +1,509 @@
+"""The training loop behind train_entropy_model.py and train_global_model.py (DESIGN.md section 8).
+
+One optimizer step trains on ``train.global_batch_size`` images: each of the P processes takes its
+share and, when that share exceeds ``train.max_device_batch_size``, splits it into micro-batches
+whose gradients accumulate. AdamW, constant learning rate (optional linear warm-up), grad clip,
+bf16 autocast over fp32 weights, optional EMA and ``torch.compile`` (paper section 4.1).
+
+A run resumes exactly because everything random is a function of the step:
+
+- the images of step s are fixed by (seed, epoch) (:class:`~dpar.data.dataset.StepBatches`) and each
+  image's view by (seed, epoch, image) (:class:`~dpar.data.dataset.TokenDataset`);
+- the RNG behind dropout and class dropout is reseeded from (seed, step, rank) before every step;
+- checkpoints hold weights, optimizer, scheduler, EMA and the step, at every epoch end and every
+  ``train.ckpt_every_steps`` steps in between (``checkpoints/latest/``).
+
+So a run continued from step s computes what an uninterrupted run computes from step s on: bit for
+bit on a CPU, and up to kernel nondeterminism on GPUs.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .config import load_config, save_config
+from .data.dataset import PackedBatch, PackedCollate, StepBatches, TokenDataset
+from .data.store import TokenStore, file_sha256
+from .errors import UserError
+from .fileio import atomic_write_text
+from .experiment import (CONFIG_FILE, EMA_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, append_metrics, experiment_of,
+                         load_model_weights, load_torch_file, resolve_run, save_checkpoint, save_step_checkpoint)
+from .flops import count
+from .models import ModelConfig, create_model, is_dpar
+from .patcher import PatcherConfig
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> module it needs
+# Keys a resumed run may change; any other difference from the run's config.yaml is refused.
+RESUMABLE_KEYS = {"train.epochs", "train.max_steps", "train.log_every", "train.val_every", "train.ckpt_every",
+                  "train.ckpt_every_steps", "train.keep_last", "train.keep_every", "train.trackers",
+                  "train.compile", "train.max_device_batch_size", "data.num_workers"}
+
+
+@dataclass
+class DataConfig:
+    # token store written by preprocess_tokens.py (with entropies for patcher.mode entropy).
+    store: str = "data/imagenet256_tokens"
+    # optional second store for validation NLL (e.g. ImageNet val tokenized with --views 1); view 0 is used.
+    val_store: str | None = None
+    # without val_store: hold out the last N images of the training store for validation (0: no validation).
+    val_holdout: int = 0
+    # DataLoader worker processes per process.
+    num_workers: int = 4
+
+
+@dataclass
+class TrainConfig:
+    # runs go to <results_dir>/<experiment_name>/<YYYYMMDD_HH> (--prod) or <results_dir>/scratch/...
+    results_dir: str = "results"
+    # default: the config file's name, e.g. global_model_entropy_row_break.
+    experiment_name: str | None = None
+    # passes over the training images (the paper: 300).
+    epochs: int = 300
+    # stop after this many optimizer steps (smoke tests, benchmarks); null: run all epochs.
+    max_steps: int | None = None
+    # images per optimizer step over all processes (the paper: 256).
+    global_batch_size: int = 256
+    # largest micro-batch a device holds; gradient accumulation makes up the rest. null: no accumulation.
+    max_device_batch_size: int | None = None
+    # AdamW (paper section 4.1).
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    # LlamaGen decays every weight with >= 2 dims, embedding tables included; false exempts embeddings too.
+    decay_embeddings: bool = True
+    # linear warm-up from 0 over this many steps, then constant (the paper: 0, constant throughout).
+    warmup_steps: int = 0
+    # gradient clipping by global norm.
+    max_grad_norm: float = 1.0
+    # bf16: autocast to bfloat16, weights and optimizer in fp32; no: fp32 throughout.
+    mixed_precision: str = field(default="bf16", metadata={"choices": ("no", "bf16")})
+    # keep an exponential moving average of the weights (saved as ema.safetensors).
+    ema: bool = False
+    ema_decay: float = 0.9999
+    # torch.compile the model (CUDA; the first steps are slow while it compiles).
+    compile: bool = False
+    global_seed: int = 0
+    # log loss and throughput every N steps (metrics.jsonl, progress bar, trackers).
+    log_every: int = 100
+    # validation NLL every N epochs (needs data.val_store or data.val_holdout).
+    val_every: int = 1
+    # checkpoint every N epochs (and after the last).
+    ckpt_every: int = 1
+    # rewrite checkpoints/latest/ every N steps, so a killed run loses at most N steps (0: off).
+    ckpt_every_steps: int = 5000
+    # keep the newest K epoch checkpoints (0: all) and every epoch divisible by M.
+    keep_last: int = 0
+    keep_every: int = 0
+    # accelerate trackers, if installed: [tensorboard], [wandb] or both.
+    trackers: list[str] = field(default_factory=list)
+
+
+def split_global_batch(global_batch: int, processes: int, max_device_batch: int | None) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps) with processes * micro * accumulation = global batch."""
+    if global_batch < 1 or global_batch % processes:
+        raise UserError(f"train.global_batch_size={global_batch} is not a positive multiple of {processes} processes")
+    per_process = global_batch // processes
+    limit = per_process if max_device_batch is None else max_device_batch
+    if limit < 1:
+        raise UserError(f"train.max_device_batch_size must be >= 1, got {max_device_batch}")
+    accumulation = next(a for a in range(1, per_process + 1) if per_process % a == 0 and per_process // a <= limit)
+    return per_process // accumulation, accumulation
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with LlamaGen's grouping: weight decay on weights with >= 2 dims, none on norms and biases."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            exempt = p.dim() < 2 or (not cfg.decay_embeddings and id(p) in embeddings)
+            (no_decay if exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+class EMA:
+    """An fp32 exponential moving average of a model's parameters (LlamaGen's ``--ema``)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(list(self.model.parameters()), [p.float() for p in model.parameters()], 1 - self.decay)
+
+
+def forward_loss(model: nn.Module, batch: PackedBatch, conditional: bool) -> Tensor:
+    """Mean next-token cross-entropy (nats per token) of a DPAR (patched batch) or GPT model."""
+    labels = batch.labels if conditional else None
+    if batch.patch_start is None:
+        _, loss = model(batch.tokens[:, :-1], labels, targets=batch.tokens)
+    else:
+        _, loss = model(batch.tokens, labels, batch.patch_start, targets=batch.tokens, layout=batch.layout)
+    return loss
+
+
+def open_store(path: str, model: ModelConfig, key: str) -> TokenStore:
+    """The token store at ``path``, checked against the model it will train."""
+    store = TokenStore(path)
+    grid = model.image_size // model.downsample_size
+    if store.grid != grid:
+        raise UserError(f"{key} {path} holds {store.grid}x{store.grid} tokens per image, the model expects "
+                        f"{grid}x{grid} (model.image_size {model.image_size} / downsample_size {model.downsample_size})")
+    if store.codebook_size != model.vocab_size:
+        raise UserError(f"{key} {path} has a codebook of {store.codebook_size} codes, model.vocab_size is "
+                        f"{model.vocab_size}")
+    if model.model_type == "c2i" and store.num_classes > model.num_classes:
+        raise UserError(f"{key} {path} has {store.num_classes} classes, model.num_classes is {model.num_classes}")
+    return store
+
+
+def check_entropy_source(config: DictConfig, store: TokenStore, key: str = "data.store") -> None:
+    """The store's entropies must come from the entropy model ``patcher`` names; fills in its config path."""
+    patcher = config.patcher
+    if not patcher.entropy_model_checkpoint:
+        raise UserError("patcher.mode 'entropy' needs patcher.entropy_model_checkpoint (the entropy model whose "
+                        "entropies the token store holds)")
+    checkpoint = Path(patcher.entropy_model_checkpoint)
+    if not checkpoint.is_file():
+        raise UserError(f"patcher.entropy_model_checkpoint not found: {checkpoint}")
+    if not patcher.entropy_model_checkpoint_config:
+        experiment = experiment_of(checkpoint)
+        if experiment is None:
+            raise UserError(f"patcher.entropy_model_checkpoint {checkpoint} is not inside an experiment dir; "
+                            "also set patcher.entropy_model_checkpoint_config")
+        patcher.entropy_model_checkpoint_config = str(experiment / CONFIG_FILE)
+    if not Path(patcher.entropy_model_checkpoint_config).is_file():
+        raise UserError(f"patcher.entropy_model_checkpoint_config not found: {patcher.entropy_model_checkpoint_config}")
+    store.require_entropies()
+    recorded = store.meta["entropies"]["model"]
+    if file_sha256(checkpoint) != recorded["sha256"]:
+        raise UserError(f"{key} {store.path} holds the entropies of {recorded['checkpoint']}, not of "
+                        f"patcher.entropy_model_checkpoint {checkpoint}; point the config at that model or rerun "
+                        "preprocess_tokens.py --stage entropies --overwrite with this one")
+
+
+class Trainer:
+    """Sets up a run (experiment dir, data, model, optimizer, resume) and trains it with :meth:`fit`."""
+
+    def __init__(self, config: DictConfig, *, patcher: PatcherConfig | None, run_name: str, prod: bool,
+                 resume: str | None):
+        model_config: ModelConfig = OmegaConf.to_object(config.model)
+        data: DataConfig = OmegaConf.to_object(config.data)
+        cfg: TrainConfig = OmegaConf.to_object(config.train)
+        self.cfg, self.model_config = cfg, model_config
+        self.conditional = model_config.model_type == "c2i"
+        _check_trackers(cfg.trackers)
+        # trackers log under <experiment>/logs, set once the experiment dir is known
+        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.trackers or None,
+                                             project_dir=cfg.results_dir)
+        self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        launched = int(os.environ.get("WORLD_SIZE", 1))
+        if launched != self.world:  # each process would train alone, all writing the same run
+            raise UserError(f"{launched} processes were launched but accelerate sees {self.world}; on CPUs set "
+                            "ACCELERATE_USE_CPU=1 (e.g. ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 ...)")
+        self.micro_batch, self.accumulation = split_global_batch(cfg.global_batch_size, self.world,
+                                                                 cfg.max_device_batch_size)
+
+        store = open_store(data.store, model_config, "data.store")
+        entropies = patcher is not None and patcher.mode == "entropy"
+        if entropies:
+            check_entropy_source(config, store)
+        self.collate = PackedCollate(patcher, store.grid)
+        self.train_set, self.val_set = _datasets(store, data, model_config, entropies, cfg.global_seed)
+        if entropies and self.val_set is not None and self.val_set.store is not store:
+            check_entropy_source(config, self.val_set.store, "data.val_store")
+        self.steps_per_epoch = len(self.train_set) // cfg.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"data.store {data.store} has {len(self.train_set)} training images, fewer than "
+                            f"train.global_batch_size={cfg.global_batch_size}")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.num_workers = data.num_workers
+
+        run = [resolve_run(cfg.results_dir, run_name, prod, resume)] if acc.is_main_process else [None]
+        self.experiment, resume_from = broadcast_object_list(run)[0]
+        if acc.is_main_process:
+            _write_config(config, self.experiment, resume_from is not None)
+        acc.wait_for_everyone()
+
+        torch.manual_seed(cfg.global_seed)
+        model = create_model(model_config).to(self.device)
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema else None
+        optimizer = build_optimizer(model, cfg, fused=self.device.type == "cuda")
+        warmup = cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        self.step, self.images_seen, self.positions_seen, self.epoch_loss = 0, 0, 0, [0.0, 0]
+        if resume_from is not None:
+            self._load(resume_from, model, optimizer)
+        if acc.is_main_process:  # a killed run may have logged past its checkpoint, or before any checkpoint
+            _truncate_metrics(self.experiment / METRICS_FILE, self.step)
+        self.raw_model = model
+        if cfg.compile:
+            model = torch.compile(model, dynamic=is_dpar(model_config.gpt_model))
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if cfg.trackers:
+            acc.project_configuration.logging_dir = str(self.experiment / "logs")
+            flat = _flat(OmegaConf.to_container(config, resolve=True))
+            acc.init_trackers(run_name, config={k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                                                for k, v in flat.items()})
+        self._reset_interval()
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def fit(self) -> Path:
+        """Train until ``train.epochs`` (or ``train.max_steps``); returns the experiment dir."""
+        cfg, acc = self.cfg, self.accelerator
+        params = sum(p.numel() for p in self.raw_model.parameters())
+        acc.print(f"{self.model_config.gpt_model}: {params:,} parameters; {len(self.train_set):,} training images, "
+                  f"{self.steps_per_epoch} steps per epoch; global batch {cfg.global_batch_size} = {self.world} "
+                  f"process(es) x micro-batch {self.micro_batch} x {self.accumulation} accumulation step(s); "
+                  f"writing to {self.experiment}")
+        while self.step < self.total_steps:
+            epoch, first_step = divmod(self.step, self.steps_per_epoch)
+            self._train_epoch(epoch, first_step)
+            if self.step % self.steps_per_epoch:  # stopped by train.max_steps inside an epoch
+                self._save(epoch, end_of_epoch=False)
+                break
+            self._end_epoch(epoch)
+        acc.end_training()
+        acc.print(f"done: {self.experiment}")
+        return self.experiment
+
+    def _train_epoch(self, epoch: int, first_step: int) -> None:
+        cfg = self.cfg
+        self.train_set.set_epoch(epoch)
+        sampler = StepBatches(len(self.train_set), global_batch=cfg.global_batch_size, micro_batch=self.micro_batch,
+                              accumulation=self.accumulation, rank=self.rank, seed=cfg.global_seed, epoch=epoch,
+                              first_step=first_step)
+        micro_batches = iter(DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate,
+                                        num_workers=self.num_workers))
+        last_step = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+        if first_step == 0:
+            self.epoch_loss = [0.0, 0]
+        self._reset_interval()  # throughput counts training steps, not the validation and saving before them
+        with tqdm(total=last_step, initial=first_step, desc=f"epoch {epoch}", unit="step",
+                  disable=not self.accelerator.is_local_main_process) as bar:
+            for step_in_epoch in range(first_step, last_step):
+                self._train_step([next(micro_batches) for _ in range(self.accumulation)])
+                bar.update()
+                if self.step % cfg.log_every == 0:
+                    self._log(epoch, bar)
+                if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and step_in_epoch + 1 < last_step:
+                    self._save(epoch, end_of_epoch=False)
+
+    def _train_step(self, micro_batches: list[PackedBatch]) -> None:
+        acc = self.accelerator
+        torch.manual_seed(self.cfg.global_seed * 1_000_003 + self.step * 1009 + self.rank)
+        self.model.train()
+        for k, batch in enumerate(micro_batches):
+            self.interval_positions += batch.positions
+            batch = batch.to(self.device)
+            with nullcontext() if k == len(micro_batches) - 1 else acc.no_sync(self.model):
+                with acc.autocast():
+                    loss = forward_loss(self.model, batch, self.conditional)
+                acc.backward(loss / len(micro_batches))
+            self.interval_loss += loss.detach().float()
+        self.interval_grad_norm += acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm).float()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.raw_model)
+        self.step += 1
+        self.interval_steps += 1
+
+    def _end_epoch(self, epoch: int) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self._log(epoch, None)
+        last = self.step >= self.total_steps
+        summary = {"epoch_summary": True, "epoch": epoch, "step": self.step,
+                   "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
+                   "tokens_per_patch": self._tokens_per_patch(), "images_seen": self.images_seen}
+        if self.val_set is not None and ((epoch + 1) % cfg.val_every == 0 or last):
+            summary["val_nll"] = self.validation_nll()
+        if acc.is_main_process:
+            summary["forward_linear_gmacs_per_sample"] = self._forward_gmacs()
+            append_metrics(self.experiment, summary)
+            acc.log({k: v for k, v in summary.items() if k != "epoch_summary"}, step=self.step)
+            val = f", val NLL {summary['val_nll']:.4f}" if "val_nll" in summary else ""
+            acc.print(f"epoch {epoch}: train loss {summary['train_loss']:.4f}{val}, "
+                      f"{summary['tokens_per_patch']:.2f} tokens/patch, "
+                      f"{summary['forward_linear_gmacs_per_sample']:.3f} forward linear GMACs/sample")
+        if (epoch + 1) % cfg.ckpt_every == 0 or last:
+            self._save(epoch, end_of_epoch=True)
+
+    # -- metrics ----------------------------------------------------------------------------------------------
+
+    def _reset_interval(self) -> None:
+        self.interval_loss = torch.zeros((), device=self.device)
+        self.interval_grad_norm = torch.zeros((), device=self.device)
+        self.interval_positions, self.interval_steps, self.interval_start = 0, 0, time.perf_counter()
+
+    def _log(self, epoch: int, bar: tqdm | None) -> None:
+        """Reduce the steps since the last log over processes; stop on a non-finite loss."""
+        if self.interval_steps == 0:
+            return
+        acc, steps = self.accelerator, self.interval_steps
+        totals = acc.reduce(torch.stack([self.interval_loss, self.interval_grad_norm,
+                                         torch.tensor(float(self.interval_positions), device=self.device)]), "sum")
+        loss = float(totals[0]) / (steps * self.accumulation * self.world)
+        grad_norm = float(totals[1]) / (steps * self.world)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # NaN gradients poison the weights a step later
+            raise UserError(f"training loss is {loss} (gradient norm {grad_norm}) at step {self.step}; stopped, the "
+                            f"last good checkpoint in {self.experiment / 'checkpoints'} is intact")
+        seconds = time.perf_counter() - self.interval_start
+        images = steps * self.cfg.global_batch_size
+        tokens, positions = images * self.train_set.store.num_tokens, int(totals[2])
+        self.images_seen += images
+        self.positions_seen += positions
+        self.epoch_loss = [self.epoch_loss[0] + loss * steps, self.epoch_loss[1] + steps]
+        record = {"step": self.step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm,
+                  "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds,
+                  "patches_per_s": positions / seconds, "tokens_per_patch": tokens / positions,
+                  "images_per_s": images / seconds}
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                            patch_s=f"{record['patches_per_s']:,.0f}", tok_patch=f"{record['tokens_per_patch']:.2f}")
+        if acc.is_main_process:
+            append_metrics(self.experiment, record)
+            acc.log(record, step=self.step)
+        self._reset_interval()
+
+    def _tokens_per_patch(self) -> float:
+        return self.images_seen * self.train_set.store.num_tokens / max(self.positions_seen, 1)
+
+    def _forward_gmacs(self) -> float:
+        """Mean forward linear GMACs per sample over the run so far (paper section 4.3), from dpar.flops."""
+        m = self.model_config
+        return count(m.gpt_model, m.image_size, self._tokens_per_patch(), m.downsample_size, m.vocab_size,
+                     m.num_classes)["linear_gmacs"]
+
+    @torch.no_grad()
+    def validation_nll(self) -> float:
+        """Mean NLL per token (nats) of the validation images, over all processes."""
+        model = self.raw_model.eval()
+        shard = torch.utils.data.Subset(self.val_set, range(self.rank, len(self.val_set), self.world))
+        loader = DataLoader(shard, batch_size=self.micro_batch, collate_fn=self.collate, num_workers=self.num_workers)
+        totals = torch.zeros(2, device=self.device)
+        for batch in tqdm(loader, desc="validation", unit="batch", leave=False,
+                          disable=not self.accelerator.is_local_main_process):
+            batch = batch.to(self.device)
+            with self.accelerator.autocast():
+                loss = forward_loss(model, batch, self.conditional)
+            totals += torch.stack([loss.float() * batch.tokens.numel(), totals.new_tensor(batch.tokens.numel())])
+        totals = self.accelerator.reduce(totals, "sum")
+        return float(totals[0] / totals[1])
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def _save(self, epoch: int, end_of_epoch: bool) -> None:
+        acc = self.accelerator
+        self._log(epoch, None)  # also the non-finite check: never save a diverged model
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": self.step, "steps_per_epoch": self.steps_per_epoch, "images_seen": self.images_seen,
+                     "positions_seen": self.positions_seen, "epoch_loss": self.epoch_loss, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict()}
+            weights = self.raw_model.state_dict()
+            ema = None if self.ema is None else self.ema.model.state_dict()
+            if end_of_epoch:
+                save_checkpoint(self.experiment, epoch, weights, state, self.cfg.keep_last, self.cfg.keep_every,
+                                ema_state=ema, step=self.step)
+            else:
+                save_step_checkpoint(self.experiment, epoch, self.step, weights, state, ema_state=ema)
+        acc.wait_for_everyone()
+
+    def _load(self, checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        state = load_torch_file(checkpoint / STATE_FILE)
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise UserError(f"{checkpoint} was trained with {state['steps_per_epoch']} steps per epoch, this run has "
+                            f"{self.steps_per_epoch}: the training images or train.global_batch_size changed")
+        load_model_weights(model, checkpoint / MODEL_FILE)
+        if self.ema is not None:
+            if not (checkpoint / EMA_FILE).is_file():
+                raise UserError(f"train.ema is on but {checkpoint} has no {EMA_FILE}")
+            load_model_weights(self.ema.model, checkpoint / EMA_FILE)
+        optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.images_seen, self.positions_seen = state["step"], state["images_seen"], state["positions_seen"]
+        self.epoch_loss = state["epoch_loss"]
+        self.accelerator.print(f"resuming {self.experiment} from {checkpoint.name} at step {self.step}")
+
+
+def train(config: DictConfig, *, patcher: PatcherConfig | None, run_name: str, prod: bool,
+          resume: str | None) -> Path:
+    """Build a :class:`Trainer` for ``config`` and run it; returns the experiment dir."""
+    return Trainer(config, patcher=patcher, run_name=run_name, prod=prod, resume=resume).fit()
+
+
+def _datasets(store: TokenStore, data: DataConfig, model: ModelConfig, entropies: bool,
+              seed: int) -> tuple[TokenDataset, TokenDataset | None]:
+    if data.val_store is not None:
+        val_store = open_store(data.val_store, model, "data.val_store")
+        return TokenDataset(store, entropies, seed), TokenDataset(val_store, entropies, view=0)
+    if not 0 <= data.val_holdout < len(store):
+        raise UserError(f"data.val_holdout={data.val_holdout} must lie in [0, {len(store)}) for data.store {store.path}")
+    train_images = range(len(store) - data.val_holdout)
+    val = None
+    if data.val_holdout:
+        val = TokenDataset(store, entropies, images=range(len(train_images), len(store)), view=0)
+    return TokenDataset(store, entropies, seed, images=train_images), val
+
+
+def _write_config(config: DictConfig, experiment: Path, resuming: bool) -> None:
+    """Save the resolved config; a resumed run may change only :data:`RESUMABLE_KEYS`."""
+    path = experiment / CONFIG_FILE
+    if resuming and path.is_file():
+        saved = _flat(OmegaConf.to_container(load_config(OmegaConf.get_type(config), path), resolve=True))
+        for key, value in _flat(OmegaConf.to_container(config, resolve=True)).items():
+            if key not in RESUMABLE_KEYS and saved.get(key) != value:
+                raise UserError(f"{path} was started with {key}={saved.get(key)!r}, this run has {value!r}; resume "
+                                "with the same settings or start a new run (e.g. another --train.experiment_name)")
+    save_config(config, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records logged after ``step`` (by a killed run), so the log reads as one run."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(path, "".join(kept))
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_trackers(trackers: list[str]) -> None:
+    for name in trackers:
+        if name not in TRACKERS:
+            raise UserError(f"train.trackers: unknown tracker {name!r}; valid: {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise UserError(f"train.trackers asks for {name}, which is not installed (pip install {name})")

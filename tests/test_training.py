@@ -1,0 +1,285 @@
+"""Training: every patching mode and the GPT baseline learn, resume is exact, DDP equals one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+import train_entropy_model
+import train_global_model
+from dpar.data.dataset import StepBatches
+from dpar.errors import UserError
+from dpar.experiment import checkpoint_step, list_checkpoints, resume_checkpoint, save_checkpoint
+from dpar.models import ModelConfig, create_model
+from dpar.training import build_optimizer, split_global_batch, TrainConfig
+from tests.helpers import write_token_store
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID, VOCAB, CLASSES, IMAGES, VIEWS = 4, 48, 4, 64, 2
+N = GRID * GRID
+
+
+def structured_tokens(seed: int = 0):
+    """Class-dependent runs of equal tokens with 10% noise: learnable, and with a real entropy signal."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, IMAGES)
+    base = (labels[:, None, None] * 11 + np.arange(N)[None, None, :] // 2) % VOCAB
+    noise = rng.random((IMAGES, VIEWS, N)) < 0.1
+    tokens = np.where(noise, rng.integers(0, VOCAB, (IMAGES, VIEWS, N)), base)
+    entropies = rng.uniform(0, 6, (IMAGES, VIEWS, N))
+    entropies[..., 0] = np.inf
+    return tokens, labels, entropies
+
+
+def fake_entropy_model(root: Path, seed: int) -> Path:
+    """An entropy-model experiment dir (config.yaml + checkpoint) whose checkpoint a store can name."""
+    config = ModelConfig(gpt_model="GPT-tiny", model_type="uncond", image_size=4 * GRID, downsample_size=4,
+                         vocab_size=VOCAB, num_classes=CLASSES)
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(OmegaConf.to_yaml({"model": asdict(config)}))
+    torch.manual_seed(seed)
+    return save_checkpoint(root, 0, create_model(config).state_dict()) / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    entropy_ckpt = fake_entropy_model(root / "entropy_run", seed=0)
+    other_ckpt = fake_entropy_model(root / "other_entropy_run", seed=1)
+    tokens, labels, entropies = structured_tokens()
+    store = write_token_store(root / "store", tokens, labels, codebook_size=VOCAB, num_classes=CLASSES,
+                              entropies=entropies, entropy_checkpoint=entropy_ckpt, shard_size=24)
+    return root, store, entropy_ckpt, other_ckpt
+
+
+def global_args(setup, results, config="configs/tiny/global_model_entropy_row_break.yaml", *extra):
+    root, store, entropy_ckpt, _ = setup
+    return ["--config", str(ROOT / config), "model.image_size=16", "model.downsample_size=4",
+            f"model.vocab_size={VOCAB}", f"model.num_classes={CLASSES}", f"data.store={store}",
+            "data.val_holdout=16", f"train.results_dir={results}", "train.epochs=3", "train.global_batch_size=8",
+            "train.log_every=1", f"patcher.entropy_model_checkpoint={entropy_ckpt}", *extra]
+
+
+def only_run(results: Path) -> Path:
+    runs = [p for p in (results / "scratch").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "epoch_summary" not in r], [r for r in records if "epoch_summary" in r]
+
+
+@pytest.mark.parametrize("config,overrides", [
+    ("configs/tiny/global_model_entropy_row_break.yaml", []),
+    ("configs/tiny/global_model_entropy_row_break.yaml", ["patcher.mode=static", "patcher.static_length=2"]),
+    ("configs/tiny/global_model_entropy_row_break.yaml", ["patcher.mode=token"]),
+    ("configs/tiny/gpt_baseline.yaml", []),
+])
+def test_each_mode_learns(setup, tmp_path, config, overrides):
+    train_global_model.main(global_args(setup, tmp_path, config, "train.lr=3e-3", *overrides))
+    run = only_run(tmp_path)
+    steps, epochs = metrics(run)
+    assert len(steps) == 3 * 6 and [r["step"] for r in steps] == list(range(1, 19))
+    assert np.mean([r["loss"] for r in steps[-3:]]) < np.mean([r["loss"] for r in steps[:3]]) - 0.3
+    assert epochs[-1]["val_nll"] < epochs[0]["val_nll"]
+    tokens_per_patch = epochs[-1]["tokens_per_patch"]
+    mode = "gpt" if "gpt" in config else (overrides[0].split("=")[1] if overrides else "entropy")
+    expected = {"gpt": 1.0, "token": 1.0, "static": 2.0}.get(mode)
+    if expected is None:  # entropy patching of uniform(0, 6) entropies at theta 4 with P 4 and row breaks
+        assert 1.2 < tokens_per_patch < 2.0
+    else:
+        assert tokens_per_patch == pytest.approx(expected)
+    assert epochs[-1]["forward_linear_gmacs_per_sample"] > 0
+    assert [epoch for epoch, _ in list_checkpoints(run)] == [0, 1, 2]
+    if mode == "entropy":  # the entropy model's config is found next to its checkpoint and recorded
+        saved = OmegaConf.load(run / "config.yaml")
+        assert saved.patcher.entropy_model_checkpoint_config == str(setup[2].parents[2] / "config.yaml")
+
+
+def test_dpar_costs_fewer_gmacs_than_token_level(setup, tmp_path):
+    gmacs = {}
+    for mode in ("entropy", "token"):
+        results = tmp_path / mode
+        train_global_model.main(global_args(setup, results, "configs/tiny/global_model_entropy_row_break.yaml",
+                                            f"patcher.mode={mode}", "train.epochs=1"))
+        gmacs[mode] = metrics(only_run(results))[1][-1]["forward_linear_gmacs_per_sample"]
+    assert gmacs["entropy"] < 0.9 * gmacs["token"]
+
+
+def test_entropy_model_reports_validation_nll(setup, tmp_path):
+    _, store, _, _ = setup
+    train_entropy_model.main(["--config", str(ROOT / "configs/tiny/entropy_model.yaml"), "model.image_size=16",
+                              "model.downsample_size=4", f"model.vocab_size={VOCAB}", f"data.store={store}",
+                              "data.val_holdout=16", f"train.results_dir={tmp_path}", "train.epochs=3",
+                              "train.global_batch_size=8", "train.lr=3e-3", "train.log_every=3"])
+    run = only_run(tmp_path)
+    _, epochs = metrics(run)
+    nll = [e["val_nll"] for e in epochs]
+    assert nll[-1] < nll[0] < np.log(VOCAB) + 0.1  # starts near uniform over the codebook, then falls
+    assert epochs[-1]["tokens_per_patch"] == 1.0
+    assert run.parent.name == "entropy_model"
+
+
+def test_global_batch_splits_into_processes_and_micro_batches():
+    assert split_global_batch(256, 8, None) == (32, 1)
+    assert split_global_batch(256, 8, 12) == (8, 4)
+    assert split_global_batch(8, 1, 4) == (4, 2)
+    with pytest.raises(UserError, match="global_batch_size=10 is not a positive multiple of 4"):
+        split_global_batch(10, 4, None)
+
+
+def test_every_split_of_a_step_trains_on_the_same_images():
+    def step_images(world, micro, accumulation):
+        per_rank = [list(StepBatches(40, global_batch=8, micro_batch=micro, accumulation=accumulation, rank=r,
+                                     seed=3, epoch=1, first_step=2)) for r in range(world)]
+        return [sorted(i for r in range(world) for b in per_rank[r][s * accumulation:(s + 1) * accumulation]
+                       for i in b) for s in range(3)]
+    single = step_images(1, 8, 1)
+    assert step_images(2, 4, 1) == single == step_images(2, 2, 2) == step_images(1, 2, 4)
+    assert len({i for step in single for i in step}) == 24  # no image twice within an epoch
+
+
+def test_optimizer_groups_follow_llamagen():
+    model = create_model(ModelConfig(gpt_model="GPT-tiny", image_size=16, downsample_size=4, vocab_size=VOCAB))
+    groups = build_optimizer(model, TrainConfig()).param_groups
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert id(model.tok_embeddings.weight) in decayed and id(model.norm.weight) not in decayed
+    exempt = build_optimizer(model, TrainConfig(decay_embeddings=False)).param_groups[0]["params"]
+    assert id(model.tok_embeddings.weight) not in {id(p) for p in exempt}
+
+
+def run_script(args: list[str], **env) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    return out
+
+
+def test_killed_run_resumes_to_identical_weights(setup, tmp_path):
+    # dropout, class dropout and EMA on: resume must restore the RNG stream and the EMA, not only weights
+    extra = ["train.epochs=4", "train.global_batch_size=4", "train.ckpt_every_steps=5", "train.ema=true",
+             "train.ema_decay=0.9", "model.dropout_p=0.1", "model.token_dropout_p=0.1", "train.log_every=2"]
+    script = [sys.executable, "train_global_model.py"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    finish(run_script(script + global_args(setup, straight, "configs/tiny/global_model_entropy_row_break.yaml", *extra)))
+
+    proc = run_script(script + global_args(setup, killed, "configs/tiny/global_model_entropy_row_break.yaml", *extra))
+    deadline = time.time() + 120
+    while not list(killed.glob("scratch/*/*/checkpoints/latest/model.safetensors")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before a mid-epoch checkpoint"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = only_run(killed)
+    point = resume_checkpoint(run)
+    killed_at = checkpoint_step(point)
+    assert point.name == "latest" and killed_at % 12 != 0  # 48 images / batch 4 = 12 steps per epoch
+    assert not (run / "checkpoints" / "epoch_00000003").exists()
+
+    out = finish(run_script(script + global_args(setup, killed, "configs/tiny/global_model_entropy_row_break.yaml",
+                                                 *extra) + ["--resume", str(run)]))
+    assert f"from latest at step {killed_at}" in out
+    final = run / "checkpoints" / "epoch_00000003"
+    reference = only_run(straight) / "checkpoints" / "epoch_00000003"
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(reference / name), load_file(final / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    steps, _ = metrics(run)
+    assert [r["step"] for r in steps] == [r["step"] for r in metrics(only_run(straight))[0]]  # no step logged twice
+    assert not (run / "checkpoints" / "latest").exists()
+
+
+def test_two_process_ddp_matches_one_process(setup, tmp_path):
+    # no dropout: two processes draw different dropout masks than one would
+    extra = ["train.epochs=1", "train.max_device_batch_size=4", "model.dropout_p=0", "model.token_dropout_p=0",
+             "model.class_dropout_prob=0", "train.ema=true", "train.ema_decay=0.5"]
+    config = "configs/tiny/global_model_entropy_row_break.yaml"
+    single, double = tmp_path / "one", tmp_path / "two"
+    one = run_script([sys.executable, "train_global_model.py"] + global_args(setup, single, config, *extra))
+    finish(one)
+    # accelerate's Accelerator runs DDP over gloo when torchrun starts the processes with ACCELERATE_USE_CPU
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = finish(run_script(launch + ["train_global_model.py"] + global_args(setup, double, config, *extra),
+                            ACCELERATE_USE_CPU="1"))
+    assert "2 process(es) x micro-batch 4 x 1 accumulation" in out
+    a = load_file(only_run(single) / "checkpoints" / "epoch_00000000" / "model.safetensors")
+    b = load_file(only_run(double) / "checkpoints" / "epoch_00000000" / "model.safetensors")
+    moved = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert moved < 1e-5
+    start = create_model(ModelConfig(gpt_model="DGPT-tiny", image_size=16, downsample_size=4, vocab_size=VOCAB,
+                                     num_classes=CLASSES, class_dropout_prob=0))
+    assert any(not torch.allclose(a[k], v) for k, v in start.state_dict().items())  # training did change the weights
+
+
+def one_line_error(args: list[str], after_progress: bool = False) -> str:
+    proc = subprocess.run([sys.executable, "train_global_model.py", *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr.splitlines()[-1] + "\n" if after_progress else proc.stderr  # after the progress bar's lines
+    assert message.startswith("error: ") and message.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return message
+
+
+def test_config_errors_are_one_line(setup, tmp_path):
+    _, _, _, other_ckpt = setup
+    assert "'train.epochz'" in one_line_error(global_args(setup, tmp_path) + ["train.epochz=3"])
+    assert "holds the entropies of" in one_line_error(
+        global_args(setup, tmp_path) + [f"patcher.entropy_model_checkpoint={other_ckpt}"])
+    assert "no token store at" in one_line_error(global_args(setup, tmp_path) + [f"data.store={tmp_path / 'none'}"])
+    assert "needs patcher.entropy_model_checkpoint" in one_line_error(
+        global_args(setup, tmp_path) + ["patcher.entropy_model_checkpoint=null"])
+    assert "model.vocab_size is 99" in one_line_error(global_args(setup, tmp_path) + ["model.vocab_size=99"])
+    assert "unknown tracker 'nope'" in one_line_error(global_args(setup, tmp_path) + ["train.trackers=[nope]"])
+    assert "training loss is nan" in one_line_error(global_args(setup, tmp_path) + ["train.lr=1e30"], True)
+    assert not list(tmp_path.glob("scratch/*/*/checkpoints/*"))  # nothing saved from a diverged model
+
+
+def test_resume_refuses_changed_settings(setup, tmp_path):
+    train_global_model.main(global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                                        "train.epochs=1"))
+    run = only_run(tmp_path)
+    with pytest.raises(UserError, match="was started with train.lr=0.001, this run has 0.002"):
+        train_global_model.main(global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                                            "train.epochs=2", "train.lr=2e-3") + ["--resume", str(run)])
+    train_global_model.main(global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                                        "train.epochs=2") + ["--resume", str(run)])
+    assert [epoch for epoch, _ in list_checkpoints(run)] == [0, 1]
+
+
+def test_tensorboard_tracker_logs_into_the_run(setup, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    train_global_model.main(global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                                        "train.epochs=1", "train.trackers=[tensorboard]"))
+    events = sorted((only_run(tmp_path) / "logs").rglob("events.out.tfevents.*"))
+    scalars = set()
+    for path in events:
+        accumulator = event_accumulator.EventAccumulator(str(path))
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+    assert {"loss", "tokens_per_s", "val_nll"} <= scalars
+
+
+@pytest.mark.slow  # about 80 s on 2 CPU cores, nearly all of it compiling
+def test_compiled_model_trains_like_the_eager_one(setup, tmp_path):
+    losses = {}
+    for compiled in (False, True):
+        results = tmp_path / str(compiled)
+        train_global_model.main(global_args(setup, results, "configs/tiny/global_model_entropy_row_break.yaml",
+                                            "train.max_steps=3", f"train.compile={compiled}"))
+        losses[compiled] = [r["loss"] for r in metrics(only_run(results))[0]]
+    assert len(losses[True]) == 3 and np.allclose(losses[True], losses[False], rtol=1e-4)
