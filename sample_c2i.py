@@ -1,12 +1,54 @@
-"""Sample a grid of images and a patch-boundary map from an experiment directory.
+r"""Sample a class grid and a patch-boundary map from a training run.
 
-Not implemented yet: arrives with issue 6.
+    python sample_c2i.py --experiment_dir results/global_model_entropy_row_break/20250820_13 --output-dir samples
+    python sample_c2i.py --experiment_dir <run> --classes 207 360 387 974 --cfg-scale 4.0 --threshold 8.0
+
+Writes ``<output-dir>/<sample name>.png`` (one row per class) and, for DPAR, ``<sample name>_patches.png``:
+the same images tinted by patch length (red = 1 token ... blue = 7+) with a dark line where each patch
+starts. Prints tokens per patch and seconds per image.
 """
-from dpar.errors import UserError, run_main
+import argparse
+import time
+
+import torch
+
+from dpar.errors import run_main
+from dpar.sampling import Sampler, add_sampling_arguments, sample_file_stem, sampling_from_args
+from dpar.visual import image_grid, patch_map, save_png
+
+IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]  # LlamaGen's sample_c2i.py classes
 
 
-def main() -> None:
-    raise UserError("sample_c2i.py is not implemented yet (see issue 6)")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sampling_arguments(parser)
+    parser.add_argument("--classes", type=int, nargs="+", default=None,
+                        help="class ids, one grid row each (default: LlamaGen's 8 on ImageNet, else every class)")
+    parser.add_argument("--per-class", type=int, default=8, help="images per class")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    sampler = Sampler.from_experiment(args.experiment_dir, args.epoch, ema=args.ema, vq_checkpoint=args.vq_ckpt,
+                                      device=args.device, threshold=args.threshold,
+                                      max_patch_length=args.max_patch_length)
+    num_classes = sampler.model_config.num_classes
+    classes = args.classes or (IMAGENET_SHOWCASE if num_classes == 1000 else list(range(num_classes)))
+    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    seeds = args.seed * 1_000_003 + torch.arange(len(labels))
+    started = time.perf_counter()
+    images, out = sampler.sample(labels.to(args.device), seeds, sampling_from_args(args))
+    seconds = time.perf_counter() - started
+
+    stem = sample_file_stem(sampler.epoch, sampling_from_args(args), args.seed, args.threshold, args.max_patch_length)
+    grid_path = save_png(image_grid(images, nrow=args.per_class), f"{args.output_dir}/{stem}.png")
+    print(f"{len(labels)} images of {len(classes)} classes in {seconds:.1f} s ({seconds / len(labels):.3f} s/image) "
+          f"-> {grid_path}")
+    if sampler.patcher is not None:
+        maps = patch_map(images, out.patch_start, sampler.grid)
+        map_path = save_png(image_grid(maps, nrow=args.per_class), f"{args.output_dir}/{stem}_patches.png")
+        tokens_per_patch = out.tokens.numel() / float(out.global_steps.sum())
+        print(f"{tokens_per_patch:.2f} tokens per patch, {out.global_steps.float().mean():.1f} global steps per image "
+              f"-> {map_path}")
 
 
 if __name__ == "__main__":

@@ -74,14 +74,18 @@ def patch_start_mask(entropies: Tensor, *, grid_width: int, threshold: float,
     return _cap(forced, max_patch_length)
 
 
+def _static_period(patch_length: int, max_patch_length: int | None) -> int:
+    _check_cap(max_patch_length)
+    if patch_length < 1:
+        raise ValueError(f"static patch length must be >= 1, got {patch_length}")
+    return patch_length if max_patch_length is None else min(patch_length, max_patch_length)
+
+
 def static_patch_start_mask(batch: int, num_tokens: int, *, grid_width: int, patch_length: int,
                             max_patch_length: int | None = None, row_break: bool = True,
                             device: torch.device | str | None = None) -> Tensor:
     """Fixed-length patches of ``patch_length`` tokens (restarting at row breaks, capped at P)."""
-    _check_cap(max_patch_length)
-    if patch_length < 1:
-        raise ValueError(f"static patch length must be >= 1, got {patch_length}")
-    period = patch_length if max_patch_length is None else min(patch_length, max_patch_length)
+    period = _static_period(patch_length, max_patch_length)
     positions = torch.arange(num_tokens, device=device)
     forced = forced_starts(None, positions, grid_width=grid_width, row_break=row_break)
     return _cap(forced, period).expand(batch, num_tokens).clone()
@@ -106,6 +110,35 @@ def patch_starts(config: PatcherConfig, entropies: Tensor, grid_width: int) -> T
     if config.mode == "token":
         return token_patch_start_mask(batch, num_tokens, device=entropies.device)
     raise ValueError(f"unknown patcher mode {config.mode!r}; valid: {', '.join(PATCH_MODES)}")
+
+
+def next_patch_start(config: PatcherConfig, entropy: Tensor | None, position: int, run_length: Tensor,
+                     grid_width: int) -> Tensor:
+    """Does token ``position`` start a patch, for each image? :func:`patch_starts` one step at a time.
+
+    ``entropy [B]`` is H_position (entropy mode only), ``run_length [B]`` the tokens already in each
+    image's open patch. Decided before x_position is sampled: the rule never looks at x_position.
+    """
+    positions = torch.full_like(run_length, position)
+    if config.mode == "token":
+        return torch.ones_like(run_length, dtype=torch.bool)
+    if config.mode == "entropy":
+        _check_cap(config.max_patch_length)
+        forced = forced_starts(entropy, positions, grid_width=grid_width, threshold=config.threshold,
+                               row_break=config.row_break)
+        period = config.max_patch_length
+    elif config.mode == "static":
+        forced = forced_starts(None, positions, grid_width=grid_width, row_break=config.row_break)
+        period = _static_period(config.static_length, config.max_patch_length)
+    else:
+        raise ValueError(f"unknown patcher mode {config.mode!r}; valid: {', '.join(PATCH_MODES)}")
+    return forced if period is None else forced | (run_length >= period)
+
+
+def logits_entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats, fp32) of the softmax of ``logits`` over the last dimension."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
 
 
 def patch_ids(mask: Tensor) -> Tensor:

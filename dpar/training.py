@@ -22,7 +22,6 @@ import copy
 import importlib.util
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -42,6 +40,7 @@ from .data.dataset import PackedBatch, PackedCollate, StepBatches, TokenDataset
 from .data.store import TokenStore, file_sha256
 from .errors import UserError
 from .fileio import atomic_write_text
+from .launch import make_accelerator
 from .experiment import (CONFIG_FILE, EMA_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, append_metrics, experiment_of,
                          load_model_weights, load_torch_file, resolve_run, save_checkpoint, save_step_checkpoint)
 from .flops import count
@@ -213,13 +212,9 @@ class Trainer:
         self.conditional = model_config.model_type == "c2i"
         _check_trackers(cfg.trackers)
         # trackers log under <experiment>/logs, set once the experiment dir is known
-        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.trackers or None,
-                                             project_dir=cfg.results_dir)
+        self.accelerator = acc = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.trackers or None,
+                                                  project_dir=cfg.results_dir)
         self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
-        launched = int(os.environ.get("WORLD_SIZE", 1))
-        if launched != self.world:  # each process would train alone, all writing the same run
-            raise UserError(f"{launched} processes were launched but accelerate sees {self.world}; on CPUs set "
-                            "ACCELERATE_USE_CPU=1 (e.g. ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 ...)")
         self.micro_batch, self.accumulation = split_global_batch(cfg.global_batch_size, self.world,
                                                                  cfg.max_device_batch_size)
 

@@ -1,4 +1,6 @@
 """Tiny models with random (non-zero) weights, so that every test can actually fail, and tiny data."""
+import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -96,3 +98,20 @@ def write_token_store(path, tokens, labels, *, codebook_size: int, num_classes: 
             write_array(shard_file(path, "entropies", k), np.asarray(entropies[lo:lo + shard_size], dtype=np.float16))
         preprocess.finish_entropies(path, meta)
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(args: list[str], **env):
+    """Start a script from the repository root. One thread per process: CPU matmul results can depend on
+    the thread count, and runs that are compared must compute alike."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc) -> str:
+    """Wait for a :func:`run_script` process; its stdout, or a failure showing its stderr."""
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    return out

@@ -1,6 +1,5 @@
 """Training: every patching mode and the GPT baseline learn, resume is exact, DDP equals one process."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from dpar.errors import UserError
 from dpar.experiment import checkpoint_step, list_checkpoints, resume_checkpoint, save_checkpoint
 from dpar.models import ModelConfig, create_model
 from dpar.training import build_optimizer, split_global_batch, TrainConfig
-from tests.helpers import write_token_store
+from tests.helpers import finish, run_script, write_token_store
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID, VOCAB, CLASSES, IMAGES, VIEWS = 4, 48, 4, 64, 2
@@ -160,15 +159,6 @@ def test_optimizer_groups_follow_llamagen():
     assert id(model.tok_embeddings.weight) not in {id(p) for p in exempt}
 
 
-def run_script(args: list[str], **env) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen) -> str:
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
-    return out
 
 
 def test_killed_run_resumes_to_identical_weights(setup, tmp_path):

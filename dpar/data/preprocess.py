@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from dpar.errors import UserError
 from dpar.fileio import atomic_write_text
+from dpar.patcher import logits_entropy
 from tokenizer.transforms import ImageError, image_views, open_rgb
 
 from .store import META_FILE, SHARDS, SKIPPED_FILE, read_meta, shard_file, write_array, write_json
@@ -174,8 +175,7 @@ def finish_entropies(store: Path, meta: dict[str, Any]) -> dict[str, Any]:
 def next_token_entropies(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Entropy (nats, fp32) of an unconditional GPT's prediction of each token; the first is +inf."""
     logits, _ = model(tokens[:, :-1], None)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    entropy = logits_entropy(logits)
     entropy[:, 0] = float("inf")
     return entropy
 

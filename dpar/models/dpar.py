@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from ..patcher import patch_lengths
 from .attention import BACKENDS, PackedSeqs, attend
-from .layers import FeedForward, ModelArgs, RMSNorm, TransformerBlock, class_embedder, init_weights
+from .layers import (FeedForward, ModelArgs, RMSNorm, TransformerBlock, attach_kv_caches, class_embedder,
+                     init_weights)
 from .rope import ROPE_MODES, grid_rope, patch_rope
 
 
@@ -145,17 +146,25 @@ class PatchEncoder(nn.Module):
         self.cross_layers = nn.ModuleList(PatchPoolingBlock(config) for _ in range(config.n_enc_layer))
 
     def forward(self, x: Tensor, rope: Tensor, layout: PatchLayout) -> tuple[Tensor, Tensor]:
-        offsets = torch.arange(layout.longest_patch, device=x.device)
-        valid = offsets < layout.patch_length[:, None]
-        slots = (layout.first_token[:, None] + offsets).clamp(max=x.shape[0] * x.shape[1] - 1)
-        patches = None
-        for block, cross in zip(self.layers, self.cross_layers):
+        states = []
+        for block in self.layers:
             x = block(x, rope)
-            tokens = x.reshape(-1, x.shape[-1])
-            if patches is None:  # initialise each patch by max-pooling its token states
-                patches = tokens[slots].masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
+            states.append(x.reshape(-1, x.shape[-1]))
+        return x, self.pool(states, layout.first_token, layout.patch_length, layout.longest_patch)
+
+    def pool(self, states: list[Tensor], first_token: Tensor, length: Tensor, longest: int) -> Tensor:
+        """Patch vectors ``[P, d]`` from the token states after each block (``[B*N, d]`` each, flat).
+
+        Patch p covers flat tokens ``first_token[p] .. first_token[p] + length[p] - 1``: max-pooled from
+        the first block's states, then refined by cross-attention to each block's states.
+        """
+        offsets = torch.arange(longest, device=first_token.device)
+        valid = offsets < length[:, None]
+        slots = (first_token[:, None] + offsets).clamp(max=states[0].shape[0] - 1)
+        patches = states[0][slots].masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
+        for tokens, cross in zip(states, self.cross_layers):
             patches = cross(patches, tokens, slots, valid)
-        return x, patches
+        return patches
 
 
 class PatchDecoder(nn.Module):
@@ -235,6 +244,63 @@ class DPAR(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+
+    # -- one token at a time, with KV caches (used by dpar/sampling.py) ------------------------------------------
+
+    def setup_caches(self, max_batch_size: int, dtype: torch.dtype) -> None:
+        """Static KV caches for the encoder, global transformer and decoder (rows: images, or 2x with CFG)."""
+        device = self.tok_embeddings.weight.device
+        for blocks in (self.encoder.layers, self.global_layers, self.decoder.layers):
+            attach_kv_caches(blocks, max_batch_size, self.block_size, self.config, dtype, device)
+
+    def clear_caches(self) -> None:
+        for blocks in (self.encoder.layers, self.global_layers, self.decoder.layers):
+            attach_kv_caches(blocks, 0, 0, self.config, torch.float32, self.tok_embeddings.weight.device)
+
+    def encode_step(self, tokens: Tensor, position: int) -> list[Tensor]:
+        """Token ``x_position`` of each image ``[B]`` -> its state after each encoder block (``[B, d]`` each).
+
+        The last state is h_position, which the decoder adds to the input for the next token.
+        """
+        x = self.tok_dropout(self.tok_embeddings(tokens))[:, None]
+        rope = self.token_rope(position + 1, tokens.device)[position:]
+        at = torch.tensor([position], device=tokens.device)
+        states = []
+        for block in self.encoder.layers:
+            x = block(x, rope, at)
+            states.append(x[:, 0])
+        return states
+
+    def class_stream_input(self, labels: Tensor) -> Tensor:
+        """The global stream's first input for each row: its class embedding ``[R, d]``."""
+        return self.tok_dropout(self.cls_embedding(labels, train=False)[:, 0])
+
+    def global_step(self, inputs: Tensor, patch_row: Tensor, start_col: Tensor, end_col: Tensor,
+                    is_class: Tensor, positions: Tensor, rows: Tensor) -> Tensor:
+        """Advance cache ``rows`` of the global stream by one input ``[R, d]`` each, at stream ``positions [R]``.
+
+        An input is a class embedding (``is_class``) or the patch that just closed, lying in grid row
+        ``patch_row`` over columns ``start_col .. end_col`` (Dynamic RoPE); returns the outputs ``[R, d]``.
+        """
+        rope = patch_rope(patch_row, start_col, end_col, self.config.head_dim, self.config.rope_base,
+                          self.config.rope).masked_fill(is_class[:, None, None], 0.0)[:, None]
+        g = inputs[:, None]
+        for layer in self.global_layers:
+            g = layer(g, rope, positions[:, None], cache_rows=rows)
+        return g[:, 0]
+
+    def decode_step(self, previous: Tensor | None, g: Tensor, position: int) -> Tensor:
+        """Logits ``[R, vocab]`` for token ``x_position`` from h_{position-1} (``None`` at position 0)
+        and the global output ``g [R, d]`` of the stream position its patch is predicted from."""
+        if previous is None:
+            previous = self.decoder.start.expand(g.shape[0], -1).to(g.dtype)
+        u = (previous + self.decoder.patch_proj(self.decoder.patch_norm(g)))[:, None]
+        rope = self.token_rope(position + 1, g.device)[position:]
+        at = torch.tensor([position], device=g.device)
+        for layer in self.decoder.layers:
+            u = layer(u, rope, at)
+        return self.output(self.norm(u[:, 0])).float()
 
 
 def _size(n_enc_layer: int, n_layer: int, n_dec_layer: int, dim: int, n_head: int):

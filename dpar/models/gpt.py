@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import (KVCache, ModelArgs, RMSNorm, TransformerBlock, class_embedder, find_multiple,
-                     init_weights)
+from .layers import ModelArgs, RMSNorm, TransformerBlock, attach_kv_caches, class_embedder, init_weights
 from .rope import grid_rope
 
 
@@ -49,16 +48,11 @@ class Transformer(nn.Module):
         return table.masked_fill((positions < self.cls_token_num)[..., None, None], 0.0)
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype) -> None:
-        max_seq_length = find_multiple(max_seq_length, 8)
-        device = self.tok_embeddings.weight.device
-        n_kv_head = self.config.n_kv_head or self.config.n_head
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, n_kv_head,
-                                               self.config.head_dim, dtype).to(device)
+        attach_kv_caches(self.layers, max_batch_size, max_seq_length, self.config, dtype,
+                         self.tok_embeddings.weight.device)
 
     def clear_caches(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
+        attach_kv_caches(self.layers, 0, 0, self.config, torch.float32, self.tok_embeddings.weight.device)
 
     def forward(self, idx: Tensor | None, cond_idx: Tensor | None, input_pos: Tensor | None = None,
                 targets: Tensor | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

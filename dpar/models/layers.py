@@ -108,24 +108,39 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor,
+               rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Write ``k, v [B, H, S, D]`` at ``input_pos`` (``[S]`` shared, or ``[B, S]`` per row).
 
-        Returns the cached keys and values of the first B rows and the ``[B|1, 1, S, max_len]``
-        mask of the cache entries each query may see (its own position and earlier ones).
+        ``rows`` names the cache rows the B inputs belong to (default: the first B), so a step can
+        advance only some sequences (DPAR's global stream, for the images at a patch boundary).
+        Returns those rows' cached keys and values and the ``[B|1, 1, S, max_len]`` mask of the
+        cache entries each query may see (its own position and earlier ones).
         """
         batch = k.shape[0]
-        k_cache, v_cache = self.k_cache[:batch], self.v_cache[:batch]
-        if input_pos.dim() == 1:
+        if rows is None and input_pos.dim() == 1:
+            k_cache, v_cache = self.k_cache[:batch], self.v_cache[:batch]
             k_cache[:, :, input_pos] = k
             v_cache[:, :, input_pos] = v
         else:
-            rows = torch.arange(batch, device=k.device)[:, None]
-            k_cache[rows, :, input_pos] = k.transpose(1, 2)
-            v_cache[rows, :, input_pos] = v.transpose(1, 2)
+            index = (torch.arange(batch, device=k.device) if rows is None else rows)[:, None]
+            positions = input_pos.expand(batch, -1) if input_pos.dim() == 1 else input_pos
+            self.k_cache[index, :, positions] = k.transpose(1, 2)
+            self.v_cache[index, :, positions] = v.transpose(1, 2)
+            k_cache, v_cache = (self.k_cache[:batch], self.v_cache[:batch]) if rows is None else \
+                (self.k_cache[rows], self.v_cache[rows])
         slots = torch.arange(k_cache.shape[2], device=k.device)
         visible = slots <= input_pos[..., None]
         return k_cache, v_cache, visible.unsqueeze(-3)
+
+
+def attach_kv_caches(blocks, max_batch_size: int, max_seq_length: int, config: ModelArgs,
+                     dtype: torch.dtype, device: torch.device) -> None:
+    """Give each block's attention a static KV cache (``None`` for ``max_batch_size=0`` removes them)."""
+    n_kv_head = config.n_kv_head or config.n_head
+    for block in blocks:
+        block.attention.kv_cache = None if max_batch_size == 0 else KVCache(
+            max_batch_size, find_multiple(max_seq_length, 8), n_kv_head, config.head_dim, dtype).to(device)
 
 
 class Attention(nn.Module):
@@ -144,7 +159,7 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, rope: Tensor | None, input_pos: Tensor | None = None,
-                packed: PackedSeqs | None = None) -> Tensor:
+                packed: PackedSeqs | None = None, cache_rows: Tensor | None = None) -> Tensor:
         bsz, seqlen, _ = x.shape
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.dim, kv_dim, kv_dim], dim=-1)
@@ -157,7 +172,7 @@ class Attention(nn.Module):
 
         mask = None
         if input_pos is not None and self.kv_cache is not None:
-            k, v, mask = self.kv_cache.update(input_pos, k, v)
+            k, v, mask = self.kv_cache.update(input_pos, k, v, cache_rows)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -192,8 +207,8 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, rope: Tensor | None, input_pos: Tensor | None = None,
-                packed: PackedSeqs | None = None) -> Tensor:
-        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, input_pos, packed))
+                packed: PackedSeqs | None = None, cache_rows: Tensor | None = None) -> Tensor:
+        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, input_pos, packed, cache_rows))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
 

@@ -1,0 +1,386 @@
+"""Batched, KV-cached generation for DPAR and the token-level GPT baseline (DESIGN.md sections 3 and 8).
+
+For token i of every image, in one pass over the batch:
+
+1. DPAR: the entropy model's prediction for x_i (from x_<i only) gives H_i, and :func:`dpar.patcher.next_patch_start`
+   decides whether x_i starts a patch -- before x_i is sampled. The images at a boundary (and only
+   those) close their open patch (pool its tokens' encoder states) and advance the global transformer
+   by one position; the others keep their last global output.
+2. The decoder (DPAR) or the GPT turns the state into logits for x_i, for the conditional rows and, with
+   classifier-free guidance, the unconditional rows. Both halves share tokens and boundaries, so the
+   entropy model and the patch encoder run once per image, not per half.
+3. Guided logits -> temperature, top-k, top-p -> x_i, drawn by inverse CDF from uniforms that depend
+   only on the image's seed: an image comes out the same in any batch and on any rank.
+4. DPAR: x_i goes through the encoder blocks (its states are kept for pooling); the entropy model
+   reads x_i to predict H_{i+1}.
+
+The GPT baseline is the degenerate case: no entropy model, no encoder, every token a global step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from tokenizer.vq_model import load_vq
+
+from .config import read_section
+from .data.store import read_meta
+from .errors import UserError
+from .fileio import atomic_path, atomic_write_text
+from .experiment import CONFIG_FILE, EMA_FILE, MODEL_FILE, list_checkpoints, load_model_weights, load_trained_model
+from .models import DPAR, ModelConfig, create_model, is_dpar
+from .patcher import PatcherConfig, logits_entropy, next_patch_start
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class SamplingConfig:
+    # classifier-free guidance scale (1.0 = no guidance; the paper uses 2.0 for FID-50K).
+    cfg_scale: float = 1.0
+    # constant: cfg_scale at every token; linear: from 1 at the first token to cfg_scale at the last.
+    cfg_schedule: str = field(default="constant", metadata={"choices": CFG_SCHEDULES})
+    # keep the k most likely tokens (0 = all; LlamaGen and the paper: 0).
+    top_k: int = 0
+    # keep the smallest set of tokens with this much probability (1.0 = all).
+    top_p: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
+class Generation:
+    tokens: Tensor                  # [B, N] sampled VQ tokens, raster order
+    patch_start: Tensor             # [B, N] bool, the boundaries decided while sampling
+    global_steps: Tensor            # [B] global-transformer steps per image (= patches; N for the GPT)
+    logits: Tensor | None = None    # [R, N, vocab] raw logits used (cond rows, then uncond rows), if recorded
+    entropies: Tensor | None = None  # [B, N] the entropy model's H_i (entropy patching only)
+
+
+def image_uniforms(seeds: Tensor, num_tokens: int) -> Tensor:
+    """``[B, N]`` uniforms in [0, 1): image b's draws come from its own seed alone."""
+    return torch.stack([torch.rand(num_tokens, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                        for s in seeds.tolist()])
+
+
+def sample_from_logits(logits: Tensor, uniforms: Tensor, config: SamplingConfig) -> Tensor:
+    """``[B, vocab]`` logits -> ``[B]`` tokens: temperature, top-k, top-p (LlamaGen's filtering), then
+    the inverse CDF at ``uniforms [B]``."""
+    logits = logits.float() / max(config.temperature, 1e-5)
+    if config.top_k > 0:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative > config.top_p
+        remove[:, 1:] = remove[:, :-1].clone()  # keep the token that crosses top_p
+        remove[:, 0] = False
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
+    target = uniforms.to(cdf)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, side="right").squeeze(1).clamp(max=logits.shape[-1] - 1)
+
+
+def guidance_scale(config: SamplingConfig, position: int, num_tokens: int) -> float:
+    if config.cfg_schedule == "linear":
+        return 1.0 + (config.cfg_scale - 1.0) * position / max(num_tokens - 1, 1)
+    return config.cfg_scale
+
+
+@torch.no_grad()
+def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig, *,
+             patcher: PatcherConfig | None = None, entropy_model: nn.Module | None = None,
+             record_logits: bool = False) -> Generation:
+    """Sample ``len(seeds)`` images from a DPAR or GPT model (eval mode) for class ``labels`` (None: unconditional).
+
+    DPAR needs ``patcher`` (its mode, θ and P may differ from training: paper Table 6) and, for entropy
+    patching, the unconditional GPT ``entropy_model``.
+    """
+    is_dpar = isinstance(model, DPAR)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch, num_tokens, width = len(seeds), model.block_size, model.config.grid_size
+    guided = labels is not None and sampling.cfg_scale != 1.0
+    if guided and model.cls_embedding.num_classes == model.cls_embedding.embedding_table.num_embeddings:
+        raise ValueError("cfg_scale != 1 needs a model trained with class dropout (it has no null class)")
+    if is_dpar and patcher is None:
+        raise ValueError("DPAR sampling needs a patcher config")
+    use_entropy = is_dpar and patcher.mode == "entropy"
+    if use_entropy and entropy_model is None:
+        raise ValueError("entropy patching needs the entropy model")
+
+    if labels is None:
+        rows_labels = model.cls_embedding.null_labels(batch, device)
+    else:
+        rows_labels = labels.to(device)
+        if guided:
+            rows_labels = torch.cat([rows_labels, model.cls_embedding.null_labels(batch, device)])
+    rows = len(rows_labels)
+    halves = rows // batch  # 2 with guidance: both halves share each image's tokens and boundaries
+    uniforms = image_uniforms(seeds, num_tokens).to(device)
+
+    tokens = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
+    starts = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
+    logits_log = torch.empty(rows, num_tokens, model.vocab_size, device=device) if record_logits else None
+    entropies = torch.full((batch, num_tokens), float("inf"), device=device) if use_entropy else None
+    if is_dpar:
+        model.setup_caches(rows, dtype)
+        states = [torch.zeros(batch, num_tokens, model.config.dim, device=device, dtype=dtype)
+                  for _ in model.encoder.layers]
+        g = torch.zeros(rows, model.config.dim, device=device, dtype=dtype)
+        patches = torch.zeros(batch, dtype=torch.long, device=device)      # global steps so far
+        patch_first = torch.zeros(batch, dtype=torch.long, device=device)  # first token of the open patch
+    else:
+        model.setup_caches(rows, num_tokens, dtype)
+    if use_entropy:
+        entropy_model.setup_caches(batch, num_tokens + 1, dtype)
+        start_token = entropy_model.cls_embedding.null_labels(batch, device)
+        entropy_model(None, start_token, input_pos=torch.tensor([0], device=device))  # its prediction of x_0 is unused
+
+    try:
+        for i in range(num_tokens):
+            if is_dpar:
+                run_length = i - patch_first
+                start = next_patch_start(patcher, None if entropies is None else entropies[:, i], i, run_length, width)
+                starts[:, i] = start
+                _global_step(model, start, i, rows_labels, halves, states, g, patches, patch_first)
+                previous = None if i == 0 else states[-1][:, i - 1].repeat(halves, 1)
+                logits = model.decode_step(previous, g, i)
+            elif i == 0:
+                logits = model(None, rows_labels, input_pos=torch.tensor([0], device=device))[0][:, -1]
+            else:
+                previous = tokens[:, i - 1:i].repeat(halves, 1)
+                logits = model(previous, None, input_pos=torch.tensor([i], device=device))[0][:, -1]
+            if logits_log is not None:
+                logits_log[:, i] = logits
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + (cond - uncond) * guidance_scale(sampling, i, num_tokens)
+            tokens[:, i] = sample_from_logits(logits, uniforms[:, i], sampling)
+
+            if is_dpar:
+                for layer_states, state in zip(states, model.encode_step(tokens[:, i], i)):
+                    layer_states[:, i] = state
+            if use_entropy and i + 1 < num_tokens:
+                next_logits = entropy_model(tokens[:, i:i + 1], None, input_pos=torch.tensor([i + 1], device=device))[0]
+                entropies[:, i + 1] = logits_entropy(next_logits[:, -1])
+    finally:
+        model.clear_caches()
+        if use_entropy:
+            entropy_model.clear_caches()
+
+    global_steps = patches if is_dpar else torch.full((batch,), num_tokens, device=device)
+    return Generation(tokens, starts if is_dpar else torch.ones_like(starts), global_steps, logits_log, entropies)
+
+
+def _global_step(model: DPAR, start: Tensor, position: int, rows_labels: Tensor, halves: int,
+                 states: list[Tensor], g: Tensor, patches: Tensor, patch_first: Tensor) -> None:
+    """Advance the global stream of the images at a boundary; update ``g``, ``patches``, ``patch_first`` in place.
+
+    Only those images' cache rows run (a boundary comes every 1.8 tokens on ImageNet-256, so this skips
+    about 45% of the global work; measured faster than running every row and discarding, see
+    benchmarks/results/cpu-2026-11-22.md; on GPUs issue 9 measures the static-shape alternative).
+    """
+    images = start.nonzero().squeeze(1)
+    if images.numel() == 0:
+        return
+    batch, num_tokens = states[0].shape[:2]
+    width = model.config.grid_size
+    if position == 0:
+        inputs = model.class_stream_input(rows_labels)
+        rows = torch.arange(len(rows_labels), device=g.device)
+        zeros = torch.zeros_like(rows)
+        outputs = model.global_step(inputs, zeros, zeros, zeros, torch.ones_like(rows, dtype=torch.bool),
+                                    zeros, rows)
+    else:
+        first, length = patch_first[images], position - patch_first[images]
+        flat = [layer_states.reshape(batch * num_tokens, -1) for layer_states in states]
+        closed = model.encoder.pool(flat, images * num_tokens + first, length, int(length.max()))
+        rows = torch.cat([images + h * batch for h in range(halves)])
+        column = first % width
+        outputs = model.global_step(closed.repeat(halves, 1), (first // width).repeat(halves),
+                                    column.repeat(halves), (column + length - 1).repeat(halves),
+                                    torch.zeros_like(rows, dtype=torch.bool), patches[images].repeat(halves), rows)
+    g[rows] = outputs
+    patches[images] += 1
+    patch_first[images] = position
+
+
+@dataclass
+class Sampler:
+    """A trained run, ready to sample: its model, patcher, entropy model and tokenizer on one device."""
+
+    model: nn.Module
+    model_config: ModelConfig
+    patcher: PatcherConfig | None
+    entropy_model: nn.Module | None
+    vq: nn.Module
+    epoch: int
+
+    @classmethod
+    def from_experiment(cls, experiment_dir: str | Path, epoch: int | None = None, *, ema: bool = False,
+                        vq_checkpoint: str | None = None, device: str | torch.device = "cpu",
+                        threshold: float | None = None, max_patch_length: int | None = None) -> Sampler:
+        """Load ``experiment_dir``'s checkpoint of ``epoch`` (default: the newest) and what it needs.
+
+        ``threshold`` / ``max_patch_length`` override the trained patcher at inference (paper Table 6);
+        ``max_patch_length=0`` removes the cap.
+        """
+        experiment = Path(experiment_dir)
+        config_path = experiment / CONFIG_FILE
+        if not config_path.is_file():
+            raise UserError(f"{experiment} is not an experiment dir (no {CONFIG_FILE})")
+        checkpoints = dict(list_checkpoints(experiment))
+        if not checkpoints:
+            raise UserError(f"{experiment} has no checkpoints/epoch_*/{MODEL_FILE}")
+        epoch = max(checkpoints) if epoch is None else epoch
+        if epoch not in checkpoints:
+            raise UserError(f"{experiment} has no checkpoint of epoch {epoch}; it has epochs "
+                            f"{', '.join(map(str, sorted(checkpoints)))}")
+        model_config = read_section(config_path, "model", ModelConfig)
+        model = create_model(model_config)
+        load_model_weights(model, checkpoints[epoch] / (EMA_FILE if ema else MODEL_FILE))
+        model = model.eval().to(device)
+
+        patcher, entropy_model = None, None
+        if is_dpar(model_config.gpt_model):
+            patcher = read_section(config_path, "patcher", PatcherConfig)
+            if threshold is not None:
+                patcher = replace(patcher, threshold=threshold)
+            if max_patch_length is not None:
+                patcher = replace(patcher, max_patch_length=max_patch_length or None)
+            if patcher.mode == "entropy":
+                for key in ("entropy_model_checkpoint", "entropy_model_checkpoint_config"):
+                    if not getattr(patcher, key) or not Path(getattr(patcher, key)).is_file():
+                        raise UserError(f"{config_path}: patcher.{key} {getattr(patcher, key)!r} is not a file here")
+                entropy_model, _ = load_trained_model(patcher.entropy_model_checkpoint,
+                                                      patcher.entropy_model_checkpoint_config)
+                entropy_model = entropy_model.to(device)
+        vq = load_vq(vq_checkpoint or _tokenizer_of(config_path)).to(device)
+        if vq.config.codebook_size != model_config.vocab_size or vq.downsample != model_config.downsample_size:
+            raise UserError(f"the tokenizer has {vq.config.codebook_size} codes and downsamples {vq.downsample}x, the "
+                            f"model expects {model_config.vocab_size} and {model_config.downsample_size}x")
+        return cls(model, model_config, patcher, entropy_model, vq, epoch)
+
+    @property
+    def grid(self) -> int:
+        return self.model_config.image_size // self.model_config.downsample_size
+
+    def sample(self, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Generation]:
+        """uint8 images ``[B, H, W, 3]`` and the generation record for ``labels`` and per-image ``seeds``."""
+        out = generate(self.model, labels, seeds, sampling, patcher=self.patcher, entropy_model=self.entropy_model)
+        return self.vq.codes_to_images(out.tokens, self.grid), out
+
+
+def _tokenizer_of(config_path: Path) -> str:
+    """The tokenizer checkpoint recorded in the training store's meta.json."""
+    store = OmegaConf.load(config_path).get("data", {}).get("store")
+    meta = read_meta(store) if store and Path(store).is_dir() else None
+    checkpoint = meta and meta.get("tokenizer", {}).get("checkpoint")
+    if not checkpoint or not Path(checkpoint).is_file():
+        raise UserError(f"cannot find the tokenizer of {config_path} (its token store {store!r} records "
+                        f"{checkpoint!r}); give --vq-ckpt")
+    return checkpoint
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags sample_c2i.py and sample_c2i_ddp.py share (LlamaGen's names)."""
+    parser.add_argument("--experiment_dir", "--experiment-dir", required=True, help="a training run's directory")
+    parser.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: the newest)")
+    parser.add_argument("--output-dir", default="samples")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1.0 = none)")
+    parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="DPAR: entropy threshold at inference (default: the trained one; paper Table 6)")
+    parser.add_argument("--max-patch-length", type=int, default=None,
+                        help="DPAR: longest patch at inference, 0 = no cap (default: the trained one)")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights (ema.safetensors)")
+    parser.add_argument("--vq-ckpt", default=None, help="tokenizer (default: the one the training store records)")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule, top_k=args.top_k,
+                          top_p=args.top_p, temperature=args.temperature)
+
+
+def sample_file_stem(epoch: int, sampling: SamplingConfig, seed: int, threshold: float | None = None,
+                     max_patch_length: int | None = None) -> str:
+    """ADM-style sample file name, e.g. ``epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0``."""
+    stem = (f"epoch-{epoch}-topk-{sampling.top_k}-topp-{sampling.top_p}-temperature-{sampling.temperature}-"
+            f"cfg-{sampling.cfg_scale}-seed-{seed}")
+    if sampling.cfg_schedule != "constant":
+        stem += f"-schedule-{sampling.cfg_schedule}"
+    if threshold is not None:
+        stem += f"-threshold-{threshold}"
+    if max_patch_length is not None:
+        stem += f"-maxlen-{max_patch_length or 'none'}"
+    return stem
+
+
+def class_order_labels(num_samples: int, num_classes: int) -> Tensor:
+    """Labels of samples 0..N-1 in class order, N/num_classes per class (50 per class for 50K on ImageNet)."""
+    return torch.arange(num_samples) * num_classes // num_samples
+
+
+class SampleChunks:
+    """Resumable output of a sharded sampling run: ``<name>.parts/chunk_*.npy``, then one ADM ``<name>.npz``.
+
+    Chunk k holds samples ``k * chunk .. (k + 1) * chunk - 1`` and belongs to process ``k % processes``.
+    Each chunk is written atomically, so a killed run redoes only missing chunks, and ``pack`` writes
+    exactly ``num_samples`` images in sample order.
+    """
+
+    def __init__(self, npz_path: str | Path, num_samples: int, chunk: int, job: dict):
+        self.npz_path, self.num_samples, self.chunk = Path(npz_path), num_samples, chunk
+        self.parts = self.npz_path.with_suffix(".parts")
+        self.job = {**job, "num_samples": num_samples, "chunk": chunk}
+        self.count = -(-num_samples // chunk)
+
+    def start(self) -> None:
+        """Create the parts dir, or check that its unfinished run was the same job."""
+        job_file = self.parts / "job.json"
+        if job_file.is_file():
+            previous = json.loads(job_file.read_text())
+            changed = [k for k in self.job if previous.get(k) != self.job[k]]
+            if changed:
+                raise UserError(f"{self.parts} holds an unfinished run with {changed[0]}={previous.get(changed[0])!r}; "
+                                f"this run has {self.job[changed[0]]!r} (delete the directory to start over)")
+            return
+        self.parts.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(job_file, json.dumps(self.job, indent=1) + "\n")
+
+    def file(self, k: int) -> Path:
+        return self.parts / f"chunk_{k:06d}.npy"
+
+    def todo(self, rank: int, processes: int) -> list[int]:
+        return [k for k in range(rank, self.count, processes) if not self.file(k).is_file()]
+
+    def indices(self, k: int) -> Tensor:
+        return torch.arange(k * self.chunk, min((k + 1) * self.chunk, self.num_samples))
+
+    def write(self, k: int, images: np.ndarray) -> None:
+        with atomic_path(self.file(k)) as tmp, open(tmp, "wb") as f:
+            np.save(f, images)
+
+    def pack(self) -> Path:
+        """All chunks -> ``arr_0 uint8 [N, H, W, 3]`` in sample order, written atomically; parts removed."""
+        missing = [k for k in range(self.count) if not self.file(k).is_file()]
+        if missing:
+            raise UserError(f"{self.parts} lacks chunk {missing[0]}; rerun the same command to finish it")
+        images = np.concatenate([np.load(self.file(k)) for k in range(self.count)])
+        with atomic_path(self.npz_path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, arr_0=images)
+        shutil.rmtree(self.parts)
+        return self.npz_path

@@ -1,0 +1,115 @@
+"""Sampling: the KV-cached, patch-by-patch generator equals full forwards of what it generated."""
+import pytest
+import torch
+
+from dpar.data.preprocess import next_token_entropies
+from dpar.patcher import PatcherConfig, patch_starts
+from dpar.sampling import SamplingConfig, generate, guidance_scale, sample_from_logits
+from tests.helpers import TINY, tiny_dpar, tiny_gpt
+
+GRID = 4
+SEEDS = torch.tensor([11, 12, 13, 14, 15])
+LABELS = torch.tensor([0, 1, 2, 3, 4])
+
+
+def entropy_model():
+    return tiny_gpt(model_type="uncond", num_classes=0)
+
+
+def threshold_for(model, fraction: float = 0.5) -> float:
+    """A θ that makes about ``fraction`` of the tokens boundaries for this random entropy model."""
+    tokens = torch.randint(0, TINY["vocab_size"], (32, TINY["block_size"]), generator=torch.Generator().manual_seed(1))
+    entropies = next_token_entropies(model, tokens)[:, 1:]
+    return float(entropies.quantile(1 - fraction))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@pytest.mark.parametrize("mode", ["entropy", "static", "token"])
+def test_dpar_logits_equal_a_full_forward_of_the_sample(mode, cfg_scale):
+    model, ent = tiny_dpar(), entropy_model()
+    patcher = PatcherConfig(mode=mode, threshold=threshold_for(ent), max_patch_length=3, static_length=2)
+    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale), patcher=patcher, entropy_model=ent,
+                   record_logits=True)
+    halves = [LABELS] if cfg_scale == 1.0 else [LABELS, torch.full_like(LABELS, model.num_classes)]
+    assert out.logits.shape == (len(SEEDS) * len(halves), GRID * GRID, TINY["vocab_size"])
+    for half, labels in enumerate(halves):
+        full, _ = model(out.tokens, labels, out.patch_start)
+        used = out.logits[half * len(SEEDS):(half + 1) * len(SEEDS)]
+        torch.testing.assert_close(used, full, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out.global_steps, out.patch_start.sum(1))
+    if mode == "entropy":  # a real mix of long and short patches, else the test proves little
+        assert GRID * GRID * len(SEEDS) * 0.3 < int(out.patch_start.sum()) < GRID * GRID * len(SEEDS) * 0.9
+
+
+@pytest.mark.parametrize("row_break,cap", [(True, 3), (False, None)])
+def test_boundaries_equal_the_patcher_on_the_entropy_models_full_forward(row_break, cap):
+    model, ent = tiny_dpar(), entropy_model()
+    patcher = PatcherConfig(threshold=threshold_for(ent, 0.3), max_patch_length=cap, row_break=row_break)
+    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), patcher=patcher, entropy_model=ent)
+    full = next_token_entropies(ent, out.tokens)
+    torch.testing.assert_close(out.entropies[:, 1:], full[:, 1:], atol=1e-4, rtol=1e-4)
+    assert torch.equal(out.patch_start, patch_starts(patcher, full, GRID))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_gpt_logits_equal_a_full_forward_of_the_sample(cfg_scale):
+    model = tiny_gpt()
+    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale, top_k=10), record_logits=True)
+    full, _ = model(out.tokens[:, :-1], LABELS)
+    torch.testing.assert_close(out.logits[:len(SEEDS)], full, atol=1e-4, rtol=1e-4)
+    if cfg_scale != 1.0:
+        null, _ = model(out.tokens[:, :-1], torch.full_like(LABELS, model.num_classes))
+        torch.testing.assert_close(out.logits[len(SEEDS):], null, atol=1e-4, rtol=1e-4)
+    assert out.patch_start.all() and (out.global_steps == GRID * GRID).all()
+
+
+def test_guidance_changes_the_samples():
+    model, ent = tiny_dpar(), entropy_model()
+    patcher = PatcherConfig(threshold=threshold_for(ent))
+    plain = generate(model, LABELS, SEEDS, SamplingConfig(), patcher=patcher, entropy_model=ent)
+    guided = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=4.0), patcher=patcher, entropy_model=ent)
+    assert not torch.equal(plain.tokens, guided.tokens)
+
+
+@pytest.mark.parametrize("which", ["dpar", "gpt"])
+def test_an_image_depends_on_its_seed_not_on_its_batch(which):
+    model, ent = (tiny_dpar(), entropy_model()) if which == "dpar" else (tiny_gpt(), None)
+    patcher = PatcherConfig(threshold=threshold_for(entropy_model())) if which == "dpar" else None
+    config = SamplingConfig(cfg_scale=2.0, top_p=0.9)
+    batch = generate(model, LABELS, SEEDS, config, patcher=patcher, entropy_model=ent)
+    alone = generate(model, LABELS[2:3], SEEDS[2:3], config, patcher=patcher, entropy_model=ent)
+    assert torch.equal(batch.tokens[2:3], alone.tokens) and torch.equal(batch.patch_start[2:3], alone.patch_start)
+    assert len({tuple(t) for t in batch.tokens.tolist()}) == len(SEEDS)  # different seeds, different images
+
+
+def test_unconditional_models_sample_without_labels():
+    out = generate(tiny_gpt(model_type="uncond", num_classes=0), None, SEEDS, SamplingConfig(), record_logits=True)
+    assert out.tokens.shape == (len(SEEDS), GRID * GRID) and out.logits.shape[0] == len(SEEDS)
+
+
+def test_logit_filters_and_inverse_cdf():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]]).repeat(3, 1)
+    uniforms = torch.tensor([0.0, 0.5, 0.999])
+    assert sample_from_logits(logits, uniforms, SamplingConfig(top_k=1)).tolist() == [1, 1, 1]
+    assert sample_from_logits(logits, uniforms, SamplingConfig(top_p=0.01)).tolist() == [1, 1, 1]
+    two = sample_from_logits(logits, uniforms, SamplingConfig(top_k=2))
+    assert set(two.tolist()) == {1, 2}
+    probs = torch.softmax(logits[0], 0).double()
+    u = torch.linspace(0.001, 0.999, 999, dtype=torch.float64)
+    drawn = sample_from_logits(logits[:1].repeat(999, 1), u, SamplingConfig())
+    frequencies = torch.bincount(drawn, minlength=4).double() / 999
+    assert torch.allclose(frequencies, probs, atol=2e-3)  # the inverse CDF reproduces the distribution
+    cold = sample_from_logits(logits, uniforms, SamplingConfig(temperature=1e-6))
+    assert cold.tolist() == [1, 1, 1]
+
+
+def test_guidance_without_a_null_class_is_refused():
+    model = tiny_gpt(class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="no null class"):
+        generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=2.0))
+
+
+def test_linear_guidance_schedule_rises_from_one_to_the_scale():
+    linear = SamplingConfig(cfg_scale=3.0, cfg_schedule="linear")
+    assert [guidance_scale(linear, i, 5) for i in range(5)] == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert guidance_scale(SamplingConfig(cfg_scale=3.0), 0, 5) == 3.0
