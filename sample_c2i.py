@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     seeds = args.seed * 1_000_003 + torch.arange(len(labels))
     started = time.perf_counter()
-    images, out = sampler.sample(labels.to(args.device), seeds, sampling_from_args(args))
+    images, out = sampler.sample(labels.to(args.device), seeds, sampling_from_args(args), progress=True)
     seconds = time.perf_counter() - started
 
     stem = sample_file_stem(sampler.epoch, sampling_from_args(args), args.seed, args.threshold, args.max_patch_length)

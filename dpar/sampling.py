@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from tokenizer.vq_model import load_vq
 
@@ -98,11 +99,11 @@ def guidance_scale(config: SamplingConfig, position: int, num_tokens: int) -> fl
 @torch.no_grad()
 def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig, *,
              patcher: PatcherConfig | None = None, entropy_model: nn.Module | None = None,
-             record_logits: bool = False) -> Generation:
+             record_logits: bool = False, progress: bool = False) -> Generation:
     """Sample ``len(seeds)`` images from a DPAR or GPT model (eval mode) for class ``labels`` (None: unconditional).
 
     DPAR needs ``patcher`` (its mode, θ and P may differ from training: paper Table 6) and, for entropy
-    patching, the unconditional GPT ``entropy_model``.
+    patching, the unconditional GPT ``entropy_model``. ``progress`` shows a bar over the token steps.
     """
     is_dpar = isinstance(model, DPAR)
     device = next(model.parameters()).device
@@ -146,7 +147,7 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
         entropy_model(None, start_token, input_pos=torch.tensor([0], device=device))  # its prediction of x_0 is unused
 
     try:
-        for i in range(num_tokens):
+        for i in tqdm(range(num_tokens), desc="tokens", unit="step", leave=False, disable=not progress):
             if is_dpar:
                 run_length = i - patch_first
                 start = next_patch_start(patcher, None if entropies is None else entropies[:, i], i, run_length, width)
@@ -274,9 +275,11 @@ class Sampler:
     def grid(self) -> int:
         return self.model_config.image_size // self.model_config.downsample_size
 
-    def sample(self, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Generation]:
+    def sample(self, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig,
+               progress: bool = False) -> tuple[Tensor, Generation]:
         """uint8 images ``[B, H, W, 3]`` and the generation record for ``labels`` and per-image ``seeds``."""
-        out = generate(self.model, labels, seeds, sampling, patcher=self.patcher, entropy_model=self.entropy_model)
+        out = generate(self.model, labels, seeds, sampling, patcher=self.patcher, entropy_model=self.entropy_model,
+                       progress=progress)
         return self.vq.codes_to_images(out.tokens, self.grid), out
 
 
