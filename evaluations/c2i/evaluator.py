@@ -1,14 +1,257 @@
-"""FID, sFID, Inception Score, precision and recall on ADM-format .npz batches, in PyTorch.
+r"""FID, sFID, Inception Score, precision and recall of ADM-format .npz batches, in PyTorch (no TensorFlow).
 
-    python -m evaluations.c2i.evaluator REF.npz SAMPLE.npz
+    python -m evaluations.c2i.evaluator VIRTUAL_imagenet256_labeled.npz \
+        samples/epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz \
+        --inception-weights pretrained_models/pt_inception-2015-12-05-6726825d.pth
 
-Not implemented yet: arrives with issue 7.
+A port of OpenAI's ``guided-diffusion/evaluations/evaluator.py``: the same Inception graph (see
+``inception.py``), features (pool_3; the first 7 channels of mixed_6/conv for sFID; the softmax of
+the pool_3 logits for IS) and metric code paths. Prints the results in ADM's format and writes them
+to ``SAMPLE.txt``. Reference statistics (``mu``, ``sigma``, ``mu_s``, ``sigma_s``) are taken from the
+reference .npz when present, as ADM does; features computed for a file are cached beside it
+(``<file>.inception.npz``) so a second evaluation skips the network.
 """
+from __future__ import annotations
+
+import argparse
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import linalg
+from tqdm import tqdm
+
+from dpar.data.store import file_sha256
 from dpar.errors import UserError, run_main
+from dpar.fileio import atomic_path, atomic_write_text
+
+from .inception import FIDInceptionV3
+
+SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023 features
 
 
-def main() -> None:
-    raise UserError("evaluations.c2i.evaluator is not implemented yet (see issue 7)")
+# -- the metrics (each a plain function of features, as ADM computes it) -------------------------------------
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with ADM's (TTUR's) handling of a singular product."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different sizes: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"FID: singular product; adding {eps} to the diagonal of the covariances")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
+    """Mean over consecutive splits of ``split_size`` of exp(E KL(p(y|x) || p(y))) (ADM: 10 splits for 50K)."""
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        kl = part * (np.log(part) - np.log(np.mean(part, axis=0, keepdims=True)))
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return float(np.mean(scores))
+
+
+def pairwise_distances(u: torch.Tensor, v: torch.Tensor, half: bool = True) -> torch.Tensor:
+    """Squared Euclidean distances ``[len(u), len(v)]`` as ADM's DistanceBlock computes them: in float16
+    when every result is finite, else in float32."""
+    def compute(a, b):
+        norms_a, norms_b = a.pow(2).sum(1, keepdim=True), b.pow(2).sum(1)[None]
+        return (norms_a - 2 * a @ b.t() + norms_b).clamp(min=0)
+
+    if half:
+        distances = compute(u.half(), v.half())
+        if torch.isfinite(distances).all():
+            return distances.float()
+    return compute(u.float(), v.float())
+
+
+def manifold_radii(features: torch.Tensor, k: int = 3, batch: int = 10000, half: bool = True) -> torch.Tensor:
+    """Distance (squared) from each feature to its k-th nearest neighbour in the same set (itself excluded)."""
+    radii = []
+    for start in range(0, len(features), batch):
+        rows = features[start:start + batch]
+        distances = torch.cat([pairwise_distances(rows, features[c:c + batch], half)
+                               for c in range(0, len(features), batch)], dim=1)
+        radii.append(distances.kthvalue(k + 1, dim=1).values)  # the smallest is the point itself
+    return torch.cat(radii)
+
+
+def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: int = 3,
+                     batch: int = 10000, half: bool = True) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al.) as ADM's ManifoldEstimator computes them.
+
+    Precision: fraction of samples inside some reference feature's k-NN ball; recall: fraction of
+    references inside some sample's ball. ``half`` keeps ADM's float16 distance computation.
+    """
+    ref, sample = torch.as_tensor(ref_features), torch.as_tensor(sample_features)
+    if len(ref) <= k or len(sample) <= k:
+        raise UserError(f"precision/recall needs more than k={k} features per set, got {len(ref)} and {len(sample)}")
+    ref_radii, sample_radii = manifold_radii(ref, k, batch, half), manifold_radii(sample, k, batch, half)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool)
+    sample_in = torch.zeros(len(sample), dtype=torch.bool)
+    for r in range(0, len(ref), batch):
+        for s in range(0, len(sample), batch):
+            distances = pairwise_distances(ref[r:r + batch], sample[s:s + batch], half)
+            ref_in[r:r + batch] |= (distances <= sample_radii[s:s + batch][None]).any(dim=1)
+            sample_in[s:s + batch] |= (distances <= ref_radii[r:r + batch][:, None]).any(dim=0)
+    return float(sample_in.double().mean()), float(ref_in.double().mean())
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (float64), as ADM's compute_statistics."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+# -- features of a batch file -------------------------------------------------------------------------------
+
+@dataclass
+class BatchFeatures:
+    pool: np.ndarray        # [N, 2048] float32
+    probs: np.ndarray       # [N, 1008] softmax of the pool_3 logits
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray
+    sigma_s: np.ndarray
+
+
+class ImageBatch:
+    """``arr_0`` of an ADM batch file (uint8 [N, H, W, 3]), checked up front and streamed in batches from the
+    zip member, so a 50K x 256 x 256 x 3 file never has to fit in memory."""
+
+    def __init__(self, path: Path, minimum: int):
+        if not path.is_file():
+            raise UserError(f"batch file not found: {path}")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                if "arr_0.npy" not in names:
+                    keys = ", ".join(n.removesuffix(".npy") for n in names) or "none"
+                    raise UserError(f"{path} has no 'arr_0' (keys: {keys}); ADM batches keep their images in arr_0")
+                with archive.open("arr_0.npy") as member:
+                    shape, fortran, dtype = _npy_header(member)
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
+            raise UserError(f"cannot read {path} as an .npz: {error}") from None
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+            raise UserError(f"{path}: arr_0 must be uint8 [N, H, W, 3] images in 0..255 (C order), got {dtype} "
+                            f"{list(shape)}")
+        if shape[0] < minimum:
+            raise UserError(f"{path}: {shape[0]} images, but the statistics need at least {minimum}")
+        self.path, self.shape = path, shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def batches(self, batch_size: int):
+        image_bytes = int(np.prod(self.shape[1:]))
+        with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as member:
+            _npy_header(member)
+            for start in range(0, len(self), batch_size):
+                count = min(batch_size, len(self) - start)
+                data = member.read(count * image_bytes)
+                yield np.frombuffer(data, dtype=np.uint8).reshape(count, *self.shape[1:])
+
+
+def _npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy at the start of ``stream``; leaves it at the data."""
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(stream)
+
+
+@torch.no_grad()
+def compute_features(network: FIDInceptionV3, images: ImageBatch, batch_size: int, device: str) -> BatchFeatures:
+    pools, spatials, probs = [], [], []
+    for batch in tqdm(images.batches(batch_size), total=-(-len(images) // batch_size), desc="inception",
+                      unit="batch"):
+        x = torch.from_numpy(batch.copy()).to(device)
+        pool, spatial, logits = network(x.permute(0, 3, 1, 2).float())
+        pools.append(pool.float().cpu().numpy())
+        spatials.append(spatial[..., :SPATIAL_CHANNELS].reshape(len(x), -1).float().cpu().numpy())
+        probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+    pool = np.concatenate(pools)
+    mu, sigma = statistics(pool)
+    mu_s, sigma_s = statistics(np.concatenate(spatials))
+    return BatchFeatures(pool, np.concatenate(probs), mu, sigma, mu_s, sigma_s)
+
+
+def batch_features(path: Path, network_factory, weights_id: str, batch_size: int, device: str,
+                   minimum: int) -> BatchFeatures:
+    """Features of one batch file, from its cache when the file and the weights are unchanged."""
+    images = ImageBatch(path, minimum)
+    stat = path.stat()
+    key = f"{stat.st_size}-{stat.st_mtime_ns}-{weights_id}"
+    cache = path.with_name(path.name + ".inception.npz")
+    if cache.is_file():
+        cached = np.load(cache)
+        if str(cached["key"]) == key:
+            return BatchFeatures(*(cached[name] for name in ("pool", "probs", "mu", "sigma", "mu_s", "sigma_s")))
+    features = compute_features(network_factory(), images, batch_size, device)
+    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+        np.savez(f, key=key, **features.__dict__)
+    return features
+
+
+def reference_statistics(path: Path, features: BatchFeatures) -> BatchFeatures:
+    """ADM's rule: a reference file's own mu/sigma/mu_s/sigma_s win over statistics computed from arr_0."""
+    stored = np.load(path)
+    if "mu" not in stored.files:
+        return features
+    return BatchFeatures(features.pool, features.probs, stored["mu"], stored["sigma"], stored["mu_s"], stored["sigma_s"])
+
+
+def evaluate(ref: BatchFeatures, sample: BatchFeatures) -> dict[str, float]:
+    precision, recall = precision_recall(ref.pool, sample.pool)
+    return {"Inception Score": inception_score(sample.probs),
+            "FID": frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma),
+            "sFID": frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s),
+            "Precision": precision, "Recall": recall}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref_batch", help="reference batch .npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+    parser.add_argument("sample_batch", help="sample batch .npz (arr_0: uint8 [N, H, W, 3])")
+    parser.add_argument("--inception-weights", default="pretrained_models/pt_inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    weights = Path(args.inception_weights)
+    network = None
+
+    def network_factory() -> FIDInceptionV3:
+        nonlocal network
+        if network is None:
+            network = FIDInceptionV3.from_file(weights).to(args.device)
+        return network
+
+    weights_id = file_sha256(weights) if weights.is_file() else "missing"
+    print("computing reference batch activations...")
+    ref = batch_features(Path(args.ref_batch), network_factory, weights_id, args.batch_size, args.device, minimum=2)
+    ref = reference_statistics(Path(args.ref_batch), ref)
+    print("computing sample batch activations...")
+    sample = batch_features(Path(args.sample_batch), network_factory, weights_id, args.batch_size, args.device,
+                            minimum=2)
+    print("Computing evaluations...")
+    results = evaluate(ref, sample)
+    report = "".join(f"{name}: {value}\n" for name, value in results.items())
+    print(report, end="")
+    atomic_write_text(Path(args.sample_batch).with_suffix(".txt"), report)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,229 @@
+"""Evaluator: metric functions against formulas written out here, the FID Inception's structure, the CLI."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from dpar.data.store import file_sha256
+from evaluations.c2i import evaluator
+from evaluations.c2i.evaluator import (frechet_distance, inception_score, manifold_radii, precision_recall,
+                                       statistics)
+from evaluations.c2i.inception import FIDInceptionV3, tf_resize_bilinear
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_features(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3 + shift
+
+
+# -- metrics -------------------------------------------------------------------------------------------------
+
+def test_frechet_distance_equals_the_eigenvalue_formula():
+    mu1, s1 = statistics(random_features(200, 16, 0))
+    mu2, s2 = statistics(random_features(300, 16, 1, shift=0.5))
+    # Tr((S1 S2)^(1/2)) = sum of the square roots of the eigenvalues of S1 S2 (real and >= 0 for PSD S1, S2)
+    eigenvalues = linalg.eigvals(s1 @ s2).real.clip(min=0)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(eigenvalues))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-8)
+    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-8
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)  # = 5 + (1 + 0 + 4)
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected) == pytest.approx(10.0)
+
+
+def test_inception_score_follows_its_definition():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(12000, 10)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scores = []
+    for part in (probs[:5000], probs[5000:10000], probs[10000:]):  # ADM's consecutive splits of 5000
+        marginal = part.mean(0)
+        kl = [sum(p[j] * np.log(p[j] / marginal[j]) for j in range(10)) for p in part]
+        scores.append(np.exp(np.mean(kl)))
+    assert inception_score(probs) == pytest.approx(np.mean(scores), rel=1e-10)
+    assert inception_score(np.full((100, 10), 0.1)) == pytest.approx(1.0)
+    assert inception_score(np.eye(10).repeat(5, axis=0) * (1 - 1e-12) + 1e-13) == pytest.approx(10.0, rel=1e-6)
+
+
+def brute_force_precision_recall(ref: np.ndarray, sample: np.ndarray, k: int = 3) -> tuple[float, float]:
+    def squared_distances(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+    ref_radii = np.sort(squared_distances(ref, ref), axis=1)[:, k]  # column 0 is the point itself
+    sample_radii = np.sort(squared_distances(sample, sample), axis=1)[:, k]
+    cross = squared_distances(ref, sample)
+    precision = np.mean([(cross[:, j] <= ref_radii).any() for j in range(len(sample))])
+    recall = np.mean([(cross[i] <= sample_radii).any() for i in range(len(ref))])
+    return precision, recall
+
+
+def test_precision_recall_equal_brute_force_knn_balls():
+    ref = random_features(300, 8, 0).astype(np.float32)
+    sample = random_features(250, 8, 1, shift=0.4).astype(np.float32)
+    expected = brute_force_precision_recall(ref.astype(np.float64), sample.astype(np.float64))
+    assert 0.05 < expected[0] < 0.95 and 0.05 < expected[1] < 0.95  # a case where both can be wrong
+    assert precision_recall(ref, sample, half=False, batch=64) == pytest.approx(expected, abs=1e-12)
+    # ADM computes the distances in float16: the same up to points on a ball's edge
+    assert precision_recall(ref, sample) == pytest.approx(expected, abs=0.02)
+    radii = manifold_radii(torch.from_numpy(ref), half=False)
+    assert torch.allclose(radii.double(), torch.from_numpy(np.sort(((ref[:, None] - ref[None]) ** 2).sum(-1), 1)[:, 3]).double(),
+                          rtol=1e-4)
+
+
+# -- the network ---------------------------------------------------------------------------------------------
+
+def conv(name, c_in, c_out, kh, kw=None):
+    kw = kh if kw is None else kw
+    return [(f"{name}.conv.weight", (c_out, c_in, kh, kw))] + [
+        (f"{name}.bn.{p}", (c_out,)) for p in ("weight", "bias", "running_mean", "running_var")]
+
+
+def block_a(name, c_in, pool):
+    return (conv(f"{name}.branch1x1", c_in, 64, 1) + conv(f"{name}.branch5x5_1", c_in, 48, 1)
+            + conv(f"{name}.branch5x5_2", 48, 64, 5) + conv(f"{name}.branch3x3dbl_1", c_in, 64, 1)
+            + conv(f"{name}.branch3x3dbl_2", 64, 96, 3) + conv(f"{name}.branch3x3dbl_3", 96, 96, 3)
+            + conv(f"{name}.branch_pool", c_in, pool, 1))
+
+
+def block_c(name, c7):
+    return (conv(f"{name}.branch1x1", 768, 192, 1) + conv(f"{name}.branch7x7_1", 768, c7, 1)
+            + conv(f"{name}.branch7x7_2", c7, c7, 1, 7) + conv(f"{name}.branch7x7_3", c7, 192, 7, 1)
+            + conv(f"{name}.branch7x7dbl_1", 768, c7, 1) + conv(f"{name}.branch7x7dbl_2", c7, c7, 7, 1)
+            + conv(f"{name}.branch7x7dbl_3", c7, c7, 1, 7) + conv(f"{name}.branch7x7dbl_4", c7, c7, 7, 1)
+            + conv(f"{name}.branch7x7dbl_5", c7, 192, 1, 7) + conv(f"{name}.branch_pool", 768, 192, 1))
+
+
+def block_e(name, c_in):
+    return (conv(f"{name}.branch1x1", c_in, 320, 1) + conv(f"{name}.branch3x3_1", c_in, 384, 1)
+            + conv(f"{name}.branch3x3_2a", 384, 384, 1, 3) + conv(f"{name}.branch3x3_2b", 384, 384, 3, 1)
+            + conv(f"{name}.branch3x3dbl_1", c_in, 448, 1) + conv(f"{name}.branch3x3dbl_2", 448, 384, 3)
+            + conv(f"{name}.branch3x3dbl_3a", 384, 384, 1, 3) + conv(f"{name}.branch3x3dbl_3b", 384, 384, 3, 1)
+            + conv(f"{name}.branch_pool", c_in, 192, 1))
+
+
+# pt_inception-2015-12-05: torchvision's Inception3 (no aux classifier, 1008 classes) as pytorch-fid builds it
+PUBLIC_WEIGHTS = (
+    conv("Conv2d_1a_3x3", 3, 32, 3) + conv("Conv2d_2a_3x3", 32, 32, 3) + conv("Conv2d_2b_3x3", 32, 64, 3)
+    + conv("Conv2d_3b_1x1", 64, 80, 1) + conv("Conv2d_4a_3x3", 80, 192, 3)
+    + block_a("Mixed_5b", 192, 32) + block_a("Mixed_5c", 256, 64) + block_a("Mixed_5d", 288, 64)
+    + conv("Mixed_6a.branch3x3", 288, 384, 3) + conv("Mixed_6a.branch3x3dbl_1", 288, 64, 1)
+    + conv("Mixed_6a.branch3x3dbl_2", 64, 96, 3) + conv("Mixed_6a.branch3x3dbl_3", 96, 96, 3)
+    + block_c("Mixed_6b", 128) + block_c("Mixed_6c", 160) + block_c("Mixed_6d", 160) + block_c("Mixed_6e", 192)
+    + conv("Mixed_7a.branch3x3_1", 768, 192, 1) + conv("Mixed_7a.branch3x3_2", 192, 320, 3)
+    + conv("Mixed_7a.branch7x7x3_1", 768, 192, 1) + conv("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7)
+    + conv("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1) + conv("Mixed_7a.branch7x7x3_4", 192, 192, 3)
+    + block_e("Mixed_7b", 1280) + block_e("Mixed_7c", 2048)
+    + [("fc.weight", (1008, 2048)), ("fc.bias", (1008,))]
+)
+
+
+def test_state_dict_matches_the_public_fid_weights():
+    state = FIDInceptionV3().state_dict()
+    mine = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert mine == dict(PUBLIC_WEIGHTS)
+    # torchvision's documented 27,161,264 parameters, minus its aux classifier (3,326,696), plus 8 classes
+    assert sum(p.numel() for p in FIDInceptionV3().parameters()) == 27_161_264 - 3_326_696 + 8 * 2049
+
+
+def kaiming_inception(seed: int = 0) -> FIDInceptionV3:
+    """Random weights that keep activations alive through 94 layers (default init collapses them to ~0)."""
+    torch.manual_seed(seed)
+    model = FIDInceptionV3()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.nn.init.normal_(model.fc.weight, std=0.3)
+    return model.eval()
+
+
+def test_feature_shapes_for_a_299_input():
+    with torch.no_grad():
+        pool, spatial, logits = kaiming_inception()(torch.rand(2, 3, 299, 299) * 255)
+    assert pool.shape == (2, 2048) and spatial.shape == (2, 17, 17, 192) and logits.shape == (2, 1008)
+    assert (pool >= 0).all() and pool.std(0).mean() > 0  # post-ReLU averages that differ between images
+
+
+def test_resize_is_tf1_bilinear_without_half_pixel_centres():
+    x = torch.tensor([[[[0.0, 10.0], [20.0, 30.0]]]])
+    out = tf_resize_bilinear(x, 4)  # source coordinate = target * 2 / 4: 0, 0.5, 1, 1.5 (clamped)
+    row = torch.tensor([0.0, 5.0, 10.0, 10.0])
+    expected = torch.stack([row, row + 10, row + 20, row + 20])
+    assert torch.allclose(out[0, 0], expected)
+    image = torch.rand(1, 3, 7, 7)
+    assert torch.equal(tf_resize_bilinear(image, 7), image)  # on the source grid: the pixels themselves
+
+
+# -- end to end -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    torch.save(kaiming_inception().state_dict(), root / "inception.pth")
+    rng = np.random.default_rng(0)
+    np.savez(root / "ref.npz", arr_0=rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    sample = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    sample[:2] = 255 - sample[:2]
+    np.savez(root / "sample.npz", arr_0=sample)
+    return root
+
+
+def test_evaluator_end_to_end_with_random_weights(batches, capsys):
+    args = [str(batches / "ref.npz"), str(batches / "sample.npz"), "--inception-weights", str(batches / "inception.pth"),
+            "--batch-size", "4"]
+    evaluator.main(args)
+    report = (batches / "sample.txt").read_text()
+    names = [line.split(":")[0] for line in report.splitlines()]
+    assert names == ["Inception Score", "FID", "sFID", "Precision", "Recall"] and report in capsys.readouterr().out
+    values = dict(line.split(": ") for line in report.splitlines())
+    assert float(values["Inception Score"]) > 1.0 and float(values["FID"]) > 0 and float(values["sFID"]) > 0
+    assert (batches / "sample.npz.inception.npz").is_file()
+
+    def no_network():
+        raise AssertionError("the cached features should have been used")
+    weights_id = file_sha256(batches / "inception.pth")
+    cached = evaluator.batch_features(batches / "sample.npz", no_network, weights_id, 4, "cpu", 2)
+    assert cached.pool.shape == (5, 2048) and cached.mu_s.shape == (17 * 17 * 7,)
+    assert np.allclose(cached.mu, cached.pool.mean(0))  # (a second evaluate() would redo two 2048^2 sqrtm: ~30 s)
+
+
+def test_reference_statistics_stored_in_the_file_are_used(batches):
+    weights = batches / "inception.pth"
+    features = evaluator.batch_features(batches / "ref.npz", lambda: FIDInceptionV3.from_file(weights),
+                                        file_sha256(weights), 4, "cpu", 2)  # cached by the end-to-end test
+    np.savez(batches / "virtual.npz", arr_0=np.load(batches / "ref.npz")["arr_0"], mu=np.zeros(2048),
+             sigma=np.eye(2048), mu_s=np.ones(2023), sigma_s=np.eye(2023))
+    stats = evaluator.reference_statistics(batches / "virtual.npz", features)
+    assert (stats.mu == 0).all() and (stats.mu_s == 1).all() and stats.pool is features.pool
+
+
+def one_line_error(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "evaluations.c2i.evaluator", *args], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    return proc.stderr
+
+
+def test_bad_inputs_are_one_line_errors(batches, tmp_path):
+    weights = ["--inception-weights", str(batches / "inception.pth")]
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
+    np.savez(tmp_path / "nokey.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    assert "arr_0 must be uint8 [N, H, W, 3]" in one_line_error(str(tmp_path / "float.npz"), "x.npz", *weights)
+    assert "has no 'arr_0' (keys: images)" in one_line_error(str(tmp_path / "nokey.npz"), "x.npz", *weights)
+    assert "1 images, but the statistics need at least 2" in one_line_error(str(tmp_path / "one.npz"), "x", *weights)
+    assert "pt_inception-2015-12-05-6726825d.pth" in one_line_error(
+        str(batches / "ref.npz"), str(batches / "sample.npz"), "--inception-weights", str(tmp_path / "none.pth"))
+    torch.save({"w": torch.zeros(1)}, tmp_path / "other.pth")
+    assert "is not pt_inception-2015-12-05-6726825d.pth: 472 missing keys" in one_line_error(
+        str(batches / "ref.npz"), str(batches / "sample.npz"), "--inception-weights", str(tmp_path / "other.pth"))
