@@ -284,13 +284,14 @@ class Sampler:
 
 
 def _tokenizer_of(config_path: Path) -> str:
-    """The tokenizer checkpoint recorded in the training store's meta.json."""
-    store = OmegaConf.load(config_path).get("data", {}).get("store")
-    meta = read_meta(store) if store and Path(store).is_dir() else None
-    checkpoint = meta and meta.get("tokenizer", {}).get("checkpoint")
+    """The tokenizer the run's config names (``data.tokenizer_checkpoint``), else the one its store records."""
+    data = OmegaConf.load(config_path).get("data", {})
+    checkpoint, store = data.get("tokenizer_checkpoint"), data.get("store")
+    if not checkpoint and store and Path(store).is_dir():
+        checkpoint = (read_meta(store) or {}).get("tokenizer", {}).get("checkpoint")
     if not checkpoint or not Path(checkpoint).is_file():
-        raise UserError(f"cannot find the tokenizer of {config_path} (its token store {store!r} records "
-                        f"{checkpoint!r}); give --vq-ckpt")
+        raise UserError(f"cannot find the tokenizer of {config_path} (data.tokenizer_checkpoint / its token store "
+                        f"{store!r} name {checkpoint!r}); give --vq-ckpt")
     return checkpoint
 
 

@@ -58,6 +58,8 @@ RESUMABLE_KEYS = {"train.epochs", "train.max_steps", "train.log_every", "train.v
 class DataConfig:
     # token store written by preprocess_tokens.py (with entropies for patcher.mode entropy).
     store: str = "data/imagenet256_tokens"
+    # the VQ tokenizer that made data.store (null: filled in from the store's meta.json); sampling decodes with it.
+    tokenizer_checkpoint: str | None = None
     # optional second store for validation NLL (e.g. ImageNet val tokenized with --views 1); view 0 is used.
     val_store: str | None = None
     # without val_store: hold out the last N images of the training store for validation (0: no validation).
@@ -219,6 +221,8 @@ class Trainer:
                                                                  cfg.max_device_batch_size)
 
         store = open_store(data.store, model_config, "data.store")
+        if config.data.tokenizer_checkpoint is None:
+            config.data.tokenizer_checkpoint = store.meta["tokenizer"]["checkpoint"]
         entropies = patcher is not None and patcher.mode == "entropy"
         if entropies:
             check_entropy_source(config, store)

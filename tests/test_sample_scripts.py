@@ -1,4 +1,5 @@
 """sample_c2i.py (grid + patch map) and sample_c2i_ddp.py (sharded, resumable, ADM .npz) on a tiny run."""
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from dpar.data.preprocess import next_token_entropies
 from dpar.experiment import save_checkpoint
 from dpar.models import ModelConfig, create_model
 from dpar.patcher import PatcherConfig
+from dpar.sampling import Sampler, SamplingConfig
 from tests.helpers import finish, randomize, run_script
 from tokenizer.vq_model import VQConfig, create_vq
 
@@ -120,3 +122,15 @@ def test_samples_can_be_resized_for_evaluation(experiment, tmp_path):
     finish(run_script([sys.executable] + ddp_command(run, vq_ckpt, tmp_path, "--num-fid-samples", "4",
                                                      "--image-size-eval", "8")))
     assert np.load(tmp_path / NPZ)["arr_0"].shape == (4, 8, 8, 3)
+
+
+def test_the_tokenizer_named_in_the_config_is_used(experiment, tmp_path):
+    run, vq_ckpt = experiment
+    named = tmp_path / "named"
+    shutil.copytree(run, named)
+    config = OmegaConf.load(named / "config.yaml")
+    config.data.tokenizer_checkpoint = str(vq_ckpt)
+    OmegaConf.save(config, named / "config.yaml")
+    sampler = Sampler.from_experiment(named)
+    images, _ = sampler.sample(torch.tensor([0, 1]), torch.tensor([5, 6]), SamplingConfig())
+    assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == torch.uint8

@@ -101,8 +101,9 @@ def test_each_mode_learns(setup, tmp_path, config, overrides):
         assert tokens_per_patch == pytest.approx(expected)
     assert epochs[-1]["forward_linear_gmacs_per_sample"] > 0
     assert [epoch for epoch, _ in list_checkpoints(run)] == [0, 1, 2]
+    saved = OmegaConf.load(run / "config.yaml")
+    assert saved.data.tokenizer_checkpoint == "arrays"  # what the store's meta.json records, for sampling
     if mode == "entropy":  # the entropy model's config is found next to its checkpoint and recorded
-        saved = OmegaConf.load(run / "config.yaml")
         assert saved.patcher.entropy_model_checkpoint_config == str(setup[2].parents[2] / "config.yaml")
 
 
