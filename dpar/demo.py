@@ -1,0 +1,150 @@
+r"""Build the embedded demo from nothing: synthetic images -> tokenizer -> tokens -> entropy model ->
+entropies -> DPAR, the GPT baseline and static patching -> samples. Run from the repository root:
+
+    python -m dpar.demo                  # rebuilds assets/demo/ (minutes on a laptop CPU)
+    python -m dpar.demo --tiny --output /tmp/demo   # the same pipeline at toy sizes (CI's end-to-end test)
+
+Every stage is the project's own command (``tokenizer.train_vq``, ``preprocess_tokens.py``,
+``train_entropy_model.py``, ``train_global_model.py``) with the ``configs/tiny`` configs; the
+runs end up in ``<output>/<name>/`` in the normal experiment-dir layout, with paths relative to the
+repository so ``python sample_c2i.py`` works from a fresh clone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .errors import run_main
+from .experiment import CONFIG_FILE, EMA_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO / "assets" / "demo"
+
+
+@dataclass
+class Scale:
+    """How big the demo is: the full build, or ``--tiny`` for CI."""
+    images: int
+    tokenizer_images: int
+    tokenizer_epochs: int
+    entropy_epochs: int
+    global_epochs: int
+    views: int
+
+
+FULL = Scale(images=2000, tokenizer_images=1024, tokenizer_epochs=10, entropy_epochs=20, global_epochs=20, views=2)
+TINY = Scale(images=96, tokenizer_images=32, tokenizer_epochs=1, entropy_epochs=1, global_epochs=1, views=1)
+GLOBAL_RUNS = {"dpar": "configs/tiny/global_model_entropy_row_break.yaml", "gpt": "configs/tiny/gpt_baseline.yaml",
+               "static": "configs/tiny/global_model_static.yaml"}
+
+
+def build(output: Path, work: Path, scale: Scale) -> dict:
+    """Run every stage; returns the summary that is also written to ``<output>/summary.json``."""
+    import preprocess_tokens
+    import train_entropy_model
+    import train_global_model
+    from tokenizer import train_vq
+
+    from .data.synthetic import write_image_folder
+
+    summary, timings = {}, {}
+
+    def stage(name: str, run) -> None:
+        started = time.perf_counter()
+        print(f"\n=== {name} ===", flush=True)
+        run()
+        timings[name] = round(time.perf_counter() - started, 1)
+
+    images, tokenizer_images, store = work / "images", work / "tokenizer_images", work / "tokens"
+    batch = ["--train.global_batch_size", "16"] if scale is TINY else []
+    stage("synthetic images", lambda: (write_image_folder(images, scale.images, 64, seed=0),
+                                       write_image_folder(tokenizer_images, scale.tokenizer_images, 64, seed=1)))
+    stage("tokenizer", lambda: train_vq.main([
+        "--config", "configs/tokenizer/vq_tiny.yaml", "--data.data_path", str(tokenizer_images),
+        "--train.results_dir", str(work / "runs"), "--train.epochs", str(scale.tokenizer_epochs),
+        "--train.recon_every", str(max(scale.tokenizer_epochs // 2, 1)), *batch]))
+    vq = _final(work / "runs" / "scratch" / "vq_tiny")
+    stage("tokens", lambda: preprocess_tokens.main([
+        "--stage", "tokens", "--data-path", str(images), "--store", str(store), "--vq-ckpt", str(vq / "model.safetensors"),
+        "--image-size", "64", "--views", str(scale.views), "--num-workers", "0", "--shard-size", "500"]))
+    common = ["--data.store", str(store), "--train.results_dir", str(work / "runs")]
+    stage("entropy model", lambda: train_entropy_model.main([
+        "--config", "configs/tiny/entropy_model.yaml", *common, "--train.epochs", str(scale.entropy_epochs), *batch,
+        *(["--data.val_holdout", "16"] if scale is TINY else [])]))
+    entropy = _final(work / "runs" / "scratch" / "entropy_model")
+    stage("entropies", lambda: preprocess_tokens.main([
+        "--stage", "entropies", "--store", str(store), "--entropy-model-checkpoint", str(entropy / "model.safetensors")]))
+    for name, config in GLOBAL_RUNS.items():
+        stage(f"{name} model", lambda config=config: train_global_model.main([
+            "--config", config, *common, "--train.epochs", str(scale.global_epochs), *batch,
+            "--patcher.entropy_model_checkpoint", str(entropy / "model.safetensors"),
+            *(["--data.val_holdout", "16"] if scale is TINY else [])]))
+
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    _publish(vq, output / "tokenizer", {})
+    _publish(entropy, output / "entropy_model", {})
+    rewrites = {"patcher.entropy_model_checkpoint": _relative(output / "entropy_model" / _weights(entropy)),
+                "patcher.entropy_model_checkpoint_config": _relative(output / "entropy_model" / CONFIG_FILE),
+                "data.tokenizer_checkpoint": _relative(output / "tokenizer" / _weights(vq))}
+    for name in GLOBAL_RUNS:
+        run = _final(work / "runs" / "scratch" / Path(GLOBAL_RUNS[name]).stem)
+        summary[name] = _publish(run, output / name, rewrites)
+    summary["seconds"] = timings
+    (output / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _final(runs: Path) -> Path:
+    """The final epoch checkpoint of the newest run under ``runs``."""
+    run = sorted(p for p in runs.iterdir() if p.is_dir())[-1]
+    return latest_checkpoint(run)
+
+
+def _weights(checkpoint: Path) -> Path:
+    """A checkpoint's weights, relative to its run: checkpoints/epoch_*/model.safetensors."""
+    return Path("checkpoints") / checkpoint.name / MODEL_FILE
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (the shipped demo), else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def _publish(checkpoint: Path, target: Path, rewrites: dict[str, str]) -> dict:
+    """Copy a run's final checkpoint as ``target/checkpoints/epoch_*/`` (weights only), its config (paths
+    rewritten) and metrics; returns its last epoch summary."""
+    run = checkpoint.parents[1]
+    (target / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, target / "checkpoints" / checkpoint.name,
+                    ignore=shutil.ignore_patterns(STATE_FILE, EMA_FILE))
+    config = OmegaConf.load(run / CONFIG_FILE)
+    for key, value in rewrites.items():
+        if OmegaConf.select(config, key, default="absent") != "absent":
+            OmegaConf.update(config, key, value)
+    OmegaConf.save(config, target / CONFIG_FILE)
+    shutil.copy(run / METRICS_FILE, target / METRICS_FILE)
+    epochs = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines() if "epoch_summary" in line]
+    return epochs[-1] if epochs else {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--work-dir", type=Path, default=None, help="intermediate files (default: <output>.work)")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes: the whole pipeline in about a minute")
+    args = parser.parse_args(argv)
+    work = args.work_dir or args.output.with_name(args.output.name + ".work")
+    summary = build(args.output, work, TINY if args.tiny else FULL)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    run_main(main)
