@@ -25,6 +25,7 @@ from .experiment import CONFIG_FILE, EMA_FILE, METRICS_FILE, MODEL_FILE, STATE_F
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "assets" / "demo"
+DEMO_RUN = DEFAULT_OUTPUT / "dpar"  # what python sample_c2i.py samples from without arguments
 
 
 @dataclass
@@ -47,6 +48,7 @@ GLOBAL_RUNS = {"dpar": "configs/tiny/global_model_entropy_row_break.yaml", "gpt"
 def build(output: Path, work: Path, scale: Scale) -> dict:
     """Run every stage; returns the summary that is also written to ``<output>/summary.json``."""
     import preprocess_tokens
+    import sample_c2i
     import train_entropy_model
     import train_global_model
     from tokenizer import train_vq
@@ -96,6 +98,10 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     for name in GLOBAL_RUNS:
         run = _final(work / "runs" / "scratch" / Path(GLOBAL_RUNS[name]).stem)
         summary[name] = _publish(run, output / name, rewrites)
+    for name in ("dpar", "gpt"):
+        stage(f"{name} samples", lambda name=name: sample_c2i.main([
+            "--experiment_dir", str(output / name), "--output-dir", str(output / "samples" / name),
+            "--cfg-scale", "3.0", "--per-class", "4" if scale is FULL else "1"]))
     summary["seconds"] = timings
     (output / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -34,6 +34,7 @@ from tokenizer.vq_model import load_vq
 
 from .config import read_section
 from .data.store import read_meta
+from .demo import DEMO_RUN
 from .errors import UserError
 from .fileio import atomic_path, atomic_write_text
 from .experiment import CONFIG_FILE, EMA_FILE, MODEL_FILE, list_checkpoints, load_model_weights, load_trained_model
@@ -238,6 +239,8 @@ class Sampler:
         experiment = Path(experiment_dir)
         config_path = experiment / CONFIG_FILE
         if not config_path.is_file():
+            if experiment.resolve() == DEMO_RUN:
+                raise UserError(f"the embedded demo {DEMO_RUN} is missing; rebuild it with python -m dpar.demo")
             raise UserError(f"{experiment} is not an experiment dir (no {CONFIG_FILE})")
         checkpoints = dict(list_checkpoints(experiment))
         if not checkpoints:
@@ -297,7 +300,8 @@ def _tokenizer_of(config_path: Path) -> str:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags sample_c2i.py and sample_c2i_ddp.py share (LlamaGen's names)."""
-    parser.add_argument("--experiment_dir", "--experiment-dir", required=True, help="a training run's directory")
+    parser.add_argument("--experiment_dir", "--experiment-dir", default=str(DEMO_RUN),
+                        help="a training run's directory (default: the embedded demo's DPAR, assets/demo/dpar)")
     parser.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: the newest)")
     parser.add_argument("--output-dir", default="samples")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1.0 = none)")

@@ -13,12 +13,13 @@ def test_tiny_demo_build_then_sample(tmp_path, capsys):
     demo.main(["--tiny", "--output", str(output), "--work-dir", str(tmp_path / "work")])
     summary = json.loads((output / "summary.json").read_text())
     assert list(summary["seconds"]) == ["synthetic images", "tokenizer", "tokens", "entropy model", "entropies",
-                                        "dpar model", "gpt model", "static model"]
+                                        "dpar model", "gpt model", "static model", "dpar samples", "gpt samples"]
     assert summary["static"]["tokens_per_patch"] == 2.0 and summary["gpt"]["tokens_per_patch"] == 1.0
     for name in ("tokenizer", "entropy_model", "dpar", "gpt", "static"):
         assert (output / name / "config.yaml").is_file()
         assert len(list((output / name / "checkpoints").glob("epoch_*/model.safetensors"))) == 1
     assert not list(output.rglob("training_state.pt"))  # weights only: the demo is for sampling
+    assert len(list((output / "samples" / "dpar").glob("*_patches.png"))) == 1
 
     capsys.readouterr()
     sample_c2i.main(["--experiment_dir", str(output / "dpar"), "--output-dir", str(tmp_path / "samples"),
