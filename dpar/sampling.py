@@ -37,8 +37,8 @@ from .data.store import read_meta
 from .demo import DEMO_RUN
 from .errors import UserError
 from .fileio import atomic_path, atomic_write_text
-from .experiment import CONFIG_FILE, EMA_FILE, MODEL_FILE, list_checkpoints, load_model_weights, load_trained_model
-from .models import DPAR, ModelConfig, create_model, is_dpar
+from .experiment import CONFIG_FILE, EMA_FILE, MODEL_FILE, list_checkpoints, load_trained_model
+from .models import DPAR, ModelConfig, is_dpar
 from .patcher import PatcherConfig, logits_entropy, next_patch_start
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -249,10 +249,8 @@ class Sampler:
         if epoch not in checkpoints:
             raise UserError(f"{experiment} has no checkpoint of epoch {epoch}; it has epochs "
                             f"{', '.join(map(str, sorted(checkpoints)))}")
-        model_config = read_section(config_path, "model", ModelConfig)
-        model = create_model(model_config)
-        load_model_weights(model, checkpoints[epoch] / (EMA_FILE if ema else MODEL_FILE))
-        model = model.eval().to(device)
+        model, model_config = load_trained_model(checkpoints[epoch] / (EMA_FILE if ema else MODEL_FILE), config_path)
+        model = model.to(device)
 
         patcher, entropy_model = None, None
         if is_dpar(model_config.gpt_model):
