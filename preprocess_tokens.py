@@ -21,6 +21,7 @@ from dpar.data.preprocess import (TokenJob, entropy_shards, finish_entropies, fi
 from dpar.data.store import TokenStore, file_sha256, read_meta
 from dpar.errors import UserError, run_main
 from dpar.experiment import load_trained_model
+from dpar.launch import make_accelerator
 from tokenizer.transforms import VIEW_COUNTS
 from tokenizer.vq_model import VQ_models, VQConfig, load_vq
 
@@ -116,7 +117,7 @@ def stage_entropies(args: argparse.Namespace, accelerator: Accelerator) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     with torch.no_grad():
         (stage_tokens if args.stage == "tokens" else stage_entropies)(args, accelerator)
 

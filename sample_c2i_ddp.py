@@ -12,20 +12,13 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dpar.errors import run_main
 from dpar.launch import make_accelerator
 from dpar.sampling import (Sampler, SampleChunks, add_sampling_arguments, class_order_labels, sample_file_stem,
                            sampling_from_args)
-
-
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> uint8 [B, size, size, 3], bicubic."""
-    x = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(size, size), mode="bicubic", align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+from dpar.visual import resize_images
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         index = chunks.indices(k)
         images, out = sampler.sample(labels[index].to(accelerator.device), args.seed * 1_000_003 + index, sampling)
         if args.image_size_eval:
-            images = resize(images, args.image_size_eval)
+            images = resize_images(images, args.image_size_eval)
         chunks.write(k, images.cpu().numpy())
         done, steps, tokens = done + len(index), steps + int(out.global_steps.sum()), tokens + out.tokens.numel()
         bar.set_postfix(img_s=f"{done * accelerator.num_processes / (time.perf_counter() - started):.2f}",

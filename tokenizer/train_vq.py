@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from omegaconf import MISSING
 from torch.utils.data import DataLoader
@@ -28,6 +27,7 @@ from dpar.data.images import EpochPermutation, RandomCropImages, list_images
 from dpar.errors import UserError, run_main
 from dpar.experiment import (CONFIG_FILE, STATE_FILE, add_run_arguments, append_metrics, load_model_weights,
                              load_torch_file, resolve_run, save_checkpoint)
+from dpar.launch import make_accelerator
 from dpar.visual import image_grid, save_png
 from tokenizer.lpips import LPIPS
 from tokenizer.transforms import center_crop_arr, open_rgb
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     add_run_arguments(parser)
     args, config = parse_cli(parser, TrainVQConfig, argv)
     cfg: TrainVQConfig = to_dataclass(config)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.train.global_batch_size % world:
         raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by {world} processes")
