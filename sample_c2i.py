@@ -21,7 +21,7 @@ IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]  # LlamaGen's sample
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sampling_arguments(parser)
+    add_sampling_arguments(parser, cfg_scale=4.0)  # LlamaGen's sample_c2i.py default
     parser.add_argument("--classes", type=int, nargs="+", default=None,
                         help="class ids, one grid row each (default: LlamaGen's 8 on ImageNet, else every class)")
     parser.add_argument("--per-class", type=int, default=8, help="images per class")

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import run_main
 from .experiment import CONFIG_FILE, EMA_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint
@@ -39,8 +39,10 @@ class Scale:
     views: int
 
 
-FULL = Scale(images=2000, tokenizer_images=1024, tokenizer_epochs=10, entropy_epochs=20, global_epochs=20, views=2)
+FULL = Scale(images=4000, tokenizer_images=1024, tokenizer_epochs=20, entropy_epochs=6, global_epochs=10, views=2)
 TINY = Scale(images=96, tokenizer_images=32, tokenizer_epochs=1, entropy_epochs=1, global_epochs=1, views=1)
+IMAGE_SIZE = OmegaConf.load(REPO / "configs" / "tokenizer" / "vq_tiny.yaml").data.image_size
+TOKENS_PER_PATCH = 1.81  # DPAR's θ is set on the demo's store to give the paper's 256 px mean patch length
 GLOBAL_RUNS = {"dpar": "configs/tiny/global_model_entropy_row_break.yaml", "gpt": "configs/tiny/gpt_baseline.yaml",
                "static": "configs/tiny/global_model_static.yaml"}
 
@@ -53,6 +55,8 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     import train_global_model
     from tokenizer import train_vq
 
+    from .data.stats import store_threshold
+    from .data.store import TokenStore
     from .data.synthetic import write_image_folder
 
     summary, timings = {}, {}
@@ -63,10 +67,12 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
         run()
         timings[name] = round(time.perf_counter() - started, 1)
 
+    shutil.rmtree(work, ignore_errors=True)  # from nothing: no stale images, store or runs of an older build
     images, tokenizer_images, store = work / "images", work / "tokenizer_images", work / "tokens"
     batch = ["--train.global_batch_size", "16"] if scale is TINY else []
-    stage("synthetic images", lambda: (write_image_folder(images, scale.images, 64, seed=0),
-                                       write_image_folder(tokenizer_images, scale.tokenizer_images, 64, seed=1)))
+    stage("synthetic images", lambda: (write_image_folder(images, scale.images, IMAGE_SIZE, seed=0),
+                                       write_image_folder(tokenizer_images, scale.tokenizer_images, IMAGE_SIZE,
+                                                          seed=1)))
     stage("tokenizer", lambda: train_vq.main([
         "--config", "configs/tokenizer/vq_tiny.yaml", "--data.data_path", str(tokenizer_images),
         "--train.results_dir", str(work / "runs"), "--train.epochs", str(scale.tokenizer_epochs),
@@ -74,7 +80,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     vq = _final(work / "runs" / "scratch" / "vq_tiny")
     stage("tokens", lambda: preprocess_tokens.main([
         "--stage", "tokens", "--data-path", str(images), "--store", str(store), "--vq-ckpt", str(vq / "model.safetensors"),
-        "--image-size", "64", "--views", str(scale.views), "--num-workers", "0", "--shard-size", "500"]))
+        "--image-size", str(IMAGE_SIZE), "--views", str(scale.views), "--num-workers", "0", "--shard-size", "500"]))
     common = ["--data.store", str(store), "--train.results_dir", str(work / "runs")]
     stage("entropy model", lambda: train_entropy_model.main([
         "--config", "configs/tiny/entropy_model.yaml", *common, "--train.epochs", str(scale.entropy_epochs), *batch,
@@ -82,26 +88,30 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     entropy = _final(work / "runs" / "scratch" / "entropy_model")
     stage("entropies", lambda: preprocess_tokens.main([
         "--stage", "entropies", "--store", str(store), "--entropy-model-checkpoint", str(entropy / "model.safetensors")]))
+    threshold = round(store_threshold(TokenStore(store), TOKENS_PER_PATCH, max_patch_length=4, row_break=True), 3)
+    print(f"patcher.threshold {threshold}: {TOKENS_PER_PATCH} tokens per patch on {store} (P=4, row break)")
+    summary["threshold"] = threshold
     for name, config in GLOBAL_RUNS.items():
         stage(f"{name} model", lambda config=config: train_global_model.main([
             "--config", config, *common, "--train.epochs", str(scale.global_epochs), *batch,
             "--patcher.entropy_model_checkpoint", str(entropy / "model.safetensors"),
+            "--patcher.threshold", str(threshold),
             *(["--data.val_holdout", "16"] if scale is TINY else [])]))
 
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
-    _publish(vq, output / "tokenizer", {})
-    _publish(entropy, output / "entropy_model", {})
     rewrites = {"patcher.entropy_model_checkpoint": _relative(output / "entropy_model" / _weights(entropy)),
                 "patcher.entropy_model_checkpoint_config": _relative(output / "entropy_model" / CONFIG_FILE),
                 "data.tokenizer_checkpoint": _relative(output / "tokenizer" / _weights(vq))}
+    _publish(vq, output / "tokenizer", {})
+    _publish(entropy, output / "entropy_model", rewrites)
     for name in GLOBAL_RUNS:
         run = _final(work / "runs" / "scratch" / Path(GLOBAL_RUNS[name]).stem)
         summary[name] = _publish(run, output / name, rewrites)
     for name in ("dpar", "gpt"):
         stage(f"{name} samples", lambda name=name: sample_c2i.main([
             "--experiment_dir", str(output / name), "--output-dir", str(output / "samples" / name),
-            "--cfg-scale", "3.0", "--per-class", "4" if scale is FULL else "1"]))
+            "--per-class", "4" if scale is FULL else "1"]))
     summary["seconds"] = timings
     (output / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -135,6 +145,10 @@ def _publish(checkpoint: Path, target: Path, rewrites: dict[str, str]) -> dict:
     for key, value in rewrites.items():
         if OmegaConf.select(config, key, default="absent") != "absent":
             OmegaConf.update(config, key, value)
+    for section in config.values():  # the work dir's store, images and results_dir, relative to the repository too
+        for key, value in section.items() if isinstance(section, DictConfig) else ():
+            if isinstance(value, str) and Path(value).is_absolute():
+                section[key] = _relative(Path(value))
     OmegaConf.save(config, target / CONFIG_FILE)
     shutil.copy(run / METRICS_FILE, target / METRICS_FILE)
     epochs = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines() if "epoch_summary" in line]

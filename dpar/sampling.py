@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from tokenizer.vq_model import load_vq
@@ -105,6 +106,8 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
 
     DPAR needs ``patcher`` (its mode, θ and P may differ from training: paper Table 6) and, for entropy
     patching, the unconditional GPT ``entropy_model``. ``progress`` shows a bar over the token steps.
+    The stages carry profiler labels (entropy_model, encoder, global, decoder, sample) so that a
+    profile says where the time goes (benchmarks/sample_throughput.py prints the split).
     """
     is_dpar = isinstance(model, DPAR)
     device = next(model.parameters()).device
@@ -153,27 +156,33 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
                 run_length = i - patch_first
                 start = next_patch_start(patcher, None if entropies is None else entropies[:, i], i, run_length, width)
                 starts[:, i] = start
-                _global_step(model, start, i, rows_labels, halves, states, g, patches, patch_first)
+                with record_function("global"):
+                    _global_step(model, start, i, rows_labels, halves, states, g, patches, patch_first)
                 previous = None if i == 0 else states[-1][:, i - 1].repeat(halves, 1)
-                logits = model.decode_step(previous, g, i)
-            elif i == 0:
-                logits = model(None, rows_labels, input_pos=torch.tensor([0], device=device))[0][:, -1]
+                with record_function("decoder"):
+                    logits = model.decode_step(previous, g, i)
             else:
-                previous = tokens[:, i - 1:i].repeat(halves, 1)
-                logits = model(previous, None, input_pos=torch.tensor([i], device=device))[0][:, -1]
+                with record_function("global"):  # the GPT is all global transformer
+                    previous = None if i == 0 else tokens[:, i - 1:i].repeat(halves, 1)
+                    logits = model(previous, rows_labels if i == 0 else None,
+                                   input_pos=torch.tensor([i], device=device))[0][:, -1]
             if logits_log is not None:
                 logits_log[:, i] = logits
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + (cond - uncond) * guidance_scale(sampling, i, num_tokens)
-            tokens[:, i] = sample_from_logits(logits, uniforms[:, i], sampling)
+            with record_function("sample"):
+                if guided:
+                    cond, uncond = logits.chunk(2)
+                    logits = uncond + (cond - uncond) * guidance_scale(sampling, i, num_tokens)
+                tokens[:, i] = sample_from_logits(logits, uniforms[:, i], sampling)
 
             if is_dpar:
-                for layer_states, state in zip(states, model.encode_step(tokens[:, i], i)):
-                    layer_states[:, i] = state
+                with record_function("encoder"):
+                    for layer_states, state in zip(states, model.encode_step(tokens[:, i], i)):
+                        layer_states[:, i] = state
             if use_entropy and i + 1 < num_tokens:
-                next_logits = entropy_model(tokens[:, i:i + 1], None, input_pos=torch.tensor([i + 1], device=device))[0]
-                entropies[:, i + 1] = logits_entropy(next_logits[:, -1])
+                with record_function("entropy_model"):
+                    next_logits = entropy_model(tokens[:, i:i + 1], None,
+                                                input_pos=torch.tensor([i + 1], device=device))[0]
+                    entropies[:, i + 1] = logits_entropy(next_logits[:, -1])
     finally:
         model.clear_caches()
         if use_entropy:
@@ -296,13 +305,13 @@ def _tokenizer_of(config_path: Path) -> str:
     return checkpoint
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags sample_c2i.py and sample_c2i_ddp.py share (LlamaGen's names)."""
+def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_scale: float = 1.0) -> None:
+    """The flags sample_c2i.py and sample_c2i_ddp.py share (LlamaGen's names; ``cfg_scale`` its default)."""
     parser.add_argument("--experiment_dir", "--experiment-dir", default=str(DEMO_RUN),
                         help="a training run's directory (default: the embedded demo's DPAR, assets/demo/dpar)")
     parser.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: the newest)")
     parser.add_argument("--output-dir", default="samples")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1.0 = none)")
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="classifier-free guidance (1.0 = none)")
     parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant")
     parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -26,13 +26,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .config import load_config, save_config
@@ -160,6 +160,24 @@ def forward_loss(model: nn.Module, batch: PackedBatch, conditional: bool) -> Ten
     else:
         _, loss = model(batch.tokens, labels, batch.patch_start, targets=batch.tokens, layout=batch.layout)
     return loss
+
+
+@torch.no_grad()
+def nll_totals(model: nn.Module, dataset: Dataset, collate: PackedCollate, batch_size: int, conditional: bool, *,
+               autocast: Callable[[], ContextManager] = nullcontext, num_workers: int = 0,
+               progress: bool = True) -> Tensor:
+    """``[sum of token NLLs (nats), token count]`` of ``dataset`` under ``model``, with the patches that
+    ``collate`` cuts: validation during training, and the study's threshold sweep (other boundaries)."""
+    model.eval()
+    device = next(model.parameters()).device
+    totals = torch.zeros(2, device=device)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    for batch in tqdm(loader, desc="validation", unit="batch", leave=False, disable=not progress):
+        batch = batch.to(device)
+        with autocast():
+            loss = forward_loss(model, batch, conditional)
+        totals += torch.stack([loss.float() * batch.tokens.numel(), totals.new_tensor(batch.tokens.numel())])
+    return totals
 
 
 def open_store(path: str, model: ModelConfig, key: str) -> TokenStore:
@@ -398,19 +416,12 @@ class Trainer:
         return count(m.gpt_model, m.image_size, self._tokens_per_patch(), m.downsample_size, m.vocab_size,
                      m.num_classes)["linear_gmacs"]
 
-    @torch.no_grad()
     def validation_nll(self) -> float:
         """Mean NLL per token (nats) of the validation images, over all processes."""
-        model = self.raw_model.eval()
         shard = torch.utils.data.Subset(self.val_set, range(self.rank, len(self.val_set), self.world))
-        loader = DataLoader(shard, batch_size=self.micro_batch, collate_fn=self.collate, num_workers=self.num_workers)
-        totals = torch.zeros(2, device=self.device)
-        for batch in tqdm(loader, desc="validation", unit="batch", leave=False,
-                          disable=not self.accelerator.is_local_main_process):
-            batch = batch.to(self.device)
-            with self.accelerator.autocast():
-                loss = forward_loss(model, batch, self.conditional)
-            totals += torch.stack([loss.float() * batch.tokens.numel(), totals.new_tensor(batch.tokens.numel())])
+        totals = nll_totals(self.raw_model, shard, self.collate, self.micro_batch, self.conditional,
+                            autocast=self.accelerator.autocast, num_workers=self.num_workers,
+                            progress=self.accelerator.is_local_main_process)
         totals = self.accelerator.reduce(totals, "sum")
         return float(totals[0] / totals[1])
 

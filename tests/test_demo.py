@@ -1,20 +1,34 @@
-"""The embedded demo's pipeline end to end at toy size (python -m dpar.demo --tiny), then sampling from it."""
+"""The embedded demo's pipeline end to end at toy size (python -m dpar.demo --tiny), sampling from it, and
+the small-scale study on its token store."""
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 import sample_c2i
+from benchmarks import small_scale_study
 from dpar import demo
+from tests.helpers import ROOT, finish, run_script
 
 
-def test_tiny_demo_build_then_sample(tmp_path, capsys):
-    output = tmp_path / "demo"
-    demo.main(["--tiny", "--output", str(output), "--work-dir", str(tmp_path / "work")])
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    demo.main(["--tiny", "--output", str(root / "demo"), "--work-dir", str(root / "work")])
+    return root
+
+
+def test_tiny_demo_build_then_sample(tiny_demo, tmp_path, capsys):
+    output = tiny_demo / "demo"
     summary = json.loads((output / "summary.json").read_text())
     assert list(summary["seconds"]) == ["synthetic images", "tokenizer", "tokens", "entropy model", "entropies",
                                         "dpar model", "gpt model", "static model", "dpar samples", "gpt samples"]
     assert summary["static"]["tokens_per_patch"] == 2.0 and summary["gpt"]["tokens_per_patch"] == 1.0
+    assert 1.0 <= summary["dpar"]["tokens_per_patch"] <= 4.0 and "threshold" in summary
     for name in ("tokenizer", "entropy_model", "dpar", "gpt", "static"):
         assert (output / name / "config.yaml").is_file()
         assert len(list((output / name / "checkpoints").glob("epoch_*/model.safetensors"))) == 1
@@ -27,4 +41,50 @@ def test_tiny_demo_build_then_sample(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tokens per patch" in out
     grid = np.asarray(Image.open(next((tmp_path / "samples").glob("*[0-9].png"))))
-    assert grid.shape == (3 * 66 + 2, 66 + 2, 3)  # three 64 px rows with 2 px gaps
+    cell = demo.IMAGE_SIZE + 2
+    assert grid.shape == (3 * cell + 2, cell + 2, 3)  # three rows of one image, 2 px gaps
+
+
+def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
+    out = tmp_path / "study"
+    argv = ["--store", str(tiny_demo / "work" / "tokens"), "--entropy-model", str(tiny_demo / "demo" / "entropy_model"),
+            "--seeds", "0", "1", "--epochs", "2", "--val-holdout", "16", "--variants", "dpar", "static", "gpt",
+            "--runs-dir", str(tmp_path / "runs"), "--output", str(out), "--jobs", "2",
+            "--extra", "train.global_batch_size=16"]
+    small_scale_study.main(argv)
+    results = json.loads((out / "small_scale_study.json").read_text())
+    variants = results["variants"]
+    assert set(variants) == {"dpar", "static", "gpt"}
+    for name, r in variants.items():
+        assert np.array(r["val_nll"]).shape == (2, 2), name  # seeds x epochs
+        assert r["steps"] == [5, 10]  # 80 training images / 16 per step
+    assert variants["gpt"]["global_steps_per_image"] == 64
+    assert variants["static"]["tokens_per_patch"] == results["static_length"]
+    assert variants["static"]["forward_gmacs_per_sample"] < variants["gpt"]["forward_gmacs_per_sample"]
+    sweep = results["sweep"]
+    assert [row["threshold"] is None for row in sweep["static"]] == [False] * 4 + [True]
+    for png in ("nll_vs_steps", "nll_vs_gmacs", "threshold_sweep"):
+        assert Image.open(out / f"small_scale_study_{png}.png").size[0] > 100
+    report = (out / "small_scale_study.md").read_text()
+    assert "| dpar |" in report and "| gpt |" in report
+    # a rerun reuses the finished runs and keeps a hand-written findings section
+    (out / "small_scale_study.md").write_text(report + "\n## Findings\n\nhand-written\n")
+    small_scale_study.main(argv)
+    assert (out / "small_scale_study.md").read_text().endswith("## Findings\n\nhand-written\n")
+    assert len(list((tmp_path / "runs" / "scratch" / "dpar_seed0").iterdir())) == 1
+
+
+def test_the_shipped_demo_samples_with_no_arguments(tmp_path):
+    """The README's first command, against the committed assets/demo (paths relative to the repository)."""
+    for name in ("dpar", "gpt", "static"):
+        config = OmegaConf.load(ROOT / "assets" / "demo" / name / "config.yaml")
+        for key in ("patcher.entropy_model_checkpoint", "data.tokenizer_checkpoint"):
+            path = Path(OmegaConf.select(config, key))
+            assert not path.is_absolute() and (ROOT / path).is_file(), (name, key)
+    size = sum(f.stat().st_size for f in (ROOT / "assets" / "demo").rglob("*") if f.is_file())
+    assert size < 20 * 2 ** 20
+    out = finish(run_script([sys.executable, "sample_c2i.py", "--output-dir", str(tmp_path)]))
+    assert "96 images of 12 classes" in out and "tokens per patch" in out
+    grid = np.asarray(Image.open(next(tmp_path.glob("*cfg-4.0-seed-0.png"))))
+    assert grid.shape == (12 * (demo.IMAGE_SIZE + 2) + 2, 8 * (demo.IMAGE_SIZE + 2) + 2, 3)
+    assert len(list(tmp_path.glob("*_patches.png"))) == 1

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dpar.patcher import (PatcherConfig, patch_ids, patch_lengths, patch_start_mask, patch_starts, patch_stats,
+from dpar.patcher import (PatcherConfig, calibrate_threshold, patch_ids, patch_lengths, patch_start_mask, patch_starts, patch_stats,
                           static_patch_start_mask, token_patch_start_mask)
 
 INF = math.inf
@@ -117,3 +117,14 @@ def test_config_dispatch():
 def test_bad_cap_is_rejected():
     with pytest.raises(ValueError, match="max_patch_length"):
         entropy_mask([INF, 0], cap=0)
+
+
+@pytest.mark.parametrize("target,cap,row_break", [(1.81, 4, True), (2.5, None, False), (1.3, 4, True)])
+def test_calibrated_threshold_hits_the_target_mean_patch_length(target, cap, row_break):
+    entropies = torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) * 8
+    entropies[:, 0] = float("inf")  # as a token store marks position 0
+    theta = calibrate_threshold(entropies, 8, target, max_patch_length=cap, row_break=row_break)
+    starts = patch_start_mask(entropies, grid_width=8, threshold=theta, max_patch_length=cap, row_break=row_break)
+    assert abs(entropies.numel() / starts.sum().item() - target) < 0.02
+    lower = patch_start_mask(entropies, grid_width=8, threshold=theta - 0.5, max_patch_length=cap, row_break=row_break)
+    assert lower.sum() > starts.sum()  # a lower θ cuts more patches: the bisection's premise

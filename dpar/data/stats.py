@@ -2,6 +2,7 @@
 
     python -m dpar.data.stats --store data/imagenet256_tokens --threshold 7.8 --max-patch-length 4
     python -m dpar.data.stats --store data/imagenet256_tokens --threshold 7.0 7.4 7.8 8.2 --max-patch-length none
+    python -m dpar.data.stats --store data/imagenet256_tokens --target-tokens-per-patch 1.81   # which θ gives 1.81?
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from dpar.errors import UserError, run_main
-from dpar.patcher import patch_start_mask
+from dpar.patcher import calibrate_threshold, patch_start_mask
 
 from .store import TokenStore
 
@@ -35,6 +36,17 @@ def store_patch_stats(store: TokenStore, thresholds: list[float], max_patch_leng
             for threshold, p in zip(thresholds, patches)]
 
 
+def store_threshold(store: TokenStore, target: float, max_patch_length: int | None, row_break: bool,
+                    max_images: int | None = 2000) -> float:
+    """θ giving ``target`` tokens per patch on every view of (the first ``max_images``) images."""
+    count = len(store) if max_images is None else min(max_images, len(store))
+    if count == 0:
+        raise UserError(f"token store {store.path} has no images")
+    entropies = torch.from_numpy(np.stack([store.entropies(i) for i in range(count)]).astype(np.float32))
+    return calibrate_threshold(entropies.flatten(0, 1), store.grid, target, max_patch_length=max_patch_length,
+                               row_break=row_break)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="token store with entropies")
@@ -42,9 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-patch-length", default="4", help="P, or 'none' for no cap")
     parser.add_argument("--no-row-break", action="store_true", help="let patches run across grid rows")
     parser.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    parser.add_argument("--target-tokens-per-patch", type=float, default=None,
+                        help="instead of --threshold: find the θ that gives this mean patch length")
     args = parser.parse_args(argv)
     cap = None if args.max_patch_length.lower() in ("none", "null") else int(args.max_patch_length)
     store = TokenStore(args.store)
+    if args.target_tokens_per_patch is not None:
+        args.threshold = [store_threshold(store, args.target_tokens_per_patch, cap, not args.no_row_break,
+                                          args.max_images)]
     rows = store_patch_stats(store, args.threshold, cap, not args.no_row_break, args.max_images)
     print(f"{store.path}: {store.grid}x{store.grid} tokens, P={cap}, row break {'off' if args.no_row_break else 'on'}")
     print("| threshold | tokens/patch | patches/image |\n|---|---|---|")

@@ -1,7 +1,8 @@
 """The embedded dataset: procedurally generated, class-conditional RGB images.
 
-Twelve classes of shapes and textures with random colours, positions and sizes on flat or softly
-textured backgrounds. Large flat areas (low entropy, long patches) meet sharp edges and fine
+Twelve classes of shapes and textures in two colours of a 12-colour palette, at random positions and
+sizes, on flat or softly textured backgrounds. A palette rather than any RGB colour keeps the job of a
+tiny tokenizer (a few codes per colour and edge) within reach of a few CPU minutes. Large flat areas (low entropy, long patches) meet sharp edges and fine
 texture (high entropy, short patches), so dynamic patching has something to find. Image ``i`` of
 seed ``s`` is a pure function of (s, i, size).
 
@@ -21,6 +22,9 @@ from tqdm import tqdm
 from dpar.errors import run_main
 from dpar.visual import save_png
 
+PALETTE = np.array([(230, 25, 75), (245, 130, 48), (255, 225, 25), (60, 180, 75), (70, 240, 240), (0, 130, 200),
+                    (145, 30, 180), (240, 50, 230), (255, 255, 255), (20, 20, 20), (128, 128, 128), (170, 110, 40)],
+                   dtype=np.float64)  # red orange yellow green cyan blue purple magenta white black grey brown
 CLASSES = ("disc", "square", "triangle", "ring", "cross", "h_stripes", "v_stripes", "checker", "diagonal",
            "target", "gradient", "dots")
 
@@ -43,14 +47,14 @@ def synthetic_image(index: int, size: int, seed: int = 0) -> tuple[np.ndarray, i
         image = (1 - t) * background.reshape(-1, 3).mean(0) + t * colour
     else:
         cx, cy = rng.uniform(0.3, 0.7, 2)
-        radius = rng.uniform(0.15, 0.3)
+        radius = rng.uniform(0.25, 0.38)
         mask = _shape(CLASSES[label], x - cx, y - cy, radius, rng)
         image = np.where(mask[..., None], colour, background)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), label
 
 
 def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    base = rng.uniform(0, 255, 3)
+    base = PALETTE[rng.integers(len(PALETTE))]
     image = np.broadcast_to(base, x.shape + (3,)).copy()
     if rng.random() < 0.4:  # soft texture: a few low-frequency waves of small amplitude
         for _ in range(3):
@@ -61,17 +65,14 @@ def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.nd
 
 
 def _contrasting_colour(rng: np.random.Generator, against: np.ndarray) -> np.ndarray:
-    for _ in range(100):
-        colour = rng.uniform(0, 255, 3)
-        if np.abs(colour - against).sum() > 150:
-            return colour
-    return 255 - against
+    distinct = PALETTE[np.abs(PALETTE - against).sum(1) > 150]
+    return distinct[rng.integers(len(distinct))]
 
 
 def _shape(name: str, dx: np.ndarray, dy: np.ndarray, r: float, rng: np.random.Generator) -> np.ndarray:
     distance = np.hypot(dx, dy)
     box = (np.abs(dx) < r) & (np.abs(dy) < r)
-    period = rng.uniform(0.05, 0.1)
+    period = rng.uniform(0.1, 0.14)  # >= 3 px at 32 px, so a 4x tokenizer still sees it
     if name == "disc":
         return distance < r
     if name == "square":

@@ -1,0 +1,80 @@
+"""What the benchmarks share: models with random weights, realistic patch boundaries, device facts."""
+from __future__ import annotations
+
+import platform
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from dpar.models import ModelConfig, create_model
+from dpar.patcher import calibrate_threshold, patch_start_mask
+
+# Dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU; anything else needs --peak-tflops.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def build_model(name: str, *, image_size: int, downsample: int, vocab: int, num_classes: int, device: str,
+                model_type: str = "c2i", dtype: torch.dtype = torch.float32, **config) -> torch.nn.Module:
+    """A freshly initialised model (seed 0) with LlamaGen's zero-initialised head given random weights,
+    so its logits (and any entropies from them) are not all uniform."""
+    model_config = ModelConfig(gpt_model=name, model_type=model_type, image_size=image_size,
+                               downsample_size=downsample, vocab_size=vocab, num_classes=num_classes, **config)
+    torch.manual_seed(0)
+    model = create_model(model_config)
+    with torch.no_grad():
+        model.output.weight.normal_(std=0.02 * 50)
+    return model.to(device, dtype=dtype)
+
+
+def realistic_patch_starts(batch: int, grid: int, tokens_per_patch: float, seed: int = 0,
+                           max_patch_length: int | None = 4, row_break: bool = True) -> Tensor:
+    """Patch starts cut by the paper's rule from synthetic entropies with image-like structure.
+
+    Real next-token entropies are spatially smooth (flat regions low, edges high), so the synthetic
+    ones are Gaussian noise blurred over the token grid; θ is then set so the batch has exactly the
+    requested mean patch length (1.81 at 256 px and 2.06 at 384 px in the paper).
+    """
+    noise = torch.randn(batch, 1, grid, grid, generator=torch.Generator().manual_seed(seed))
+    smooth = torch.nn.functional.avg_pool2d(noise, 3, stride=1, padding=1, count_include_pad=False)
+    entropies = smooth.flatten(1)
+    theta = calibrate_threshold(entropies, grid, tokens_per_patch, max_patch_length=max_patch_length,
+                                row_break=row_break)
+    return patch_start_mask(entropies, grid_width=grid, threshold=theta, max_patch_length=max_patch_length,
+                            row_break=row_break)
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
+def peak_tflops(device: str, given: float | None) -> float | None:
+    """The bf16 peak for MFU: ``given``, or the table's entry for a known GPU, else None (no MFU)."""
+    if given is not None:
+        return given
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(torch.device(device))
+
+
+def median_seconds(run: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``run()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    timings = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        run()
+        synchronize(device)
+        timings.append(time.perf_counter() - started)
+    return sorted(timings)[len(timings) // 2]

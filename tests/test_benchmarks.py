@@ -1,0 +1,60 @@
+"""The benchmarks run at tiny scale on a CPU and report what they claim to measure."""
+import pytest
+import torch
+
+from benchmarks import attention_backends, sample_throughput, train_throughput
+from benchmarks.workloads import realistic_patch_starts
+from dpar.patcher import patch_start_mask
+
+TINY = ["--image-size", "32", "--downsample", "4", "--vocab", "64", "--num-classes", "4"]
+
+
+def table(out: str) -> list[dict[str, str]]:
+    """The rows of the markdown table a benchmark printed, keyed by its header."""
+    lines = [line for line in out.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[1:]]
+
+
+@pytest.mark.parametrize("target", [1.81, 2.06])
+def test_realistic_patches_have_the_requested_mean_length_and_follow_the_rule(target):
+    starts = realistic_patch_starts(32, 8, target, seed=1)
+    assert abs(starts.numel() / starts.sum().item() - target) < 0.05
+    assert starts[:, ::8].all()  # row breaks
+    run = torch.zeros(32, dtype=torch.long)
+    for i in range(64):  # never more than P=4 tokens without a start
+        run = torch.where(starts[:, i], 0, run + 1)
+        assert (run < 4).all()
+    assert not torch.equal(starts, patch_start_mask(torch.zeros(32, 64), grid_width=8, threshold=0.5,
+                                                    max_patch_length=4, row_break=True))  # not just the cap
+
+
+def test_train_throughput_compares_dpar_with_the_baseline(capsys):
+    train_throughput.main([*TINY, "--batch-size", "8", "--steps", "2", "--warmup", "1"])
+    rows = {row["model"]: row for row in table(capsys.readouterr().out)}
+    assert set(rows) == {"DGPT-tiny", "GPT-tiny"}
+    assert abs(float(rows["DGPT-tiny"]["tokens/patch"]) - 1.81) < 0.1
+    assert float(rows["GPT-tiny"]["tokens/patch"]) == 1.0
+    # DPAR's FLOP count is the smaller one; the step-time ratio is printed next to it
+    assert float(rows["DGPT-tiny"]["train GFLOP/image"]) < float(rows["GPT-tiny"]["train GFLOP/image"])
+    assert rows["DGPT-tiny"]["step vs GPT"].endswith("x") and rows["DGPT-tiny"]["MFU"] == ""  # no MFU on a CPU
+
+
+def test_attention_backends_agree_with_the_reference(capsys):
+    attention_backends.main(["--batch-size", "6", "--repeats", "2"])
+    rows = {row["backend"]: row for row in table(capsys.readouterr().out)}
+    assert {"sdpa", "flex", "padded"} <= set(rows)
+    for name, row in rows.items():
+        assert float(row["max abs error (output)"]) < 1e-5, name
+    assert float(rows["padded"]["max abs error (gradients)"]) < 1e-5 and rows["flex"]["max abs error (gradients)"] == "no backward here"
+
+
+def test_sample_throughput_splits_the_time_by_stage(capsys):
+    sample_throughput.main([*TINY, "--batch-sizes", "2", "--repeats", "1"])
+    rows = {row["model"]: row for row in table(capsys.readouterr().out)}
+    dpar, gpt = rows["DGPT-tiny"], rows["GPT-tiny"]
+    for stage in sample_throughput.STAGES:
+        assert float(dpar[f"% {stage}"]) > 0, stage
+    assert float(gpt["% encoder"]) == float(gpt["% entropy_model"]) == 0 and float(gpt["% global"]) > 20
+    assert sum(float(dpar[f"% {stage}"]) for stage in sample_throughput.STAGES) <= 101
+    assert float(gpt["global steps/image"]) == 64 and float(dpar["global steps/image"]) < 64
