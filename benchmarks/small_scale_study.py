@@ -134,6 +134,7 @@ def evaluate(run: Path, patcher: PatcherConfig | None) -> tuple[float, float]:
 
 def summarize(args, runs: dict[tuple[str, int], Path], static_k: int, dpar_patcher: PatcherConfig) -> dict:
     results = {"variants": {}, "sweep": {}}
+    store = TokenStore(args.store)  # every run trained on it
     for variant in args.variants:
         histories = [epoch_history(runs[variant, seed]) for seed in args.seeds]
         final = [h[-1] for h in histories]
@@ -145,10 +146,8 @@ def summarize(args, runs: dict[tuple[str, int], Path], static_k: int, dpar_patch
             "val_nll": val.tolist(), "final_val_nll_mean": float(val[:, -1].mean()),
             "final_val_nll_std": float(val[:, -1].std(ddof=1)) if len(args.seeds) > 1 else 0.0,
             "best_val_nll_mean": float(val.min(1).mean()), "tokens_per_patch": tokens_per_patch,
-            "global_steps_per_image": TokenStore(OmegaConf.load(runs[variant, args.seeds[0]] / CONFIG_FILE)
-                                                 .data.store).num_tokens / tokens_per_patch,
+            "global_steps_per_image": store.num_tokens / tokens_per_patch,
             "forward_gmacs_per_sample": gmacs}
-    store = TokenStore(args.store)
     thetas = [round(store_threshold(store, target, dpar_patcher.max_patch_length, dpar_patcher.row_break), 3)
               for target in args.sweep_tokens_per_patch]
     for variant in ("dpar", "static"):
