@@ -7,23 +7,28 @@ images/s, ms per token step, tokens per patch, global steps per image, and where
 
 DPAR's boundaries come from a random entropy model whose threshold is set so that random token
 sequences give about ``--tokens-per-patch`` (1.81 = the paper's ImageNet-256 figure) with P=4 and row
-breaks; generated images land near it. The "%" columns split one profiled run by the stage labels of
-``dpar.sampling.generate``: entropy model, DPAR's encoder, the global transformer (all of the GPT),
-DPAR's decoder, and guidance + sampling. Prints a markdown table.
+breaks; generated images land near it. The "%" columns split a separate, synchronised run (see
+:func:`stage_shares`) by stage: entropy model, DPAR's encoder, the global transformer (all of the GPT),
+DPAR's decoder, and sampling from the logits. Prints a markdown table.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import time
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.workloads import build_model, device_name, median_seconds  # noqa: E402
+from benchmarks.workloads import build_model, device_name, median_seconds, synchronize  # noqa: E402
+from dpar import sampling  # noqa: E402
 from dpar.data.preprocess import next_token_entropies  # noqa: E402
-from dpar.models import is_dpar  # noqa: E402
+from dpar.models import DPAR, is_dpar  # noqa: E402
 from dpar.patcher import PatcherConfig, calibrate_threshold  # noqa: E402
 from dpar.sampling import SamplingConfig, generate  # noqa: E402
 
@@ -31,21 +36,43 @@ from dpar.sampling import SamplingConfig, generate  # noqa: E402
 STAGES = ("entropy_model", "encoder", "global", "decoder", "sample")
 
 
-def stage_shares(run, device: str) -> dict[str, float]:
-    """Share of one ``run()``'s time in each labelled stage of ``generate`` (host time on a CPU, kernel time
-    on CUDA; the rest is bookkeeping between stages)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profile:
+def stage_shares(run, model, entropy_model, device: str) -> dict[str, float]:
+    """Share of one ``run()``'s wall time in each stage of ``generate``: the entropy model, DPAR's encoder, the
+    global transformer (all of the GPT), DPAR's decoder, and sampling from the logits; the rest is bookkeeping.
+
+    A separate run whose stage functions are wrapped with timers that synchronise the device, so kernel time
+    is charged to the stage that launched it. (torch.profiler's op-level trace of a 256-token DPAR-L sampling
+    run is hundreds of thousands of events and takes minutes to summarise.)
+    """
+    spent = dict.fromkeys(STAGES, 0.0)
+
+    def timed(function, stage):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            synchronize(device)
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                synchronize(device)
+                spent[stage] += time.perf_counter() - started
+        return wrapper
+
+    stages = [(sampling, "sample_from_logits", "sample")]
+    if isinstance(model, DPAR):
+        stages += [(sampling, "_global_step", "global"), (model, "encode_step", "encoder"),
+                   (model, "decode_step", "decoder"), (entropy_model, "forward", "entropy_model")]
+    else:
+        stages.append((model, "forward", "global"))
+    with ExitStack() as stack:
+        for owner, name, stage in stages:
+            stack.enter_context(mock.patch.object(owner, name, timed(getattr(owner, name), stage)))
+        synchronize(device)
+        started = time.perf_counter()
         run()
-    events = {e.key: e for e in profile.key_averages()}
-    spent = {stage: getattr(events[stage], "device_time_total" if cuda else "cpu_time_total") if stage in events
-             else 0.0 for stage in STAGES}
-    total = sum(e.self_device_time_total for e in events.values()) if cuda else \
-        sum(e.self_cpu_time_total for e in events.values())
-    return {stage: value / total for stage, value in spent.items()}
+        synchronize(device)
+        total = time.perf_counter() - started
+    return {stage: seconds / total for stage, seconds in spent.items()}
 
 
 def calibrated_patcher(entropy_model, grid: int, vocab: int, target: float, device) -> PatcherConfig:
@@ -79,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
 
     entropy_model = build(args.entropy_model, "uncond")
     patcher = calibrated_patcher(entropy_model, grid, args.vocab, args.tokens_per_patch, args.device)
-    sampling = SamplingConfig(cfg_scale=args.cfg_scale)
+    sampling_config = SamplingConfig(cfg_scale=args.cfg_scale)
     print(f"device {device_name(args.device)}, torch {torch.__version__}, {args.dtype}, {grid}x{grid} tokens, "
           f"cfg {args.cfg_scale}, threshold {patcher.threshold:.3f}\n")
     print("| model | batch | images/s | ms per token step | tokens/patch | global steps/image | "
@@ -94,13 +121,13 @@ def main(argv: list[str] | None = None) -> None:
 
             def run():
                 seeds = torch.arange(batch) + 1000 * len(outputs)
-                outputs.append(generate(model, labels, seeds, sampling, patcher=patcher if dpar else None,
+                outputs.append(generate(model, labels, seeds, sampling_config, patcher=patcher if dpar else None,
                                         entropy_model=entropy_model if dpar else None))
 
             seconds = median_seconds(run, args.device, args.repeats)
             out = outputs[-1]
             steps = float(out.global_steps.float().mean())
-            shares = stage_shares(run, args.device)
+            shares = stage_shares(run, model, entropy_model if dpar else None, args.device)
             print(f"| {name} | {batch} | {batch / seconds:.2f} | {1000 * seconds / grid ** 2:.2f} | "
                   f"{grid ** 2 / steps:.2f} | {steps:.1f} | "
                   + " | ".join(f"{100 * shares[stage]:.0f}" for stage in STAGES) + " |", flush=True)

@@ -111,9 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     print("| model | px | step ms | images/s | tokens/s | tokens/patch | train GFLOP/image | TFLOP/s | MFU | "
           "peak GiB | step vs GPT |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    # each GPT before its DGPT, and each row printed once measured: a run stopped midway keeps what it measured
+    order = sorted(args.models, key=lambda name: (name.replace("DGPT-", "GPT-"), is_dpar(name)))
     for image_size in args.image_size:
-        rows = {name: measure(name, image_size, args) for name in args.models}
-        for name, r in rows.items():
+        rows = {}
+        for name in order:
+            r = rows[name] = measure(name, image_size, args)
             baseline = rows.get(name.replace("DGPT-", "GPT-")) if is_dpar(name) else None
             ratio = f"{r['step_ms'] / baseline['step_ms']:.2f}x" if baseline else ""
             mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"

@@ -115,7 +115,8 @@ def patch_starts(config: PatcherConfig, entropies: Tensor, grid_width: int) -> T
 def calibrate_threshold(entropies: Tensor, grid_width: int, target: float, *, max_patch_length: int | None = 4,
                         row_break: bool = True, iterations: int = 40) -> float:
     """The θ at which ``entropies [B, N]`` give ``target`` tokens per patch (bisection: the mean patch
-    length only grows with θ). How the paper chose θ=7.8 for 1.81 tokens per patch at 256 px.
+    length only grows with θ). How the paper chose θ=7.8 for 1.81 tokens per patch at 256 px. The θ
+    returned lies midway between the entropies on either side of the cut, not on one of them.
     Non-finite entries (a store marks position 0, which always starts a patch, with inf) are ignored."""
     finite = entropies[torch.isfinite(entropies)]
     if finite.numel() == 0:
@@ -126,7 +127,11 @@ def calibrate_threshold(entropies: Tensor, grid_width: int, target: float, *, ma
         starts = patch_start_mask(entropies, grid_width=grid_width, threshold=theta,
                                   max_patch_length=max_patch_length, row_break=row_break)
         low, high = (theta, high) if entropies.numel() / float(starts.sum()) < target else (low, theta)
-    return (low + high) / 2
+    theta = (low + high) / 2
+    below, above = finite[finite <= theta], finite[finite > theta]
+    if below.numel() and above.numel():  # the middle of the gap at the cut, so a rounded θ patches alike
+        theta = (float(below.max()) + float(above.min())) / 2
+    return theta
 
 
 def next_patch_start(config: PatcherConfig, entropy: Tensor | None, position: int, run_length: Tensor,

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -85,3 +87,21 @@ def test_every_cuda_backend_equals_the_reference(dtype):
         assert torch.allclose(out.float(), ref, atol=2e-2), backend
         for g, r in zip(grads, ref_grads):
             assert torch.allclose(g.float(), r.float(), atol=5e-2, rtol=5e-2), backend
+
+
+def test_an_xformers_that_does_not_import_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    from dpar.models import attention
+    package = tmp_path / "xformers"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "ops.py").write_text("raise ImportError('built for another torch')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    attention._has_xformers.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="xformers is installed but does not import"):
+            backends = available_backends("cuda", torch.bfloat16, grad=True)
+        assert backends[0] != "xformers" and "sdpa" in backends
+    finally:
+        attention._has_xformers.cache_clear()
+        for name in [m for m in sys.modules if m.split(".")[0] == "xformers"]:
+            del sys.modules[name]

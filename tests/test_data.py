@@ -237,4 +237,26 @@ def test_patch_stats_report(store, capsys):
     assert huge["tokens_per_patch"] == GRID and huge["patches_per_image"] == GRID  # one patch per row
     assert tiny["tokens_per_patch"] == 1.0
     stats_main(["--store", str(store.path), "--threshold", "1e9", "--max-patch-length", "4"])
-    assert "| 1000000000.00 | 4.000 | 16.0 |" in capsys.readouterr().out
+    assert "| 1e+09 | 4.000 | 16.0 |" in capsys.readouterr().out
+
+
+def test_calibrated_threshold_is_printed_in_full(tmp_path, capsys):
+    """The printed θ, given back as --threshold, gives the printed tokens per patch, also when the entropies crowd
+    within 0.04 nats, as a briefly trained entropy model's do (rounded to 0.01, such a θ is another patching)."""
+    from tests.helpers import write_token_store
+    generator = torch.Generator().manual_seed(0)
+    entropies = 4.72 + 0.04 * torch.rand(64, 1, GRID * GRID, generator=generator)
+    checkpoint = tmp_path / "entropy.safetensors"
+    checkpoint.write_bytes(b"stand-in entropy model")
+    store = write_token_store(tmp_path / "store", torch.zeros(64, 1, GRID * GRID, dtype=torch.long).numpy(),
+                              np.zeros(64), codebook_size=CODES, num_classes=1, entropies=entropies.numpy(),
+                              entropy_checkpoint=checkpoint)
+
+    def table(*args):
+        stats_main(["--store", str(store), *args])
+        *_, row = capsys.readouterr().out.strip().splitlines()
+        return [cell.strip() for cell in row.strip("|").split("|")]
+
+    theta, tokens_per_patch, _ = table("--target-tokens-per-patch", "1.81")
+    assert abs(float(tokens_per_patch) - 1.81) < 0.1
+    assert table("--threshold", theta)[1] == tokens_per_patch

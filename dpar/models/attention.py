@@ -15,6 +15,7 @@ Tensors use SDPA's layout ``[B, H, L, D]``; a packed stream has ``B == 1``.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import warnings
@@ -76,8 +77,19 @@ def block_causal_mask(packed: PackedSeqs) -> Tensor:
     return (ids[:, None] == ids[None, :]) & (pos[None, :] <= pos[:, None])
 
 
+@functools.cache
 def _has_xformers() -> bool:
-    return importlib.util.find_spec("xformers") is not None
+    """xformers is installed and imports; a build that does not import (e.g. one made for another torch)
+    is skipped with a warning instead of breaking every packed-attention call."""
+    if importlib.util.find_spec("xformers") is None:
+        return False
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as error:
+        warnings.warn(f"xformers is installed but does not import ({type(error).__name__}: {error}); packed "
+                      "attention uses the next backend")
+        return False
+    return True
 
 
 def _has_varlen() -> bool:

@@ -42,7 +42,9 @@ class Transformer(nn.Module):
 
     def sequence_rope(self, positions: Tensor) -> Tensor:
         """2D RoPE table for sequence positions (class positions get LlamaGen's all-zero rows)."""
-        grid_index = (positions - self.cls_token_num).clamp(min=0)
+        # Class positions get a negative index here and are zeroed below. No clamp(min=0): torch 2.13's
+        # CPU inductor fails on a clamp followed by // and % ("vr must not be None"), so train.compile broke.
+        grid_index = positions - self.cls_token_num
         width = self.config.grid_size
         table = grid_rope(grid_index // width, grid_index % width, self.config.head_dim, self.config.rope_base)
         return table.masked_fill((positions < self.cls_token_num)[..., None, None], 0.0)

@@ -1,0 +1,156 @@
+r"""The machine a benchmark runs on, and its two measured ceilings.
+
+    python benchmarks/environment.py                         # this machine (CUDA when present)
+    python benchmarks/environment.py --json env.json         # also write the figures as JSON
+
+Prints a markdown table: Python, torch, CUDA and cuDNN versions, the device (name, compute capability,
+multiprocessors, memory), the NVIDIA driver (``nvidia-smi``), the packages the project needs and which
+packed-attention backends import (xformers, ``torch.nn.attention.varlen``, FlexAttention). Then the two
+ceilings every speed figure is read against (benchmarks/README.md):
+
+- matmul: an ``n x n x n`` product of random normal matrices (bf16 on CUDA, fp32 on a CPU; random data,
+  since zeros run faster), the mean of ``--repeats`` products after 3 warm-ups: TFLOP/s = 2 n^3 / time.
+  On CUDA this is the peak that benchmarks/gpu_suite.py gives train_throughput.py for MFU;
+- copy: a device-to-device copy of ``--copy-gib`` GiB, bytes read + written over time (CUDA only).
+
+It needs only torch: the rest is reported as missing, not imported.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+PACKAGES = ("omegaconf", "yaml", "accelerate", "safetensors", "numpy", "scipy", "PIL", "tqdm", "matplotlib", "pytest")
+ATTENTION_MODULES = {"xformers": "xformers", "varlen": "torch.nn.attention.varlen",
+                     "flex": "torch.nn.attention.flex_attention"}
+
+
+def package_version(module: str) -> str:
+    if importlib.util.find_spec(module) is None:
+        return "missing"
+    try:
+        imported = importlib.import_module(module)
+    except Exception as error:  # an installed package that fails to import is a finding, not a crash
+        return f"fails to import: {type(error).__name__}: {error}"
+    return str(getattr(imported, "__version__", "present"))
+
+
+def attention_backends() -> dict[str, str]:
+    """``imports`` or why not, for each optional packed-attention backend."""
+    found = {}
+    for name, module in ATTENTION_MODULES.items():
+        try:
+            found[name] = "imports" if importlib.util.find_spec(module) and importlib.import_module(module) else \
+                "not installed"
+        except Exception as error:
+            found[name] = f"fails to import: {type(error).__name__}: {error}"
+    return found
+
+
+def nvidia_driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,name,clocks.max.sm,power.limit",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"nvidia-smi unavailable ({type(error).__name__})"
+    return out.stdout.strip() or out.stderr.strip() or f"nvidia-smi exit {out.returncode}"
+
+
+def _timed(run, device: torch.device, repeats: int) -> float:
+    """Mean seconds of ``run()`` over ``repeats`` calls after 3 warm-ups (CUDA events on a GPU)."""
+    for _ in range(3):
+        run()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(repeats):
+            run()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3 / repeats
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - started) / repeats
+
+
+def matmul_tflops(device: torch.device, n: int, repeats: int) -> tuple[float, str]:
+    """TFLOP/s of an ``n^3`` product of random normal matrices: bf16 on CUDA, fp32 elsewhere."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator, device=device, dtype=dtype) for _ in range(2))
+    seconds = _timed(lambda: a @ b, device, repeats)
+    return 2 * n ** 3 / seconds / 1e12, str(dtype).removeprefix("torch.")
+
+
+def copy_tb_per_s(device: torch.device, gib: float, repeats: int) -> float:
+    """Device-to-device copy bandwidth: bytes read + bytes written per second, in TB/s."""
+    source = torch.randn(int(gib * 2 ** 30) // 4, device=device)
+    target = torch.empty_like(source)
+    seconds = _timed(lambda: target.copy_(source), device, repeats)
+    return 2 * source.numel() * 4 / seconds / 1e12
+
+
+def describe(device: torch.device, matmul_size: int, copy_gib: float, repeats: int) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device=props.name, compute_capability=f"{props.major}.{props.minor}",
+                    multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / 2 ** 30, 1),
+                    driver=nvidia_driver())
+    else:
+        info.update(device=f"{platform.processor() or platform.machine()} CPU", threads=torch.get_num_threads())
+    info["packages"] = {name: package_version(name) for name in PACKAGES}
+    info["attention_backends"] = attention_backends()
+    info["matmul_size"] = matmul_size
+    info["matmul_tflops"], info["matmul_dtype"] = matmul_tflops(device, matmul_size, repeats)
+    if device.type == "cuda":
+        info["copy_tb_per_s"] = copy_tb_per_s(device, copy_gib, repeats)
+    return info
+
+
+def markdown(info: dict) -> str:
+    rows = [(key, info[key]) for key in ("device", "compute_capability", "multiprocessors", "memory_gib", "driver",
+                                         "threads", "python", "torch", "cuda", "cudnn") if key in info]
+    rows += [(f"package {name}", version) for name, version in info["packages"].items()]
+    rows += [(f"attention backend {name}", state) for name, state in info["attention_backends"].items()]
+    n = info["matmul_size"]
+    rows.append((f"{info['matmul_dtype']} matmul {n}x{n}x{n}, random data", f"{info['matmul_tflops']:.1f} TFLOP/s"))
+    if "copy_tb_per_s" in info:
+        rows.append(("device-to-device copy (read + write)", f"{info['copy_tb_per_s']:.2f} TB/s"))
+    return "| item | value |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 product (default: 8192 on "
+                        "CUDA, as the device notes measured; 1024 on a CPU)")
+    parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the copied buffer (CUDA)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions of each ceiling")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        sys.exit(2)
+    size = args.matmul_size or (8192 if device.type == "cuda" else 1024)
+    info = describe(device, size, args.copy_gib, args.repeats)
+    print(markdown(info), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

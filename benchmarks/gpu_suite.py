@@ -1,0 +1,489 @@
+r"""Every CUDA check and GPU benchmark of the project in one time-boxed run, written up as one markdown report.
+
+    bash benchmarks/gpu_suite.sh                        # on a GPU machine: no arguments, <= 8 minutes on an H200
+    bash benchmarks/gpu_suite.sh --smoke --out /tmp/x   # the same steps at tiny sizes on a CPU, < 3 minutes
+    bash benchmarks/gpu_suite.sh --only cli --timeout cli=300   # rerun one step with a longer time box
+
+The steps, in order; each command runs in its own process group and is killed at its time box, a step
+never uses the part of the ``--budget`` reserved for the steps after it, and a failing step never stops
+the next one:
+
+1. ``env``: GPU, driver, torch / CUDA, packages, attention backends that import, and the measured bf16
+   matmul rate and copy bandwidth (benchmarks/environment.py);
+2. ``cuda_tests``: ``pytest -m cuda`` (every packed backend against the reference in bf16/fp16 forward +
+   backward, DGPT-B bf16 forward/backward per backend, KV-cached sampling == full forward);
+3. ``attention``: benchmarks/attention_backends.py at DGPT-L shapes (256 px, batch 64);
+4. ``train``: benchmarks/train_throughput.py, DGPT-B/GPT-B and DGPT-L/GPT-L at 256 px, bf16, eager then
+   ``--compile``; MFU against the matmul rate step 1 measured;
+5. ``sample``: benchmarks/sample_throughput.py, DGPT-L (GPT-B entropy model) vs GPT-L, batch 64, CFG 2.0;
+6. ``cli``: the user's commands on CUDA: synthetic images -> ``tokenizer.train_vq`` (1 epoch) ->
+   ``preprocess_tokens.py`` tokens -> ``train_entropy_model.py`` -> entropies -> θ for 1.81 tokens/patch ->
+   ``train_global_model.py`` DGPT-B for 48 steps eager and with ``--train.compile true`` -> ``sample_c2i.py``.
+
+``--smoke`` runs the same steps with tiny models on the CPU (the CUDA tests are collected and skip).
+
+The report, ``<out>/<gpu>-<YYYY-MM-DD>.md`` (``cpu-smoke-...`` for a smoke run, ``...-<steps>.md`` for an
+``--only`` rerun), is rewritten after every command, so a suite killed from outside still leaves what it
+measured; ``<report>.log`` next to it holds every command's full output, and the sample grids of step 6
+are copied next to it. Exit status: 0 when every step passed, 1 otherwise (the report says which), 2 for
+bad arguments. This file needs only the standard library and torch; the steps need the project's
+requirements (gpu_suite.sh installs the wheels carried in ``.whl/`` first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dpar.fileio import atomic_write_text  # noqa: E402  (standard library only, like this file)
+
+PAPER_TOKENS_PER_PATCH = 1.81  # ImageNet-256 (paper Table 6); the cli step calibrates θ to it
+H200_KINDS_MATMUL_TFLOPS = 788.0  # bf16 8192^3 on random data, measured on this workplace's H200 (2026-10-28)
+TAIL_LINES = 40  # lines of output kept in the report for a failed command
+
+
+@dataclass
+class Sizes:
+    """What the steps run on: the real shapes on a GPU, toy ones for ``--smoke`` on a CPU."""
+    device: str
+    attention: list[str]
+    train_pairs: list[list[str]]
+    train: list[str]
+    sample: list[str]
+    cli_images: int
+    cli_image_size: int
+    cli_classes: list[str]
+    cli_epochs: int
+    cli_batch: int
+    configs: dict[str, str]
+    timeouts: dict[str, int]  # seconds per command of each step
+    reserves: dict[str, int]  # seconds of the budget no earlier step may use, per step
+
+
+GPU = Sizes(
+    device="cuda",
+    attention=["--model", "DGPT-L", "--image-size", "256", "--downsample", "16", "--batch-size", "64"],
+    train_pairs=[["DGPT-B", "GPT-B"], ["DGPT-L", "GPT-L"]],
+    train=["--image-size", "256", "--downsample", "16", "--vocab", "16384", "--num-classes", "1000",
+           "--batch-size", "64", "--steps", "10", "--warmup", "3"],
+    sample=["--models", "DGPT-L", "GPT-L", "--entropy-model", "GPT-B", "--image-size", "256", "--downsample", "16",
+            "--vocab", "16384", "--num-classes", "1000", "--batch-sizes", "64", "--cfg-scale", "2.0",
+            "--dtype", "bfloat16", "--repeats", "2"],
+    cli_images=512, cli_image_size=256, cli_classes=["0", "1", "2", "3"], cli_epochs=6, cli_batch=64,
+    configs={"tokenizer": "configs/tokenizer/vq_16.yaml", "entropy": "configs/entropy_model/gpt_b_256.yaml",
+             "global": "configs/patching_modes/global_model_entropy_row_break.yaml"},
+    timeouts={"env": 30, "cuda_tests": 90, "attention": 45, "train": 35, "train_compile": 75, "sample": 90,
+              "cli": 60, "cli_compile": 150},
+    reserves={"env": 10, "cuda_tests": 40, "attention": 15, "train": 80, "sample": 45, "cli": 200},
+)
+SMOKE = Sizes(
+    device="cpu",
+    attention=["--batch-size", "8", "--repeats", "2"],
+    train_pairs=[["DGPT-tiny", "GPT-tiny"]],
+    train=["--image-size", "32", "--downsample", "4", "--vocab", "64", "--num-classes", "4", "--batch-size", "8",
+           "--steps", "2", "--warmup", "1"],
+    sample=["--image-size", "32", "--downsample", "4", "--vocab", "64", "--num-classes", "4", "--batch-sizes", "2",
+            "--repeats", "1"],
+    cli_images=96, cli_image_size=32, cli_classes=["0", "1", "2", "3"], cli_epochs=2, cli_batch=16,
+    configs={"tokenizer": "configs/tokenizer/vq_tiny.yaml", "entropy": "configs/tiny/entropy_model.yaml",
+             "global": "configs/tiny/global_model_entropy_row_break.yaml"},
+    timeouts={"env": 30, "cuda_tests": 60, "attention": 30, "train": 30, "train_compile": 90, "sample": 30,
+              "cli": 40, "cli_compile": 90},
+    reserves={"env": 5, "cuda_tests": 5, "attention": 5, "train": 20, "sample": 10, "cli": 40},
+)
+
+
+@dataclass
+class CommandResult:
+    argv: list[str]
+    status: str          # ok | failed (exit N) | timed out after N s | skipped: reason
+    seconds: float
+    stdout: str
+    stderr: str
+    show: str            # how the report shows a good run: "markdown" (stdout as is) or "tail" (last lines, fenced)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class StepReport:
+    name: str
+    title: str
+    commands: list[CommandResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str = ""  # why the step stopped when no command's status says it
+
+    @property
+    def status(self) -> str:
+        bad = [c.status for c in self.commands if not c.ok]
+        return bad[0] if bad else self.error or ("ok" if self.commands else "not run")
+
+
+class StepFailed(Exception):
+    """The rest of the step cannot run (a command it depends on failed, or an output is missing)."""
+
+
+class Suite:
+    """Runs the steps' commands with time boxes and keeps the report and the log up to date on disk."""
+
+    def __init__(self, sizes: Sizes, smoke: bool, out: Path, work: Path, budget: float,
+                 timeouts: dict[str, int], argv: list[str], only: list[str] | None):
+        self.sizes, self.smoke, self.work, self.argv = sizes, smoke, work, argv
+        self.end = time.monotonic() + budget
+        self.deadline = self.end  # of the step running: the end less what later steps have reserved
+        self.budget, self.started = budget, time.monotonic()
+        self.timeouts = {**sizes.timeouts, **timeouts}
+        self.device_name = _device_name(sizes.device)
+        slug = "cpu-smoke" if smoke else re.sub(r"[^a-z0-9]+", "-", self.device_name.lower()).strip("-")
+        part = "" if only is None else "-" + "-".join(only)  # a rerun of some steps never replaces the full report
+        self.report_path = out / f"{slug}-{date.today().isoformat()}{part}.md"
+        self.log_path = self.report_path.with_suffix(".log")
+        self.steps: list[StepReport] = []
+        self.facts: dict = {}  # what later steps use: the measured matmul peak, θ, run dirs
+        self.log_path.write_text("")
+
+    # -- running ----------------------------------------------------------------------------------------------
+
+    def run(self, step: StepReport, argv: list[str], timeout_key: str, show: str = "markdown") -> CommandResult:
+        """Run ``argv`` from the repository root, killed after the step's time box or at the suite's deadline."""
+        remaining = self.deadline - time.monotonic()
+        if remaining < 5:
+            result = CommandResult(argv, "skipped: the step's share of the budget is spent", 0.0, "", "", show)
+        else:
+            result = self._spawn(argv, min(self.timeouts[timeout_key], remaining), show)
+        step.commands.append(result)
+        self.write()
+        return result
+
+    def _spawn(self, argv: list[str], timeout: float, show: str) -> CommandResult:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            started = time.monotonic()
+            process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+            try:
+                code = process.wait(timeout=timeout)
+                status = "ok" if code == 0 else f"failed (exit {code})"
+            except subprocess.TimeoutExpired:
+                _kill_group(process)
+                status = f"timed out after {timeout:.0f} s"
+            seconds = time.monotonic() - started
+            out.seek(0), err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        with open(self.log_path, "a") as log:
+            log.write(f"\n$ {shlex.join(argv)}\n# {status}, {seconds:.1f} s\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n")
+        return CommandResult(argv, status, seconds, stdout, stderr, show)
+
+    def python(self, *args: str) -> list[str]:
+        return [sys.executable, *args]
+
+    # -- the report -------------------------------------------------------------------------------------------
+
+    def write(self) -> None:
+        atomic_write_text(self.report_path, self.render())
+
+    def render(self) -> str:
+        used = time.monotonic() - self.started
+        wheels = os.environ.get("GPU_SUITE_WHEELS", "").split()
+        lines = [f"# {'Smoke run (CPU, tiny sizes)' if self.smoke else 'GPU suite'}: {self.device_name}, "
+                 f"{date.today().isoformat()}", "",
+                 f"- command: `{shlex.join(['bash', 'benchmarks/gpu_suite.sh', *self.argv])}`",
+                 f"- commit: {_commit()}",
+                 f"- python {sys.version.split()[0]}, torch {_torch_version()}",
+                 f"- wheels installed from `.whl/`: {', '.join(wheels) if wheels else 'none'}",
+                 f"- time: {used:.0f} s of a {self.budget:.0f} s budget; time box per command (s): "
+                 + ", ".join(f"{k} {v}" for k, v in self.timeouts.items()), "",
+                 "| step | status | seconds |", "|---|---|---|"]
+        lines += [f"| {i}. {s.title} | {s.status} | {s.seconds:.0f} |" for i, s in enumerate(self.steps, 1)]
+        for i, step in enumerate(self.steps, 1):
+            lines += ["", f"## {i}. {step.title}", ""]
+            for command in step.commands:
+                lines += _render_command(command)
+            lines += [f"{note}\n" for note in step.notes]
+            if step.error:
+                lines += [f"**Stopped**: {step.error}", ""]
+        return "\n".join(lines) + "\n"
+
+
+def _render_command(command: CommandResult) -> list[str]:
+    shown = shlex.join(["python" if a == sys.executable else a for a in command.argv])
+    lines = [f"`{shown}`: **{command.status}**, {command.seconds:.1f} s", ""]
+    stdout = command.stdout.strip()
+    if command.ok and command.show == "markdown":
+        lines += [stdout, ""]
+    elif command.ok:
+        lines += ["```text", *stdout.splitlines()[-TAIL_LINES:], "```", ""]
+    elif not command.status.startswith("skipped"):
+        if command.show == "markdown" and "|" in stdout:  # the rows measured before it failed
+            lines += [stdout, ""]
+        tail = (command.stdout + "\n" + command.stderr).replace("\r", "\n")
+        tail_lines = [line for line in tail.splitlines() if line.strip()][-TAIL_LINES:]
+        lines += [f"Last {len(tail_lines)} lines of output:", "", "```text", *tail_lines, "```", ""]
+    return lines
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGTERM the command's whole process group (compile workers, DataLoader workers), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _device_name(device: str) -> str:
+    import torch
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+
+
+def _torch_version() -> str:
+    import torch
+    return f"{torch.__version__} (CUDA {torch.version.cuda})" if torch.version.cuda else torch.__version__
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git)"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+
+
+# -- the steps ------------------------------------------------------------------------------------------------
+
+def step_env(suite: Suite, step: StepReport) -> None:
+    env_json = suite.work / "env.json"
+    suite.run(step, suite.python("benchmarks/environment.py", "--device", suite.sizes.device, "--json", str(env_json)),
+              "env")
+    if env_json.is_file() and suite.sizes.device == "cuda":
+        measured = json.loads(env_json.read_text())["matmul_tflops"]
+        suite.facts["peak_tflops"] = measured
+        step.notes.append(f"MFU below uses this run's measured bf16 matmul rate, {measured:.0f} TFLOP/s, as the "
+                          "peak (the datasheet's dense bf16 figure, 989, would give MFUs 0.8x as large).")
+    elif suite.sizes.device == "cuda":
+        suite.facts["peak_tflops"] = H200_KINDS_MATMUL_TFLOPS
+        step.notes.append(f"No matmul rate measured: MFU uses {H200_KINDS_MATMUL_TFLOPS:.0f} TFLOP/s, the bf16 "
+                          "8192^3 rate on random data the device notes record for this workplace's H200.")
+
+
+def step_cuda_tests(suite: Suite, step: StepReport) -> None:
+    suite.run(step, suite.python("-m", "pytest", "-m", "cuda", "-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider",
+                                 "tests"), "cuda_tests", show="tail")
+    if suite.smoke:
+        step.notes.append("Smoke run: no CUDA here, so the CUDA tests are collected and skip.")
+
+
+def step_attention(suite: Suite, step: StepReport) -> None:
+    suite.run(step, suite.python("benchmarks/attention_backends.py", *suite.sizes.attention,
+                                 "--device", suite.sizes.device), "attention")
+
+
+def step_train(suite: Suite, step: StepReport) -> None:
+    peak = ["--peak-tflops", f"{suite.facts['peak_tflops']:.1f}"] if "peak_tflops" in suite.facts else []
+    for compile_ in (False, True):
+        for pair in suite.sizes.train_pairs:
+            suite.run(step, suite.python("benchmarks/train_throughput.py", "--models", *pair, *suite.sizes.train,
+                                         *peak, "--device", suite.sizes.device, *(["--compile"] if compile_ else [])),
+                      "train_compile" if compile_ else "train")
+
+
+def step_sample(suite: Suite, step: StepReport) -> None:
+    suite.run(step, suite.python("benchmarks/sample_throughput.py", *suite.sizes.sample, "--device", suite.sizes.device),
+              "sample")
+
+
+def step_cli(suite: Suite, step: StepReport) -> None:
+    """The user's pipeline end to end with the project's own commands, as the README gives them."""
+    sizes, work = suite.sizes, suite.work / "cli"
+    runs, store, images = work / "runs", work / "tokens", work / "images"
+    batch = ["--train.global_batch_size", str(sizes.cli_batch), "--train.log_every", "4"]
+
+    def run(argv: list[str], key: str = "cli") -> CommandResult:
+        result = suite.run(step, suite.python(*argv), key, show="tail")
+        if not result.ok:
+            raise StepFailed()
+        return result
+
+    run(["-m", "dpar.data.synthetic", "--output", str(images), "--num-images", str(sizes.cli_images),
+         "--image-size", str(sizes.cli_image_size)])
+    run(["-m", "tokenizer.train_vq", "--config", sizes.configs["tokenizer"], "--data.data_path", str(images),
+         "--train.results_dir", str(runs), "--train.epochs", "1", *batch])
+    vq = _newest(runs, f"scratch/{Path(sizes.configs['tokenizer']).stem}/*/checkpoints/epoch_*/model.safetensors")
+    run(["preprocess_tokens.py", "--stage", "tokens", "--data-path", str(images), "--store", str(store),
+         "--vq-ckpt", str(vq), "--image-size", str(sizes.cli_image_size), "--views", "1",
+         "--num-workers", "0" if suite.smoke else "4"])
+    run(["train_entropy_model.py", "--config", sizes.configs["entropy"], "--data.store", str(store),
+         "--data.val_holdout", "0", "--train.results_dir", str(runs), "--train.epochs", str(sizes.cli_epochs),
+         "--train.ckpt_every", str(sizes.cli_epochs), *batch])
+    entropy = _newest(runs, f"scratch/{Path(sizes.configs['entropy']).stem}/*/checkpoints/epoch_*/model.safetensors")
+    run(["preprocess_tokens.py", "--stage", "entropies", "--store", str(store),
+         "--entropy-model-checkpoint", str(entropy)])
+    stats = run(["-m", "dpar.data.stats", "--store", str(store), "--target-tokens-per-patch",
+                 str(PAPER_TOKENS_PER_PATCH)])
+    threshold = _table_column(stats.stdout, "threshold")[0]
+    trained = {}
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        run(["train_global_model.py", "--config", sizes.configs["global"], "--data.store", str(store),
+             "--data.val_holdout", "0", "--patcher.entropy_model_checkpoint", str(entropy),
+             "--patcher.threshold", threshold, "--train.results_dir", str(runs), "--train.experiment_name", name,
+             "--train.epochs", str(sizes.cli_epochs), "--train.ckpt_every", str(sizes.cli_epochs),
+             "--train.compile", str(compile_).lower(), *batch], "cli_compile" if compile_ else "cli")
+        trained[name] = _newest(runs, f"scratch/{name}/*/config.yaml").parent
+    step.notes.append(_training_table(trained))
+    samples = work / "samples"
+    run(["sample_c2i.py", "--experiment_dir", str(trained["compiled"]), "--output-dir", str(samples),
+         "--classes", *sizes.cli_classes, "--per-class", "4"])
+    for png in sorted(samples.glob("*.png")):
+        kind = "patches" if png.stem.endswith("_patches") else "samples"
+        target = suite.report_path.with_name(f"{suite.report_path.stem}-{kind}.png")
+        shutil.copy(png, target)
+        step.notes.append(f"![{kind}]({target.name})")
+
+
+def _newest(root: Path, pattern: str) -> Path:
+    found = sorted(root.glob(pattern))
+    if not found:
+        raise StepFailed(f"nothing matches {root}/{pattern}")
+    return found[-1]
+
+
+def _table_column(stdout: str, column: str) -> list[str]:
+    """The cells of ``column`` in the markdown table a command printed."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+    if not rows or column not in rows[0] or len(rows) < 2:
+        raise StepFailed(f"no table with a {column!r} column in the output")
+    index = rows[0].index(column)
+    return [row[index] for row in rows[1:]]
+
+
+def _training_table(runs: dict[str, Path]) -> str:
+    """Loss and throughput of the eager and compiled runs, from their metrics.jsonl."""
+    lines = ["| run | steps | train loss, last epoch | images/s, last log interval | tokens/patch |", "|---|---|---|---|---|"]
+    for name, run in runs.items():
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        epochs = [r for r in records if r.get("epoch_summary")]
+        steps = [r for r in records if "images_per_s" in r]
+        last_epoch, last_step = (epochs or [{}])[-1], (steps or [{}])[-1]
+        lines.append(f"| {name} | {last_epoch.get('step', '')} | {last_epoch.get('train_loss', float('nan')):.4f} | "
+                     f"{last_step.get('images_per_s', float('nan')):.1f} | "
+                     f"{last_epoch.get('tokens_per_patch', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+STEPS: dict[str, tuple[str, Callable[[Suite, StepReport], None]]] = {
+    "env": ("Environment", step_env),
+    "cuda_tests": ("CUDA tests (pytest -m cuda)", step_cuda_tests),
+    "attention": ("Packed attention backends", step_attention),
+    "train": ("Training throughput", step_train),
+    "sample": ("Sampling throughput", step_sample),
+    "cli": ("The command-line path: tokenizer -> tokens -> entropy model -> DPAR eager and compiled -> samples",
+            step_cli),
+}
+
+
+def parse_timeouts(pairs: list[str], known: dict[str, int]) -> dict[str, int]:
+    """``["cli=300", ...]`` -> ``{"cli": 300}``; ValueError naming the bad pair."""
+    timeouts = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in known or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--timeout {pair!r}: expected NAME=SECONDS with NAME one of {', '.join(known)} and "
+                             "SECONDS a positive integer")
+        timeouts[key] = int(value)
+    return timeouts
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (tests the suite itself)")
+    parser.add_argument("--out", default=None, help="report folder (default: $OUT when set, else benchmarks/results)")
+    parser.add_argument("--only", nargs="+", choices=tuple(STEPS), default=None, help="run only these steps")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole suite (default: 470 on a GPU, 170 with --smoke)")
+    parser.add_argument("--timeout", action="append", default=[], metavar="NAME=SECONDS",
+                        help=f"time box per command, overriding the default; NAME: {', '.join(GPU.timeouts)}")
+    parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (stores, runs, samples)")
+    args = parser.parse_args(argv)
+
+    sizes = SMOKE if args.smoke else GPU
+    try:
+        timeouts = parse_timeouts(args.timeout, sizes.timeouts)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget must be > 0 seconds, got {args.budget}")
+    out = Path(args.out or os.environ.get("OUT") or REPO / "benchmarks" / "results")
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; give a folder")
+    import torch
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device here: run on the GPU machine, or add --smoke for the CPU run")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        parser.error(f"--out {out} is not writable")
+
+    work = Path(tempfile.mkdtemp(prefix="gpu_suite."))
+    names = [name for name in STEPS if name in (args.only or STEPS)]
+    suite = Suite(sizes, args.smoke, out, work, args.budget or (170 if args.smoke else 470), timeouts, argv,
+                  names if args.only else None)
+    print(f"gpu suite on {suite.device_name}: report {suite.report_path}, work {work}", flush=True)
+    try:
+        for index, name in enumerate(names):
+            title, run_step = STEPS[name]
+            suite.deadline = suite.end - sum(sizes.reserves[later] for later in names[index + 1:])
+            step = StepReport(name, title)
+            suite.steps.append(step)
+            started = time.monotonic()
+            print(f"== {title}", flush=True)
+            try:
+                run_step(suite, step)
+            except StepFailed as error:
+                step.error = str(error)
+            except Exception as error:  # a bug in the suite itself: record it, go on with the next step
+                step.error = f"suite error: {type(error).__name__}: {error}"
+            step.seconds = time.monotonic() - started
+            print(f"   {step.status} ({step.seconds:.0f} s)", flush=True)
+            suite.write()
+    finally:
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    suite.write()
+    print(f"report: {suite.report_path}")
+    return 0 if all(s.status == "ok" for s in suite.steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""benchmarks/gpu_suite.sh: the one prepared command for a lent GPU, proven here by its CPU smoke run."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+SECTIONS = ["Environment", "CUDA tests", "Packed attention backends", "Training throughput", "Sampling throughput",
+            "The command-line path"]
+
+
+def suite(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "benchmarks/gpu_suite.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": "/tmp"})
+
+
+def sections(report: str) -> dict[str, str]:
+    parts = re.split(r"^## \d\. ", report, flags=re.M)[1:]
+    return {part.splitlines()[0]: part for part in parts}
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite")
+    # a generous budget: this checks that every step runs and reports, not how fast (benchmarks/README.md says)
+    run = suite("--smoke", "--out", str(out), "--budget", "540")
+    reports = list(out.glob("cpu-smoke-*.md"))
+    assert len(reports) == 1, run.stdout + run.stderr
+    return run, reports[0]
+
+
+def test_smoke_run_fills_every_section(smoke):
+    run, report_path = smoke
+    report = report_path.read_text()
+    assert run.returncode == 0, report
+    summary = table_rows(report.split("\n## ")[0], "")
+    assert [row[1] for row in summary[1:]] == ["ok"] * 6, summary
+    found = sections(report)
+    assert [next(t for t in found if t.startswith(s)) for s in SECTIONS]  # all six, in order
+    body = {s: next(v for t, v in found.items() if t.startswith(s)) for s in SECTIONS}
+    assert table_rows(body["Environment"], "torch") and table_rows(body["Environment"], "float32 matmul")
+    assert "skipped" in body["CUDA tests"] and "test_kv_cached_sampling_equals_a_full_forward" in body["CUDA tests"]
+    assert {r[0] for r in table_rows(body["Packed attention backends"], "")} >= {"sdpa", "padded"}
+    train = table_rows(body["Training throughput"], "DGPT-tiny")
+    assert len(train) == 2 and all(row[-1].endswith("x") for row in train)  # eager and --compile, each vs the GPT
+    assert "compile True" in body["Training throughput"] and "compile False" in body["Training throughput"]
+    assert {r[0] for r in table_rows(body["Sampling throughput"], "")} >= {"DGPT-tiny", "GPT-tiny"}
+    cli = body["The command-line path"]
+    runs = {row[0]: row for row in table_rows(cli, "eager") + table_rows(cli, "compiled")}
+    assert set(runs) == {"eager", "compiled"} and runs["eager"][1] == runs["compiled"][1] != ""
+    assert float(runs["eager"][4]) > 1.0  # DPAR trained on real patches, not one token each
+    assert re.search(r"16 images of 4 classes", cli)
+    for png in ("samples", "patches"):
+        assert (report_path.parent / f"{report_path.stem}-{png}.png").stat().st_size > 0
+    log = report_path.with_suffix(".log").read_text()
+    assert "train_global_model.py" in log and "--train.compile true" in log
+
+
+def test_a_command_past_its_time_box_is_killed_and_the_suite_goes_on(tmp_path):
+    run = suite("--smoke", "--out", str(tmp_path), "--only", "sample", "env", "--timeout", "sample=1")
+    report = next(tmp_path.glob("cpu-smoke-*-env-sample.md")).read_text()  # a rerun's own file
+    assert run.returncode == 1
+    statuses = {row[0]: row[1] for row in table_rows(report.split("\n## ")[0], "")[1:]}
+    assert statuses == {"1. Environment": "ok", "2. Sampling throughput": "timed out after 1 s"}  # in the suite's order
+    assert "Last" in sections(report)["Sampling throughput"]  # the output it had, for the finding
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--smoke", "--timeout", "cli"], "--timeout 'cli': expected NAME=SECONDS"),
+    (["--smoke", "--timeout", "nope=3"], "NAME one of env, cuda_tests"),
+    (["--smoke", "--budget", "0"], "--budget must be > 0"),
+    ([], "no CUDA device here"),
+])
+def test_bad_arguments_stop_with_one_line_before_any_report(tmp_path, args, message):
+    run = suite(*args, "--out", str(tmp_path / "out"))
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    run = suite("--smoke", "--out", str(tmp_path / "file"))
+    assert run.returncode == 2 and "is a file" in run.stderr
