@@ -13,7 +13,8 @@ ceilings every speed figure is read against (benchmarks/README.md):
   On CUDA this is the peak that benchmarks/gpu_suite.py gives train_throughput.py for MFU;
 - copy: a device-to-device copy of ``--copy-gib`` GiB, bytes read + written over time (CUDA only).
 
-It needs only torch: the rest is reported as missing, not imported.
+It needs only torch: a package that is missing or fails to import is reported as such (the table names
+packages by their import name: ``yaml`` is PyYAML, ``PIL`` is Pillow).
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import platform
 import subprocess
-import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -56,6 +59,7 @@ def attention_backends() -> dict[str, str]:
 
 
 def nvidia_driver() -> str:
+    """``nvidia-smi``'s driver version, GPU name, max SM clock and power limit, as it prints them."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,name,clocks.max.sm,power.limit",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
@@ -107,7 +111,7 @@ def describe(device: torch.device, matmul_size: int, copy_gib: float, repeats: i
         props = torch.cuda.get_device_properties(device)
         info.update(device=props.name, compute_capability=f"{props.major}.{props.minor}",
                     multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / 2 ** 30, 1),
-                    driver=nvidia_driver())
+                    nvidia_smi=nvidia_driver())
     else:
         info.update(device=f"{platform.processor() or platform.machine()} CPU", threads=torch.get_num_threads())
     info["packages"] = {name: package_version(name) for name in PACKAGES}
@@ -120,8 +124,10 @@ def describe(device: torch.device, matmul_size: int, copy_gib: float, repeats: i
 
 
 def markdown(info: dict) -> str:
-    rows = [(key, info[key]) for key in ("device", "compute_capability", "multiprocessors", "memory_gib", "driver",
-                                         "threads", "python", "torch", "cuda", "cudnn") if key in info]
+    labels = {"nvidia_smi": "driver, name, max SM clock, power limit (nvidia-smi)"}
+    rows = [(labels.get(key, key), info[key]) for key in ("device", "compute_capability", "multiprocessors",
+                                                          "memory_gib", "nvidia_smi", "threads", "python", "torch",
+                                                          "cuda", "cudnn") if key in info]
     rows += [(f"package {name}", version) for name, version in info["packages"].items()]
     rows += [(f"attention backend {name}", state) for name, state in info["attention_backends"].items()]
     n = info["matmul_size"]
@@ -131,19 +137,39 @@ def markdown(info: dict) -> str:
     return "| item | value |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows)
 
 
+def positive(kind: type) -> Callable[[str], float]:
+    """An argparse type: a finite number of ``kind`` > 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 product (default: 8192 on "
-                        "CUDA, as the device notes measured; 1024 on a CPU)")
-    parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the copied buffer (CUDA)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions of each ceiling")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    parser.add_argument("--matmul-size", type=positive(int), default=None, help="n of the n^3 product (default: "
+                        "8192 on CUDA, as the device notes measured; 1024 on a CPU)")
+    parser.add_argument("--copy-gib", type=positive(float), default=4.0, help="size of the copied buffer (CUDA)")
+    parser.add_argument("--repeats", type=positive(int), default=10, help="timed repetitions of each ceiling")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        sys.exit(2)
+        parser.error("--device cuda but torch sees no CUDA device")
+    if args.json and not Path(args.json).absolute().parent.is_dir():
+        parser.error(f"--json {args.json}: its folder does not exist")
     size = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     info = describe(device, size, args.copy_gib, args.repeats)
     print(markdown(info), flush=True)

@@ -2,11 +2,11 @@ r"""Every CUDA check and GPU benchmark of the project in one time-boxed run, wri
 
     bash benchmarks/gpu_suite.sh                        # on a GPU machine: no arguments, <= 8 minutes on an H200
     bash benchmarks/gpu_suite.sh --smoke --out /tmp/x   # the same steps at tiny sizes on a CPU, < 3 minutes
-    bash benchmarks/gpu_suite.sh --only cli --timeout cli=300   # rerun one step with a longer time box
+    bash benchmarks/gpu_suite.sh --only cli --budget 240 --timeout cli_compile=200   # rerun a step, more time
 
-The steps, in order; each command runs in its own process group and is killed at its time box, a step
-never uses the part of the ``--budget`` reserved for the steps after it, and a failing step never stops
-the next one:
+The steps, in order. Each command runs in its own process group (killed with its workers at its time
+box, and with the suite if the suite is killed); a step always gets its reserved share of ``--budget``
+and never the shares of the steps after it; a failing step never stops the next one:
 
 1. ``env``: GPU, driver, torch / CUDA, packages, attention backends that import, and the measured bf16
    matmul rate and copy bandwidth (benchmarks/environment.py);
@@ -23,16 +23,21 @@ the next one:
 ``--smoke`` runs the same steps with tiny models on the CPU (the CUDA tests are collected and skip).
 
 The report, ``<out>/<gpu>-<YYYY-MM-DD>.md`` (``cpu-smoke-...`` for a smoke run, ``...-<steps>.md`` for an
-``--only`` rerun), is rewritten after every command, so a suite killed from outside still leaves what it
-measured; ``<report>.log`` next to it holds every command's full output, and the sample grids of step 6
-are copied next to it. Exit status: 0 when every step passed, 1 otherwise (the report says which), 2 for
-bad arguments. This file needs only the standard library and torch; the steps need the project's
-requirements (gpu_suite.sh installs the wheels carried in ``.whl/`` first).
+``--only`` rerun; ``-2``, ``-3`` ... rather than replacing an earlier one), is rewritten before and after
+every command: its ``state`` line says running, finished or interrupted (SIGTERM, SIGINT, SIGHUP stop the
+running command and leave the report saying so). ``<report>.log`` next to it holds every command's full
+output, and the sample grids of step 6 are copied next to it. Exit status: 0 when every step passed, 1
+otherwise (the report says which), 2 for bad arguments (checked before anything is written), 128 + the
+signal when interrupted. This file needs only the standard library; it runs its steps, and asks torch what
+the device is, in child processes of the same interpreter, with the wheels carried in ``.whl/`` installed
+into its scratch folder (``pip install --no-index --target``).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import math
 import os
 import re
 import shlex
@@ -43,7 +48,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Callable
 
@@ -52,15 +57,18 @@ sys.path.insert(0, str(REPO))
 
 from dpar.fileio import atomic_write_text  # noqa: E402  (standard library only, like this file)
 
+WHEELS = REPO / ".whl"
 PAPER_TOKENS_PER_PATCH = 1.81  # ImageNet-256 (paper Table 6); the cli step calibrates θ to it
 H200_KINDS_MATMUL_TFLOPS = 788.0  # bf16 8192^3 on random data, measured on this workplace's H200 (2026-10-28)
-TAIL_LINES = 40  # lines of output kept in the report for a failed command
+TAIL_LINES = 30  # lines of each output stream kept in the report for a failed command
+KILL_GRACE = 3  # seconds between SIGTERM and SIGKILL for a command past its time
 
 
 @dataclass
 class Sizes:
     """What the steps run on: the real shapes on a GPU, toy ones for ``--smoke`` on a CPU."""
     device: str
+    budget: int  # default --budget, seconds
     attention: list[str]
     train_pairs: list[list[str]]
     train: list[str]
@@ -72,11 +80,11 @@ class Sizes:
     cli_batch: int
     configs: dict[str, str]
     timeouts: dict[str, int]  # seconds per command of each step
-    reserves: dict[str, int]  # seconds of the budget no earlier step may use, per step
+    reserves: dict[str, float]  # fraction of the budget no earlier step may use, per step
 
 
 GPU = Sizes(
-    device="cuda",
+    device="cuda", budget=470,
     attention=["--model", "DGPT-L", "--image-size", "256", "--downsample", "16", "--batch-size", "64"],
     train_pairs=[["DGPT-B", "GPT-B"], ["DGPT-L", "GPT-L"]],
     train=["--image-size", "256", "--downsample", "16", "--vocab", "16384", "--num-classes", "1000",
@@ -87,12 +95,12 @@ GPU = Sizes(
     cli_images=512, cli_image_size=256, cli_classes=["0", "1", "2", "3"], cli_epochs=6, cli_batch=64,
     configs={"tokenizer": "configs/tokenizer/vq_16.yaml", "entropy": "configs/entropy_model/gpt_b_256.yaml",
              "global": "configs/patching_modes/global_model_entropy_row_break.yaml"},
-    timeouts={"env": 30, "cuda_tests": 90, "attention": 45, "train": 35, "train_compile": 75, "sample": 90,
+    timeouts={"env": 30, "cuda_tests": 90, "attention": 45, "train": 35, "train_compile": 120, "sample": 90,
               "cli": 60, "cli_compile": 150},
-    reserves={"env": 10, "cuda_tests": 40, "attention": 15, "train": 80, "sample": 45, "cli": 200},
+    reserves={"env": 0.02, "cuda_tests": 0.08, "attention": 0.03, "train": 0.17, "sample": 0.1, "cli": 0.43},
 )
 SMOKE = Sizes(
-    device="cpu",
+    device="cpu", budget=170,
     attention=["--batch-size", "8", "--repeats", "2"],
     train_pairs=[["DGPT-tiny", "GPT-tiny"]],
     train=["--image-size", "32", "--downsample", "4", "--vocab", "64", "--num-classes", "4", "--batch-size", "8",
@@ -104,14 +112,14 @@ SMOKE = Sizes(
              "global": "configs/tiny/global_model_entropy_row_break.yaml"},
     timeouts={"env": 30, "cuda_tests": 60, "attention": 30, "train": 30, "train_compile": 90, "sample": 30,
               "cli": 40, "cli_compile": 90},
-    reserves={"env": 5, "cuda_tests": 5, "attention": 5, "train": 20, "sample": 10, "cli": 40},
+    reserves={"env": 0.03, "cuda_tests": 0.03, "attention": 0.03, "train": 0.12, "sample": 0.06, "cli": 0.25},
 )
 
 
 @dataclass
 class CommandResult:
     argv: list[str]
-    status: str          # ok | failed (exit N) | timed out after N s | skipped: reason
+    status: str          # ok | failed (exit N) | timed out ... | stopped ... | skipped: reason | interrupted
     seconds: float
     stdout: str
     stderr: str
@@ -129,10 +137,13 @@ class StepReport:
     commands: list[CommandResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    state: str = "not run"  # not run | running | finished | interrupted
     error: str = ""  # why the step stopped when no command's status says it
 
     @property
     def status(self) -> str:
+        if self.state != "finished":
+            return self.state
         bad = [c.status for c in self.commands if not c.ok]
         return bad[0] if bad else self.error or ("ok" if self.commands else "not run")
 
@@ -141,55 +152,84 @@ class StepFailed(Exception):
     """The rest of the step cannot run (a command it depends on failed, or an output is missing)."""
 
 
+class Interrupted(Exception):
+    """The suite got SIGTERM, SIGINT or SIGHUP: the running command is stopped, the report says so."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class Suite:
     """Runs the steps' commands with time boxes and keeps the report and the log up to date on disk."""
 
-    def __init__(self, sizes: Sizes, smoke: bool, out: Path, work: Path, budget: float,
-                 timeouts: dict[str, int], argv: list[str], only: list[str] | None):
-        self.sizes, self.smoke, self.work, self.argv = sizes, smoke, work, argv
-        self.end = time.monotonic() + budget
-        self.deadline = self.end  # of the step running: the end less what later steps have reserved
-        self.budget, self.started = budget, time.monotonic()
+    def __init__(self, sizes: Sizes, smoke: bool, report_path: Path, work: Path, budget: float,
+                 timeouts: dict[str, int], argv: list[str], names: list[str], probe: dict, env: dict[str, str],
+                 wheels: list[str]):
+        self.sizes, self.smoke, self.work, self.argv, self.probe = sizes, smoke, work, argv, probe
+        self.env, self.wheels = env, wheels
+        self.started = time.monotonic()
+        self.end = self.started + budget
+        self.deadline = self.end  # of the step running: see start_step
+        self.budget = budget
         self.timeouts = {**sizes.timeouts, **timeouts}
-        self.device_name = _device_name(sizes.device)
-        slug = "cpu-smoke" if smoke else re.sub(r"[^a-z0-9]+", "-", self.device_name.lower()).strip("-")
-        part = "" if only is None else "-" + "-".join(only)  # a rerun of some steps never replaces the full report
-        self.report_path = out / f"{slug}-{date.today().isoformat()}{part}.md"
-        self.log_path = self.report_path.with_suffix(".log")
-        self.steps: list[StepReport] = []
-        self.facts: dict = {}  # what later steps use: the measured matmul peak, θ, run dirs
-        self.log_path.write_text("")
+        self.report_path, self.log_path = report_path, report_path.with_suffix(".log")
+        self.steps = [StepReport(name, STEPS[name][0]) for name in names]
+        self.state = "running"
+        self.running: tuple[list[str], datetime] | None = None  # the command in flight, for the report
+        self.facts: dict = {}  # what later steps use: the measured matmul peak
+        atomic_write_text(self.log_path, "")
+
+    def start_step(self, index: int) -> None:
+        """A step may run until the budget's end less the shares reserved for the steps after it, but always
+        gets its own share (when that much is left)."""
+        now = time.monotonic()
+        later = sum(self.sizes.reserves[step.name] for step in self.steps[index + 1:]) * self.budget
+        own = self.sizes.reserves[self.steps[index].name] * self.budget
+        self.deadline = min(self.end, max(self.end - later, now + own))
+        self.steps[index].state = "running"
+        self.write()
 
     # -- running ----------------------------------------------------------------------------------------------
 
     def run(self, step: StepReport, argv: list[str], timeout_key: str, show: str = "markdown") -> CommandResult:
-        """Run ``argv`` from the repository root, killed after the step's time box or at the suite's deadline."""
+        """Run ``argv`` from the repository root until its time box or the step's share of the budget ends."""
         remaining = self.deadline - time.monotonic()
+        box = self.timeouts[timeout_key]
         if remaining < 5:
             result = CommandResult(argv, "skipped: the step's share of the budget is spent", 0.0, "", "", show)
+        elif box <= remaining:
+            result = self._spawn(argv, box, ("timed out", f"its {timeout_key} time box"), show)
         else:
-            result = self._spawn(argv, min(self.timeouts[timeout_key], remaining), show)
+            result = self._spawn(argv, remaining, ("stopped", "the step's share of the budget ran out"), show)
         step.commands.append(result)
         self.write()
         return result
 
-    def _spawn(self, argv: list[str], timeout: float, show: str) -> CommandResult:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    def _spawn(self, argv: list[str], timeout: float, stopped: tuple[str, str], show: str) -> CommandResult:
+        """Run one command; ``stopped`` is (verb, reason) for its status if ``timeout`` ends it."""
+        self.running = (argv, datetime.now())
+        self.write()
+        parent = os.getpid()
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             started = time.monotonic()
-            process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+            process = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=out, stderr=err, start_new_session=True,
+                                       preexec_fn=lambda: _die_with(parent))
+            status = "interrupted"
             try:
                 code = process.wait(timeout=timeout)
                 status = "ok" if code == 0 else f"failed (exit {code})"
             except subprocess.TimeoutExpired:
-                _kill_group(process)
-                status = f"timed out after {timeout:.0f} s"
-            seconds = time.monotonic() - started
-            out.seek(0), err.seek(0)
-            stdout, stderr = out.read(), err.read()
-        with open(self.log_path, "a") as log:
-            log.write(f"\n$ {shlex.join(argv)}\n# {status}, {seconds:.1f} s\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n")
+                status = f"{stopped[0]} after {time.monotonic() - started:.0f} s ({stopped[1]})"
+            finally:
+                _kill_group(process)  # also what it left behind (compile and DataLoader workers)
+                seconds = time.monotonic() - started
+                out.seek(0), err.seek(0)
+                stdout, stderr = out.read(), err.read()
+                with open(self.log_path, "a") as log:
+                    log.write(f"\n$ {shlex.join(argv)}\n# {status}, {seconds:.1f} s\n--- stdout\n{stdout}\n"
+                              f"--- stderr\n{stderr}\n")
+                self.running = None
         return CommandResult(argv, status, seconds, stdout, stderr, show)
 
     def python(self, *args: str) -> list[str]:
@@ -202,18 +242,28 @@ class Suite:
 
     def render(self) -> str:
         used = time.monotonic() - self.started
-        wheels = os.environ.get("GPU_SUITE_WHEELS", "").split()
-        lines = [f"# {'Smoke run (CPU, tiny sizes)' if self.smoke else 'GPU suite'}: {self.device_name}, "
+        probe = self.probe
+        torch_version = probe["torch"] + (f" (CUDA {probe['cuda']})" if probe["cuda"] else "")
+        lines = [f"# {'Smoke run (CPU, tiny sizes)' if self.smoke else 'GPU suite'}: {probe['device_name']}, "
                  f"{date.today().isoformat()}", "",
+                 f"- state: **{self.state}**",
                  f"- command: `{shlex.join(['bash', 'benchmarks/gpu_suite.sh', *self.argv])}`",
                  f"- commit: {_commit()}",
-                 f"- python {sys.version.split()[0]}, torch {_torch_version()}",
-                 f"- wheels installed from `.whl/`: {', '.join(wheels) if wheels else 'none'}",
+                 f"- python {probe['python']}, torch {torch_version}",
+                 f"- wheels installed from `.whl/`: {', '.join(self.wheels) if self.wheels else 'none'}",
                  f"- time: {used:.0f} s of a {self.budget:.0f} s budget; time box per command (s): "
-                 + ", ".join(f"{k} {v}" for k, v in self.timeouts.items()), "",
-                 "| step | status | seconds |", "|---|---|---|"]
+                 + ", ".join(f"{k} {v}" for k, v in self.timeouts.items())]
+        if self.smoke:
+            lines.append("- a smoke run: its figures show that each step runs and reports, at toy sizes with one or "
+                         "two timed steps on a shared CPU; they are not measurements")
+        if self.running:
+            argv, since = self.running
+            lines.append(f"- running since {since:%H:%M:%S}: `{_shown(argv)}`")
+        lines += ["", "| step | status | seconds |", "|---|---|---|"]
         lines += [f"| {i}. {s.title} | {s.status} | {s.seconds:.0f} |" for i, s in enumerate(self.steps, 1)]
         for i, step in enumerate(self.steps, 1):
+            if step.state == "not run":
+                continue
             lines += ["", f"## {i}. {step.title}", ""]
             for command in step.commands:
                 lines += _render_command(command)
@@ -223,51 +273,75 @@ class Suite:
         return "\n".join(lines) + "\n"
 
 
+def _shown(argv: list[str]) -> str:
+    return shlex.join(["python" if a == sys.executable else a for a in argv])
+
+
 def _render_command(command: CommandResult) -> list[str]:
-    shown = shlex.join(["python" if a == sys.executable else a for a in command.argv])
-    lines = [f"`{shown}`: **{command.status}**, {command.seconds:.1f} s", ""]
+    lines = [f"`{_shown(command.argv)}`: **{command.status}**, {command.seconds:.1f} s", ""]
     stdout = command.stdout.strip()
     if command.ok and command.show == "markdown":
         lines += [stdout, ""]
     elif command.ok:
         lines += ["```text", *stdout.splitlines()[-TAIL_LINES:], "```", ""]
     elif not command.status.startswith("skipped"):
-        if command.show == "markdown" and "|" in stdout:  # the rows measured before it failed
+        streams = [("stdout", command.stdout), ("stderr", command.stderr)]
+        if command.show == "markdown" and "|" in stdout:  # the rows measured before it stopped, once
             lines += [stdout, ""]
-        tail = (command.stdout + "\n" + command.stderr).replace("\r", "\n")
-        tail_lines = [line for line in tail.splitlines() if line.strip()][-TAIL_LINES:]
-        lines += [f"Last {len(tail_lines)} lines of output:", "", "```text", *tail_lines, "```", ""]
+            streams = streams[1:]
+        printed = False
+        for name, text in streams:
+            tail = [line for line in text.replace("\r", "\n").splitlines() if line.strip()][-TAIL_LINES:]
+            if tail:
+                lines += [f"Last {len(tail)} lines of {name}:", "", "```text", *tail, "```", ""]
+                printed = True
+        if not printed and not (command.show == "markdown" and "|" in stdout):
+            lines += ["It printed nothing.", ""]
     return lines
 
 
+def _die_with(parent: int) -> None:
+    """In the child, before exec: get SIGKILL when the suite dies, even by SIGKILL (Linux only)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass
+    if os.getppid() != parent:  # the suite died before prctl took effect
+        os._exit(1)
+
+
 def _kill_group(process: subprocess.Popen) -> None:
-    """SIGTERM the command's whole process group (compile workers, DataLoader workers), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    """SIGTERM the command's whole process group (it and the workers it started), SIGKILL what is left
+    after a grace period. A no-op for a command that ended and left nothing behind."""
+    for sig, grace in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 1.0)):
         try:
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        except (ProcessLookupError, PermissionError):
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            process.poll()  # reap the leader: a zombie would count as alive
+            if not _group_alive(process.pid):
+                break
+            time.sleep(0.05)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
-def _device_name(device: str) -> str:
-    import torch
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    import platform
-    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
-
-
-def _torch_version() -> str:
-    import torch
-    return f"{torch.__version__} (CUDA {torch.version.cuda})" if torch.version.cuda else torch.__version__
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _commit() -> str:
+    """The checkout's commit; ``$GPU_SUITE_COMMIT`` where the copy has no git history (the device machine's)."""
+    if os.environ.get("GPU_SUITE_COMMIT"):
+        return os.environ["GPU_SUITE_COMMIT"] + " (from GPU_SUITE_COMMIT)"
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               timeout=10)
@@ -287,20 +361,13 @@ def step_env(suite: Suite, step: StepReport) -> None:
     suite.run(step, suite.python("benchmarks/environment.py", "--device", suite.sizes.device, "--json", str(env_json)),
               "env")
     if env_json.is_file() and suite.sizes.device == "cuda":
-        measured = json.loads(env_json.read_text())["matmul_tflops"]
-        suite.facts["peak_tflops"] = measured
-        step.notes.append(f"MFU below uses this run's measured bf16 matmul rate, {measured:.0f} TFLOP/s, as the "
-                          "peak (the datasheet's dense bf16 figure, 989, would give MFUs 0.8x as large).")
-    elif suite.sizes.device == "cuda":
-        suite.facts["peak_tflops"] = H200_KINDS_MATMUL_TFLOPS
-        step.notes.append(f"No matmul rate measured: MFU uses {H200_KINDS_MATMUL_TFLOPS:.0f} TFLOP/s, the bf16 "
-                          "8192^3 rate on random data the device notes record for this workplace's H200.")
+        suite.facts["peak_tflops"] = json.loads(env_json.read_text())["matmul_tflops"]
 
 
 def step_cuda_tests(suite: Suite, step: StepReport) -> None:
-    suite.run(step, suite.python("-m", "pytest", "-m", "cuda", "-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider",
-                                 "tests"), "cuda_tests", show="tail")
-    if suite.smoke:
+    result = suite.run(step, suite.python("-m", "pytest", "-m", "cuda", "-v", "-rfEs", "--tb=short", "-p",
+                                          "no:cacheprovider", "tests"), "cuda_tests", show="tail")
+    if suite.smoke and result.ok:
         step.notes.append("Smoke run: no CUDA here, so the CUDA tests are collected and skip.")
 
 
@@ -310,7 +377,18 @@ def step_attention(suite: Suite, step: StepReport) -> None:
 
 
 def step_train(suite: Suite, step: StepReport) -> None:
-    peak = ["--peak-tflops", f"{suite.facts['peak_tflops']:.1f}"] if "peak_tflops" in suite.facts else []
+    peak = []
+    if "peak_tflops" in suite.facts:
+        peak = ["--peak-tflops", f"{suite.facts['peak_tflops']:.1f}"]
+        step.notes.append(f"MFU against this run's measured bf16 8192^3 matmul rate, {peak[1]} TFLOP/s (step 1); the "
+                          "datasheet's dense bf16 peak (989 TFLOP/s for an H100 or H200) would give smaller MFUs.")
+    elif suite.sizes.device == "cuda" and "H200" in suite.probe["device_name"]:
+        peak = ["--peak-tflops", f"{H200_KINDS_MATMUL_TFLOPS:.1f}"]
+        step.notes.append(f"No matmul rate measured in this run: MFU against {H200_KINDS_MATMUL_TFLOPS:.0f} TFLOP/s, the "
+                          "bf16 8192^3 rate on random data the device notes record for this workplace's H200.")
+    elif suite.sizes.device == "cuda":
+        step.notes.append("No matmul rate measured in this run: MFU against the datasheet peak in "
+                          "benchmarks/workloads.py, where it knows the GPU.")
     for compile_ in (False, True):
         for pair in suite.sizes.train_pairs:
             suite.run(step, suite.python("benchmarks/train_throughput.py", "--models", *pair, *suite.sizes.train,
@@ -352,6 +430,11 @@ def step_cli(suite: Suite, step: StepReport) -> None:
     stats = run(["-m", "dpar.data.stats", "--store", str(store), "--target-tokens-per-patch",
                  str(PAPER_TOKENS_PER_PATCH)])
     threshold = _table_column(stats.stdout, "threshold")[0]
+    reached = float(_table_column(stats.stdout, "tokens/patch")[0])
+    if abs(reached - PAPER_TOKENS_PER_PATCH) > 0.1:
+        step.notes.append(f"θ = {threshold} gives {reached:.2f} tokens per patch, not {PAPER_TOKENS_PER_PATCH}: this "
+                          "briefly trained entropy model's entropies take too few distinct values. The runs below "
+                          "use this θ.")
     trained = {}
     for name, compile_ in (("eager", False), ("compiled", True)):
         run(["train_global_model.py", "--config", sizes.configs["global"], "--data.store", str(store),
@@ -390,7 +473,8 @@ def _table_column(stdout: str, column: str) -> list[str]:
 
 def _training_table(runs: dict[str, Path]) -> str:
     """Loss and throughput of the eager and compiled runs, from their metrics.jsonl."""
-    lines = ["| run | steps | train loss, last epoch | images/s, last log interval | tokens/patch |", "|---|---|---|---|---|"]
+    lines = ["| run | steps | train loss, last epoch | images/s over the last 4 steps (a recompilation may fall in "
+             "them) | tokens/patch |", "|---|---|---|---|---|"]
     for name, run in runs.items():
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         epochs = [r for r in records if r.get("epoch_summary")]
@@ -418,11 +502,54 @@ def parse_timeouts(pairs: list[str], known: dict[str, int]) -> dict[str, int]:
     timeouts = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in known or not value.isdigit() or int(value) < 1:
+        if key not in known or not (value.isascii() and value.isdigit()) or int(value) < 1:
             raise ValueError(f"--timeout {pair!r}: expected NAME=SECONDS with NAME one of {', '.join(known)} and "
                              "SECONDS a positive integer")
         timeouts[key] = int(value)
     return timeouts
+
+
+PROBE = """import json, platform, sys
+import torch
+cuda = torch.cuda.is_available()
+name = torch.cuda.get_device_name() if cuda and sys.argv[1] == "cuda" else \\
+    f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+print(json.dumps({"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "cuda_available": cuda, "device_name": name}))
+"""
+
+
+def probe_python(device: str) -> dict:
+    """What this interpreter's torch sees, asked in a child process (this one never holds a CUDA context)."""
+    out = subprocess.run([sys.executable, "-c", PROBE, device], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines() or ["no output"]
+        raise ValueError(f"{sys.executable} cannot run torch ({lines[-1]}); set PYTHON to an interpreter with torch")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def install_wheels(target: Path) -> list[str]:
+    """Install the wheels carried in ``.whl/`` into ``target`` (no index, no dependencies); their names."""
+    wheels = sorted(WHEELS.glob("*.whl"))
+    if not wheels:
+        return []
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                          "--no-cache-dir", "--target", str(target), *map(str, wheels)],
+                         capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        lines = (out.stderr.strip() or out.stdout.strip() or "no output").splitlines()
+        raise ValueError(f"the wheels in {WHEELS} did not install: {lines[-1]}")
+    return [wheel.name for wheel in wheels]
+
+
+def report_path(out: Path, slug: str, only: list[str] | None) -> Path:
+    """``<out>/<slug>-<date>[-<steps>].md``, with ``-2``, ``-3`` ... rather than replacing an earlier report."""
+    stem = f"{slug}-{date.today().isoformat()}" + ("" if only is None else "-" + "-".join(only))
+    path, n = out / f"{stem}.md", 1
+    while path.exists() or path.with_suffix(".log").exists():
+        n += 1
+        path = out / f"{stem}-{n}.md"
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,9 +557,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (tests the suite itself)")
     parser.add_argument("--out", default=None, help="report folder (default: $OUT when set, else benchmarks/results)")
-    parser.add_argument("--only", nargs="+", choices=tuple(STEPS), default=None, help="run only these steps")
+    parser.add_argument("--only", nargs="+", action="extend", choices=tuple(STEPS), default=None,
+                        help="run only these steps (in the suite's order)")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the whole suite (default: 470 on a GPU, 170 with --smoke)")
+                        help=f"seconds for the whole suite (default: {GPU.budget} on a GPU, {SMOKE.budget} with --smoke)")
     parser.add_argument("--timeout", action="append", default=[], metavar="NAME=SECONDS",
                         help=f"time box per command, overriding the default; NAME: {', '.join(GPU.timeouts)}")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (stores, runs, samples)")
@@ -441,43 +569,75 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SMOKE if args.smoke else GPU
     try:
         timeouts = parse_timeouts(args.timeout, sizes.timeouts)
+        probe = probe_python(sizes.device)
     except ValueError as error:
         parser.error(str(error))
-    if args.budget is not None and args.budget <= 0:
-        parser.error(f"--budget must be > 0 seconds, got {args.budget}")
-    out = Path(args.out or os.environ.get("OUT") or REPO / "benchmarks" / "results")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        parser.error(f"--budget must be a finite number of seconds > 0, got {args.budget}")
+    if args.out == "":
+        parser.error("--out is empty; give a folder")
+    out = Path(args.out if args.out is not None else os.environ.get("OUT") or REPO / "benchmarks" / "results")
+    out = out.absolute()
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file; give a folder")
-    import torch
-    if not args.smoke and not torch.cuda.is_available():
+    if not args.smoke and not probe["cuda_available"]:
         parser.error("no CUDA device here: run on the GPU machine, or add --smoke for the CPU run")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {out}: cannot create it ({error.strerror})")
     if not os.access(out, os.W_OK):
         parser.error(f"--out {out} is not writable")
 
     work = Path(tempfile.mkdtemp(prefix="gpu_suite."))
-    names = [name for name in STEPS if name in (args.only or STEPS)]
-    suite = Suite(sizes, args.smoke, out, work, args.budget or (170 if args.smoke else 470), timeouts, argv,
-                  names if args.only else None)
-    print(f"gpu suite on {suite.device_name}: report {suite.report_path}, work {work}", flush=True)
     try:
-        for index, name in enumerate(names):
-            title, run_step = STEPS[name]
-            suite.deadline = suite.end - sum(sizes.reserves[later] for later in names[index + 1:])
-            step = StepReport(name, title)
-            suite.steps.append(step)
+        wheels = install_wheels(work / "site")
+    except (ValueError, subprocess.TimeoutExpired) as error:
+        shutil.rmtree(work, ignore_errors=True)
+        parser.error(str(error))
+    paths = [str(REPO), *([str(work / "site")] if wheels else []), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    names = [name for name in STEPS if name in (args.only or STEPS)]
+    slug = "cpu-smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", probe["device_name"].lower()).strip("-")
+    suite = Suite(sizes, args.smoke, report_path(out, slug, names if args.only else None), work,
+                  args.budget or sizes.budget, timeouts, argv, names, probe, env, wheels)
+    print(f"gpu suite on {probe['device_name']}: report {suite.report_path}, work {work}", flush=True)
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+    step = None
+    try:
+        for index, step in enumerate(suite.steps):
+            suite.start_step(index)
             started = time.monotonic()
-            print(f"== {title}", flush=True)
+            print(f"== {step.title}", flush=True)
             try:
-                run_step(suite, step)
+                STEPS[step.name][1](suite, step)
             except StepFailed as error:
                 step.error = str(error)
+            except Interrupted:
+                raise
             except Exception as error:  # a bug in the suite itself: record it, go on with the next step
                 step.error = f"suite error: {type(error).__name__}: {error}"
-            step.seconds = time.monotonic() - started
+            finally:
+                step.seconds = time.monotonic() - started
+            step.state = "finished"
             print(f"   {step.status} ({step.seconds:.0f} s)", flush=True)
             suite.write()
+        suite.state = "finished"
+    except Interrupted as interrupted:
+        suite.state = f"interrupted by {interrupted} after {time.monotonic() - suite.started:.0f} s"
+        if step is not None and step.state == "running":
+            step.state = "interrupted"
+        suite.write()
+        print(f"{interrupted}: stopped; report: {suite.report_path}", file=sys.stderr)
+        return 128 + interrupted.signum
     finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # the cleanup below is not itself interrupted
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
     suite.write()
