@@ -19,32 +19,39 @@ from dpar.data.images import list_images
 from dpar.data.preprocess import (TokenJob, entropy_shards, finish_entropies, finish_tokens, listing_hash,
                                   next_token_entropies, start_entropies, start_store, tokenize_shards)
 from dpar.data.store import TokenStore, file_sha256, read_meta
-from dpar.errors import UserError, run_main
+from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.experiment import load_trained_model
+from dpar.fileio import check_output_dir
 from dpar.launch import make_accelerator
+from dpar.validation import field_type, number
 from tokenizer.transforms import VIEW_COUNTS
 from tokenizer.vq_model import VQ_models, VQConfig, load_vq
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--stage", choices=("tokens", "entropies"), required=True)
     parser.add_argument("--store", required=True, help="token store directory (created by --stage tokens)")
-    parser.add_argument("--batch-size", type=int, default=64,
+    parser.add_argument("--batch-size", type=number(int, min=1), default=64,
                         help="tokens: images per tokenizer call (x views); entropies: sequences per forward")
     tokens = parser.add_argument_group("--stage tokens")
     tokens.add_argument("--data-path", help="ImageFolder directory (<class>/<image>) or a '<path> <label>' list file")
     tokens.add_argument("--vq-ckpt", help="LlamaGen's vq_ds16_c2i.pt, or a train_vq run's model.safetensors")
     tokens.add_argument("--vq-model", choices=tuple(VQ_models), default="VQ-16", help="for a LlamaGen .pt")
-    tokens.add_argument("--codebook-size", type=int, default=16384, help="for a LlamaGen .pt")
-    tokens.add_argument("--codebook-embed-dim", type=int, default=8, help="for a LlamaGen .pt")
-    tokens.add_argument("--image-size", type=int, default=256, help="crop size in pixels (256 or 384 in the paper)")
+    tokens.add_argument("--codebook-size", type=field_type(VQConfig, "codebook_size"), default=16384,
+                        help="for a LlamaGen .pt")
+    tokens.add_argument("--codebook-embed-dim", type=field_type(VQConfig, "codebook_embed_dim"), default=8,
+                        help="for a LlamaGen .pt")
+    tokens.add_argument("--image-size", type=number(int, min=1), default=256,
+                        help="crop size in pixels (256 or 384 in the paper)")
     tokens.add_argument("--views", type=int, choices=VIEW_COUNTS, default=20,
                         help="1 center crop; 2 + flip; 10 ten-crop (flips included); 20 ten-crop at 1.1 and 1.05")
-    tokens.add_argument("--crop-range", type=float, default=1.1, help="ten-crop source size / image size")
-    tokens.add_argument("--shard-size", type=int, default=10000, help="images per shard (the unit of resumption)")
-    tokens.add_argument("--num-workers", type=int, default=8, help="image-decoding DataLoader workers")
+    tokens.add_argument("--crop-range", type=number(float, min=1), default=1.1,
+                        help="ten-crop source size / image size, >= 1")
+    tokens.add_argument("--shard-size", type=number(int, min=1), default=10000,
+                        help="images per shard (the unit of resumption)")
+    tokens.add_argument("--num-workers", type=number(int, min=0), default=8, help="image-decoding DataLoader workers")
     entropies = parser.add_argument_group("--stage entropies")
     entropies.add_argument("--entropy-model-checkpoint", help="the entropy model's model.safetensors")
     entropies.add_argument("--entropy-model-config", help="its config.yaml (default: the run's, next to it)")
@@ -55,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def stage_tokens(args: argparse.Namespace, accelerator: Accelerator) -> None:
     if not args.data_path or not args.vq_ckpt:
         raise UserError("--stage tokens needs --data-path and --vq-ckpt")
-    store = Path(args.store)
+    store = check_output_dir(args.store, "--store")
     paths, labels, class_names = list_images(args.data_path)
     vq_config = VQConfig(vq_model=args.vq_model, codebook_size=args.codebook_size,
                          codebook_embed_dim=args.codebook_embed_dim)
@@ -92,6 +99,9 @@ def stage_entropies(args: argparse.Namespace, accelerator: Accelerator) -> None:
         raise UserError("--stage entropies needs --entropy-model-checkpoint")
     store = TokenStore(args.store)
     model, config = load_trained_model(args.entropy_model_checkpoint, args.entropy_model_config)
+    if config.model_type != "uncond":  # checked before start_entropies may delete another model's entropies
+        raise UserError(f"--entropy-model-checkpoint {args.entropy_model_checkpoint} is a {config.model_type} "
+                        f"{config.gpt_model}; entropies come from an unconditional GPT (train_entropy_model.py)")
     if config.vocab_size != store.codebook_size:
         raise UserError(f"the entropy model predicts {config.vocab_size} codes but the store's tokenizer has "
                         f"{store.codebook_size}; train the entropy model on this store's tokens")

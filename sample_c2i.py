@@ -12,27 +12,35 @@ import time
 
 import torch
 
-from dpar.errors import run_main
+from dpar.errors import ArgumentParser, UserError, run_main
+from dpar.fileio import check_output_dir
 from dpar.sampling import Sampler, add_sampling_arguments, sample_file_stem, sampling_from_args
+from dpar.validation import device, number
 from dpar.visual import image_grid, patch_map, save_png
 
 IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]  # LlamaGen's sample_c2i.py classes
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_arguments(parser, cfg_scale=4.0)  # LlamaGen's sample_c2i.py default
-    parser.add_argument("--classes", type=int, nargs="+", default=None,
-                        help="class ids, one grid row each (default: LlamaGen's 8 on ImageNet, else every class)")
-    parser.add_argument("--per-class", type=int, default=8, help="images per class")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--classes", type=number(int, min=0), nargs="+", default=None,
+                        help="class ids in [0, classes), one grid row each (default: LlamaGen's 8 on ImageNet, "
+                             "else every class)")
+    parser.add_argument("--per-class", type=number(int, min=1), default=8, help="images per class")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    check_output_dir(args.output_dir, "--output-dir")
 
     sampler = Sampler.from_experiment(args.experiment_dir, args.epoch, ema=args.ema, vq_checkpoint=args.vq_ckpt,
                                       device=args.device, threshold=args.threshold,
                                       max_patch_length=args.max_patch_length)
     num_classes = sampler.model_config.num_classes
     classes = args.classes or (IMAGENET_SHOWCASE if num_classes == 1000 else list(range(num_classes)))
+    outside = [c for c in classes if c >= num_classes]
+    if outside:
+        raise UserError(f"--classes {outside[0]}: the model has {num_classes} classes, ids 0 to {num_classes - 1} "
+                        f"(id {num_classes} is the null class that guidance uses)")
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     seeds = args.seed * 1_000_003 + torch.arange(len(labels))
     started = time.perf_counter()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpar.config import parse_cli
-from dpar.errors import UserError, run_main
+from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.experiment import add_run_arguments
 from dpar.models import ModelConfig, is_dpar
 from dpar.training import DataConfig, TrainConfig, train
@@ -26,7 +26,7 @@ class TrainEntropyConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     args, config = parse_cli(parser, TrainEntropyConfig, argv)
     if is_dpar(config.model.gpt_model):

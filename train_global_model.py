@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpar.config import parse_cli, to_dataclass
-from dpar.errors import run_main
+from dpar.errors import ArgumentParser, run_main
 from dpar.experiment import add_run_arguments
 from dpar.models import ModelConfig, is_dpar
 from dpar.patcher import PatcherConfig
@@ -32,7 +32,7 @@ class TrainGlobalConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     args, config = parse_cli(parser, TrainGlobalConfig, argv)
     patcher = to_dataclass(config.patcher) if is_dpar(config.model.gpt_model) else None

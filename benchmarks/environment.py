@@ -22,14 +22,17 @@ import argparse
 import importlib
 import importlib.util
 import json
-import math
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dpar.validation import device as device_flag, number  # noqa: E402  (standard library only)
 
 PACKAGES = ("omegaconf", "yaml", "accelerate", "safetensors", "numpy", "scipy", "PIL", "tqdm", "matplotlib", "pytest")
 ATTENTION_MODULES = {"xformers": "xformers", "varlen": "torch.nn.attention.varlen",
@@ -137,39 +140,19 @@ def markdown(info: dict) -> str:
     return "| item | value |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows)
 
 
-def positive(kind: type) -> Callable[[str], float]:
-    """An argparse type: a finite number of ``kind`` > 0."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-        return value
-    return parse
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when there is one)")
-    parser.add_argument("--matmul-size", type=positive(int), default=None, help="n of the n^3 product (default: "
-                        "8192 on CUDA, as the device notes measured; 1024 on a CPU)")
-    parser.add_argument("--copy-gib", type=positive(float), default=4.0, help="size of the copied buffer (CUDA)")
-    parser.add_argument("--repeats", type=positive(int), default=10, help="timed repetitions of each ceiling")
+    parser.add_argument("--matmul-size", type=number(int, min=1), default=None, help="n of the n^3 product "
+                        "(default: 8192 on CUDA, as the device notes measured; 1024 on a CPU)")
+    parser.add_argument("--copy-gib", type=number(float, gt=0), default=4.0, help="size of the copied buffer (CUDA)")
+    parser.add_argument("--repeats", type=number(int, min=1), default=10, help="timed repetitions of each ceiling")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA device")
     if args.json and not Path(args.json).absolute().parent.is_dir():
         parser.error(f"--json {args.json}: its folder does not exist")
+    device = torch.device(args.device)
     size = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     info = describe(device, size, args.copy_gib, args.repeats)
     print(markdown(info), flush=True)

@@ -35,9 +35,7 @@ into its scratch folder (``pip install --no-index --target``).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import math
 import os
 import re
 import shlex
@@ -56,6 +54,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dpar.fileio import atomic_write_text  # noqa: E402  (standard library only, like this file)
+from dpar.launch import set_parent_death_signal  # noqa: E402  (so is this)
+from dpar.validation import number  # noqa: E402  (and this)
 
 WHEELS = REPO / ".whl"
 PAPER_TOKENS_PER_PATCH = 1.81  # ImageNet-256 (paper Table 6); the cli step calibrates θ to it
@@ -210,11 +210,10 @@ class Suite:
         """Run one command; ``stopped`` is (verb, reason) for its status if ``timeout`` ends it."""
         self.running = (argv, datetime.now())
         self.write()
-        parent = os.getpid()
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             started = time.monotonic()
             process = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=out, stderr=err, start_new_session=True,
-                                       preexec_fn=lambda: _die_with(parent))
+                                       preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL))
             status = "interrupted"
             try:
                 code = process.wait(timeout=timeout)
@@ -298,16 +297,6 @@ def _render_command(command: CommandResult) -> list[str]:
         if not printed and not (command.show == "markdown" and "|" in stdout):
             lines += ["It printed nothing.", ""]
     return lines
-
-
-def _die_with(parent: int) -> None:
-    """In the child, before exec: get SIGKILL when the suite dies, even by SIGKILL (Linux only)."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (AttributeError, OSError):
-        pass
-    if os.getppid() != parent:  # the suite died before prctl took effect
-        os._exit(1)
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -559,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="report folder (default: $OUT when set, else benchmarks/results)")
     parser.add_argument("--only", nargs="+", action="extend", choices=tuple(STEPS), default=None,
                         help="run only these steps (in the suite's order)")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=number(float, gt=0), default=None,
                         help=f"seconds for the whole suite (default: {GPU.budget} on a GPU, {SMOKE.budget} with --smoke)")
     parser.add_argument("--timeout", action="append", default=[], metavar="NAME=SECONDS",
                         help=f"time box per command, overriding the default; NAME: {', '.join(GPU.timeouts)}")
@@ -572,8 +561,6 @@ def main(argv: list[str] | None = None) -> int:
         probe = probe_python(sizes.device)
     except ValueError as error:
         parser.error(str(error))
-    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
-        parser.error(f"--budget must be a finite number of seconds > 0, got {args.budget}")
     if args.out == "":
         parser.error("--out is empty; give a folder")
     out = Path(args.out if args.out is not None else os.environ.get("OUT") or REPO / "benchmarks" / "results")

@@ -5,9 +5,10 @@ Every script takes ``--config FILE.yaml`` plus overrides in either form::
     --model.gpt_model DGPT-L      (reference README style)
     model.gpt_model=DGPT-L        (OmegaConf dotlist style; ``--model.gpt_model=DGPT-L`` too)
 
-Values are parsed as YAML (``null``, ``true``, numbers). An unknown key, a value of the wrong type
-or a value outside a field's ``choices`` metadata is a :class:`ConfigError` whose one-line message
-names the key and lists what is valid. A YAML file may begin with ``base: other.yaml`` to start from
+Values are parsed as YAML (``null``, ``true``, numbers; ``no`` given to a string choice such as
+``mixed_precision`` stays ``"no"``). An unknown key, a value of the wrong type or a value outside the
+choices or range its field declares (:mod:`dpar.validation`) is a :class:`ConfigError` whose one-line
+message names the key, the value and what is valid. A YAML file may begin with ``base: other.yaml`` to start from
 another file and change only some keys. ``save_config`` writes the fully resolved config atomically.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .errors import UserError
 from .fileio import atomic_write_text
+from .validation import problem, yaml_bool_spelling
 
 
 BASE_KEY = "base"
@@ -61,7 +63,7 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
         config = _merge(config, _read_yaml(path), f"in {path}: ")
     if overrides:
         config = _merge(config, OmegaConf.from_dotlist(parse_overrides(overrides)), "")
-    _check_choices(config, schema, "")
+    _check_values(config, schema, "")
     missing = sorted(OmegaConf.missing_keys(config))
     if missing:
         raise ConfigError(f"config key {missing[0]!r} needs a value (set it in the YAML or with --{missing[0]} ...)")
@@ -96,7 +98,7 @@ def read_section(path: str | Path, key: str, schema: type) -> Any:
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path} has no {key!r} section")
     config = _merge(OmegaConf.structured(schema), node, f"in {path}, section {key!r}: ")
-    _check_choices(config, schema, key + ".")
+    _check_values(config, schema, key + ".")
     return to_dataclass(config)
 
 
@@ -148,17 +150,21 @@ def _merge(config: DictConfig, update: DictConfig, where: str) -> DictConfig:
         raise ConfigError(f"{where}invalid config: {_first_line(error)}") from None
 
 
-def _check_choices(config: DictConfig, schema: type, prefix: str) -> None:
+def _check_values(config: DictConfig, schema: type, prefix: str) -> None:
+    """Every field against its declared choices or range (:mod:`dpar.validation`), sections recursively."""
     for field in dataclasses.fields(schema):
         if OmegaConf.is_missing(config, field.name):
             continue  # reported by load_config, after all overrides
         value = config[field.name]
         key = prefix + field.name
-        choices = field.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise ConfigError(f"config key {key!r} must be one of: {', '.join(map(str, choices))}; got {value!r}")
+        if "choices" in field.metadata:
+            value = yaml_bool_spelling(value, field.metadata["choices"])
+            config[field.name] = value
+        issue = problem(value, field.metadata)
+        if issue is not None:
+            raise ConfigError(f"config key {key!r} {issue}")
         if isinstance(value, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(value)):
-            _check_choices(value, OmegaConf.get_type(value), key + ".")
+            _check_values(value, OmegaConf.get_type(value), key + ".")
 
 
 def _first_line(error: Exception) -> str:

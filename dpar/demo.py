@@ -20,12 +20,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import run_main
+from .errors import ArgumentParser, UserError, run_main
+from .fileio import atomic_write_text, check_output_dir
 from .experiment import CONFIG_FILE, EMA_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "assets" / "demo"
 DEMO_RUN = DEFAULT_OUTPUT / "dpar"  # what python sample_c2i.py samples from without arguments
+SUMMARY_FILE = "summary.json"  # marks a build's output folder (and is its summary)
+WORK_MARKER = ".dpar-demo-work"  # marks a build's work folder
 
 
 @dataclass
@@ -67,7 +70,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
         run()
         timings[name] = round(time.perf_counter() - started, 1)
 
-    shutil.rmtree(work, ignore_errors=True)  # from nothing: no stale images, store or runs of an older build
+    _replace_folder(work, WORK_MARKER)  # from nothing: no stale images, store or runs of an older build
     images, tokenizer_images, store = work / "images", work / "tokenizer_images", work / "tokens"
     batch = ["--train.global_batch_size", "16"] if scale is TINY else []
     stage("synthetic images", lambda: (write_image_folder(images, scale.images, IMAGE_SIZE, seed=0),
@@ -98,8 +101,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
             "--patcher.threshold", str(threshold),
             *(["--data.val_holdout", "16"] if scale is TINY else [])]))
 
-    shutil.rmtree(output, ignore_errors=True)
-    output.mkdir(parents=True)
+    _replace_folder(output, SUMMARY_FILE)
     rewrites = {"patcher.entropy_model_checkpoint": _relative(output / "entropy_model" / _weights(entropy)),
                 "patcher.entropy_model_checkpoint_config": _relative(output / "entropy_model" / CONFIG_FILE),
                 "data.tokenizer_checkpoint": _relative(output / "tokenizer" / _weights(vq))}
@@ -113,8 +115,23 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
             "--experiment_dir", str(output / name), "--output-dir", str(output / "samples" / name),
             "--per-class", "4" if scale is FULL else "1"]))
     summary["seconds"] = timings
-    (output / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(output / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def check_replaceable(folder: Path, marker: str, what: str) -> None:
+    """The build replaces ``folder`` only if it is absent, empty, or an earlier build's (it holds ``marker``):
+    a mistyped path never deletes anyone's files. One line otherwise."""
+    check_output_dir(folder, what)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
+        raise UserError(f"{what} {folder} holds files that are not an earlier demo build's (no {marker}); give an "
+                        "empty or new folder")
+
+
+def _replace_folder(folder: Path, marker: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / marker).touch()
 
 
 def _final(runs: Path) -> Path:
@@ -156,12 +173,14 @@ def _publish(checkpoint: Path, target: Path, rewrites: dict[str, str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--work-dir", type=Path, default=None, help="intermediate files (default: <output>.work)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes: the whole pipeline in about a minute")
     args = parser.parse_args(argv)
     work = args.work_dir or args.output.with_name(args.output.name + ".work")
+    check_replaceable(args.output, SUMMARY_FILE, "--output")
+    check_replaceable(work, WORK_MARKER, "--work-dir")
     summary = build(args.output, work, TINY if args.tiny else FULL)
     print(json.dumps(summary, indent=1))
 

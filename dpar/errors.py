@@ -1,12 +1,21 @@
 """User-facing errors: bad input is reported as one line naming the problem, never a traceback."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
 
 class UserError(Exception):
     """A problem with what the user asked for (a config key, a file, a shape)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, a value outside its type's rule) are one-line :class:`UserError` s,
+    exit status 2 under :func:`run_main`, instead of a usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def run_main(main: Callable[[], int | None]) -> None:

@@ -13,8 +13,9 @@
         checkpoints/latest/                         the mid-epoch resume point, replaced every few steps
                                                     and removed once a newer epoch checkpoint exists
 
-A checkpoint directory is written under a temporary name and renamed into place, so a killed run
-leaves either the previous checkpoint or the complete new one. Resuming takes whichever of the
+A checkpoint directory is written under a temporary name (``<name>.tmp``) and renamed into place; one that
+replaces an older copy first moves that aside as ``<name>.old``, which counts as the checkpoint until the
+new one is in place. So at every instant of a killed write a complete checkpoint can be found. Resuming takes whichever of the
 newest epoch checkpoint and ``latest/`` is further along (the ``step`` in the weights' metadata). Weights are read with
 ``torch.load(weights_only=True)`` or safetensors; nothing unpickles arbitrary objects.
 """
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import read_section
 from .errors import UserError
+from .fileio import atomic_write_text, umask
 from .models import ModelConfig, create_model
 
 CONFIG_FILE = "config.yaml"
@@ -46,6 +48,7 @@ STEP_CHECKPOINT = "latest"
 STATE_FILE = "training_state.pt"
 SCRATCH = "scratch"
 _CHECKPOINT_NAME = re.compile(r"^epoch_(\d{8})$")
+_REPLACED = ".old"  # a checkpoint moved aside while its replacement is renamed into place
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,9 +103,21 @@ def list_checkpoints(experiment_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for path in (Path(experiment_dir) / CHECKPOINTS).glob("epoch_*"):
         match = _CHECKPOINT_NAME.match(path.name)
-        if match and (path / MODEL_FILE).is_file():
+        if match and _complete(path) is not None:
+            found.append((int(match.group(1)), _complete(path)))
+    for path in (Path(experiment_dir) / CHECKPOINTS).glob(f"epoch_*{_REPLACED}"):  # a write killed mid-swap
+        match = _CHECKPOINT_NAME.match(path.name.removesuffix(_REPLACED))
+        if match and not path.with_suffix("").exists() and (path / MODEL_FILE).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def _complete(path: Path) -> Path | None:
+    """``path`` if it holds weights, else the ``.old`` copy a write killed between its two renames left."""
+    for candidate in (path, path.with_name(path.name + _REPLACED)):
+        if (candidate / MODEL_FILE).is_file():
+            return candidate
+    return None
 
 
 def experiment_of(checkpoint: str | Path) -> Path | None:
@@ -142,15 +157,20 @@ def step_checkpoint_dir(experiment_dir: str | Path) -> Path:
 
 def resume_checkpoint(experiment_dir: str | Path) -> Path | None:
     """The checkpoint a resumed run continues from: the newest epoch one or ``latest/``, whichever is later."""
-    candidates = [path for path in (latest_checkpoint(experiment_dir), step_checkpoint_dir(experiment_dir))
-                  if path is not None and (path / MODEL_FILE).is_file()]
+    candidates = [path for path in (latest_checkpoint(experiment_dir), _complete(step_checkpoint_dir(experiment_dir)))
+                  if path is not None]
     return max(candidates, key=checkpoint_step, default=None)
 
 
 def checkpoint_step(checkpoint: str | Path) -> int:
     """The optimizer step a checkpoint was written at (-1 when its metadata does not say)."""
-    with safe_open(Path(checkpoint) / MODEL_FILE, framework="pt") as f:
-        return int((f.metadata() or {}).get("step", -1))
+    path = Path(checkpoint) / MODEL_FILE
+    try:
+        with safe_open(path, framework="pt") as f:
+            return int((f.metadata() or {}).get("step", -1))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"checkpoint {path} is damaged ({error}); delete its folder to resume from an earlier "
+                        "one") from None
 
 
 def _write_checkpoint(final: Path, model_state: dict[str, torch.Tensor], training_state: dict[str, Any] | None,
@@ -163,9 +183,10 @@ def _write_checkpoint(final: Path, model_state: dict[str, torch.Tensor], trainin
         if state is not None:
             tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}
             save_file(tensors, staging / name, metadata=metadata)
+            os.chmod(staging / name, 0o666 & ~umask())  # safetensors creates its files 0600
     if training_state is not None:
         torch.save(training_state, staging / STATE_FILE)
-    replaced = final.with_name(final.name + ".old")
+    replaced = final.with_name(final.name + _REPLACED)
     if final.exists():
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
@@ -239,6 +260,16 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, key: str = "mod
 def append_metrics(experiment_dir: str | Path, record: dict[str, Any]) -> None:
     with open(Path(experiment_dir) / METRICS_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(experiment_dir: str | Path, step: int) -> None:
+    """Drop the records logged after ``step`` (by a killed run, past its last checkpoint), so that a resumed
+    run's ``metrics.jsonl`` reads as one uninterrupted run. Every trainer calls it when it (re)starts."""
+    path = Path(experiment_dir) / METRICS_FILE
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(path, "".join(kept))
 
 
 def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = None):

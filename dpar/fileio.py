@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never half of it."""
+"""Output files: atomic writes (a reader sees the old file or the complete new one, never half of it), made
+with the umask's permissions like ``open()``, and output paths checked before any work."""
 from __future__ import annotations
 
 import os
@@ -7,13 +8,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import UserError
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s directory; rename it onto ``path`` if the block succeeds."""
+    """Yield a temporary path in ``path``'s directory; rename it onto ``path`` if the block succeeds.
+
+    The file gets the permissions ``open()`` would give it (0666 less the umask), and temporaries that a
+    killed earlier write of the same file left behind (``.<name>.*.tmp``) are removed first.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{_glob_escape(target.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~umask())
     os.close(fd)
     try:
         yield Path(tmp)
@@ -26,3 +43,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """``path`` is, or can be created as, a writable folder; else one :class:`UserError` line naming ``what``
+    (the flag or config key). Creates nothing."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise UserError(f"{what} {path} must be a folder, but it is a file{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: {existing} is not writable")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` can be written as a file (it is not a folder, its folder can be made); else one line."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} must be a file, but it is a folder")
+    check_output_dir(path.parent, f"the folder of {what}")
+    return path
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)

@@ -17,14 +17,15 @@ sample is a mix of the two nearest integer patch counts with that mean, each mea
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import ArgumentParser, UserError, run_main
 from .models import MODEL_NAMES, DPAR_models, GPT_models, PatchLayout, is_dpar
+from .validation import number
 
 # Paper Table 6 / section 4.1: mean tokens per patch on ImageNet with the default patcher.
 PAPER_TOKENS_PER_PATCH = {256: 1.81, 384: 2.06}
@@ -144,10 +145,10 @@ def tables_markdown() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dpar.flops", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m dpar.flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODEL_NAMES, default="DGPT-B")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--tokens-per-patch", type=float, default=None,
+    parser.add_argument("--image-size", type=number(int, min=1), default=256)
+    parser.add_argument("--tokens-per-patch", type=number(float, min=1), default=None,
                         help="DPAR only; default: the paper's 1.81 (256 px) / 2.06 (384 px)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--tables", action="store_true", help="print paper Tables 1 and 8 with measured values")
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = count(args.model, args.image_size, args.tokens_per_patch)
     except ValueError as error:
-        parser.error(str(error))
+        raise UserError(str(error)) from None
     if args.json:
         print(json.dumps(result))
     else:
@@ -167,4 +168,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,19 +1,45 @@
 """One place that creates the accelerate ``Accelerator`` for every multi-process script."""
 from __future__ import annotations
 
+import ctypes
 import os
-
-from accelerate import Accelerator
+import signal
+import sys
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``signum`` to this process when its parent dies (Linux; a no-op elsewhere), and
+    exit at once if the parent is already gone. Launched workers then never outlive their launcher."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
+    except (AttributeError, OSError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
 
 
 def make_accelerator(**kwargs) -> Accelerator:
     """An ``Accelerator``, refusing a launch where each process would run alone (all writing the same files).
 
-    On CPUs ``accelerate launch --cpu`` starts one process; several need
+    A process started by a launcher (``torchrun`` / ``accelerate launch``) ends with it, so a killed launch
+    leaves no worker writing behind it. On CPUs ``accelerate launch --cpu`` starts one process; several need
     ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N script.py ...`` (gloo).
     """
+    from accelerate import Accelerator
+
+    if "LOCAL_RANK" in os.environ:
+        set_parent_death_signal()
     accelerator = Accelerator(**kwargs)
     launched = int(os.environ.get("WORLD_SIZE", 1))
     if launched != accelerator.num_processes:

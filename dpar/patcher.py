@@ -13,10 +13,12 @@ both go through :func:`forced_starts`, and the cap is the count since the last f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .validation import choice, ranged
 
 PATCH_MODES = ("entropy", "static", "token")
 
@@ -24,15 +26,15 @@ PATCH_MODES = ("entropy", "static", "token")
 @dataclass
 class PatcherConfig:
     # entropy: the paper's rule; static: fixed-length patches; token: every token is a patch.
-    mode: str = field(default="entropy", metadata={"choices": PATCH_MODES})
+    mode: str = choice("entropy", PATCH_MODES)
     # theta: a token whose entropy (nats) exceeds this starts a patch (7.8 at 256 px in the paper).
-    threshold: float = 7.8
+    threshold: float = ranged(7.8)
     # P: longest patch in tokens; null for no cap (paper Table 3, "entropy only").
-    max_patch_length: int | None = 4
+    max_patch_length: int | None = ranged(4, min=1)
     # start a new patch at the first token of every grid row.
     row_break: bool = True
     # K: patch length in static mode.
-    static_length: int = 2
+    static_length: int = ranged(2, min=1)
     # config.yaml of the entropy model experiment whose entropies the token store holds.
     entropy_model_checkpoint_config: str | None = None
     # model.safetensors of that entropy model.

@@ -19,9 +19,13 @@ The GPT baseline is the degenerate case: no entropy model, no encoder, every tok
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import shutil
-from dataclasses import dataclass, field, replace
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,28 +38,30 @@ from tqdm import tqdm
 from tokenizer.vq_model import load_vq
 
 from .config import read_section
-from .data.store import read_meta
+from .data.store import file_sha256, read_meta
 from .demo import DEMO_RUN
 from .errors import UserError
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file
 from .experiment import CONFIG_FILE, EMA_FILE, MODEL_FILE, list_checkpoints, load_trained_model
 from .models import DPAR, ModelConfig, is_dpar
 from .patcher import PatcherConfig, logits_entropy, next_patch_start
+from .validation import choice, field_type, number, ranged
 
 CFG_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
 class SamplingConfig:
-    # classifier-free guidance scale (1.0 = no guidance; the paper uses 2.0 for FID-50K).
-    cfg_scale: float = 1.0
+    # classifier-free guidance scale (1.0 = no guidance, 0.0 = unconditional; the paper uses 2.0 for FID-50K).
+    cfg_scale: float = ranged(1.0, min=0)
     # constant: cfg_scale at every token; linear: from 1 at the first token to cfg_scale at the last.
-    cfg_schedule: str = field(default="constant", metadata={"choices": CFG_SCHEDULES})
+    cfg_schedule: str = choice("constant", CFG_SCHEDULES)
     # keep the k most likely tokens (0 = all; LlamaGen and the paper: 0).
-    top_k: int = 0
-    # keep the smallest set of tokens with this much probability (1.0 = all).
-    top_p: float = 1.0
-    temperature: float = 1.0
+    top_k: int = ranged(0, min=0)
+    # keep the smallest set of most likely tokens whose probability reaches top_p (1.0 = all).
+    top_p: float = ranged(1.0, gt=0, max=1)
+    # divide the logits by this before sampling; 0 = greedy (the most likely token).
+    temperature: float = ranged(1.0, min=0)
 
 
 @dataclass
@@ -75,17 +81,20 @@ def image_uniforms(seeds: Tensor, num_tokens: int) -> Tensor:
 
 def sample_from_logits(logits: Tensor, uniforms: Tensor, config: SamplingConfig) -> Tensor:
     """``[B, vocab]`` logits -> ``[B]`` tokens: temperature, top-k, top-p (LlamaGen's filtering), then
-    the inverse CDF at ``uniforms [B]``."""
-    logits = logits.float() / max(config.temperature, 1e-5)
+    the inverse CDF at ``uniforms [B]``. Temperature 0 is greedy: the most likely token.
+
+    top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p``: a token is
+    dropped once the tokens before it already hold ``top_p``."""
+    if config.temperature == 0:
+        return logits.float().argmax(dim=-1)
+    logits = logits.float() / config.temperature
     if config.top_k > 0:
         kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if config.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative > config.top_p
-        remove[:, 1:] = remove[:, :-1].clone()  # keep the token that crosses top_p
-        remove[:, 0] = False
+        probs = sorted_logits.softmax(dim=-1)
+        remove = probs.cumsum(dim=-1) - probs >= config.top_p  # the tokens before it already reach top_p
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
     cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
     target = uniforms.to(cdf)[:, None] * cdf[:, -1:]
@@ -235,6 +244,8 @@ class Sampler:
     entropy_model: nn.Module | None
     vq: nn.Module
     epoch: int
+    weights: Path        # the model.safetensors (or ema.safetensors) sampled from
+    vq_checkpoint: Path  # the tokenizer that decodes
 
     @classmethod
     def from_experiment(cls, experiment_dir: str | Path, epoch: int | None = None, *, ema: bool = False,
@@ -258,7 +269,13 @@ class Sampler:
         if epoch not in checkpoints:
             raise UserError(f"{experiment} has no checkpoint of epoch {epoch}; it has epochs "
                             f"{', '.join(map(str, sorted(checkpoints)))}")
-        model, model_config = load_trained_model(checkpoints[epoch] / (EMA_FILE if ema else MODEL_FILE), config_path)
+        weights = checkpoints[epoch] / (EMA_FILE if ema else MODEL_FILE)
+        if not weights.is_file():
+            raise UserError(f"--ema: {weights} does not exist (the run kept no EMA: train.ema false)")
+        model, model_config = load_trained_model(weights, config_path)
+        if model_config.model_type != "c2i":
+            raise UserError(f"{experiment} is an unconditional model ({model_config.gpt_model}, e.g. an entropy "
+                            "model); class-conditional sampling needs a c2i run")
         model = model.to(device)
 
         patcher, entropy_model = None, None
@@ -275,22 +292,30 @@ class Sampler:
                 entropy_model, _ = load_trained_model(patcher.entropy_model_checkpoint,
                                                       patcher.entropy_model_checkpoint_config)
                 entropy_model = entropy_model.to(device)
-        vq = load_vq(vq_checkpoint or _tokenizer_of(config_path)).to(device)
+        vq_checkpoint = Path(vq_checkpoint or _tokenizer_of(config_path))
+        vq = load_vq(vq_checkpoint).to(device)
         if vq.config.codebook_size != model_config.vocab_size or vq.downsample != model_config.downsample_size:
             raise UserError(f"the tokenizer has {vq.config.codebook_size} codes and downsamples {vq.downsample}x, the "
                             f"model expects {model_config.vocab_size} and {model_config.downsample_size}x")
-        return cls(model, model_config, patcher, entropy_model, vq, epoch)
+        return cls(model, model_config, patcher, entropy_model, vq, epoch, weights, vq_checkpoint)
 
     @property
     def grid(self) -> int:
         return self.model_config.image_size // self.model_config.downsample_size
 
-    def sample(self, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig,
-               progress: bool = False) -> tuple[Tensor, Generation]:
-        """uint8 images ``[B, H, W, 3]`` and the generation record for ``labels`` and per-image ``seeds``."""
+    def sample(self, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig, progress: bool = False,
+               image_size: int | None = None) -> tuple[Tensor, Generation]:
+        """uint8 images ``[B, H, W, 3]`` and the generation record for ``labels`` and per-image ``seeds``;
+        ``image_size`` resizes the decoded images before quantisation (LlamaGen's ``--image-size-eval``)."""
         out = generate(self.model, labels, seeds, sampling, patcher=self.patcher, entropy_model=self.entropy_model,
                        progress=progress)
-        return self.vq.codes_to_images(out.tokens, self.grid), out
+        return self.vq.codes_to_images(out.tokens, self.grid, size=image_size), out
+
+    def identity(self) -> dict:
+        """What, besides the sampling flags, decides the images: the weights, the tokenizer and the patcher."""
+        return {"weights": str(self.weights.resolve()), "weights_sha256": file_sha256(self.weights),
+                "tokenizer": str(self.vq_checkpoint.resolve()), "tokenizer_sha256": file_sha256(self.vq_checkpoint),
+                "patcher": None if self.patcher is None else asdict(self.patcher)}
 
 
 def _tokenizer_of(config_path: Path) -> str:
@@ -309,17 +334,21 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_scale: float = 1
     """The flags sample_c2i.py and sample_c2i_ddp.py share (LlamaGen's names; ``cfg_scale`` its default)."""
     parser.add_argument("--experiment_dir", "--experiment-dir", default=str(DEMO_RUN),
                         help="a training run's directory (default: the embedded demo's DPAR, assets/demo/dpar)")
-    parser.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: the newest)")
+    parser.add_argument("--epoch", type=number(int, min=0), default=None, help="checkpoint epoch (default: the newest)")
     parser.add_argument("--output-dir", default="samples")
-    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="classifier-free guidance (1.0 = none)")
+    parser.add_argument("--cfg-scale", type=field_type(SamplingConfig, "cfg_scale"), default=cfg_scale,
+                        help="classifier-free guidance, >= 0 (1.0 = none)")
     parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--top-k", type=field_type(SamplingConfig, "top_k"), default=0,
+                        help="keep the k most likely tokens, >= 0 (0 = all)")
+    parser.add_argument("--top-p", type=field_type(SamplingConfig, "top_p"), default=1.0,
+                        help="keep the most likely tokens holding this probability, in (0, 1] (1 = all)")
+    parser.add_argument("--temperature", type=field_type(SamplingConfig, "temperature"), default=1.0,
+                        help=">= 0; 0 = greedy")
+    parser.add_argument("--seed", type=number(int, min=0), default=0)
+    parser.add_argument("--threshold", type=field_type(PatcherConfig, "threshold"), default=None,
                         help="DPAR: entropy threshold at inference (default: the trained one; paper Table 6)")
-    parser.add_argument("--max-patch-length", type=int, default=None,
+    parser.add_argument("--max-patch-length", type=number(int, min=0), default=None,
                         help="DPAR: longest patch at inference, 0 = no cap (default: the trained one)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights (ema.safetensors)")
     parser.add_argument("--vq-ckpt", default=None, help="tokenizer (default: the one the training store records)")
@@ -354,27 +383,62 @@ class SampleChunks:
 
     Chunk k holds samples ``k * chunk .. (k + 1) * chunk - 1`` and belongs to process ``k % processes``.
     Each chunk is written atomically, so a killed run redoes only missing chunks, and ``pack`` writes
-    exactly ``num_samples`` images in sample order.
+    exactly ``num_samples`` images in sample order. The ``.npz`` also records ``job`` (key ``dpar_job``,
+    JSON): everything that decides its images. An existing ``.npz`` is reused only by the same job; another
+    job's is refused, never silently kept. While a run writes, every process holds a lock on the parts
+    folder, so a second run on the same output is refused while any process of the first lives.
     """
+
+    JOB_KEY = "dpar_job"
 
     def __init__(self, npz_path: str | Path, num_samples: int, chunk: int, job: dict):
         self.npz_path, self.num_samples, self.chunk = Path(npz_path), num_samples, chunk
         self.parts = self.npz_path.with_suffix(".parts")
-        self.job = {**job, "num_samples": num_samples, "chunk": chunk}
+        self.job = {**job, "num_samples": num_samples}
         self.count = -(-num_samples // chunk)
+        self._lock: int | None = None
 
-    def start(self) -> None:
-        """Create the parts dir, or check that its unfinished run was the same job."""
+    def finished(self) -> bool:
+        """Whether this job's ``.npz`` exists (parts a killed run left next to it are removed). Raises
+        :class:`UserError` for an ``.npz`` of another job, or one that does not say which job made it."""
+        check_output_file(self.npz_path, "the samples file")
+        check_output_dir(self.parts, "the samples' parts folder")
+        if not self.npz_path.exists():
+            return False
+        recorded = _recorded_job(self.npz_path, self.JOB_KEY)
+        changed = [key for key in self.job if recorded.get(key) != self.job[key]]
+        if changed:
+            key = changed[0]
+            raise UserError(f"{self.npz_path} exists from another sampling job ({key} {recorded.get(key)!r}, this "
+                            f"run {self.job[key]!r}); delete it or choose another --output-dir")
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return True
+
+    def start(self, main_process: bool) -> None:
+        """Take this run's lock on the parts folder; the main process first checks that an unfinished run
+        there was the same job, then creates the folder. Call on the main process, then on the others."""
+        job = {**self.job, "chunk": self.chunk}
         job_file = self.parts / "job.json"
-        if job_file.is_file():
-            previous = json.loads(job_file.read_text())
-            changed = [k for k in self.job if previous.get(k) != self.job[k]]
-            if changed:
-                raise UserError(f"{self.parts} holds an unfinished run with {changed[0]}={previous.get(changed[0])!r}; "
-                                f"this run has {self.job[changed[0]]!r} (delete the directory to start over)")
-            return
-        self.parts.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(job_file, json.dumps(self.job, indent=1) + "\n")
+        if main_process:
+            if job_file.is_file():
+                previous = json.loads(job_file.read_text())
+                changed = [k for k in job if previous.get(k) != job[k]]
+                if changed:
+                    raise UserError(f"{self.parts} holds an unfinished run with {changed[0]}="
+                                    f"{previous.get(changed[0])!r}; this run has {job[changed[0]]!r} (delete the "
+                                    "folder to start over)")
+            self.parts.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(self.parts, os.O_RDONLY)
+        try:
+            fcntl.flock(self._lock, (fcntl.LOCK_EX if main_process else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise UserError(f"another sampling run is writing {self.parts}; wait for it or stop it (all of its "
+                            "processes) first") from None
+        if main_process:
+            fcntl.flock(self._lock, fcntl.LOCK_SH)  # others of this run may now join
+            if not job_file.is_file():
+                atomic_write_text(job_file, json.dumps(job, indent=1) + "\n")
 
     def file(self, k: int) -> Path:
         return self.parts / f"chunk_{k:06d}.npy"
@@ -390,12 +454,25 @@ class SampleChunks:
             np.save(f, images)
 
     def pack(self) -> Path:
-        """All chunks -> ``arr_0 uint8 [N, H, W, 3]`` in sample order, written atomically; parts removed."""
+        """All chunks -> ``arr_0 uint8 [N, H, W, 3]`` in sample order and the job, written atomically; parts
+        removed."""
         missing = [k for k in range(self.count) if not self.file(k).is_file()]
         if missing:
             raise UserError(f"{self.parts} lacks chunk {missing[0]}; rerun the same command to finish it")
         images = np.concatenate([np.load(self.file(k)) for k in range(self.count)])
         with atomic_path(self.npz_path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, arr_0=images)
+            np.savez(f, arr_0=images, **{self.JOB_KEY: np.array(json.dumps(self.job, sort_keys=True))})
         shutil.rmtree(self.parts)
         return self.npz_path
+
+
+def _recorded_job(npz_path: Path, key: str) -> dict:
+    """The job an ``.npz`` of :class:`SampleChunks` records; UserError for a file that records none."""
+    try:
+        with np.load(npz_path) as data:
+            if key not in data.files:
+                raise UserError(f"{npz_path} exists but does not record the sampling job that made it (an older "
+                                "version or another tool wrote it); delete it or choose another --output-dir")
+            return json.loads(str(data[key]))
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise UserError(f"{npz_path} exists but cannot be read ({type(error).__name__}: {error}); delete it") from None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -39,13 +38,15 @@ from .config import load_config, save_config
 from .data.dataset import PackedBatch, PackedCollate, StepBatches, TokenDataset
 from .data.store import TokenStore, file_sha256
 from .errors import UserError
-from .fileio import atomic_write_text
+from .fileio import check_output_dir
 from .launch import make_accelerator
-from .experiment import (CONFIG_FILE, EMA_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, append_metrics, experiment_of,
-                         load_model_weights, load_torch_file, resolve_run, save_checkpoint, save_step_checkpoint)
+from .experiment import (CONFIG_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, append_metrics, experiment_of,
+                         load_model_weights, load_torch_file, resolve_run, save_checkpoint, save_step_checkpoint,
+                         truncate_metrics)
 from .flops import count
 from .models import ModelConfig, create_model, is_dpar
 from .patcher import PatcherConfig
+from .validation import choice, ranged
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> module it needs
 # Keys a resumed run may change; any other difference from the run's config.yaml is refused.
@@ -63,9 +64,9 @@ class DataConfig:
     # optional second store for validation NLL (e.g. ImageNet val tokenized with --views 1); view 0 is used.
     val_store: str | None = None
     # without val_store: hold out the last N images of the training store for validation (0: no validation).
-    val_holdout: int = 0
+    val_holdout: int = ranged(0, min=0)
     # DataLoader worker processes per process.
-    num_workers: int = 4
+    num_workers: int = ranged(4, min=0)
 
 
 @dataclass
@@ -75,43 +76,43 @@ class TrainConfig:
     # default: the config file's name, e.g. global_model_entropy_row_break.
     experiment_name: str | None = None
     # passes over the training images (the paper: 300).
-    epochs: int = 300
+    epochs: int = ranged(300, min=1)
     # stop after this many optimizer steps (smoke tests, benchmarks); null: run all epochs.
-    max_steps: int | None = None
+    max_steps: int | None = ranged(None, min=1)
     # images per optimizer step over all processes (the paper: 256).
-    global_batch_size: int = 256
+    global_batch_size: int = ranged(256, min=1)
     # largest micro-batch a device holds; gradient accumulation makes up the rest. null: no accumulation.
-    max_device_batch_size: int | None = None
+    max_device_batch_size: int | None = ranged(None, min=1)
     # AdamW (paper section 4.1).
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
+    lr: float = ranged(1e-4, gt=0)
+    weight_decay: float = ranged(0.05, min=0)
+    beta1: float = ranged(0.9, min=0, lt=1)
+    beta2: float = ranged(0.95, min=0, lt=1)
     # LlamaGen decays every weight with >= 2 dims, embedding tables included; false exempts embeddings too.
     decay_embeddings: bool = True
     # linear warm-up from 0 over this many steps, then constant (the paper: 0, constant throughout).
-    warmup_steps: int = 0
+    warmup_steps: int = ranged(0, min=0)
     # gradient clipping by global norm.
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, gt=0)
     # bf16: autocast to bfloat16, weights and optimizer in fp32; no: fp32 throughout.
-    mixed_precision: str = field(default="bf16", metadata={"choices": ("no", "bf16")})
+    mixed_precision: str = choice("bf16", ("no", "bf16"))
     # keep an exponential moving average of the weights (saved as ema.safetensors).
     ema: bool = False
-    ema_decay: float = 0.9999
+    ema_decay: float = ranged(0.9999, min=0, lt=1)
     # torch.compile the model (CUDA; the first steps are slow while it compiles).
     compile: bool = False
-    global_seed: int = 0
+    global_seed: int = ranged(0, min=0)
     # log loss and throughput every N steps (metrics.jsonl, progress bar, trackers).
-    log_every: int = 100
+    log_every: int = ranged(100, min=1)
     # validation NLL every N epochs (needs data.val_store or data.val_holdout).
-    val_every: int = 1
+    val_every: int = ranged(1, min=1)
     # checkpoint every N epochs (and after the last).
-    ckpt_every: int = 1
+    ckpt_every: int = ranged(1, min=1)
     # rewrite checkpoints/latest/ every N steps, so a killed run loses at most N steps (0: off).
-    ckpt_every_steps: int = 5000
+    ckpt_every_steps: int = ranged(5000, min=0)
     # keep the newest K epoch checkpoints (0: all) and every epoch divisible by M.
-    keep_last: int = 0
-    keep_every: int = 0
+    keep_last: int = ranged(0, min=0)
+    keep_every: int = ranged(0, min=0)
     # accelerate trackers, if installed: [tensorboard], [wandb] or both.
     trackers: list[str] = field(default_factory=list)
 
@@ -238,6 +239,7 @@ class Trainer:
         self.micro_batch, self.accumulation = split_global_batch(cfg.global_batch_size, self.world,
                                                                  cfg.max_device_batch_size)
 
+        check_output_dir(cfg.results_dir, "train.results_dir")
         store = open_store(data.store, model_config, "data.store")
         if config.data.tokenizer_checkpoint is None:
             config.data.tokenizer_checkpoint = store.meta["tokenizer"]["checkpoint"]
@@ -274,7 +276,7 @@ class Trainer:
         if resume_from is not None:
             self._load(resume_from, model, optimizer)
         if acc.is_main_process:  # a killed run may have logged past its checkpoint, or before any checkpoint
-            _truncate_metrics(self.experiment / METRICS_FILE, self.step)
+            truncate_metrics(self.experiment, self.step)
         self.raw_model = model
         if cfg.compile:
             model = torch.compile(model, dynamic=is_dpar(model_config.gpt_model))
@@ -491,14 +493,6 @@ def _write_config(config: DictConfig, experiment: Path, resuming: bool) -> None:
                 raise UserError(f"{path} was started with {key}={saved.get(key)!r}, this run has {value!r}; resume "
                                 "with the same settings or start a new run (e.g. another --train.experiment_name)")
     save_config(config, path)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records logged after ``step`` (by a killed run), so the log reads as one run."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write_text(path, "".join(kept))
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -29,13 +29,6 @@ def save_png(picture: np.ndarray, path: str | Path) -> Path:
     return Path(path)
 
 
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> uint8 [B, size, size, 3], bicubic (384 px samples to 256 px for FID)."""
-    x = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2).float(), size=(size, size), mode="bicubic",
-                                        align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
 # Patch length -> colour (1: red, 2: orange, 3: yellow, 4: green, 5-6: cyan, 7+: blue): short patches on
 # edges and detail read warm, long patches on flat regions cool.
 PATCH_COLOURS = np.array([[220, 40, 40], [245, 140, 30], [240, 220, 40], [60, 190, 70], [40, 200, 220],

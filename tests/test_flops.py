@@ -22,7 +22,7 @@ def test_cli_prints_one_json_object():
 def test_cli_rejects_bad_tokens_per_patch():
     proc = subprocess.run([sys.executable, "-m", "dpar.flops", "--model", "DGPT-B", "--tokens-per-patch", "0.5"],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "tokens per patch must lie in" in proc.stderr
+    assert proc.returncode == 2 and "argument --tokens-per-patch: must be >= 1; got '0.5'" in proc.stderr
 
 
 @pytest.mark.parametrize("name", list(PAPER_PARAMS))

@@ -24,10 +24,12 @@ from tqdm import tqdm
 
 from dpar.config import parse_cli, read_section, save_config, to_dataclass
 from dpar.data.images import EpochPermutation, RandomCropImages, list_images
-from dpar.errors import UserError, run_main
+from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.experiment import (CONFIG_FILE, STATE_FILE, add_run_arguments, append_metrics, load_model_weights,
-                             load_torch_file, resolve_run, save_checkpoint)
+                             load_torch_file, resolve_run, save_checkpoint, truncate_metrics)
+from dpar.fileio import check_output_dir
 from dpar.launch import make_accelerator
+from dpar.validation import choice, ranged
 from dpar.visual import image_grid, save_png
 from tokenizer.lpips import LPIPS
 from tokenizer.transforms import center_crop_arr, open_rgb
@@ -38,26 +40,26 @@ from tokenizer.vq_model import VQConfig, create_vq, uint8_to_unit, unit_to_uint8
 @dataclass
 class VQDataConfig:
     data_path: str = MISSING
-    image_size: int = 256
-    num_workers: int = 4
+    image_size: int = ranged(256, min=1)
+    num_workers: int = ranged(4, min=0)
 
 
 @dataclass
 class VQTrainConfig:
     results_dir: str = "results_tokenizer"
-    epochs: int = 40
-    global_batch_size: int = 128
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    max_grad_norm: float = 1.0
-    mixed_precision: str = field(default="bf16", metadata={"choices": ("no", "bf16")})
-    global_seed: int = 0
-    log_every: int = 100
-    recon_every: int = 1
-    ckpt_every: int = 1
-    keep_last: int = 0
-    keep_every: int = 0
+    epochs: int = ranged(40, min=1)
+    global_batch_size: int = ranged(128, min=1)
+    lr: float = ranged(1e-4, gt=0)
+    beta1: float = ranged(0.9, min=0, lt=1)
+    beta2: float = ranged(0.95, min=0, lt=1)
+    max_grad_norm: float = ranged(1.0, gt=0)
+    mixed_precision: str = choice("bf16", ("no", "bf16"))
+    global_seed: int = ranged(0, min=0)
+    log_every: int = ranged(100, min=1)
+    recon_every: int = ranged(1, min=1)
+    ckpt_every: int = ranged(1, min=1)
+    keep_last: int = ranged(0, min=0)
+    keep_every: int = ranged(0, min=0)
 
 
 @dataclass
@@ -69,10 +71,11 @@ class TrainVQConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     args, config = parse_cli(parser, TrainVQConfig, argv)
     cfg: TrainVQConfig = to_dataclass(config)
+    check_output_dir(cfg.train.results_dir, "train.results_dir")
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.train.global_batch_size % world:
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
             disc_optimizer.load_state_dict(state["disc_optimizer"])
         start_epoch, step = state["epoch"] + 1, state["step"]
         accelerator.print(f"resuming {experiment} after epoch {state['epoch']} (step {step})")
+    if accelerator.is_main_process:  # a killed run may have logged past its checkpoint
+        truncate_metrics(experiment, step)
 
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if loss_fn.discriminator is not None:

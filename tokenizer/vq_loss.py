@@ -6,30 +6,32 @@ module can sit inside DDP.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dpar.validation import choice, ranged
+
 from .lpips import LPIPS
 
 
 @dataclass
 class VQLossConfig:
-    reconstruction_loss: str = field(default="l2", metadata={"choices": ("l1", "l2")})
-    reconstruction_weight: float = 1.0
-    codebook_weight: float = 1.0
-    perceptual_weight: float = 1.0
+    reconstruction_loss: str = choice("l2", ("l1", "l2"))
+    reconstruction_weight: float = ranged(1.0, min=0)
+    codebook_weight: float = ranged(1.0, min=0)
+    perceptual_weight: float = ranged(1.0, min=0)
     lpips_weights: Optional[str] = None
     vgg16_weights: Optional[str] = None
-    disc_start: Optional[int] = 20000
-    disc_weight: float = 0.5
-    disc_loss: str = field(default="hinge", metadata={"choices": ("hinge", "vanilla", "non-saturating")})
-    gen_loss: str = field(default="hinge", metadata={"choices": ("hinge", "non-saturating")})
-    disc_dim: int = 64
-    disc_num_layers: int = 3
+    disc_start: Optional[int] = ranged(20000, min=0)
+    disc_weight: float = ranged(0.5, min=0)
+    disc_loss: str = choice("hinge", ("hinge", "vanilla", "non-saturating"))
+    gen_loss: str = choice("hinge", ("hinge", "non-saturating"))
+    disc_dim: int = ranged(64, min=1)
+    disc_num_layers: int = ranged(3, min=1)
     disc_adaptive_weight: bool = False
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from dpar.config import read_section
 from dpar.errors import UserError
 from dpar.experiment import CONFIG_FILE, experiment_of, load_model_weights
+from dpar.validation import choice, ranged
 
 # LlamaGen keeps the last 65,536 code ids in a buffer to report codebook usage; the buffer is part of
 # its checkpoints, so it stays part of ours.
@@ -314,8 +315,11 @@ class VQModel(nn.Module):
         return indices.view(images.shape[0], -1)
 
     @torch.no_grad()
-    def codes_to_images(self, codes: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
-        """Token ids [B, h*w] -> uint8 images [B, H, W, 3]; ``grid`` is h (square) or (h, w)."""
+    def codes_to_images(self, codes: torch.Tensor, grid: int | tuple[int, int], size: int | None = None) -> torch.Tensor:
+        """Token ids [B, h*w] -> uint8 images [B, H, W, 3]; ``grid`` is h (square) or (h, w).
+
+        ``size`` resizes the decoder's float output (bicubic) before it is quantised, as LlamaGen's
+        ``sample_c2i_ddp.py --image-size-eval`` does (384 px samples evaluated at 256 px)."""
         h, w = (grid, grid) if isinstance(grid, int) else grid
         if codes.dim() != 2 or codes.shape[1] != h * w:
             raise UserError(f"codes must have shape [B, {h * w}] for a {h}x{w} grid, got {list(codes.shape)}")
@@ -324,6 +328,8 @@ class VQModel(nn.Module):
                             f"got [{int(codes.min())}, {int(codes.max())}]")
         codes = codes.to(self.quant_conv.weight.device)
         pixels = self.decode_code(codes, (codes.shape[0], self.config.codebook_embed_dim, h, w))
+        if size is not None and size != pixels.shape[-1]:
+            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic")
         return unit_to_uint8(pixels)
 
 
@@ -364,17 +370,17 @@ VQ_models = {"VQ-16": VQ_16, "VQ-8": VQ_8}
 @dataclass
 class VQConfig:
     """The tokenizer section of a config (``model:`` in ``configs/tokenizer/*.yaml``)."""
-    vq_model: str = field(default="VQ-16", metadata={"choices": tuple(VQ_models)})
-    codebook_size: int = 16384
-    codebook_embed_dim: int = 8
-    ch: int = 128
+    vq_model: str = choice("VQ-16", tuple(VQ_models))
+    codebook_size: int = ranged(16384, min=2)
+    codebook_embed_dim: int = ranged(8, min=1)
+    ch: int = ranged(128, min=1)
     ch_mult: Optional[list[int]] = None
-    z_channels: int = 256
-    num_res_blocks: int = 2
-    norm_groups: int = 32
-    dropout_p: float = 0.0
-    commit_loss_beta: float = 0.25
-    entropy_loss_ratio: float = 0.0
+    z_channels: int = ranged(256, min=1)
+    num_res_blocks: int = ranged(2, min=1)
+    norm_groups: int = ranged(32, min=1)
+    dropout_p: float = ranged(0.0, min=0, lt=1)
+    commit_loss_beta: float = ranged(0.25, min=0)
+    entropy_loss_ratio: float = ranged(0.0, min=0)
 
     @property
     def downsample(self) -> int:

@@ -52,7 +52,8 @@ def start_store(store: Path, job: TokenJob) -> dict[str, Any]:
     """Create ``meta.json`` for a new store, or check that an existing one was made the same way."""
     meta = read_meta(store)
     identity = asdict(job)
-    if meta is None:
+    nothing_done = not any((store / SHARDS).glob("tokens_*.npy"))
+    if meta is None or (nothing_done and not meta["tokens"].get("complete")):  # a run that wrote nothing blocks none
         meta = {"version": 1, **identity, "tokens": {"complete": False}}
         write_json(store / META_FILE, meta)
         return meta

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpar.errors import UserError, run_main
-from dpar.patcher import calibrate_threshold, patch_start_mask
+from dpar.errors import ArgumentParser, UserError, run_main
+from dpar.patcher import PatcherConfig, calibrate_threshold, patch_start_mask
+from dpar.validation import field_type, number
 
 from .store import TokenStore
 
@@ -47,17 +48,22 @@ def store_threshold(store: TokenStore, target: float, max_patch_length: int | No
                                row_break=row_break)
 
 
+def _cap(text: str) -> int | None:
+    return None if text.lower() in ("none", "null") else field_type(PatcherConfig, "max_patch_length")(text)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="token store with entropies")
-    parser.add_argument("--threshold", type=float, nargs="+", default=[7.8], help="θ in nats; several for a sweep")
-    parser.add_argument("--max-patch-length", default="4", help="P, or 'none' for no cap")
+    parser.add_argument("--threshold", type=field_type(PatcherConfig, "threshold"), nargs="+", default=[7.8],
+                        help="θ in nats; several for a sweep")
+    parser.add_argument("--max-patch-length", type=_cap, default=4, help="P >= 1, or 'none' for no cap")
     parser.add_argument("--no-row-break", action="store_true", help="let patches run across grid rows")
-    parser.add_argument("--max-images", type=int, default=None, help="only the first N images")
-    parser.add_argument("--target-tokens-per-patch", type=float, default=None,
-                        help="instead of --threshold: find the θ that gives this mean patch length")
+    parser.add_argument("--max-images", type=number(int, min=1), default=None, help="only the first N images")
+    parser.add_argument("--target-tokens-per-patch", type=number(float, min=1), default=None,
+                        help="instead of --threshold: find the θ that gives this mean patch length (>= 1)")
     args = parser.parse_args(argv)
-    cap = None if args.max_patch_length.lower() in ("none", "null") else int(args.max_patch_length)
+    cap = args.max_patch_length
     store = TokenStore(args.store)
     if args.target_tokens_per_patch is not None:
         args.threshold = [store_threshold(store, args.target_tokens_per_patch, cap, not args.no_row_break,

@@ -78,9 +78,12 @@ class TokenStore:
         self.meta = meta
         self.shard_images = list(meta["tokens"]["shard_images"])
         self.offsets = np.cumsum([0] + self.shard_images)
-        self.labels = np.concatenate([np.load(shard_file(self.path, "labels", k)) for k in
-                                      range(len(self.shard_images))]) if self.shard_images else np.zeros(0, np.int16)
         self._open: dict[tuple[str, int], np.ndarray] = {}
+        self.labels = np.concatenate([self._array("labels", k) for k in range(len(self.shard_images))]) \
+            if self.shard_images else np.zeros(0, np.int16)
+        for k in range(len(self.shard_images)):  # every shard's header, so a damaged store stops here
+            self._array("tokens", k)
+        self._open.clear()
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers map the files themselves
         return {**self.__dict__, "_open": {}}
@@ -119,9 +122,27 @@ class TokenStore:
         return shard, index - int(self.offsets[shard])
 
     def _array(self, kind: str, shard: int) -> np.ndarray:
+        """Shard ``shard``'s ``kind`` array, memory-mapped; :class:`UserError` naming the file when it is
+        missing, unreadable, pickled, or not the shape and type ``meta.json`` promises."""
         key = (kind, shard)
         if key not in self._open:
-            self._open[key] = np.load(shard_file(self.path, kind, shard), mmap_mode="r")
+            path = shard_file(self.path, kind, shard)
+            dtype, tail = {"labels": (np.int16, ()), "tokens": (np.uint16, (self.views, self.num_tokens)),
+                           "entropies": (np.float16, (self.views, self.num_tokens))}[kind]
+            expected = (self.shard_images[shard], *tail)
+            try:
+                array = np.load(path, mmap_mode=None if kind == "labels" else "r", allow_pickle=False)
+            except FileNotFoundError:
+                raise UserError(f"token store {self.path} lacks {path.name}; rerun the preprocess_tokens.py stage "
+                                "that writes it (it continues where it stopped)") from None
+            except (OSError, ValueError, EOFError) as error:
+                raise UserError(f"token store file {path} is damaged ({error}); delete it and rerun the "
+                                "preprocess_tokens.py stage that writes it") from None
+            if array.shape != expected or array.dtype != dtype:
+                raise UserError(f"token store file {path} holds {array.dtype} {list(array.shape)}, meta.json promises "
+                                f"{np.dtype(dtype)} {list(expected)}; delete it and rerun the preprocess_tokens.py "
+                                "stage that writes it")
+            self._open[key] = array
         return self._open[key]
 
     def tokens(self, index: int) -> np.ndarray:

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dpar.errors import run_main
+from dpar.errors import ArgumentParser, run_main
+from dpar.fileio import check_output_dir
+from dpar.validation import number
 from dpar.visual import save_png
 
 PALETTE = np.array([(230, 25, 75), (245, 130, 48), (255, 225, 25), (60, 180, 75), (70, 240, 240), (0, 130, 200),
@@ -113,12 +115,13 @@ def write_image_folder(output: str | Path, num_images: int, image_size: int, see
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="folder to write <NN>_<class>/<index>.png into")
-    parser.add_argument("--num-images", type=int, default=2000, help="images in all (classes take turns)")
-    parser.add_argument("--image-size", type=int, default=64, help="side in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
+    parser.add_argument("--num-images", type=number(int, min=1), default=2000, help="images in all (classes take turns)")
+    parser.add_argument("--image-size", type=number(int, min=8), default=64, help="side in pixels, >= 8")
+    parser.add_argument("--seed", type=number(int, min=0), default=0, help="dataset seed")
     args = parser.parse_args(argv)
+    check_output_dir(args.output, "--output")
     print(f"wrote {write_image_folder(args.output, args.num_images, args.image_size, args.seed)}")
 
 

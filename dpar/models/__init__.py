@@ -1,7 +1,7 @@
 """Model zoo: LlamaGen GPT sizes (``GPT-*``) and DPAR sizes (``DGPT-*`` / ``DPAR-*``), built from one config."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -10,6 +10,7 @@ from .dpar import DPAR, DPAR_models, DPARArgs, PatchLayout
 from .gpt import GPT, GPT_models, Transformer
 from .layers import MODEL_TYPES, ModelArgs
 from .rope import ROPE_MODES
+from ..validation import choice, ranged
 
 MODEL_NAMES = tuple(GPT_models) + tuple(DPAR_models)
 
@@ -17,29 +18,29 @@ MODEL_NAMES = tuple(GPT_models) + tuple(DPAR_models)
 @dataclass
 class ModelConfig:
     # GPT-B/L/XL/XXL (LlamaGen token-level baseline) or DGPT-B/L/XL/XXL (DPAR; DPAR-* also accepted).
-    gpt_model: str = field(default="DGPT-B", metadata={"choices": MODEL_NAMES})
+    gpt_model: str = choice("DGPT-B", MODEL_NAMES)
     # c2i: class-conditional; uncond: no class (the entropy model).
-    model_type: str = field(default="c2i", metadata={"choices": MODEL_TYPES})
+    model_type: str = choice("c2i", MODEL_TYPES)
     # image side in pixels; the token grid is image_size // downsample_size on each side.
-    image_size: int = 256
+    image_size: int = ranged(256, min=1)
     # VQ tokenizer downsampling factor (16 for LlamaGen's VQ-16).
-    downsample_size: int = 16
+    downsample_size: int = ranged(16, min=1)
     # VQ codebook size.
-    vocab_size: int = 16384
+    vocab_size: int = ranged(16384, min=2)
     # number of classes (ImageNet: 1000); the null class for CFG comes on top.
-    num_classes: int = 1000
+    num_classes: int = ranged(1000, min=1)
     # probability of replacing the class by the null class in training (classifier-free guidance).
-    class_dropout_prob: float = 0.1
+    class_dropout_prob: float = ranged(0.1, min=0, lt=1)
     # dropout on attention/FFN outputs (LlamaGen's resid_dropout_p and ffn_dropout_p).
-    dropout_p: float = 0.1
+    dropout_p: float = ranged(0.1, min=0, lt=1)
     # dropout on token and class embeddings.
-    token_dropout_p: float = 0.1
+    token_dropout_p: float = ranged(0.1, min=0, lt=1)
     # stochastic depth (GPT baseline only).
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = ranged(0.0, min=0, lt=1)
     # DPAR only: Dynamic RoPE variant of the global transformer (paper Table 9).
-    rope: str = field(default="dynamic", metadata={"choices": ROPE_MODES})
+    rope: str = choice("dynamic", ROPE_MODES)
     # DPAR only: packed attention backend of the global transformer (auto = fastest available).
-    attn_backend: str = field(default="auto", metadata={"choices": ("auto",) + BACKENDS})
+    attn_backend: str = choice("auto", ("auto",) + BACKENDS)
 
 
 def is_dpar(name: str) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +26,15 @@ from scipy import linalg
 from tqdm import tqdm
 
 from dpar.data.store import file_sha256
-from dpar.errors import UserError, run_main
-from dpar.fileio import atomic_path, atomic_write_text
+from dpar.errors import ArgumentParser, UserError, run_main
+from dpar.fileio import atomic_path, atomic_write_text, check_output_file
+from dpar.validation import device, number
 
 from .inception import FIDInceptionV3
 
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023 features
+# the statistics a reference batch may carry, and their shapes (pool_3: 2048 features; spatial: 2023)
+STATS_SIZES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
 
 
 # -- the metrics (each a plain function of features, as ADM computes it) -------------------------------------
@@ -158,12 +162,15 @@ class ImageBatch:
 
     def batches(self, batch_size: int):
         image_bytes = int(np.prod(self.shape[1:]))
-        with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as member:
-            _npy_header(member)
-            for start in range(0, len(self), batch_size):
-                count = min(batch_size, len(self) - start)
-                data = member.read(count * image_bytes)
-                yield np.frombuffer(data, dtype=np.uint8).reshape(count, *self.shape[1:])
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as member:
+                _npy_header(member)
+                for start in range(0, len(self), batch_size):
+                    count = min(batch_size, len(self) - start)
+                    data = member.read(count * image_bytes)
+                    yield np.frombuffer(data, dtype=np.uint8).reshape(count, *self.shape[1:])
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # a bad CRC, a cut file
+            raise UserError(f"{self.path} is damaged: {error}") from None
 
 
 def _npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -196,22 +203,44 @@ def batch_features(path: Path, network_factory, weights_id: str, batch_size: int
     stat = path.stat()
     key = f"{stat.st_size}-{stat.st_mtime_ns}-{weights_id}"
     cache = path.with_name(path.name + ".inception.npz")
-    if cache.is_file():
-        cached = np.load(cache)
-        if str(cached["key"]) == key:
-            return BatchFeatures(*(cached[name] for name in ("pool", "probs", "mu", "sigma", "mu_s", "sigma_s")))
+    cached = _cached_features(cache, key, len(images))
+    if cached is not None:
+        return cached
     features = compute_features(network_factory(), images, batch_size, device)
     with atomic_path(cache) as tmp, open(tmp, "wb") as f:
         np.savez(f, key=key, **features.__dict__)
     return features
 
 
+def _cached_features(cache: Path, key: str, count: int) -> BatchFeatures | None:
+    """The features cached for this file and these weights, or None when there are none usable (missing,
+    stale, damaged or of other shapes: they are then computed again and the cache rewritten)."""
+    try:
+        with np.load(cache) as cached:
+            if str(cached["key"]) != key:
+                return None
+            features = BatchFeatures(*(cached[name] for name in ("pool", "probs", "mu", "sigma", "mu_s", "sigma_s")))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+    expected = {"pool": (count, 2048), "probs": (count, 1008), **STATS_SIZES}
+    return features if all(getattr(features, k).shape == v for k, v in expected.items()) else None
+
+
 def reference_statistics(path: Path, features: BatchFeatures) -> BatchFeatures:
     """ADM's rule: a reference file's own mu/sigma/mu_s/sigma_s win over statistics computed from arr_0."""
-    stored = np.load(path)
-    if "mu" not in stored.files:
-        return features
-    return BatchFeatures(features.pool, features.probs, stored["mu"], stored["sigma"], stored["mu_s"], stored["sigma_s"])
+    try:
+        with np.load(path) as stored:
+            if "mu" not in stored.files:
+                return features
+            found = {key: stored[key] for key in STATS_SIZES if key in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise UserError(f"{path} is damaged: {error}") from None
+    for key, shape in STATS_SIZES.items():
+        if key not in found or found[key].shape != shape:
+            got = list(found[key].shape) if key in found else "nothing"
+            raise UserError(f"{path}: reference statistics {key} must have shape {list(shape)} (ADM's Inception "
+                            f"features), got {got}")
+    return BatchFeatures(features.pool, features.probs, found["mu"], found["sigma"], found["mu_s"], found["sigma_s"])
 
 
 def evaluate(ref: BatchFeatures, sample: BatchFeatures) -> dict[str, float]:
@@ -223,13 +252,14 @@ def evaluate(ref: BatchFeatures, sample: BatchFeatures) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref_batch", help="reference batch .npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     parser.add_argument("sample_batch", help="sample batch .npz (arr_0: uint8 [N, H, W, 3])")
     parser.add_argument("--inception-weights", default="pretrained_models/pt_inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=number(int, min=1), default=64, help="images per Inception forward")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    report_path = check_output_file(Path(args.sample_batch).with_suffix(".txt"), "the report of sample_batch")
 
     weights = Path(args.inception_weights)
     network = None
@@ -251,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     results = evaluate(ref, sample)
     report = "".join(f"{name}: {value}\n" for name, value in results.items())
     print(report, end="")
-    atomic_write_text(Path(args.sample_batch).with_suffix(".txt"), report)
+    atomic_write_text(report_path, report)
 
 
 if __name__ == "__main__":

@@ -193,13 +193,20 @@ class FIDInceptionV3(nn.Module):
         except Exception as error:  # a truncated or foreign file; say which
             raise UserError(f"cannot read {path} as {WEIGHTS_FILE}: {str(error).splitlines()[0]}") from None
         model = cls()
-        own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise UserError(f"{path} is not {WEIGHTS_FILE}: it holds no state dict of tensors")
+        own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
         given = {k for k in state if not k.endswith("num_batches_tracked")}
-        if own != given:
-            missing, unexpected = sorted(own - given), sorted(given - own)
+        if set(own) != given:
+            missing, unexpected = sorted(set(own) - given), sorted(given - set(own))
             raise UserError(f"{path} is not {WEIGHTS_FILE}: {len(missing)} missing keys"
                             f"{f' (first {missing[0]!r})' if missing else ''}, {len(unexpected)} unexpected"
                             f"{f' (first {unexpected[0]!r})' if unexpected else ''}")
+        misshapen = [k for k, v in own.items() if state[k].shape != v.shape]
+        if misshapen:
+            k = misshapen[0]
+            raise UserError(f"{path} is not {WEIGHTS_FILE}: {len(misshapen)} tensors of other shapes (first {k!r}: "
+                            f"{list(state[k].shape)} in the file, {list(own[k].shape)} expected)")
         model.load_state_dict(state, strict=False)
         return model.eval()
 

@@ -1,0 +1,129 @@
+"""Allowed values, declared once next to each default, checked before any work.
+
+A config dataclass field declares its range or its choices in its metadata::
+
+    lr: float = ranged(1e-4, gt=0)                        # > 0
+    dropout_p: float = ranged(0.1, min=0, lt=1)           # in [0, 1)
+    max_patch_length: int | None = ranged(4, min=1)       # >= 1, or null
+    mixed_precision: str = choice("bf16", ("no", "bf16"))
+
+``dpar.config`` checks every field of every loaded config (file, overrides and saved runs alike), and a
+script's flag uses the same rule as its argparse type: ``type=number(int, min=1)``. Every float must be
+finite (no nan, no inf). A value outside its rule is one line naming the key or flag, the value and what is
+allowed, raised before any file is written. Standard library only, so that any script may use it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+# YAML 1.1 reads these words as booleans; a string choice spelled so gets its spelling back.
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number: ``min``/``max`` inclusive, ``gt``/``lt`` exclusive; always finite."""
+    min: float | None = None
+    gt: float | None = None
+    max: float | None = None
+    lt: float | None = None
+
+    def allows(self, value: float) -> bool:
+        return (math.isfinite(value) and (self.min is None or value >= self.min)
+                and (self.gt is None or value > self.gt) and (self.max is None or value <= self.max)
+                and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        low = None if self.min is None and self.gt is None else \
+            ("[", self.min) if self.min is not None else ("(", self.gt)
+        high = None if self.max is None and self.lt is None else \
+            ("]", self.max) if self.max is not None else (")", self.lt)
+        if low and high:
+            return f"in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {_number(low[1])}"
+        if high:
+            return f"{'<=' if high[0] == ']' else '<'} {_number(high[1])}"
+        return "a finite number"
+
+
+def ranged(default: Any, **bounds: float) -> Any:
+    """A dataclass field with this default and a :class:`Range` (None passes when the field may be null)."""
+    return dataclasses.field(default=default, metadata={"range": Range(**bounds)})
+
+
+def choice(default: str, choices: Sequence[str]) -> Any:
+    """A dataclass field with this default, allowed only the given strings."""
+    return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
+
+
+def problem(value: Any, metadata: dict) -> str | None:
+    """What is wrong with ``value`` under a field's metadata (``range`` / ``choices``), or None."""
+    if value is None:
+        return None
+    choices = metadata.get("choices")
+    if choices is not None and value not in choices:
+        hint = " (YAML reads yes/no/on/off/true/false as a boolean)" if value in ("True", "False") else ""
+        return f"must be one of: {', '.join(map(str, choices))}; got {value!r}{hint}"
+    rule = metadata.get("range")
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be {rule.describe() if rule else 'a finite number'}; got {value!r}"
+    if rule is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and not rule.allows(value):
+        return f"must be {rule.describe()}; got {value!r}"
+    return None
+
+
+def yaml_bool_spelling(value: Any, choices: Sequence[str]) -> Any:
+    """``no`` in YAML is False, which a string field stores as 'False': give a string choice its spelling back."""
+    text = {"True": True, "False": False}.get(value) if isinstance(value, str) else value
+    if isinstance(text, bool):
+        for word in _YAML_BOOL_WORDS[text]:
+            if word in choices:
+                return word
+    return value
+
+
+def number(kind: type, **bounds: float) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind`` (int or float) within a :class:`Range`, e.g. ``number(int, min=1)``."""
+    rule = Range(**bounds)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} "
+                                             f"{rule.describe()}; got {text!r}") from None
+        if not rule.allows(value):
+            raise argparse.ArgumentTypeError(f"must be {rule.describe()}; got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def device(text: str) -> str:
+    """An argparse ``type`` for ``--device``: ``cpu``, ``cuda`` or ``cuda:N``, CUDA only where torch sees it."""
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N; got {text!r}")
+    if text.startswith("cuda"):
+        import torch
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(match.group(1) or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees {count} CUDA device(s) here")
+    return text
+
+
+def field_type(schema: type, name: str) -> Callable[[str], Any]:
+    """The argparse ``type`` of a flag that sets dataclass field ``name``: its kind and its declared range."""
+    field = next(f for f in dataclasses.fields(schema) if f.name == name)
+    return number(type(field.default), **dataclasses.asdict(field.metadata.get("range", Range())))
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

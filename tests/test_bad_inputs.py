@@ -1,0 +1,415 @@
+"""Bad input, one table: every case stops with one line naming the key, flag or file, the value and what is
+allowed; exit status 2 and no traceback (the subprocess rows); nothing written where the command would write.
+Then the kill windows (faults injected at the exact step) and the correctness fixes found with them."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import preprocess_tokens
+import sample_c2i
+import sample_c2i_ddp
+import train_entropy_model
+import train_global_model
+from dpar import demo, experiment
+from dpar.data import stats
+from dpar.data.store import TokenStore, shard_file
+from dpar.errors import UserError, one_line
+from dpar.fileio import atomic_write_text
+from dpar.sampling import SampleChunks, SamplingConfig, sample_from_logits
+from evaluations.c2i import evaluator
+from tests.helpers import ROOT, write_token_store
+from tokenizer import train_vq
+from tokenizer.vq_model import VQConfig, create_vq, unit_to_uint8
+
+DEMO = ROOT / "assets" / "demo"
+ENTROPY_CKPT = DEMO / "entropy_model" / "checkpoints" / "epoch_00000005" / "model.safetensors"
+GPT_CKPT = DEMO / "gpt" / "checkpoints" / "epoch_00000009" / "model.safetensors"
+TINY_GLOBAL = ["--config", "configs/tiny/global_model_entropy_row_break.yaml"]
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    """A plain file, a 12-class store of the demo's 8x8 tokens with entropies, a tiny ADM batch."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    (root / "a_file").write_text("not a folder")
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 128, (24, 1, 64), generator=generator).numpy()
+    entropies = (torch.rand(24, 1, 64, generator=generator) * 4).numpy()
+    write_token_store(root / "store", tokens, np.arange(24) % 12, codebook_size=128, num_classes=12,
+                      entropies=entropies, entropy_checkpoint=ENTROPY_CKPT, shard_size=8)
+    rng = np.random.default_rng(0)
+    np.savez(root / "batch.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    return {"file": root / "a_file", "store": root / "store", "batch": root / "batch.npz", "root": root}
+
+
+# (id, script module, argv, fragment of the one-line error). {out} is a fresh folder that must stay absent,
+# {file} a plain file, {store} a complete store, {batch} a small ADM batch.
+CASES = [
+    ("lr", train_global_model, [*TINY_GLOBAL, "--train.lr", "-1"], "config key 'train.lr' must be > 0; got -1.0"),
+    ("log_every", train_global_model, [*TINY_GLOBAL, "--train.log_every", "0"], "'train.log_every' must be >= 1"),
+    ("ckpt_every", train_global_model, [*TINY_GLOBAL, "--train.ckpt_every", "0"], "'train.ckpt_every' must be >= 1"),
+    ("dropout", train_global_model, [*TINY_GLOBAL, "--model.dropout_p", "1.5"], "'model.dropout_p' must be in [0, 1)"),
+    ("max_patch_length", train_global_model, [*TINY_GLOBAL, "--patcher.max_patch_length", "-1"],
+     "'patcher.max_patch_length' must be >= 1; got -1"),
+    ("epochs_0", train_global_model, [*TINY_GLOBAL, "--train.epochs", "0"], "'train.epochs' must be >= 1; got 0"),
+    ("epochs_neg", train_global_model, [*TINY_GLOBAL, "--train.epochs", "-1"], "'train.epochs' must be >= 1"),
+    ("max_steps", train_global_model, [*TINY_GLOBAL, "--train.max_steps", "-3"], "'train.max_steps' must be >= 1"),
+    ("class_dropout", train_global_model, [*TINY_GLOBAL, "--model.class_dropout_prob", "-0.5"],
+     "'model.class_dropout_prob' must be in [0, 1); got -0.5"),
+    ("warmup", train_global_model, [*TINY_GLOBAL, "--train.warmup_steps", "-10"], "'train.warmup_steps' must be >= 0"),
+    ("threshold_nan", train_global_model, [*TINY_GLOBAL, "--patcher.threshold", "nan"],
+     "'patcher.threshold' must be a finite number; got nan"),
+    ("mixed_precision_yes", train_global_model, [*TINY_GLOBAL, "--train.mixed_precision", "yes"],
+     "'train.mixed_precision' must be one of: no, bf16; got 'True' (YAML reads"),
+    ("results_dir_file", train_global_model, [*TINY_GLOBAL, "--train.results_dir", "{file}", "--data.store", "{store}"],
+     "train.results_dir {file} must be a folder, but it is a file"),
+    ("results_dir_under_file", train_global_model,
+     [*TINY_GLOBAL, "--train.results_dir", "{file}/runs", "--data.store", "{store}"], "({file} is a file)"),
+    ("num_workers", train_entropy_model, ["--config", "configs/tiny/entropy_model.yaml", "--data.num_workers", "-1"],
+     "'data.num_workers' must be >= 0"),
+    ("val_holdout", train_entropy_model, ["--config", "configs/tiny/entropy_model.yaml", "--data.val_holdout", "-5"],
+     "'data.val_holdout' must be >= 0"),
+    ("codebook_size", train_vq, ["--config", "configs/tokenizer/vq_tiny.yaml", "--model.codebook_size", "0"],
+     "'model.codebook_size' must be >= 2; got 0"),
+    ("vq_lr", train_vq, ["--config", "configs/tokenizer/vq_tiny.yaml", "--train.lr", "0"], "'train.lr' must be > 0"),
+    ("vq_results_dir", train_vq, ["--config", "configs/tokenizer/vq_tiny.yaml", "--data.data_path", "{out}",
+                                  "--train.results_dir", "{file}"], "train.results_dir {file} must be a folder"),
+    ("image_size", preprocess_tokens, ["--stage", "tokens", "--store", "{out}", "--image-size", "0"],
+     "argument --image-size: must be >= 1; got '0'"),
+    ("batch_size", preprocess_tokens, ["--stage", "tokens", "--store", "{out}", "--batch-size", "0"],
+     "argument --batch-size: must be >= 1; got '0'"),
+    ("num_workers_flag", preprocess_tokens, ["--stage", "tokens", "--store", "{out}", "--num-workers", "-1"],
+     "argument --num-workers: must be >= 0; got '-1'"),
+    ("crop_range", preprocess_tokens, ["--stage", "tokens", "--store", "{out}", "--crop-range", "0.5"],
+     "argument --crop-range: must be >= 1"),
+    ("store_file", preprocess_tokens, ["--stage", "tokens", "--store", "{file}", "--data-path", "{out}",
+                                       "--vq-ckpt", "{file}"], "--store {file} must be a folder, but it is a file"),
+    ("entropy_model_c2i", preprocess_tokens, ["--stage", "entropies", "--store", "{store}", "--overwrite",
+                                              "--entropy-model-checkpoint", str(GPT_CKPT)],
+     "is a c2i GPT-tiny; entropies come from an unconditional GPT"),
+    ("classes_99", sample_c2i, ["--classes", "99", "--output-dir", "{out}"], "--classes 99: the model has 12 classes"),
+    ("classes_null", sample_c2i, ["--classes", "12", "--output-dir", "{out}"], "(id 12 is the null class"),
+    ("classes_neg", sample_c2i, ["--classes", "-1", "--output-dir", "{out}"], "argument --classes: must be >= 0"),
+    ("top_k", sample_c2i, ["--top-k", "-5", "--output-dir", "{out}"], "argument --top-k: must be >= 0; got '-5'"),
+    ("top_p_0", sample_c2i, ["--top-p", "0", "--output-dir", "{out}"], "argument --top-p: must be in (0, 1]; got '0'"),
+    ("top_p_big", sample_c2i, ["--top-p", "1.5", "--output-dir", "{out}"], "argument --top-p: must be in (0, 1]"),
+    ("temperature", sample_c2i, ["--temperature", "-1", "--output-dir", "{out}"], "argument --temperature: must be >= 0"),
+    ("threshold_flag", sample_c2i, ["--threshold", "nan", "--output-dir", "{out}"],
+     "argument --threshold: must be a finite number; got 'nan'"),
+    ("per_class", sample_c2i, ["--per-class", "0", "--output-dir", "{out}"], "argument --per-class: must be >= 1"),
+    ("output_dir_file", sample_c2i, ["--output-dir", "{file}"], "--output-dir {file} must be a folder"),
+    ("uncond_run", sample_c2i, ["--experiment_dir", str(DEMO / "entropy_model"), "--output-dir", "{out}"],
+     "is an unconditional model (GPT-tiny"),
+    ("per_proc_batch", sample_c2i_ddp, ["--per-proc-batch-size", "0", "--output-dir", "{out}"],
+     "argument --per-proc-batch-size: must be >= 1; got '0'"),
+    ("fid_samples_0", sample_c2i_ddp, ["--num-fid-samples", "0", "--output-dir", "{out}"],
+     "argument --num-fid-samples: must be >= 1; got '0'"),
+    ("fid_samples_neg", sample_c2i_ddp, ["--num-fid-samples", "-3", "--output-dir", "{out}"],
+     "argument --num-fid-samples: must be >= 1; got '-3'"),
+    ("size_eval", sample_c2i_ddp, ["--image-size-eval", "0", "--output-dir", "{out}"], "argument --image-size-eval"),
+    ("eval_batch", evaluator, ["{batch}", "{batch}", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    ("stats_threshold", stats, ["--store", "{store}", "--threshold", "nan"], "argument --threshold: must be a finite"),
+    ("stats_cap", stats, ["--store", "{store}", "--max-patch-length", "0"], "argument --max-patch-length: must be >= 1"),
+    ("stats_images", stats, ["--store", "{store}", "--max-images", "0"], "argument --max-images: must be >= 1"),
+    ("demo_output", demo, ["--output", "{root}", "--tiny"], "holds files that are not an earlier demo build's"),
+]
+
+
+def fill(argv: list[str], places: dict, out: Path) -> list[str]:
+    return [a.format(out=out, **places) for a in argv]
+
+
+@pytest.mark.parametrize("module,argv,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_before_anything_is_written(places, tmp_path, module, argv, fragment):
+    out = tmp_path / "out"
+    before = {p: p.stat().st_mtime_ns for p in places["root"].rglob("*")}
+    with pytest.raises(UserError) as raised:
+        module.main(fill(argv, places, out))
+    message = one_line(raised.value)
+    assert fragment.format(out=out, **places) in message and "\n" not in message, message
+    assert not out.exists()
+    assert {p: p.stat().st_mtime_ns for p in places["root"].rglob("*")} == before  # nothing touched, nothing added
+
+
+@pytest.mark.parametrize("script,argv,fragment", [
+    (["train_global_model.py"], [*TINY_GLOBAL, "--train.lr", "-1"], "config key 'train.lr' must be > 0"),
+    (["sample_c2i.py"], ["--top-p", "0"], "argument --top-p: must be in (0, 1]"),
+    (["sample_c2i_ddp.py"], ["--num-fid-samples", "-3"], "argument --num-fid-samples: must be >= 1"),
+    (["preprocess_tokens.py"], ["--stage", "tokens", "--store", "x", "--image-size", "0"], "argument --image-size"),
+    (["-m", "tokenizer.train_vq"], ["--config", "configs/tokenizer/vq_tiny.yaml", "--model.codebook_size", "0"],
+     "'model.codebook_size' must be >= 2"),
+    (["-m", "evaluations.c2i.evaluator"], ["a.npz", "b.npz", "--batch-size", "0"], "argument --batch-size"),
+])
+def test_scripts_exit_2_with_one_line_and_no_traceback(tmp_path, script, argv, fragment):
+    proc = subprocess.run([sys.executable, *script, *argv], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and fragment in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["override", "file"])
+def test_yaml_booleans_keep_their_documented_spelling(tmp_path, where):
+    from dpar.config import load_config
+    from train_global_model import TrainGlobalConfig
+    if where == "file":
+        path = tmp_path / "run.yaml"
+        path.write_text("base: " + str(ROOT / "configs/tiny/global_model_entropy_row_break.yaml") +
+                        "\ntrain:\n  mixed_precision: no\n")
+        config = load_config(TrainGlobalConfig, path)
+    else:
+        config = load_config(TrainGlobalConfig, None, ["--train.mixed_precision", "no"])
+    assert config.train.mixed_precision == "no"
+
+
+def test_entropy_overwrite_with_the_wrong_model_keeps_the_entropies(places):
+    files = sorted((places["store"] / "shards").glob("entropies_*.npy"))
+    with pytest.raises(UserError, match="unconditional GPT"):
+        preprocess_tokens.main(["--stage", "entropies", "--store", str(places["store"]), "--overwrite",
+                                "--entropy-model-checkpoint", str(GPT_CKPT)])
+    assert files and sorted((places["store"] / "shards").glob("entropies_*.npy")) == files
+    assert TokenStore(places["store"]).has_entropies
+
+
+# -- damaged inputs --------------------------------------------------------------------------------------------
+
+def _copy_store(places, tmp_path) -> Path:
+    import shutil
+    return Path(shutil.copytree(places["store"], tmp_path / "store"))
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    ("missing", "lacks tokens_00001.npy"),
+    ("truncated", "tokens_00001.npy is damaged"),
+    ("pickled", "tokens_00001.npy is damaged"),
+    ("shape", "holds uint16 [8, 1, 32], meta.json promises uint16 [8, 1, 64]"),
+])
+def test_a_damaged_store_shard_is_named(places, tmp_path, damage, fragment):
+    store = _copy_store(places, tmp_path)
+    shard = shard_file(store, "tokens", 1)
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:200])
+    elif damage == "pickled":
+        np.save(shard, np.array([{"a": 1}] * 8, dtype=object), allow_pickle=True)
+    else:
+        np.save(shard, np.zeros((8, 1, 32), np.uint16))
+    with pytest.raises(UserError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        TokenStore(store)
+
+
+def test_a_truncated_checkpoint_under_resume_is_named(tmp_path):
+    weights = experiment.save_checkpoint(tmp_path, 0, {"w": torch.ones(3)}, {"step": 1}, step=1) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(UserError, match=f"checkpoint {weights} is damaged"):
+        experiment.resolve_run(tmp_path.parent, "x", False, str(tmp_path))
+
+
+def test_evaluator_inputs_that_are_damaged_or_of_another_size(places, tmp_path):
+    cut = tmp_path / "bad_crc.npz"
+    data = bytearray(places["batch"].read_bytes())
+    member = zipfile.ZipFile(places["batch"]).getinfo("arr_0.npy")
+    data[member.header_offset + 30 + len(member.filename) + 200] ^= 0xFF  # flip a byte of the images
+    cut.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="bad_crc.npz is damaged"):
+        list(evaluator.ImageBatch(cut, 2).batches(4))
+    features = evaluator.BatchFeatures(*(np.zeros(1) for _ in range(6)))
+    wrong = tmp_path / "ref.npz"
+    np.savez(wrong, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=np.zeros(64), sigma=np.zeros((64, 64)),
+             mu_s=np.zeros(2023), sigma_s=np.zeros((2023, 2023)))
+    with pytest.raises(UserError, match=r"reference statistics mu must have shape \[2048\]"):
+        evaluator.reference_statistics(wrong, features)
+    (tmp_path / "batch.txt").mkdir()  # where the report would go
+    (tmp_path / "batch.npz").write_bytes(places["batch"].read_bytes())
+    with pytest.raises(UserError, match="the report of sample_batch .*batch.txt must be a file, but it is a folder"):
+        evaluator.main([str(places["batch"]), str(tmp_path / "batch.npz")])
+
+
+def test_inception_weights_of_another_shape_are_named(tmp_path):
+    from evaluations.c2i.inception import FIDInceptionV3
+    state = FIDInceptionV3().state_dict()
+    key = next(iter(state))
+    state[key] = torch.zeros(1)
+    torch.save(state, tmp_path / "inception.pth")
+    with pytest.raises(UserError, match=f"tensors of other shapes \\(first '{key}'"):
+        FIDInceptionV3.from_file(tmp_path / "inception.pth")
+
+
+def test_an_unusable_feature_cache_is_recomputed(places, tmp_path):
+    batch = tmp_path / "batch.npz"
+    batch.write_bytes(places["batch"].read_bytes())
+    cache = tmp_path / "batch.npz.inception.npz"
+    cache.write_bytes(b"not an npz")
+    computed = evaluator.BatchFeatures(np.zeros((6, 2048)), np.zeros((6, 1008)), np.zeros(2048),
+                                       np.zeros((2048, 2048)), np.zeros(2023), np.zeros((2023, 2023)))
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluator, "compute_features", lambda *a: calls.append(1) or computed)
+        evaluator.batch_features(batch, lambda: None, "w", 4, "cpu", minimum=2)
+        evaluator.batch_features(batch, lambda: None, "w", 4, "cpu", minimum=2)
+    assert calls == [1]  # the damaged cache was replaced, and the new one is used
+
+
+# -- outputs are never silently reused -----------------------------------------------------------------------
+
+def test_an_npz_of_another_sampling_job_is_refused(tmp_path):
+    out = tmp_path / "samples"
+    common = ["--output-dir", str(out), "--per-proc-batch-size", "4", "--cfg-scale", "1.0"]
+    sample_c2i_ddp.main(["--num-fid-samples", "4", *common])
+    npz = next(out.glob("*.npz"))
+    first = npz.read_bytes()
+    sample_c2i_ddp.main(["--num-fid-samples", "4", *common])  # the same job: found done
+    with pytest.raises(UserError, match="from another sampling job \\(num_samples 4, this run 6\\)"):
+        sample_c2i_ddp.main(["--num-fid-samples", "6", *common])
+    assert npz.read_bytes() == first and not npz.with_suffix(".parts").exists()
+    with np.load(npz) as data:
+        assert data["arr_0"].shape[0] == 4 and json.loads(str(data["dpar_job"]))["num_samples"] == 4
+
+
+def test_finished_samples_clean_up_the_parts_a_kill_left(tmp_path):
+    npz = tmp_path / "s.npz"
+    chunks = SampleChunks(npz, 2, 1, {"seed": 0})
+    chunks.start(main_process=True)
+    for k in range(2):
+        chunks.write(k, np.zeros((1, 4, 4, 3), np.uint8))
+    with pytest.MonkeyPatch.context() as patch:  # killed between writing the .npz and removing the parts
+        patch.setattr("shutil.rmtree", lambda *a, **k: None)
+        chunks.pack()
+    assert chunks.parts.exists()
+    assert SampleChunks(npz, 2, 1, {"seed": 0}).finished() and not chunks.parts.exists()
+
+
+def test_a_second_writer_of_the_same_samples_is_refused(tmp_path):
+    first = SampleChunks(tmp_path / "s.npz", 4, 2, {"seed": 0})
+    first.start(main_process=True)
+    with pytest.raises(UserError, match="another sampling run is writing"):
+        SampleChunks(tmp_path / "s.npz", 4, 2, {"seed": 0}).start(main_process=True)
+
+
+def test_a_launched_worker_dies_with_its_launcher(tmp_path):
+    code = ("import os, subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'from dpar.launch import set_parent_death_signal; "
+            "set_parent_death_signal(); import time; time.sleep(60)'])\n"
+            "print(child.pid, flush=True); time.sleep(60)\n")
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    worker = int(launcher.stdout.readline())
+    time.sleep(1.5)  # the worker has set its signal
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    for _ in range(50):
+        if not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived its launcher")
+
+
+# -- kill windows ----------------------------------------------------------------------------------------------
+
+def test_a_kill_between_the_two_renames_of_a_checkpoint_leaves_one_to_resume_from(tmp_path):
+    state = {"w": torch.ones(2)}
+    experiment.save_step_checkpoint(tmp_path, 0, 5, state, {"step": 5})
+    renames = []
+
+    def replace_then_die(src, dst):
+        renames.append((src, dst))
+        if len(renames) == 2:  # latest -> latest.old done; latest.tmp -> latest never happens
+            raise KeyboardInterrupt
+        os.rename(src, dst)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(experiment.os, "replace", replace_then_die)
+        experiment.save_step_checkpoint(tmp_path, 0, 9, state, {"step": 9})
+    assert not experiment.step_checkpoint_dir(tmp_path).exists()
+    point = experiment.resume_checkpoint(tmp_path)
+    assert point is not None and experiment.checkpoint_step(point) == 5
+    experiment.save_step_checkpoint(tmp_path, 0, 9, state, {"step": 9})  # the rerun's next save tidies up
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest"] and experiment.checkpoint_step(experiment.resume_checkpoint(tmp_path)) == 9
+
+
+def test_a_kill_mid_swap_of_an_epoch_checkpoint_keeps_the_epoch(tmp_path):
+    experiment.save_checkpoint(tmp_path, 2, {"w": torch.ones(2)}, step=30)
+    final = experiment.checkpoint_dir(tmp_path, 2)
+    os.rename(final, final.with_name(final.name + ".old"))  # the state between the two renames
+    assert [epoch for epoch, _ in experiment.list_checkpoints(tmp_path)] == [2]
+    assert experiment.checkpoint_step(experiment.latest_checkpoint(tmp_path)) == 30
+
+
+def test_an_atomic_write_removes_what_a_killed_one_left(tmp_path):
+    stale = tmp_path / ".meta.json.abc123.tmp"
+    stale.write_text("half")
+    atomic_write_text(tmp_path / "meta.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_written_files_honour_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        experiment.save_checkpoint(tmp_path / "run", 0, {"w": torch.ones(1)}, {"step": 0})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+    weights = experiment.checkpoint_dir(tmp_path / "run", 0) / "model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert weights.parent.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_train_vq_resume_drops_metrics_logged_past_the_checkpoint(tmp_path):
+    from tests.helpers import write_image_folder
+    images = write_image_folder(tmp_path / "images", classes=2, per_class=4, size=16)
+    args = ["--config", "configs/tokenizer/vq_tiny.yaml", "--data.data_path", str(images), "--train.results_dir",
+            str(tmp_path), "--train.global_batch_size", "4", "--train.log_every", "1", "--data.image_size", "16",
+            "--data.num_workers", "0"]
+    train_vq.main([*args, "--train.epochs", "1"])
+    run = next(tmp_path.glob("scratch/vq_tiny/*"))
+    with open(run / "metrics.jsonl", "a") as f:  # a killed epoch 1 logged these, and saved no checkpoint
+        f.write(json.dumps({"step": 3, "epoch": 1, "loss": 1.0}) + "\n")
+    train_vq.main([*args, "--train.epochs", "2", "--resume", str(run)])
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "epoch_summary" not in line]
+    assert steps == [1, 2, 3, 4]
+
+
+# -- correctness -------------------------------------------------------------------------------------------
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log().repeat(999, 1)
+    uniforms = torch.linspace(0.0005, 0.9995, 999, dtype=torch.float64)
+    drawn = sample_from_logits(logits, uniforms, SamplingConfig(top_p=0.75))
+    assert set(drawn.tolist()) == {0, 1}  # .5 + .25 already reach .75
+    assert abs(float((drawn == 0).double().mean()) - 2 / 3) < 0.01
+
+
+def test_temperature_zero_is_greedy():
+    logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, 0.0, 4.0]])
+    assert sample_from_logits(logits, torch.tensor([0.99, 0.99]), SamplingConfig(temperature=0)).tolist() == [1, 0]
+
+
+def test_evaluation_resize_follows_llamagen_resize_then_quantise():
+    torch.manual_seed(0)
+    vq = create_vq(VQConfig(vq_model="VQ-16", codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=[1, 2, 2],
+                            z_channels=16, num_res_blocks=1, norm_groups=8)).eval()
+    codes = torch.randint(0, 32, (2, 36))
+    with torch.no_grad():
+        pixels = vq.decode_code(codes, (2, 4, 6, 6))
+        # LlamaGen's sample_c2i_ddp.py: F.interpolate(decoded, bicubic), then clamp(127.5 x + 128) to uint8
+        resized = torch.nn.functional.interpolate(pixels, size=(16, 16), mode="bicubic")
+        expected = torch.clamp(127.5 * resized + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+        quantised_first = torch.nn.functional.interpolate(unit_to_uint8(pixels).permute(0, 3, 1, 2).float(),
+                                                          size=(16, 16), mode="bicubic")
+    assert torch.equal(vq.codes_to_images(codes, 6, size=16), expected)
+    assert not torch.equal(quantised_first.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1), expected)
