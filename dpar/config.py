@@ -22,7 +22,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import atomic_write_text
 from .validation import problem, yaml_bool_spelling
 
@@ -60,7 +60,7 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
     """Schema defaults <- YAML file <- overrides; validated, with missing values reported."""
     config = OmegaConf.structured(schema)
     if path is not None:
-        config = _merge(config, _read_yaml(path), f"in {path}: ")
+        config = _merge(config, read_yaml(path), f"in {path}: ")
     if overrides:
         config = _merge(config, OmegaConf.from_dotlist(parse_overrides(overrides)), "")
     _check_values(config, schema, "")
@@ -70,7 +70,7 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
     try:
         OmegaConf.resolve(config)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"cannot resolve config: {_first_line(error)}") from None
+        raise ConfigError(f"cannot resolve config: {first_line(error)}") from None
     return config
 
 
@@ -94,7 +94,7 @@ def save_config(config: DictConfig, path: str | Path) -> None:
 
 def read_section(path: str | Path, key: str, schema: type) -> Any:
     """One section of a saved config (e.g. a run's ``model``) validated against ``schema``, as a dataclass."""
-    node = _read_yaml(path).get(key)
+    node = read_yaml(path).get(key)
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path} has no {key!r} section")
     config = _merge(OmegaConf.structured(schema), node, f"in {path}, section {key!r}: ")
@@ -107,7 +107,7 @@ def to_dataclass(config: DictConfig) -> Any:
     return OmegaConf.to_object(config)
 
 
-def _read_yaml(path: str | Path, _children: tuple[Path, ...] = ()) -> DictConfig:
+def read_yaml(path: str | Path, _children: tuple[Path, ...] = ()) -> DictConfig:
     """A YAML mapping; ``base: other.yaml`` (relative to this file) starts it from another config file."""
     path = Path(path)
     if not path.is_file():
@@ -116,7 +116,7 @@ def _read_yaml(path: str | Path, _children: tuple[Path, ...] = ()) -> DictConfig
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {_first_line(error)}") from None
+        raise ConfigError(f"{path} is not valid YAML: {first_line(error)}") from None
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
@@ -130,7 +130,7 @@ def _read_yaml(path: str | Path, _children: tuple[Path, ...] = ()) -> DictConfig
     base_path = path.parent / base
     if base_path.resolve() in {child.resolve() for child in (*_children, path)}:
         raise ConfigError(f"{path}: {BASE_KEY!r} chain returns to {base_path}")
-    return OmegaConf.merge(_read_yaml(base_path, (*_children, path)), node)
+    return OmegaConf.merge(read_yaml(base_path, (*_children, path)), node)
 
 
 def _merge(config: DictConfig, update: DictConfig, where: str) -> DictConfig:
@@ -145,9 +145,9 @@ def _merge(config: DictConfig, update: DictConfig, where: str) -> DictConfig:
                           f"{f' under {parent!r}' if parent else ''}: {valid}") from None
     except ValidationError as error:
         key = f"config key {error.full_key!r}: " if error.full_key else ""
-        raise ConfigError(f"{where}{key}{_first_line(error)}") from None
+        raise ConfigError(f"{where}{key}{first_line(error)}") from None
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{where}invalid config: {_first_line(error)}") from None
+        raise ConfigError(f"{where}invalid config: {first_line(error)}") from None
 
 
 def _check_values(config: DictConfig, schema: type, prefix: str) -> None:
@@ -165,7 +165,3 @@ def _check_values(config: DictConfig, schema: type, prefix: str) -> None:
             raise ConfigError(f"config key {key!r} {issue}")
         if isinstance(value, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(value)):
             _check_values(value, OmegaConf.get_type(value), key + ".")
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -91,7 +91,9 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     entropy = _final(work / "runs" / "scratch" / "entropy_model")
     stage("entropies", lambda: preprocess_tokens.main([
         "--stage", "entropies", "--store", str(store), "--entropy-model-checkpoint", str(entropy / "model.safetensors")]))
-    threshold = round(store_threshold(TokenStore(store), TOKENS_PER_PATCH, max_patch_length=4, row_break=True), 3)
+    # 6 significant digits: the calibrated θ lies mid-gap between two stored (float16) entropies, which at
+    # ~1.5 nats lie 0.001 apart, so rounding to 3 decimals could move it across one
+    threshold = float(f"{store_threshold(TokenStore(store), TOKENS_PER_PATCH, max_patch_length=4, row_break=True):.6g}")
     print(f"patcher.threshold {threshold}: {TOKENS_PER_PATCH} tokens per patch on {store} (P=4, row break)")
     summary["threshold"] = threshold
     for name, config in GLOBAL_RUNS.items():
@@ -176,9 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--work-dir", type=Path, default=None, help="intermediate files (default: <output>.work)")
-    parser.add_argument("--tiny", action="store_true", help="toy sizes: the whole pipeline in about a minute")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes: the whole pipeline in about 10 s")
     args = parser.parse_args(argv)
     work = args.work_dir or args.output.with_name(args.output.name + ".work")
+    output, work_dir = args.output.resolve(), work.resolve()
+    if output == work_dir or output in work_dir.parents or work_dir in output.parents:
+        raise UserError(f"--output {args.output} and --work-dir {work} must be separate folders (neither inside "
+                        "the other): the build replaces both")
     check_replaceable(args.output, SUMMARY_FILE, "--output")
     check_replaceable(work, WORK_MARKER, "--work-dir")
     summary = build(args.output, work, TINY if args.tiny else FULL)

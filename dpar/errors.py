@@ -12,10 +12,24 @@ class UserError(Exception):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors (unknown flag, a value outside its type's rule) are one-line :class:`UserError` s,
-    exit status 2 under :func:`run_main`, instead of a usage block."""
+    exit status 2 under :func:`run_main`, instead of a usage block. A module run with ``python -m`` is named
+    so in its usage and messages."""
+
+    def __init__(self, *args, **kwargs):
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        if "prog" not in kwargs and spec is not None and spec.name != "__main__":
+            kwargs["prog"] = f"python -m {spec.name}"
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of any exception's message, or its type's name when the message is empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def run_main(main: Callable[[], int | None]) -> None:

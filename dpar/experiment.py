@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import read_section
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import atomic_write_text, umask
 from .models import ModelConfig, create_model
 
@@ -77,9 +77,14 @@ def latest_experiment_dir(root: str | Path, config_name: str, prod: bool) -> Pat
 def resolve_run(root: str | Path, config_name: str, prod: bool, resume: str | None) -> tuple[Path, Path | None]:
     """(experiment dir, checkpoint to continue from or None) for a trainer's ``--prod`` / ``--resume``.
 
+    ``config_name`` (the run's name) must be a plain folder name: no ``/``, not ``.`` or ``..``.
+
     ``resume`` is None (a new run; a same-hour ``--prod`` dir that already has checkpoints continues),
     ``"latest"`` (the newest run of this config) or an experiment dir.
     """
+    if not config_name or Path(config_name).name != config_name or config_name in (".", ".."):
+        raise UserError(f"train.experiment_name {config_name!r} must be a plain folder name (no '/', not '.' or "
+                        "'..'): runs stay inside train.results_dir")
     if resume is None:
         experiment = new_experiment_dir(root, config_name, prod)
     elif resume == "latest":
@@ -232,7 +237,7 @@ def load_torch_file(path: str | Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a bad file; all mean the same to the user
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = first_line(error)
         raise UserError(f"cannot read {path} as a weights-only torch checkpoint: {message}") from None
 
 

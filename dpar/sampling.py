@@ -30,14 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.profiler import record_function
 from tqdm import tqdm
 
 from tokenizer.vq_model import load_vq
 
-from .config import read_section
+from .config import read_section, read_yaml
 from .data.store import file_sha256, read_meta
 from .demo import DEMO_RUN
 from .errors import UserError
@@ -262,6 +261,9 @@ class Sampler:
             if experiment.resolve() == DEMO_RUN:
                 raise UserError(f"the embedded demo {DEMO_RUN} is missing; rebuild it with python -m dpar.demo")
             raise UserError(f"{experiment} is not an experiment dir (no {CONFIG_FILE})")
+        if "gpt_model" not in (read_yaml(config_path).get("model") or {}):
+            raise UserError(f"{experiment} is not a training run of train_global_model.py (its config has no "
+                            "model.gpt_model; a tokenizer run?)")
         checkpoints = dict(list_checkpoints(experiment))
         if not checkpoints:
             raise UserError(f"{experiment} has no checkpoints/epoch_*/{MODEL_FILE}")
@@ -273,6 +275,9 @@ class Sampler:
         if not weights.is_file():
             raise UserError(f"--ema: {weights} does not exist (the run kept no EMA: train.ema false)")
         model, model_config = load_trained_model(weights, config_path)
+        if not is_dpar(model_config.gpt_model) and (threshold is not None or max_patch_length is not None):
+            raise UserError(f"--threshold and --max-patch-length change DPAR's patching; {experiment} is a "
+                            f"{model_config.gpt_model} run, which has none")
         if model_config.model_type != "c2i":
             raise UserError(f"{experiment} is an unconditional model ({model_config.gpt_model}, e.g. an entropy "
                             "model); class-conditional sampling needs a c2i run")
@@ -320,7 +325,7 @@ class Sampler:
 
 def _tokenizer_of(config_path: Path) -> str:
     """The tokenizer the run's config names (``data.tokenizer_checkpoint``), else the one its store records."""
-    data = OmegaConf.load(config_path).get("data", {})
+    data = read_yaml(config_path).get("data") or {}
     checkpoint, store = data.get("tokenizer_checkpoint"), data.get("store")
     if not checkpoint and store and Path(store).is_dir():
         checkpoint = (read_meta(store) or {}).get("tokenizer", {}).get("checkpoint")

@@ -41,6 +41,7 @@ def places(tmp_path_factory):
     """A plain file, a 12-class store of the demo's 8x8 tokens with entropies, a tiny ADM batch."""
     root = tmp_path_factory.mktemp("bad_inputs")
     (root / "a_file").write_text("not a folder")
+    (root / "empty").write_bytes(b"")  # what a failed download leaves
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 128, (24, 1, 64), generator=generator).numpy()
     entropies = (torch.rand(24, 1, 64, generator=generator) * 4).numpy()
@@ -48,7 +49,8 @@ def places(tmp_path_factory):
                       entropies=entropies, entropy_checkpoint=ENTROPY_CKPT, shard_size=8)
     rng = np.random.default_rng(0)
     np.savez(root / "batch.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
-    return {"file": root / "a_file", "store": root / "store", "batch": root / "batch.npz", "root": root}
+    return {"file": root / "a_file", "store": root / "store", "batch": root / "batch.npz", "root": root,
+            "empty": root / "empty"}
 
 
 # (id, script module, argv, fragment of the one-line error). {out} is a fresh folder that must stay absent,
@@ -118,9 +120,22 @@ CASES = [
     ("size_eval", sample_c2i_ddp, ["--image-size-eval", "0", "--output-dir", "{out}"], "argument --image-size-eval"),
     ("eval_batch", evaluator, ["{batch}", "{batch}", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
     ("stats_threshold", stats, ["--store", "{store}", "--threshold", "nan"], "argument --threshold: must be a finite"),
-    ("stats_cap", stats, ["--store", "{store}", "--max-patch-length", "0"], "argument --max-patch-length: must be >= 1"),
+    ("stats_cap", stats, ["--store", "{store}", "--max-patch-length", "-1"], "argument --max-patch-length: must be >= 0"),
     ("stats_images", stats, ["--store", "{store}", "--max-images", "0"], "argument --max-images: must be >= 1"),
     ("demo_output", demo, ["--output", "{root}", "--tiny"], "holds files that are not an earlier demo build's"),
+    ("demo_nested", demo, ["--output", "{out}", "--work-dir", "{out}/work", "--tiny"], "must be separate folders"),
+    ("gpt_threshold", sample_c2i, ["--experiment_dir", str(DEMO / "gpt"), "--threshold", "2", "--output-dir", "{out}"],
+     "--threshold and --max-patch-length change DPAR's patching"),
+    ("tokenizer_run", sample_c2i, ["--experiment_dir", str(DEMO / "tokenizer"), "--output-dir", "{out}"],
+     "is not a training run of train_global_model.py"),
+    ("store_is_file", train_global_model, [*TINY_GLOBAL, "--data.store", "{file}", "--train.results_dir", "{out}"],
+     "{file} is a file; a token store is a folder"),
+    ("experiment_name", train_global_model,
+     [*TINY_GLOBAL, "--data.store", "{store}", "--train.results_dir", "{out}", "--data.val_holdout", "0",
+      "--train.global_batch_size", "8", "--patcher.entropy_model_checkpoint", str(ENTROPY_CKPT),
+      "--train.experiment_name", "../escape"], "train.experiment_name '../escape' must be a plain folder name"),
+    ("eval_weights_empty", evaluator, ["{batch}", "{batch}", "--inception-weights", "{empty}"],
+     "cannot read {empty} as pt_inception"),
 ]
 
 

@@ -49,7 +49,8 @@ def store_threshold(store: TokenStore, target: float, max_patch_length: int | No
 
 
 def _cap(text: str) -> int | None:
-    return None if text.lower() in ("none", "null") else field_type(PatcherConfig, "max_patch_length")(text)
+    """P, or None for ``none`` / ``0`` (no cap, as sample_c2i.py's --max-patch-length 0)."""
+    return None if text.lower() in ("none", "null") else number(int, min=0)(text) or None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", required=True, help="token store with entropies")
     parser.add_argument("--threshold", type=field_type(PatcherConfig, "threshold"), nargs="+", default=[7.8],
                         help="θ in nats; several for a sweep")
-    parser.add_argument("--max-patch-length", type=_cap, default=4, help="P >= 1, or 'none' for no cap")
+    parser.add_argument("--max-patch-length", type=_cap, default=4, help="P >= 1; 0 or 'none' = no cap")
     parser.add_argument("--no-row-break", action="store_true", help="let patches run across grid rows")
     parser.add_argument("--max-images", type=number(int, min=1), default=None, help="only the first N images")
     parser.add_argument("--target-tokens-per-patch", type=number(float, min=1), default=None,

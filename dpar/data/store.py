@@ -68,6 +68,8 @@ class TokenStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_file():
+            raise UserError(f"{self.path} is a file; a token store is a folder made by preprocess_tokens.py")
         meta = read_meta(self.path)
         if meta is None:
             raise UserError(f"no token store at {self.path} (missing {META_FILE}); run preprocess_tokens.py "

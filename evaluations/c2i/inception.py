@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpar.errors import UserError
+from dpar.errors import UserError, first_line
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_HINT = (f"the FID Inception weights {WEIGHTS_FILE} (pytorch-fid's release 'fid_weights', "
@@ -191,7 +191,8 @@ class FIDInceptionV3(nn.Module):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # a truncated or foreign file; say which
-            raise UserError(f"cannot read {path} as {WEIGHTS_FILE}: {str(error).splitlines()[0]}") from None
+            raise UserError(f"cannot read {path} as {WEIGHTS_FILE} ({type(error).__name__}: {first_line(error)})") \
+                from None
         model = cls()
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise UserError(f"{path} is not {WEIGHTS_FILE}: it holds no state dict of tensors")
