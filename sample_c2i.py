@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     sampler = Sampler.from_experiment(args.experiment_dir, args.epoch, ema=args.ema, vq_checkpoint=args.vq_ckpt,
                                       device=args.device, threshold=args.threshold,
                                       max_patch_length=args.max_patch_length)
+    sampler.check(sampling_from_args(args))
     num_classes = sampler.model_config.num_classes
     classes = args.classes or (IMAGENET_SHOWCASE if num_classes == 1000 else list(range(num_classes)))
     outside = [c for c in classes if c >= num_classes]

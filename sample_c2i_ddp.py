@@ -3,8 +3,9 @@ r"""Sample N images (50,000 by default) across processes and pack them into an A
     accelerate launch sample_c2i_ddp.py --experiment_dir <run> --cfg-scale 2.0 --output-dir samples
     -> samples/epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz   (arr_0: uint8 [N, H, W, 3])
 
-Images come in class order (N / classes per class); image n uses seed ``seed * 1000003 + n``, so the file
-is the same on any number of processes. Chunks of ``--per-proc-batch-size`` images are saved as they
+Images come in class order (N / classes per class); image n uses seed ``seed * 1000003 + n``, so its tokens
+are the same on any number of processes (its pixels too where the tokenizer's decoder runs the same kernels:
+the same batch size and thread count on CPUs). Chunks of ``--per-proc-batch-size`` images are saved as they
 finish: rerun the same command after a kill and only missing chunks are sampled. The .npz records the job
 that made it (sample count, weights, tokenizer, every sampling flag): rerunning the same command finds it
 done, another job's file under the same name is refused. 384 px samples can be resized for FID with
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
                                       device=accelerator.device, threshold=args.threshold,
                                       max_patch_length=args.max_patch_length)
     sampling = sampling_from_args(args)
+    sampler.check(sampling)
     npz = Path(args.output_dir) / f"{sample_file_stem(sampler.epoch, sampling, args.seed, args.threshold, args.max_patch_length)}.npz"
     num_classes = sampler.model_config.num_classes
     job = {**sampler.identity(), "epoch": sampler.epoch, "ema": args.ema, "seed": args.seed,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,15 +63,16 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
     if path is not None:
         config = _merge(config, read_yaml(path), f"in {path}: ")
     if overrides:
-        config = _merge(config, OmegaConf.from_dotlist(parse_overrides(overrides)), "")
-    _check_values(config, schema, "")
-    missing = sorted(OmegaConf.missing_keys(config))
-    if missing:
-        raise ConfigError(f"config key {missing[0]!r} needs a value (set it in the YAML or with --{missing[0]} ...)")
+        dotlist = [_keep_text(schema, item) for item in parse_overrides(overrides)]
+        config = _merge(config, OmegaConf.from_dotlist(dotlist), "")
     try:
         OmegaConf.resolve(config)
     except OmegaConfBaseException as error:
         raise ConfigError(f"cannot resolve config: {first_line(error)}") from None
+    _check_values(config, schema, "")
+    missing = sorted(OmegaConf.missing_keys(config))
+    if missing:
+        raise ConfigError(f"config key {missing[0]!r} needs a value (set it in the YAML or with --{missing[0]} ...)")
     return config
 
 
@@ -98,8 +100,22 @@ def read_section(path: str | Path, key: str, schema: type) -> Any:
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path} has no {key!r} section")
     config = _merge(OmegaConf.structured(schema), node, f"in {path}, section {key!r}: ")
-    _check_values(config, schema, key + ".")
+    try:
+        _check_values(config, schema, key + ".")
+    except ConfigError as error:
+        raise ConfigError(f"in {path}: {error}") from None
     return to_dataclass(config)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b": value}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def to_dataclass(config: DictConfig) -> Any:
@@ -115,6 +131,8 @@ def read_yaml(path: str | Path, _children: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"config file not found: {path}{where}")
     try:
         loaded = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not a UTF-8 text file ({error.reason})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {first_line(error)}") from None
     if loaded is None:
@@ -148,6 +166,20 @@ def _merge(config: DictConfig, update: DictConfig, where: str) -> DictConfig:
         raise ConfigError(f"{where}{key}{first_line(error)}") from None
     except OmegaConfBaseException as error:
         raise ConfigError(f"{where}invalid config: {first_line(error)}") from None
+
+
+def _keep_text(schema: type, item: str) -> str:
+    """``key=value`` with the value quoted when ``key`` is a text field: on the command line a path or a name
+    is the text typed (``--data.store 0777`` stays ``"0777"``, not YAML's 511), ``null`` aside."""
+    key, _, value = item.partition("=")
+    kind: Any = schema
+    for part in key.split("."):
+        hints = typing.get_type_hints(kind) if dataclasses.is_dataclass(kind) else {}
+        kind = hints.get(part)
+    text_field = kind is str or (typing.get_args(kind) and set(typing.get_args(kind)) == {str, type(None)})
+    if not text_field or value in ("null", "~") or (value[:1] in "'\"" and value[-1:] == value[:1] and len(value) > 1):
+        return item
+    return f"{key}='" + value.replace("'", "''") + "'"
 
 
 def _check_values(config: DictConfig, schema: type, prefix: str) -> None:

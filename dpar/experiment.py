@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import read_section
+from .config import flatten, load_config, read_section, save_config
 from .errors import UserError, first_line
 from .fileio import atomic_write_text, umask
 from .models import ModelConfig, create_model
@@ -68,10 +69,13 @@ def new_experiment_dir(root: str | Path, config_name: str, prod: bool, now: date
 
 
 def latest_experiment_dir(root: str | Path, config_name: str, prod: bool) -> Path | None:
-    """The most recent run of ``config_name`` (prod or scratch) that has a checkpoint, if any."""
+    """The most recent run of ``config_name`` (prod or scratch) that has a checkpoint, if any (older runs are
+    not opened: a damaged one blocks nothing)."""
     parent = Path(root) / config_name if prod else Path(root) / SCRATCH / config_name
-    runs = sorted(p for p in parent.glob("*") if p.is_dir() and resume_checkpoint(p) is not None)
-    return runs[-1] if runs else None
+    for run in sorted((p for p in parent.glob("*") if p.is_dir()), reverse=True):
+        if resume_checkpoint(run) is not None:
+            return run
+    return None
 
 
 def resolve_run(root: str | Path, config_name: str, prod: bool, resume: str | None) -> tuple[Path, Path | None]:
@@ -268,13 +272,32 @@ def append_metrics(experiment_dir: str | Path, record: dict[str, Any]) -> None:
 
 
 def truncate_metrics(experiment_dir: str | Path, step: int) -> None:
-    """Drop the records logged after ``step`` (by a killed run, past its last checkpoint), so that a resumed
-    run's ``metrics.jsonl`` reads as one uninterrupted run. Every trainer calls it when it (re)starts."""
+    """Drop the records logged after ``step`` (by a killed run, past its last checkpoint) and any line a kill
+    cut short, so that a resumed run's ``metrics.jsonl`` reads as one uninterrupted run. Every trainer calls
+    it when it (re)starts."""
     path = Path(experiment_dir) / METRICS_FILE
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
         atomic_write_text(path, "".join(kept))
+
+
+def write_run_config(config: DictConfig, experiment: Path, resuming: bool, resumable_keys: set[str]) -> None:
+    """Save a run's resolved ``config.yaml``; a resumed run may change only ``resumable_keys`` (dotted)."""
+    path = experiment / CONFIG_FILE
+    if resuming and path.is_file():
+        saved = flatten(OmegaConf.to_container(load_config(OmegaConf.get_type(config), path), resolve=True))
+        for key, value in flatten(OmegaConf.to_container(config, resolve=True)).items():
+            if key not in resumable_keys and saved.get(key) != value:
+                raise UserError(f"{path} was started with {key}={saved.get(key)!r}, this run has {value!r}; resume "
+                                "with the same settings or start a new run (e.g. another --train.experiment_name)")
+    save_config(config, path)
 
 
 def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = None):

@@ -2,6 +2,7 @@
 with the umask's permissions like ``open()``, and output paths checked before any work."""
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from contextlib import contextmanager
@@ -67,6 +68,29 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
         raise UserError(f"{what} {path} must be a file, but it is a folder")
     check_output_dir(path.parent, f"the folder of {what}")
     return path
+
+
+_HELD: dict[str, int] = {}  # folder -> descriptor of the locks this process holds
+
+
+def lock_folder(folder: str | os.PathLike, what: str, shared: bool = False) -> int:
+    """Take an advisory lock on ``folder`` for the rest of this process's life: exclusive, or ``shared`` for
+    the helpers of a run whose main process holds it (see :class:`dpar.sampling.SampleChunks`). A folder that
+    another live process has locked is one :class:`UserError` line: two runs never write the same output.
+    Runs one after another in one process (a script's ``main`` called twice) take the lock over. Returns the
+    descriptor the lock lives on. Linux/macOS (flock)."""
+    key = os.path.realpath(folder)
+    if key in _HELD:  # this process's earlier run of the same output has ended
+        os.close(_HELD.pop(key))
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another run is writing {folder} ({what}); wait for it or stop all of its processes "
+                        "first") from None
+    _HELD[key] = fd
+    return fd
 
 
 def _glob_escape(name: str) -> str:

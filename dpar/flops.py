@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = count(args.model, args.image_size, args.tokens_per_patch)
     except ValueError as error:
-        raise UserError(str(error)) from None
+        raise UserError(f"--image-size / --tokens-per-patch: {error}") from None
     if args.json:
         print(json.dumps(result))
     else:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import shutil
 import zipfile
 import zlib
@@ -39,8 +38,8 @@ from tokenizer.vq_model import load_vq
 from .config import read_section, read_yaml
 from .data.store import file_sha256, read_meta
 from .demo import DEMO_RUN
-from .errors import UserError
-from .fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file
+from .errors import UserError, first_line
+from .fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file, lock_folder
 from .experiment import CONFIG_FILE, EMA_FILE, MODEL_FILE, list_checkpoints, load_trained_model
 from .models import DPAR, ModelConfig, is_dpar
 from .patcher import PatcherConfig, logits_entropy, next_patch_start
@@ -286,6 +285,8 @@ class Sampler:
         patcher, entropy_model = None, None
         if is_dpar(model_config.gpt_model):
             patcher = read_section(config_path, "patcher", PatcherConfig)
+            if threshold is not None and patcher.mode != "entropy":
+                raise UserError(f"--threshold changes entropy patching; {experiment} patches in {patcher.mode} mode")
             if threshold is not None:
                 patcher = replace(patcher, threshold=threshold)
             if max_patch_length is not None:
@@ -307,6 +308,12 @@ class Sampler:
     @property
     def grid(self) -> int:
         return self.model_config.image_size // self.model_config.downsample_size
+
+    def check(self, sampling: SamplingConfig) -> None:
+        """Refuse, before any output, sampling this model cannot do: guidance without a null class."""
+        if sampling.cfg_scale != 1.0 and self.model_config.class_dropout_prob == 0:
+            raise UserError(f"--cfg-scale {sampling.cfg_scale}: the model was trained with model.class_dropout_prob "
+                            "0, so it has no null class for guidance; use --cfg-scale 1.0")
 
     def sample(self, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig, progress: bool = False,
                image_size: int | None = None) -> tuple[Tensor, Generation]:
@@ -350,7 +357,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_scale: float = 1
                         help="keep the most likely tokens holding this probability, in (0, 1] (1 = all)")
     parser.add_argument("--temperature", type=field_type(SamplingConfig, "temperature"), default=1.0,
                         help=">= 0; 0 = greedy")
-    parser.add_argument("--seed", type=number(int, min=0), default=0)
+    parser.add_argument("--seed", type=number(int, min=0, max=2**31 - 1), default=0)
     parser.add_argument("--threshold", type=field_type(PatcherConfig, "threshold"), default=None,
                         help="DPAR: entropy threshold at inference (default: the trained one; paper Table 6)")
     parser.add_argument("--max-patch-length", type=number(int, min=0), default=None,
@@ -411,6 +418,8 @@ class SampleChunks:
         if not self.npz_path.exists():
             return False
         recorded = _recorded_job(self.npz_path, self.JOB_KEY)
+        if zipfile.ZipFile(self.npz_path).testzip() is not None:  # reads it all: a bad CRC is not "done"
+            raise UserError(f"{self.npz_path} is damaged (bad CRC); delete it and rerun")
         changed = [key for key in self.job if recorded.get(key) != self.job[key]]
         if changed:
             key = changed[0]
@@ -425,24 +434,21 @@ class SampleChunks:
         job = {**self.job, "chunk": self.chunk}
         job_file = self.parts / "job.json"
         if main_process:
-            if job_file.is_file():
-                previous = json.loads(job_file.read_text())
+            if job_file.is_file() and any(self.parts.glob("chunk_*.npy")):  # parts with no chunk block nothing
+                try:
+                    previous = json.loads(job_file.read_text())
+                except (OSError, ValueError):
+                    raise UserError(f"{job_file} is damaged; delete {self.parts} to start over") from None
                 changed = [k for k in job if previous.get(k) != job[k]]
                 if changed:
                     raise UserError(f"{self.parts} holds an unfinished run with {changed[0]}="
                                     f"{previous.get(changed[0])!r}; this run has {job[changed[0]]!r} (delete the "
                                     "folder to start over)")
             self.parts.mkdir(parents=True, exist_ok=True)
-        self._lock = os.open(self.parts, os.O_RDONLY)
-        try:
-            fcntl.flock(self._lock, (fcntl.LOCK_EX if main_process else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock)
-            raise UserError(f"another sampling run is writing {self.parts}; wait for it or stop it (all of its "
-                            "processes) first") from None
+        self._lock = lock_folder(self.parts, "a sampling run", shared=not main_process)
         if main_process:
             fcntl.flock(self._lock, fcntl.LOCK_SH)  # others of this run may now join
-            if not job_file.is_file():
+            if not job_file.is_file() or not any(self.parts.glob("chunk_*.npy")):
                 atomic_write_text(job_file, json.dumps(job, indent=1) + "\n")
 
     def file(self, k: int) -> Path:
@@ -454,6 +460,15 @@ class SampleChunks:
     def indices(self, k: int) -> Tensor:
         return torch.arange(k * self.chunk, min((k + 1) * self.chunk, self.num_samples))
 
+    def _chunk(self, k: int) -> np.ndarray:
+        """Chunk ``k``; a damaged one is removed, so that the rerun samples it again."""
+        try:
+            return np.load(self.file(k), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            self.file(k).unlink(missing_ok=True)
+            raise UserError(f"{self.file(k)} was damaged ({first_line(error)}) and is removed; rerun the same "
+                            "command to sample it again") from None
+
     def write(self, k: int, images: np.ndarray) -> None:
         with atomic_path(self.file(k)) as tmp, open(tmp, "wb") as f:
             np.save(f, images)
@@ -464,7 +479,7 @@ class SampleChunks:
         missing = [k for k in range(self.count) if not self.file(k).is_file()]
         if missing:
             raise UserError(f"{self.parts} lacks chunk {missing[0]}; rerun the same command to finish it")
-        images = np.concatenate([np.load(self.file(k)) for k in range(self.count)])
+        images = np.concatenate([self._chunk(k) for k in range(self.count)])
         with atomic_path(self.npz_path) as tmp, open(tmp, "wb") as f:
             np.savez(f, arr_0=images, **{self.JOB_KEY: np.array(json.dumps(self.job, sort_keys=True))})
         shutil.rmtree(self.parts)

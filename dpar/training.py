@@ -25,7 +25,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Callable, ContextManager
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -34,15 +34,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import load_config, save_config
+from .config import flatten
 from .data.dataset import PackedBatch, PackedCollate, StepBatches, TokenDataset
 from .data.store import TokenStore, file_sha256
 from .errors import UserError
-from .fileio import check_output_dir
+from .fileio import check_output_dir, lock_folder
 from .launch import make_accelerator
-from .experiment import (CONFIG_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, append_metrics, experiment_of,
-                         load_model_weights, load_torch_file, resolve_run, save_checkpoint, save_step_checkpoint,
-                         truncate_metrics)
+from .experiment import (CONFIG_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, append_metrics, checkpoint_step,
+                         experiment_of, load_model_weights, load_torch_file, resolve_run, save_checkpoint,
+                         save_step_checkpoint, truncate_metrics, write_run_config)
 from .flops import count
 from .models import ModelConfig, create_model, is_dpar
 from .patcher import PatcherConfig
@@ -52,7 +52,7 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> module
 # Keys a resumed run may change; any other difference from the run's config.yaml is refused.
 RESUMABLE_KEYS = {"train.epochs", "train.max_steps", "train.log_every", "train.val_every", "train.ckpt_every",
                   "train.ckpt_every_steps", "train.keep_last", "train.keep_every", "train.trackers",
-                  "train.compile", "train.max_device_batch_size", "data.num_workers"}
+                  "train.compile", "train.max_device_batch_size", "data.num_workers", "train.results_dir"}
 
 
 @dataclass
@@ -101,7 +101,7 @@ class TrainConfig:
     ema_decay: float = ranged(0.9999, min=0, lt=1)
     # torch.compile the model (CUDA; the first steps are slow while it compiles).
     compile: bool = False
-    global_seed: int = ranged(0, min=0)
+    global_seed: int = ranged(0, min=0, max=2**31 - 1)
     # log loss and throughput every N steps (metrics.jsonl, progress bar, trackers).
     log_every: int = ranged(100, min=1)
     # validation NLL every N epochs (needs data.val_store or data.val_holdout).
@@ -259,14 +259,23 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.num_workers = data.num_workers
 
+        torch.manual_seed(cfg.global_seed)
+        try:  # before the run dir is touched: a config the model refuses leaves nothing behind
+            model = create_model(model_config)
+        except ValueError as error:
+            raise UserError(str(error)) from None
         run = [resolve_run(cfg.results_dir, run_name, prod, resume)] if acc.is_main_process else [None]
         self.experiment, resume_from = broadcast_object_list(run)[0]
         if acc.is_main_process:
-            _write_config(config, self.experiment, resume_from is not None)
+            if resume_from is not None and checkpoint_step(resume_from) >= self.total_steps:
+                raise UserError(f"{self.experiment} is already at step {checkpoint_step(resume_from)}; train.epochs "
+                                f"{cfg.epochs} / train.max_steps {cfg.max_steps} end at step {self.total_steps}: "
+                                "raise them to train on")
+            self.experiment.mkdir(parents=True, exist_ok=True)
+            lock_folder(self.experiment, "a training run")
+            write_run_config(config, self.experiment, resume_from is not None, RESUMABLE_KEYS)
         acc.wait_for_everyone()
-
-        torch.manual_seed(cfg.global_seed)
-        model = create_model(model_config).to(self.device)
+        model = model.to(self.device)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema else None
         optimizer = build_optimizer(model, cfg, fused=self.device.type == "cuda")
         warmup = cfg.warmup_steps
@@ -283,7 +292,7 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         if cfg.trackers:
             acc.project_configuration.logging_dir = str(self.experiment / "logs")
-            flat = _flat(OmegaConf.to_container(config, resolve=True))
+            flat = flatten(OmegaConf.to_container(config, resolve=True))
             acc.init_trackers(run_name, config={k: v if isinstance(v, (bool, int, float, str)) else str(v)
                                                 for k, v in flat.items()})
         self._reset_interval()
@@ -481,28 +490,6 @@ def _datasets(store: TokenStore, data: DataConfig, model: ModelConfig, entropies
     if data.val_holdout:
         val = TokenDataset(store, entropies, images=range(len(train_images), len(store)), view=0)
     return TokenDataset(store, entropies, seed, images=train_images), val
-
-
-def _write_config(config: DictConfig, experiment: Path, resuming: bool) -> None:
-    """Save the resolved config; a resumed run may change only :data:`RESUMABLE_KEYS`."""
-    path = experiment / CONFIG_FILE
-    if resuming and path.is_file():
-        saved = _flat(OmegaConf.to_container(load_config(OmegaConf.get_type(config), path), resolve=True))
-        for key, value in _flat(OmegaConf.to_container(config, resolve=True)).items():
-            if key not in RESUMABLE_KEYS and saved.get(key) != value:
-                raise UserError(f"{path} was started with {key}={saved.get(key)!r}, this run has {value!r}; resume "
-                                "with the same settings or start a new run (e.g. another --train.experiment_name)")
-    save_config(config, path)
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _check_trackers(trackers: list[str]) -> None:

@@ -71,6 +71,12 @@ def problem(value: Any, metadata: dict) -> str | None:
         hint = " (YAML reads yes/no/on/off/true/false as a boolean)" if value in ("True", "False") else ""
         return f"must be one of: {', '.join(map(str, choices))}; got {value!r}{hint}"
     rule = metadata.get("range")
+    if rule is not None and isinstance(value, Sequence) and not isinstance(value, str):  # each within the range
+        if not value:
+            return f"must be a non-empty list of numbers {rule.describe()}; got []"
+        issues = [problem(item, metadata) for item in value]
+        bad = next((issue for issue in issues if issue), None)
+        return None if bad is None else f"{bad.split('; got')[0]} in every entry; got {list(value)!r}"
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be {rule.describe() if rule else 'a finite number'}; got {value!r}"
     if rule is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and not rule.allows(value):

@@ -23,7 +23,7 @@ from dpar import demo, experiment
 from dpar.data import stats
 from dpar.data.store import TokenStore, shard_file
 from dpar.errors import UserError, one_line
-from dpar.fileio import atomic_write_text
+from dpar.fileio import atomic_write_text, lock_folder
 from dpar.sampling import SampleChunks, SamplingConfig, sample_from_logits
 from evaluations.c2i import evaluator
 from tests.helpers import ROOT, write_token_store
@@ -71,7 +71,7 @@ CASES = [
     ("threshold_nan", train_global_model, [*TINY_GLOBAL, "--patcher.threshold", "nan"],
      "'patcher.threshold' must be a finite number; got nan"),
     ("mixed_precision_yes", train_global_model, [*TINY_GLOBAL, "--train.mixed_precision", "yes"],
-     "'train.mixed_precision' must be one of: no, bf16; got 'True' (YAML reads"),
+     "'train.mixed_precision' must be one of: no, bf16; got 'yes'"),
     ("results_dir_file", train_global_model, [*TINY_GLOBAL, "--train.results_dir", "{file}", "--data.store", "{store}"],
      "train.results_dir {file} must be a folder, but it is a file"),
     ("results_dir_under_file", train_global_model,
@@ -136,6 +136,21 @@ CASES = [
       "--train.experiment_name", "../escape"], "train.experiment_name '../escape' must be a plain folder name"),
     ("eval_weights_empty", evaluator, ["{batch}", "{batch}", "--inception-weights", "{empty}"],
      "cannot read {empty} as pt_inception"),
+    ("eval_sample_missing", evaluator, ["{batch}", "{out}/none.npz", "--inception-weights", "{empty}"],
+     "batch file not found: {out}/none.npz"),  # before any reference features (none written next to {batch})
+    ("ch_mult", train_vq, ["--config", "configs/tokenizer/vq_tiny.yaml", "--model.ch_mult", "[1,0]"],
+     "'model.ch_mult' must be >= 1 in every entry; got [1, 0]"),
+    ("global_seed", train_global_model, [*TINY_GLOBAL, "--train.global_seed", "9223372036854775807"],
+     "'train.global_seed' must be in [0, 2147483647]"),
+    ("seed_flag", sample_c2i, ["--seed", "99999999999999999999", "--output-dir", "{out}"],
+     "argument --seed: must be in [0, 2147483647]"),
+    ("interpolation", train_global_model, [*TINY_GLOBAL, "--train.lr", "${{train.foo}}"],
+     "cannot resolve config: Interpolation key 'train.foo' not found"),
+    ("vq_ckpt_gpt", sample_c2i, ["--vq-ckpt", str(GPT_CKPT), "--output-dir", "{out}"],
+     "is a GPT-tiny run's checkpoint, not a tokenizer's"),
+    ("entropy_other_tokenizer", preprocess_tokens, ["--stage", "entropies", "--store", "{store}",
+                                                    "--entropy-model-checkpoint", str(ENTROPY_CKPT), "--overwrite"],
+     "was trained on the tokens of another tokenizer"),
 ]
 
 
@@ -183,6 +198,15 @@ def test_yaml_booleans_keep_their_documented_spelling(tmp_path, where):
     else:
         config = load_config(TrainGlobalConfig, None, ["--train.mixed_precision", "no"])
     assert config.train.mixed_precision == "no"
+
+
+def test_text_given_on_the_command_line_stays_text():
+    from dpar.config import load_config
+    from train_global_model import TrainGlobalConfig
+    config = load_config(TrainGlobalConfig, None, ["--data.store", "0777", "--train.experiment_name", "no",
+                                                   "--data.tokenizer_checkpoint", "1e3", "--data.val_store", "null"])
+    assert (config.data.store, config.train.experiment_name) == ("0777", "no")  # not YAML's 511 and False
+    assert config.data.tokenizer_checkpoint == "1e3" and config.data.val_store is None
 
 
 def test_entropy_overwrite_with_the_wrong_model_keeps_the_entropies(places):
@@ -237,12 +261,11 @@ def test_evaluator_inputs_that_are_damaged_or_of_another_size(places, tmp_path):
     cut.write_bytes(bytes(data))
     with pytest.raises(UserError, match="bad_crc.npz is damaged"):
         list(evaluator.ImageBatch(cut, 2).batches(4))
-    features = evaluator.BatchFeatures(*(np.zeros(1) for _ in range(6)))
     wrong = tmp_path / "ref.npz"
     np.savez(wrong, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=np.zeros(64), sigma=np.zeros((64, 64)),
              mu_s=np.zeros(2023), sigma_s=np.zeros((2023, 2023)))
     with pytest.raises(UserError, match=r"reference statistics mu must have shape \[2048\]"):
-        evaluator.reference_statistics(wrong, features)
+        evaluator.reference_statistics(wrong)
     (tmp_path / "batch.txt").mkdir()  # where the report would go
     (tmp_path / "batch.npz").write_bytes(places["batch"].read_bytes())
     with pytest.raises(UserError, match="the report of sample_batch .*batch.txt must be a file, but it is a folder"):
@@ -269,8 +292,8 @@ def test_an_unusable_feature_cache_is_recomputed(places, tmp_path):
     calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluator, "compute_features", lambda *a: calls.append(1) or computed)
-        evaluator.batch_features(batch, lambda: None, "w", 4, "cpu", minimum=2)
-        evaluator.batch_features(batch, lambda: None, "w", 4, "cpu", minimum=2)
+        evaluator.batch_features(evaluator.ImageBatch(batch, 2), lambda: None, "w", 4, "cpu")
+        evaluator.batch_features(evaluator.ImageBatch(batch, 2), lambda: None, "w", 4, "cpu")
     assert calls == [1]  # the damaged cache was replaced, and the new one is used
 
 
@@ -303,11 +326,25 @@ def test_finished_samples_clean_up_the_parts_a_kill_left(tmp_path):
     assert SampleChunks(npz, 2, 1, {"seed": 0}).finished() and not chunks.parts.exists()
 
 
-def test_a_second_writer_of_the_same_samples_is_refused(tmp_path):
-    first = SampleChunks(tmp_path / "s.npz", 4, 2, {"seed": 0})
-    first.start(main_process=True)
-    with pytest.raises(UserError, match="another sampling run is writing"):
-        SampleChunks(tmp_path / "s.npz", 4, 2, {"seed": 0}).start(main_process=True)
+@pytest.mark.parametrize("folder", ["s.parts", "run"])
+def test_a_second_writer_of_the_same_output_is_refused_while_the_first_lives(tmp_path, folder):
+    """The lock a sampling run holds on its parts folder, a trainer on its run folder (dpar.fileio.lock_folder)."""
+    (tmp_path / folder).mkdir()
+    code = (f"from dpar.fileio import lock_folder; lock_folder({str(tmp_path / folder)!r}, 'x'); "
+            "print('locked', flush=True); import time; time.sleep(60)")
+    first = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"another run is writing {tmp_path / folder}"):
+            if folder == "run":  # what both trainers do to their run folder before writing config.yaml
+                lock_folder(tmp_path / folder, "a training run")
+            else:
+                SampleChunks(tmp_path / "s.npz", 4, 2, {"seed": 0}).start(main_process=True)
+    finally:
+        first.kill()
+        first.wait()
+    SampleChunks(tmp_path / "s.npz", 4, 2, {"seed": 0}).start(main_process=True)  # once it is gone: fine
 
 
 def test_a_launched_worker_dies_with_its_launcher(tmp_path):
@@ -428,3 +465,100 @@ def test_evaluation_resize_follows_llamagen_resize_then_quantise():
                                                           size=(16, 16), mode="bicubic")
     assert torch.equal(vq.codes_to_images(codes, 6, size=16), expected)
     assert not torch.equal(quantised_first.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1), expected)
+
+
+@pytest.fixture(scope="module")
+def no_null_class(tmp_path_factory):
+    """A GPT run trained with model.class_dropout_prob 0 (allowed): it has no null class for guidance."""
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from dpar.models import ModelConfig, create_model
+    root = tmp_path_factory.mktemp("no_null") / "run"
+    config = ModelConfig(gpt_model="GPT-tiny", image_size=32, downsample_size=4, vocab_size=128, num_classes=12,
+                         class_dropout_prob=0.0)
+    root.mkdir()
+    (root / "config.yaml").write_text(OmegaConf.to_yaml({"model": asdict(config), "data": {
+        "tokenizer_checkpoint": str(DEMO / "tokenizer" / "checkpoints" / "epoch_00000019" / "model.safetensors")}}))
+    experiment.save_checkpoint(root, 0, create_model(config).state_dict())
+    return root
+
+
+@pytest.mark.parametrize("module", [sample_c2i, sample_c2i_ddp])
+def test_guidance_without_a_null_class_is_refused_before_any_output(no_null_class, tmp_path, module):
+    with pytest.raises(UserError, match="--cfg-scale 2.0: the model was trained with model.class_dropout_prob 0"):
+        module.main(["--experiment_dir", str(no_null_class), "--cfg-scale", "2.0", "--output-dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_parts_folder_without_chunks_blocks_nothing(tmp_path):
+    npz = tmp_path / "s.npz"
+    npz.with_suffix(".parts").mkdir()
+    (npz.with_suffix(".parts") / "job.json").write_text('{"seed": 1, "num_samples": 99}')  # a run that died early
+    chunks = SampleChunks(npz, 2, 1, {"seed": 0})
+    chunks.start(main_process=True)
+    assert json.loads((chunks.parts / "job.json").read_text())["seed"] == 0
+
+
+def test_a_samples_npz_with_a_bad_crc_is_not_done(tmp_path):
+    npz = tmp_path / "s.npz"
+    chunks = SampleChunks(npz, 2, 2, {"seed": 0})
+    chunks.start(main_process=True)
+    chunks.write(0, np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3))
+    chunks.pack()
+    data = bytearray(npz.read_bytes())
+    member = zipfile.ZipFile(npz).getinfo("arr_0.npy")
+    data[member.header_offset + 30 + len(member.filename) + 150] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="is damaged \\(bad CRC\\)"):
+        SampleChunks(npz, 2, 2, {"seed": 0}).finished()
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    experiment.truncate_metrics(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_resuming_past_the_end_is_refused_before_the_config_changes(places, tmp_path):
+    args = [*TINY_GLOBAL, "--data.store", str(places["store"]), "--train.results_dir", str(tmp_path),
+            "--data.val_holdout", "0", "--train.global_batch_size", "8",
+            "--patcher.entropy_model_checkpoint", str(ENTROPY_CKPT)]
+    run = train_global_model.main([*args, "--train.epochs", "2"]) or next(tmp_path.glob("scratch/*/*"))
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(UserError, match="is already at step 6; train.epochs 1 / train.max_steps None end at step 3"):
+        train_global_model.main([*args, "--train.epochs", "1", "--resume", str(run)])
+    assert (run / "config.yaml").read_text() == saved
+
+
+def test_synthetic_images_of_another_size_or_seed_are_not_mixed(tmp_path):
+    from dpar.data.synthetic import write_image_folder
+    write_image_folder(tmp_path / "s", 4, 16)
+    write_image_folder(tmp_path / "s", 6, 16)  # the same images, continued
+    with pytest.raises(UserError, match="made with {'image_size': 16, 'seed': 0}, this run asks for {'image_size': 32"):
+        write_image_folder(tmp_path / "s", 8, 32)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "photo.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="holds files that are not synthetic images"):
+        write_image_folder(tmp_path / "mine", 2, 16)
+
+
+def test_a_store_meta_that_is_not_a_store_is_named(tmp_path):
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(UserError, match="is not a token store's meta.json"):
+        TokenStore(tmp_path)
+
+
+def test_a_reference_in_a_read_only_folder_is_evaluated_without_its_cache(places, tmp_path):
+    computed = evaluator.BatchFeatures(np.zeros((6, 2048)), np.zeros((6, 1008)), np.zeros(2048),
+                                       np.zeros((2048, 2048)), np.zeros(2023), np.zeros((2023, 2023)))
+
+    def read_only(path):
+        raise OSError(30, "Read-only file system")
+
+    with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning, match="cannot cache the features"):
+        patch.setattr(evaluator, "compute_features", lambda *a: computed)
+        patch.setattr(evaluator, "atomic_path", read_only)
+        assert evaluator.batch_features(evaluator.ImageBatch(places["batch"], 2), lambda: None, "w", 4, "cpu") \
+            is computed

@@ -192,18 +192,19 @@ def test_evaluator_end_to_end_with_random_weights(batches, capsys):
     def no_network():
         raise AssertionError("the cached features should have been used")
     weights_id = file_sha256(batches / "inception.pth")
-    cached = evaluator.batch_features(batches / "sample.npz", no_network, weights_id, 4, "cpu", 2)
+    cached = evaluator.batch_features(evaluator.ImageBatch(batches / "sample.npz", 2), no_network, weights_id, 4, "cpu")
     assert cached.pool.shape == (5, 2048) and cached.mu_s.shape == (17 * 17 * 7,)
     assert np.allclose(cached.mu, cached.pool.mean(0))  # (a second evaluate() would redo two 2048^2 sqrtm: ~30 s)
 
 
 def test_reference_statistics_stored_in_the_file_are_used(batches):
     weights = batches / "inception.pth"
-    features = evaluator.batch_features(batches / "ref.npz", lambda: FIDInceptionV3.from_file(weights),
-                                        file_sha256(weights), 4, "cpu", 2)  # cached by the end-to-end test
+    features = evaluator.batch_features(evaluator.ImageBatch(batches / "ref.npz", 2),
+                                        lambda: FIDInceptionV3.from_file(weights), file_sha256(weights), 4,
+                                        "cpu")  # cached by the end-to-end test
     np.savez(batches / "virtual.npz", arr_0=np.load(batches / "ref.npz")["arr_0"], mu=np.zeros(2048),
              sigma=np.eye(2048), mu_s=np.ones(2023), sigma_s=np.eye(2023))
-    stats = evaluator.reference_statistics(batches / "virtual.npz", features)
+    stats = evaluator.with_reference_statistics(features, evaluator.reference_statistics(batches / "virtual.npz"))
     assert (stats.mu == 0).all() and (stats.mu_s == 1).all() and stats.pool is features.pool
 
 

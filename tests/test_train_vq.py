@@ -60,7 +60,7 @@ def test_resume_equals_an_uninterrupted_run(images, tmp_path):
 
 def test_resume_refuses_another_architecture(images, tmp_path):
     run = train(images, tmp_path, "train.epochs=1")
-    with pytest.raises(UserError, match="different tokenizer"):
+    with pytest.raises(UserError, match="was started with model.ch=16, this run has 8"):
         train_vq.main(TINY + [f"data.data_path={images}", f"train.results_dir={tmp_path}", "model.ch=8",
                               "model.norm_groups=4", "--resume", str(run)])
 

@@ -22,12 +22,12 @@ from omegaconf import MISSING
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dpar.config import parse_cli, read_section, save_config, to_dataclass
+from dpar.config import parse_cli, to_dataclass
 from dpar.data.images import EpochPermutation, RandomCropImages, list_images
-from dpar.errors import ArgumentParser, UserError, run_main
-from dpar.experiment import (CONFIG_FILE, STATE_FILE, add_run_arguments, append_metrics, load_model_weights,
-                             load_torch_file, resolve_run, save_checkpoint, truncate_metrics)
-from dpar.fileio import check_output_dir
+from dpar.errors import ArgumentParser, UserError, first_line, run_main
+from dpar.experiment import (STATE_FILE, add_run_arguments, append_metrics, load_model_weights, load_torch_file,
+                             resolve_run, save_checkpoint, truncate_metrics, write_run_config)
+from dpar.fileio import check_output_dir, lock_folder
 from dpar.launch import make_accelerator
 from dpar.validation import choice, ranged
 from dpar.visual import image_grid, save_png
@@ -35,6 +35,11 @@ from tokenizer.lpips import LPIPS
 from tokenizer.transforms import center_crop_arr, open_rgb
 from tokenizer.vq_loss import VQLoss, VQLossConfig
 from tokenizer.vq_model import VQConfig, create_vq, uint8_to_unit, unit_to_uint8
+
+
+# what a resumed run may change; anything else (architecture, data, batch, optimizer) it must keep
+RESUMABLE_KEYS = {"train.epochs", "train.log_every", "train.recon_every", "train.ckpt_every", "train.keep_last",
+                  "train.keep_every", "data.num_workers", "train.results_dir"}
 
 
 @dataclass
@@ -54,7 +59,7 @@ class VQTrainConfig:
     beta2: float = ranged(0.95, min=0, lt=1)
     max_grad_norm: float = ranged(1.0, gt=0)
     mixed_precision: str = choice("bf16", ("no", "bf16"))
-    global_seed: int = ranged(0, min=0)
+    global_seed: int = ranged(0, min=0, max=2**31 - 1)
     log_every: int = ranged(100, min=1)
     recon_every: int = ranged(1, min=1)
     ckpt_every: int = ranged(1, min=1)
@@ -90,17 +95,21 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{cfg.data.data_path} has {len(paths)} images, fewer than "
                         f"train.global_batch_size={cfg.train.global_batch_size}")
     config_name = Path(args.config).stem if args.config else "vq"
+    torch.manual_seed(cfg.train.global_seed)
+    try:  # every model and loss check before the run dir is touched
+        model = create_vq(cfg.model)
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"model: {first_line(error)}") from None
+    perceptual = (LPIPS.from_files(cfg.loss.lpips_weights, cfg.loss.vgg16_weights)
+                  if cfg.loss.lpips_weights else None)
+    loss_fn = VQLoss(cfg.loss, perceptual)
     run = [resolve_run(cfg.train.results_dir, config_name, args.prod, args.resume)] if accelerator.is_main_process \
         else [None]
     experiment, resume_from = broadcast_object_list(run)[0]
     if accelerator.is_main_process:
-        _write_config(config, experiment, cfg.model)
-
-    torch.manual_seed(cfg.train.global_seed)
-    model = create_vq(cfg.model)
-    perceptual = (LPIPS.from_files(cfg.loss.lpips_weights, cfg.loss.vgg16_weights)
-                  if cfg.loss.lpips_weights else None)
-    loss_fn = VQLoss(cfg.loss, perceptual)
+        experiment.mkdir(parents=True, exist_ok=True)
+        lock_folder(experiment, "a tokenizer training run")
+        write_run_config(config, experiment, resume_from is not None, RESUMABLE_KEYS)
     betas = (cfg.train.beta1, cfg.train.beta2)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=betas)
     disc_optimizer = (torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.train.lr, betas=betas)
@@ -197,14 +206,6 @@ def main(argv: list[str] | None = None) -> None:
                                 cfg.train.keep_last, cfg.train.keep_every)
         accelerator.wait_for_everyone()
     accelerator.print(f"done: {experiment}")
-
-
-def _write_config(config, experiment: Path, model: VQConfig) -> None:
-    """Save the resolved config; a resumed run must keep the tokenizer architecture it started with."""
-    path = experiment / CONFIG_FILE
-    if path.is_file() and read_section(path, "model", VQConfig) != model:
-        raise UserError(f"{path} describes a different tokenizer (model section); start a new run instead")
-    save_config(config, path)
 
 
 def _preview_images(paths: list[Path], image_size: int, count: int = 8) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpar.config import read_section
+from dpar.config import read_section, read_yaml
 from dpar.errors import UserError
 from dpar.experiment import CONFIG_FILE, experiment_of, load_model_weights
 from dpar.validation import choice, ranged
@@ -374,7 +374,7 @@ class VQConfig:
     codebook_size: int = ranged(16384, min=2)
     codebook_embed_dim: int = ranged(8, min=1)
     ch: int = ranged(128, min=1)
-    ch_mult: Optional[list[int]] = None
+    ch_mult: Optional[list[int]] = ranged(None, min=1)
     z_channels: int = ranged(256, min=1)
     num_res_blocks: int = ranged(2, min=1)
     norm_groups: int = ranged(32, min=1)
@@ -406,6 +406,9 @@ def load_vq(checkpoint: str | Path, config: VQConfig | None = None) -> VQModel:
     if config is None:
         experiment = experiment_of(checkpoint)
         run_config = experiment / CONFIG_FILE if experiment else None
+        if run_config and run_config.is_file() and "gpt_model" in (read_yaml(run_config).get("model") or {}):
+            raise UserError(f"{checkpoint} is a {read_yaml(run_config).model.gpt_model} run's checkpoint, not a "
+                            "tokenizer's")
         config = read_section(run_config, "model", VQConfig) if run_config and run_config.is_file() else VQConfig()
     model = create_vq(config)
     load_model_weights(model, checkpoint)

@@ -49,9 +49,13 @@ def read_meta(store: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is not valid JSON ({error}); delete the store and preprocess again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tokens"), dict) or "grid" not in meta:
+        raise UserError(f"{path} is not a token store's meta.json (no 'tokens' record or 'grid'); delete the store "
+                        "and preprocess again")
+    return meta
 
 
 def file_sha256(path: str | Path, length: int = 16) -> str:

@@ -14,13 +14,14 @@ writes an ImageFolder (``<output>/<NN>_<class>/<index>.png``) that goes through 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from dpar.errors import ArgumentParser, run_main
-from dpar.fileio import check_output_dir
+from dpar.errors import ArgumentParser, UserError, run_main
+from dpar.fileio import atomic_write_text, check_output_dir
 from dpar.validation import number
 from dpar.visual import save_png
 
@@ -29,6 +30,9 @@ PALETTE = np.array([(230, 25, 75), (245, 130, 48), (255, 225, 25), (60, 180, 75)
                    dtype=np.float64)  # red orange yellow green cyan blue purple magenta white black grey brown
 CLASSES = ("disc", "square", "triangle", "ring", "cross", "h_stripes", "v_stripes", "checker", "diagonal",
            "target", "gradient", "dots")
+
+
+IDENTITY_FILE = ".synthetic.json"  # the size and seed of the images in a folder
 
 
 def class_folder(label: int) -> str:
@@ -103,8 +107,22 @@ def _shape(name: str, dx: np.ndarray, dy: np.ndarray, r: float, rng: np.random.G
 
 
 def write_image_folder(output: str | Path, num_images: int, image_size: int, seed: int = 0) -> Path:
-    """Write images ``0 .. num_images-1`` as PNGs in ImageFolder layout; existing files are kept."""
+    """Write images ``0 .. num_images-1`` as PNGs in ImageFolder layout; existing files are kept (a rerun
+    continues), but only in a folder of the same size and seed (recorded in ``.synthetic.json``)."""
     output = Path(output)
+    identity, marker = {"image_size": image_size, "seed": seed}, output / IDENTITY_FILE
+    if marker.is_file():
+        try:
+            recorded = json.loads(marker.read_text())
+        except ValueError:
+            recorded = None
+        if recorded != identity:
+            raise UserError(f"{output} holds synthetic images made with {recorded}, this run asks for {identity}; "
+                            "use another --output")
+    elif output.is_dir() and any(output.iterdir()):
+        raise UserError(f"{output} holds files that are not synthetic images of this module (no {IDENTITY_FILE}); "
+                        "use another --output")
+    atomic_write_text(marker, json.dumps(identity) + "\n")
     for label in range(len(CLASSES)):
         (output / class_folder(label)).mkdir(parents=True, exist_ok=True)
     for index in tqdm(range(num_images), desc="synthetic images", unit="img"):
@@ -119,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="folder to write <NN>_<class>/<index>.png into")
     parser.add_argument("--num-images", type=number(int, min=1), default=2000, help="images in all (classes take turns)")
     parser.add_argument("--image-size", type=number(int, min=8), default=64, help="side in pixels, >= 8")
-    parser.add_argument("--seed", type=number(int, min=0), default=0, help="dataset seed")
+    parser.add_argument("--seed", type=number(int, min=0, max=2**31 - 1), default=0, help="dataset seed")
     args = parser.parse_args(argv)
     check_output_dir(args.output, "--output")
     print(f"wrote {write_image_folder(args.output, args.num_images, args.image_size, args.seed)}")

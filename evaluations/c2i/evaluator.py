@@ -196,10 +196,11 @@ def compute_features(network: FIDInceptionV3, images: ImageBatch, batch_size: in
     return BatchFeatures(pool, np.concatenate(probs), mu, sigma, mu_s, sigma_s)
 
 
-def batch_features(path: Path, network_factory, weights_id: str, batch_size: int, device: str,
-                   minimum: int) -> BatchFeatures:
-    """Features of one batch file, from its cache when the file and the weights are unchanged."""
-    images = ImageBatch(path, minimum)
+def batch_features(images: ImageBatch, network_factory, weights_id: str, batch_size: int,
+                   device: str) -> BatchFeatures:
+    """Features of one batch file, from its cache when the file and the weights are unchanged. The cache is
+    best effort: a batch in a read-only folder is evaluated all the same."""
+    path = images.path
     stat = path.stat()
     key = f"{stat.st_size}-{stat.st_mtime_ns}-{weights_id}"
     cache = path.with_name(path.name + ".inception.npz")
@@ -207,8 +208,12 @@ def batch_features(path: Path, network_factory, weights_id: str, batch_size: int
     if cached is not None:
         return cached
     features = compute_features(network_factory(), images, batch_size, device)
-    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-        np.savez(f, key=key, **features.__dict__)
+    try:
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+            np.savez(f, key=key, **features.__dict__)
+    except OSError as error:
+        warnings.warn(f"cannot cache the features of {path} next to it ({error.strerror}); computing them again "
+                      "next time")
     return features
 
 
@@ -226,12 +231,13 @@ def _cached_features(cache: Path, key: str, count: int) -> BatchFeatures | None:
     return features if all(getattr(features, k).shape == v for k, v in expected.items()) else None
 
 
-def reference_statistics(path: Path, features: BatchFeatures) -> BatchFeatures:
-    """ADM's rule: a reference file's own mu/sigma/mu_s/sigma_s win over statistics computed from arr_0."""
+def reference_statistics(path: Path) -> dict[str, np.ndarray] | None:
+    """The mu/sigma/mu_s/sigma_s a reference file carries (checked against ADM's shapes), or None. ADM's
+    rule: these win over statistics computed from its arr_0."""
     try:
         with np.load(path) as stored:
             if "mu" not in stored.files:
-                return features
+                return None
             found = {key: stored[key] for key in STATS_SIZES if key in stored.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise UserError(f"{path} is damaged: {error}") from None
@@ -240,7 +246,12 @@ def reference_statistics(path: Path, features: BatchFeatures) -> BatchFeatures:
             got = list(found[key].shape) if key in found else "nothing"
             raise UserError(f"{path}: reference statistics {key} must have shape {list(shape)} (ADM's Inception "
                             f"features), got {got}")
-    return BatchFeatures(features.pool, features.probs, found["mu"], found["sigma"], found["mu_s"], found["sigma_s"])
+    return found
+
+
+def with_reference_statistics(features: BatchFeatures, stored: dict[str, np.ndarray] | None) -> BatchFeatures:
+    """``features`` with the statistics its file carries, when it carries them (ADM's rule)."""
+    return features if stored is None else BatchFeatures(features.pool, features.probs, **stored)
 
 
 def evaluate(ref: BatchFeatures, sample: BatchFeatures) -> dict[str, float]:
@@ -271,12 +282,13 @@ def main(argv: list[str] | None = None) -> None:
         return network
 
     weights_id = file_sha256(weights) if weights.is_file() else "missing"
+    ref_images, sample_images = ImageBatch(Path(args.ref_batch), 2), ImageBatch(Path(args.sample_batch), 2)
+    stored = reference_statistics(ref_images.path)  # every input checked before any Inception work
     print("computing reference batch activations...")
-    ref = batch_features(Path(args.ref_batch), network_factory, weights_id, args.batch_size, args.device, minimum=2)
-    ref = reference_statistics(Path(args.ref_batch), ref)
+    ref = with_reference_statistics(batch_features(ref_images, network_factory, weights_id, args.batch_size,
+                                                   args.device), stored)
     print("computing sample batch activations...")
-    sample = batch_features(Path(args.sample_batch), network_factory, weights_id, args.batch_size, args.device,
-                            minimum=2)
+    sample = batch_features(sample_images, network_factory, weights_id, args.batch_size, args.device)
     print("Computing evaluations...")
     results = evaluate(ref, sample)
     report = "".join(f"{name}: {value}\n" for name, value in results.items())
