@@ -17,11 +17,11 @@ from accelerate import Accelerator
 
 from dpar.data.images import list_images
 from dpar.data.preprocess import (TokenJob, entropy_shards, finish_entropies, finish_tokens, listing_hash,
-                                  next_token_entropies, start_entropies, start_store, tokenize_shards)
+                                  next_token_entropies, start_entropies, start_store, tokenize_shards,
+                                  trained_tokenizer_sha256)
 from dpar.data.store import TokenStore, file_sha256, read_meta
 from dpar.errors import ArgumentParser, UserError, run_main
-from dpar.config import read_yaml
-from dpar.experiment import CONFIG_FILE, experiment_of, load_trained_model
+from dpar.experiment import load_trained_model
 from dpar.fileio import check_output_dir
 from dpar.launch import make_accelerator
 from dpar.validation import field_type, number
@@ -31,7 +31,7 @@ from tokenizer.vq_model import VQ_models, VQConfig, load_vq
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+                            allow_abbrev=False)
     parser.add_argument("--stage", choices=("tokens", "entropies"), required=True)
     parser.add_argument("--store", required=True, help="token store directory (created by --stage tokens)")
     parser.add_argument("--batch-size", type=number(int, min=1), default=64,
@@ -103,7 +103,7 @@ def stage_entropies(args: argparse.Namespace, accelerator: Accelerator) -> None:
     if config.model_type != "uncond":  # checked before start_entropies may delete another model's entropies
         raise UserError(f"--entropy-model-checkpoint {args.entropy_model_checkpoint} is a {config.model_type} "
                         f"{config.gpt_model}; entropies come from an unconditional GPT (train_entropy_model.py)")
-    trained_on = _tokenizer_sha(args.entropy_model_checkpoint, args.entropy_model_config)
+    trained_on = trained_tokenizer_sha256(args.entropy_model_checkpoint, args.entropy_model_config)
     if trained_on is not None and trained_on != store.meta["tokenizer"]["sha256"]:
         raise UserError(f"--entropy-model-checkpoint {args.entropy_model_checkpoint} was trained on the tokens of "
                         f"another tokenizer than {store.path}'s ({store.meta['tokenizer']['checkpoint']}); its "
@@ -129,20 +129,6 @@ def stage_entropies(args: argparse.Namespace, accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         finish_entropies(store.path, read_meta(store.path))
         print(f"entropies complete for {len(store)} images x {store.views} views in {store.path}")
-
-
-def _tokenizer_sha(checkpoint: str, config_path: str | None) -> str | None:
-    """The hash of the tokenizer whose tokens an entropy model was trained on, where its run says (its
-    ``data.tokenizer_checkpoint``, else the ``meta.json`` of its ``data.store``); None when it cannot be told."""
-    experiment = experiment_of(checkpoint)
-    path = Path(config_path) if config_path else (experiment / CONFIG_FILE if experiment else None)
-    if path is None or not path.is_file():
-        return None
-    data = read_yaml(path).get("data") or {}
-    if data.get("tokenizer_checkpoint") and Path(data["tokenizer_checkpoint"]).is_file():
-        return file_sha256(data["tokenizer_checkpoint"])
-    meta = read_meta(data["store"]) if data.get("store") and Path(data["store"]).is_dir() else None
-    return meta["tokenizer"]["sha256"] if meta else None
 
 
 def main(argv: list[str] | None = None) -> None:

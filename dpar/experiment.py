@@ -109,16 +109,13 @@ def checkpoint_dir(experiment_dir: str | Path, epoch: int) -> Path:
 
 def list_checkpoints(experiment_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints as (epoch, dir), oldest first."""
-    found = []
-    for path in (Path(experiment_dir) / CHECKPOINTS).glob("epoch_*"):
-        match = _CHECKPOINT_NAME.match(path.name)
-        if match and _complete(path) is not None:
-            found.append((int(match.group(1)), _complete(path)))
-    for path in (Path(experiment_dir) / CHECKPOINTS).glob(f"epoch_*{_REPLACED}"):  # a write killed mid-swap
+    found = {}
+    for path in (Path(experiment_dir) / CHECKPOINTS).glob("epoch_*"):  # epoch_X, or epoch_X.old mid-swap
         match = _CHECKPOINT_NAME.match(path.name.removesuffix(_REPLACED))
-        if match and not path.with_suffix("").exists() and (path / MODEL_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+        complete = _complete(path.with_name(match.group(0))) if match else None
+        if complete is not None:
+            found[int(match.group(1))] = complete
+    return sorted(found.items())
 
 
 def _complete(path: Path) -> Path | None:

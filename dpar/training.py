@@ -267,8 +267,9 @@ class Trainer:
         run = [resolve_run(cfg.results_dir, run_name, prod, resume)] if acc.is_main_process else [None]
         self.experiment, resume_from = broadcast_object_list(run)[0]
         if acc.is_main_process:
-            if resume_from is not None and checkpoint_step(resume_from) >= self.total_steps:
-                raise UserError(f"{self.experiment} is already at step {checkpoint_step(resume_from)}; train.epochs "
+            done = -1 if resume_from is None else checkpoint_step(resume_from)
+            if done >= self.total_steps:
+                raise UserError(f"{self.experiment} is already at step {done}; train.epochs "
                                 f"{cfg.epochs} / train.max_steps {cfg.max_steps} end at step {self.total_steps}: "
                                 "raise them to train on")
             self.experiment.mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dpar.config import read_yaml
 from dpar.errors import UserError
+from dpar.experiment import CONFIG_FILE, experiment_of
 from dpar.fileio import atomic_write_text
 from dpar.patcher import logits_entropy
 from tokenizer.transforms import ImageError, image_views, open_rgb
 
-from .store import META_FILE, SHARDS, SKIPPED_FILE, read_meta, shard_file, write_array, write_json
+from .store import META_FILE, SHARDS, SKIPPED_FILE, file_sha256, read_meta, shard_file, write_array, write_json
 
 
 @dataclass
@@ -159,6 +161,20 @@ def entropy_shards(store: Path, shards: list[int], token_shard: Callable[[int], 
             bar.update(min(lo + batch_size, len(flat)) - lo)
         write_array(shard_file(store, "entropies", k), out.reshape(images, views, length))
     bar.close()
+
+
+def trained_tokenizer_sha256(checkpoint: str | Path, config_path: str | Path | None = None) -> str | None:
+    """The hash of the tokenizer whose tokens a model was trained on, where its run says (its
+    ``data.tokenizer_checkpoint``, else the ``meta.json`` of its ``data.store``); None when it cannot be told."""
+    experiment = experiment_of(checkpoint)
+    path = Path(config_path) if config_path else (experiment / CONFIG_FILE if experiment else None)
+    if path is None or not path.is_file():
+        return None
+    data = read_yaml(path).get("data") or {}
+    if data.get("tokenizer_checkpoint") and Path(data["tokenizer_checkpoint"]).is_file():
+        return file_sha256(data["tokenizer_checkpoint"])
+    meta = read_meta(data["store"]) if data.get("store") and Path(data["store"]).is_dir() else None
+    return meta["tokenizer"]["sha256"] if meta else None
 
 
 def finish_entropies(store: Path, meta: dict[str, Any]) -> dict[str, Any]:
