@@ -411,7 +411,7 @@ def step_cli(suite: Suite, step: StepReport) -> None:
          "--vq-ckpt", str(vq), "--image-size", str(sizes.cli_image_size), "--views", "1",
          "--num-workers", "0" if suite.smoke else "4"])
     run(["train_entropy_model.py", "--config", sizes.configs["entropy"], "--data.store", str(store),
-         "--data.val_holdout", "0", "--train.results_dir", str(runs), "--train.epochs", str(sizes.cli_epochs),
+         "--data.val_store", "null", "--data.val_holdout", "0", "--train.results_dir", str(runs), "--train.epochs", str(sizes.cli_epochs),
          "--train.ckpt_every", str(sizes.cli_epochs), *batch])
     entropy = _newest(runs, f"scratch/{Path(sizes.configs['entropy']).stem}/*/checkpoints/epoch_*/model.safetensors")
     run(["preprocess_tokens.py", "--stage", "entropies", "--store", str(store),
@@ -427,7 +427,7 @@ def step_cli(suite: Suite, step: StepReport) -> None:
     trained = {}
     for name, compile_ in (("eager", False), ("compiled", True)):
         run(["train_global_model.py", "--config", sizes.configs["global"], "--data.store", str(store),
-             "--data.val_holdout", "0", "--patcher.entropy_model_checkpoint", str(entropy),
+             "--data.val_store", "null", "--data.val_holdout", "0", "--patcher.entropy_model_checkpoint", str(entropy),
              "--patcher.threshold", threshold, "--train.results_dir", str(runs), "--train.experiment_name", name,
              "--train.epochs", str(sizes.cli_epochs), "--train.ckpt_every", str(sizes.cli_epochs),
              "--train.compile", str(compile_).lower(), *batch], "cli_compile" if compile_ else "cli")

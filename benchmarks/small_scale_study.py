@@ -1,20 +1,22 @@
-r"""The paper's patching ablations at toy scale (Table 3, Figure 1, Table 6) on the demo's synthetic tokens.
+r"""The paper's ablations at toy scale (Tables 3, 6, 9, 10 and Figure 1) on the demo's synthetic tokens.
 
     python -m dpar.demo                          # once: the token store and entropy model it reuses
-    python benchmarks/small_scale_study.py       # 5 variants x 3 seeds, then the threshold sweep
+    python benchmarks/small_scale_study.py       # 11 variants x 3 seeds, then the threshold sweep
 
-Every variant trains DGPT-tiny's depth (or GPT-tiny, for the baseline) with the same recipe, data and
-number of optimizer steps; only the patching differs:
+Every variant trains DGPT-tiny's depth (or GPT-tiny, for the baseline; width 64, head_dim 32) with the same
+recipe, data, dropout and number of optimizer steps; only what the variant names differs (``VARIANTS``):
 
-* ``dpar``: entropy threshold + cap P=4 + row break (the paper's method, Table 3 row 4);
-* ``entropy_only``: the threshold alone, no cap, no row break (Table 3 row 2);
-* ``static``: fixed patches of K tokens, K the rounded mean patch length of ``dpar`` (Table 3 row 1);
-* ``token``: DPAR's architecture with one token per patch;
-* ``gpt``: LlamaGen's token-level GPT of equal depth.
+* Table 3: ``static`` (K-token patches, K = dpar's rounded mean), ``entropy_only`` (θ alone),
+  ``entropy_cap`` (θ + P = 4), ``dpar`` (θ + P = 4 + row break, the paper's method), ``token`` (DPAR's
+  architecture, one token per patch) and ``gpt`` (LlamaGen's GPT of equal depth);
+* Table 9: the global transformer's RoPE; Table 10: encoder / decoder depth at a fixed sum;
+* the two places where this project departs from the paper's text (pooling FFN, decoder injection).
 
-Writes ``small_scale_study.md`` (tables, command, environment), ``small_scale_study.json`` (every number) and
-three PNG plots to ``--output``. Runs go to ``--runs-dir``; finished ones are reused when the study is rerun.
-A "## Findings" section that a person added to the markdown is kept when it is rewritten.
+Validation is the trainers' seeded class-stratified hold-out (``data.val_holdout``, split seed 0), the same
+images for every run; θ is calibrated on the other images (:func:`dpar.data.stats.store_threshold`).
+Writes ``small_scale_study.md`` (tables, per-class NLL, command, environment), ``small_scale_study.json``
+(every number) and PNG plots to ``--output``. Runs go to ``--runs-dir``; finished ones are reused when the
+study is rerun. A "## Findings" section that a person added to the markdown is kept when it is rewritten.
 """
 from __future__ import annotations
 
@@ -36,21 +38,46 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dpar.data.dataset import PackedCollate, TokenDataset  # noqa: E402
-from dpar.data.stats import store_threshold  # noqa: E402
+from dpar.data.splits import holdout_split  # noqa: E402
+from dpar.data.stats import calibration_images, describe_images, store_threshold  # noqa: E402
 from dpar.data.store import TokenStore  # noqa: E402
 from dpar.demo import TOKENS_PER_PATCH  # noqa: E402
-from dpar.errors import UserError, run_main  # noqa: E402
+from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.experiment import CONFIG_FILE, METRICS_FILE, checkpoint_dir, latest_checkpoint, load_trained_model  # noqa: E402
+from dpar.models import ModelConfig, is_dpar  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.training import nll_totals  # noqa: E402
+from dpar.validation import field_type, number  # noqa: E402
 
 DPAR_CONFIG = "configs/tiny/global_model_entropy_row_break.yaml"
-VARIANTS = {  # name -> (config, overrides); static's K is appended once it is known
-    "dpar": (DPAR_CONFIG, []),
-    "entropy_only": (DPAR_CONFIG, ["patcher.max_patch_length=null", "patcher.row_break=false"]),
-    "static": ("configs/tiny/global_model_static.yaml", []),
-    "token": (DPAR_CONFIG, ["patcher.mode=token"]),
-    "gpt": ("configs/tiny/gpt_baseline.yaml", []),
+# name -> (section of the report, config, overrides); static's K is appended once it is known
+VARIANTS = {
+    "static": ("Table 3", "configs/tiny/global_model_static.yaml", []),
+    "entropy_only": ("Table 3", DPAR_CONFIG, ["patcher.max_patch_length=null", "patcher.row_break=false"]),
+    "entropy_cap": ("Table 3", DPAR_CONFIG, ["patcher.row_break=false"]),
+    "dpar": ("Table 3", DPAR_CONFIG, []),
+    "token": ("Table 3", DPAR_CONFIG, ["patcher.mode=token"]),
+    "gpt": ("Table 3", "configs/tiny/gpt_baseline.yaml", []),
+    "rope_no_redundancy": ("Table 9", DPAR_CONFIG, ["model.rope=dynamic_no_redundancy"]),
+    "rope_2d": ("Table 9", DPAR_CONFIG, ["model.rope=2d"]),
+    "E2D1": ("Table 10", DPAR_CONFIG, ["model.n_enc_layer=2", "model.n_dec_layer=1"]),
+    "no_pooling_ffn": ("Deviations", DPAR_CONFIG, ["model.encoder_pooling_ffn=false"]),
+    "inject_every_block": ("Deviations", DPAR_CONFIG, ["model.decoder_injection=every_block"]),
+}
+SECTIONS = {
+    "Table 3": ("Table 3 / Figure 1: patching strategies, token-level DPAR and the GPT of equal depth",
+                "static: K-token patches, K = DPAR's rounded mean; entropy_only: θ alone; entropy_cap: θ + P = 4; "
+                "dpar: θ + P = 4 + row break (the paper's method); token: DPAR's architecture with one token per "
+                "patch; gpt: LlamaGen's GPT of equal depth (6 layers)."),
+    "Table 9": ("Table 9: RoPE of the global transformer (all with dpar's patching)",
+                "dpar is Dynamic RoPE (row, start | row, end); rope_no_redundancy encodes the row once; rope_2d is "
+                "the 2D RoPE of each patch's first token."),
+    "Table 10": ("Table 10: encoder / decoder depth at a fixed sum (E1D2 is dpar)",
+                 "The toy model has 3 token-level blocks (paper: 5 for DGPT-L, E1D4 ... E4D1)."),
+    "Deviations": ("Deviations from the paper's text (all with dpar's patching)",
+                   "no_pooling_ffn: the encoder's patch step is cross-attention only, as the paper's text and BLT; "
+                   "inject_every_block: each decoder block adds its own norm + linear of the patch vector, as the "
+                   "paper's text (this project's default adds it once, before the first block)."),
 }
 FINDINGS = "## Findings"
 
@@ -67,9 +94,9 @@ def finished_run(runs_dir: Path, name: str, epochs: int) -> Path | None:
     return done[-1] if done else None
 
 
-def matched_static_length(store: TokenStore, patcher: PatcherConfig, images: range) -> tuple[int, float]:
+def matched_static_length(store: TokenStore, patcher: PatcherConfig, images: np.ndarray) -> tuple[int, float]:
     """(K, DPAR's mean tokens per patch on ``images``, view 0): the static length matched to DPAR."""
-    entropies = torch.from_numpy(np.stack([store.entropies(i)[0] for i in images]))
+    entropies = torch.from_numpy(np.stack([store.entropies(int(i))[0] for i in images]))
     mean = entropies.numel() / float(patch_starts(patcher, entropies, store.grid).sum())
     return max(1, round(mean)), mean
 
@@ -113,56 +140,100 @@ def epoch_history(run: Path) -> list[dict]:
 
 
 def validation_set(run: Path) -> tuple[TokenStore, TokenDataset, int]:
-    """The run's held-out images (view 0, with entropies) and its micro-batch size."""
+    """The run's held-out images (the trainers' stratified draw, view 0, with entropies) and its batch size."""
     config = OmegaConf.load(run / CONFIG_FILE)
     store = TokenStore(config.data.store)
-    images = range(len(store) - config.data.val_holdout, len(store))
-    return store, TokenDataset(store, entropies=True, images=images, view=0), config.train.global_batch_size
+    held_out = holdout_split(store.labels, config.data.val_holdout, config.data.get("split_seed", 0))[1]
+    return store, TokenDataset(store, entropies=True, images=held_out, view=0), config.train.global_batch_size
 
 
-def evaluate(run: Path, patcher: PatcherConfig | None) -> tuple[float, float]:
-    """(validation NLL per token, tokens per patch) of a run's final model with ``patcher``'s boundaries."""
+def evaluate(run: Path, patcher: PatcherConfig | None, per_class: bool = False) -> dict:
+    """Validation NLL per token (nats) of a run's final model with ``patcher``'s boundaries (None: a GPT), the
+    tokens per patch they give, and (``per_class``) the NLL of each class's held-out images."""
     store, val, batch = validation_set(run)
     model, model_config = load_trained_model(latest_checkpoint(run) / "model.safetensors")
-    totals = nll_totals(model, val, PackedCollate(patcher, store.grid), batch, model_config.model_type == "c2i",
-                        progress=False)
-    if patcher is None:
-        return float(totals[0] / totals[1]), 1.0
-    entropies = torch.from_numpy(np.stack([val[i]["entropies"].numpy() for i in range(len(val))]))
-    return float(totals[0] / totals[1]), entropies.numel() / float(patch_starts(patcher, entropies, store.grid).sum())
+    collate, conditional = PackedCollate(patcher, store.grid), model_config.model_type == "c2i"
+    totals = nll_totals(model, val, collate, batch, conditional, progress=False)
+    result = {"nll": float(totals[0] / totals[1]), "tokens_per_patch": 1.0}
+    if per_class:
+        labels = store.labels[np.asarray(val.images)]
+        result["per_class"] = {}
+        for label in np.unique(labels):
+            images = np.asarray(val.images)[labels == label]
+            subset = TokenDataset(store, entropies=True, images=images, view=0)
+            class_totals = nll_totals(model, subset, collate, batch, conditional, progress=False)
+            result["per_class"][int(label)] = float(class_totals[0] / class_totals[1])
+    if patcher is not None:
+        entropies = torch.from_numpy(np.stack([val[i]["entropies"].numpy() for i in range(len(val))]))
+        result["tokens_per_patch"] = entropies.numel() / float(patch_starts(patcher, entropies, store.grid).sum())
+    return result
 
 
-def summarize(args, runs: dict[tuple[str, int], Path], static_k: int, dpar_patcher: PatcherConfig) -> dict:
+def own_patcher(run: Path) -> PatcherConfig | None:
+    """The patcher a run trained with (None for a GPT)."""
+    config = OmegaConf.load(run / CONFIG_FILE)
+    if not is_dpar(config.model.gpt_model):
+        return None
+    return PatcherConfig(**{k: v for k, v in OmegaConf.to_container(config.patcher).items()
+                            if k in PatcherConfig.__dataclass_fields__})
+
+
+def curve_status(val: np.ndarray, steps: list[int]) -> dict:
+    """Where a validation curve (seeds x evaluations) is: best evaluation, and the change of the seed mean over
+    the last quarter of the run (negative: still falling)."""
+    mean = val.mean(0)
+    back = max(1, len(mean) // 4)
+    return {"best_step": steps[int(mean.argmin())], "last_quarter_change": float(mean[-1] - mean[-1 - back])
+            if len(mean) > back else float("nan"), "last_quarter_from_step": steps[max(0, len(mean) - 1 - back)]}
+
+
+def rankings(results: dict, names: list[str]) -> list[tuple[int, list[str]]]:
+    """The order (best first) of ``names`` by seed-mean validation NLL after each evaluation."""
+    variants = results["variants"]
+    steps = variants[names[0]]["steps"]
+    return [(step, sorted(names, key=lambda n: np.mean(np.array(variants[n]["val_nll"])[:, e])))
+            for e, step in enumerate(steps)]
+
+
+def summarize(args, runs: dict[tuple[str, int], Path], static_k: int, dpar_patcher: PatcherConfig,
+              train_images: np.ndarray) -> dict:
+    from tqdm import tqdm
     results = {"variants": {}, "sweep": {}}
     store = TokenStore(args.store)  # every run trained on it
-    for variant in args.variants:
+    for variant in tqdm(args.variants, desc="evaluating", unit="variant"):
         histories = [epoch_history(runs[variant, seed]) for seed in args.seeds]
         final = [h[-1] for h in histories]
         val = np.array([[r["val_nll"] for r in h] for h in histories])
-        gmacs = final[0]["forward_linear_gmacs_per_sample"]
+        steps = [r["step"] for r in histories[0]]
+        per_class = [evaluate(runs[variant, seed], own_patcher(runs[variant, seed]), per_class=True)["per_class"]
+                     for seed in args.seeds]
         tokens_per_patch = float(np.mean([r["tokens_per_patch"] for r in final]))
         results["variants"][variant] = {
-            "steps": [r["step"] for r in histories[0]], "images_seen": [r["images_seen"] for r in histories[0]],
+            "section": VARIANTS[variant][0], "steps": steps, "images_seen": [r["images_seen"] for r in histories[0]],
             "val_nll": val.tolist(), "final_val_nll_mean": float(val[:, -1].mean()),
             "final_val_nll_std": float(val[:, -1].std(ddof=1)) if len(args.seeds) > 1 else 0.0,
+            "final_val_nll_seeds": val[:, -1].tolist(),
             "best_val_nll_mean": float(val.min(1).mean()), "tokens_per_patch": tokens_per_patch,
             "global_steps_per_image": store.num_tokens / tokens_per_patch,
-            "forward_gmacs_per_sample": gmacs}
-    thetas = [round(store_threshold(store, target, dpar_patcher.max_patch_length, dpar_patcher.row_break), 3)
+            "forward_gmacs_per_sample": final[0]["forward_linear_gmacs_per_sample"],
+            "per_class_val_nll": {str(c): float(np.mean([p[c] for p in per_class])) for c in per_class[0]},
+            **curve_status(val, steps)}
+    thetas = [store_threshold(store, target, dpar_patcher.max_patch_length, dpar_patcher.row_break, train_images)
               for target in args.sweep_tokens_per_patch]
     for variant in ("dpar", "static"):
         if variant not in args.variants:
             continue
         rows = []
-        for theta in thetas:
+        for target, theta in zip(args.sweep_tokens_per_patch, thetas):
             patcher = PatcherConfig(mode="entropy", threshold=theta, max_patch_length=dpar_patcher.max_patch_length,
                                     row_break=dpar_patcher.row_break)
             scores = [evaluate(runs[variant, seed], patcher) for seed in args.seeds]
-            rows.append({"threshold": theta, "val_nll": [s[0] for s in scores], "tokens_per_patch": scores[0][1]})
+            rows.append({"threshold": theta, "train_tokens_per_patch": target,
+                         "val_nll": [s["nll"] for s in scores], "tokens_per_patch": scores[0]["tokens_per_patch"]})
         if variant == "static":  # its own training boundaries, for reference
             scores = [evaluate(runs[variant, seed], PatcherConfig(mode="static", static_length=static_k))
                       for seed in args.seeds]
-            rows.append({"threshold": None, "val_nll": [s[0] for s in scores], "tokens_per_patch": float(static_k)})
+            rows.append({"threshold": None, "val_nll": [s["nll"] for s in scores], "tokens_per_patch": float(static_k)})
         results["sweep"][variant] = rows
     return results
 
@@ -172,9 +243,14 @@ def plot(results: dict, output: Path, batch: int) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = []
-    for axis_name, x_label in (("steps", "optimizer steps"), ("gmacs", "training compute (3 x forward linear GMACs)")):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        for variant, r in results["variants"].items():
+    table3 = {k: v for k, v in results["variants"].items() if v["section"] == "Table 3"}
+    others = {k: v for k, v in results["variants"].items() if v["section"] != "Table 3" or k == "dpar"}
+    panels = [("steps", "optimizer steps", table3), ("gmacs", "training compute (3 x forward linear GMACs)", table3)]
+    if len(others) > 1:
+        panels.append(("steps_architecture", "optimizer steps", others))
+    for axis_name, x_label, variants in panels:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+        for variant, r in variants.items():
             val = np.array(r["val_nll"])
             x = np.array(r["steps"], dtype=float)
             if axis_name == "gmacs":
@@ -183,9 +259,9 @@ def plot(results: dict, output: Path, batch: int) -> list[str]:
             ax.fill_between(x, val.min(0), val.max(0), alpha=0.2)
         ax.set_xlabel(x_label)
         ax.set_ylabel("validation NLL (nats/token)")
-        ax.set_title(f"val NLL vs {axis_name} (mean, band = min-max over seeds; batch {batch})", fontsize=9)
+        ax.set_title(f"val NLL (seed mean; band = min-max over seeds; batch {batch})", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         names.append(f"small_scale_study_nll_vs_{axis_name}.png")
         fig.savefig(output / names[-1])
@@ -208,43 +284,84 @@ def plot(results: dict, output: Path, batch: int) -> list[str]:
     return names
 
 
+def _table(lines: list[str], results: dict, names: list[str]) -> None:
+    v = results["variants"]
+    lines += ["| variant | tokens/patch | global steps/image | forward GMACs/sample | final val NLL (mean ± std) | "
+              "Δ vs dpar | best val NLL (mean) | best at step | change over last quarter |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        r = v[name]
+        delta = f"{r['final_val_nll_mean'] - v['dpar']['final_val_nll_mean']:+.4f}" if "dpar" in v else "-"
+        lines.append(f"| {name} | {r['tokens_per_patch']:.2f} | {r['global_steps_per_image']:.1f} | "
+                     f"{r['forward_gmacs_per_sample']:.4f} | {r['final_val_nll_mean']:.4f} ± "
+                     f"{r['final_val_nll_std']:.4f} | {delta} | {r['best_val_nll_mean']:.4f} | {r['best_step']} | "
+                     f"{r['last_quarter_change']:+.4f} (from step {r['last_quarter_from_step']}) |")
+    lines.append("")
+
+
 def write_report(args, results: dict, plots: list[str], command: str) -> Path:
     v = results["variants"]
     lines = [
-        "# Small-scale study: DPAR vs patching ablations and the GPT baseline",
+        "# Small-scale study: DPAR vs patching ablations, architecture options and the GPT baseline",
         "",
         f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()} "
         f"({os.cpu_count()} cores), torch {torch.__version__}, fp32; {len(args.seeds)} seed(s) "
         f"({', '.join(map(str, args.seeds))}), {args.epochs} epochs per run, same recipe for all "
-        f"(configs/tiny; `{results['store']}`).",
+        f"(configs/tiny, width 64, head_dim 32, dropout_p = token_dropout_p = {args.dropout} for every variant; "
+        f"`{results['store']}`).",
         "",
         f"    {command}",
         "",
-        "## Table 3 / Figure 1 at toy scale",
+        f"Validation: {results['val_images']} images held out of the store, drawn per class in proportion to its "
+        f"size (data.val_holdout, split seed 0), view 0; every run and seed uses the same images. θ = "
+        f"{results['threshold']:.6g} gives {TOKENS_PER_PATCH} tokens per patch (P = 4, row break) on "
+        f"{results['threshold_images']}, every view. NLL is per token, in nats. GMACs are the forward linear-layer "
+        "MACs of `dpar.flops` at the run's mean tokens per patch, with the run's architecture options. "
+        "\"change over last quarter\" is the seed-mean val NLL at the end minus a quarter of the run earlier "
+        "(negative: still falling).",
         "",
-        "| variant | tokens/patch | global steps/image | forward GMACs/sample | final val NLL (mean ± std) | "
-        "best val NLL (mean) |",
-        "|---|---|---|---|---|---|",
     ]
+    for section, (title, note) in SECTIONS.items():
+        names = [n for n in v if v[n]["section"] == section]
+        if not names:
+            continue
+        if section != "Table 3" and "dpar" in v:
+            names = ["dpar"] + names
+        lines += [f"## {title}", "", note, ""]
+        _table(lines, results, names)
+        if section == "Table 3":
+            if "static" in v:
+                lines += [f"Static patching uses K = {results['static_length']} (dpar's mean patch length on the "
+                          f"training images is {results['dpar_mean_patch_length']:.2f}).", ""]
+            lines += ["Ranking by seed-mean validation NLL (best first) at the last evaluations:", ""]
+            for step, order in rankings(results, names)[-4:]:
+                lines.append(f"- step {step}: {' < '.join(order)}")
+            lines += ["", f"![val NLL vs steps]({plots[0]})", "", f"![val NLL vs compute (Figure 1b)]({plots[1]})", ""]
+    if any(p.endswith("steps_architecture.png") for p in plots):
+        lines += [f"![architecture options: val NLL vs steps]({next(p for p in plots if 'architecture' in p)})", ""]
+    classes = sorted(next(iter(v.values()))["per_class_val_nll"], key=int)
+    class_names = results.get("class_names") or {}
+    lines += ["## Validation NLL per class (seed mean)", "",
+              "A one-class validation set cannot hide here: each class's held-out images separately.", "",
+              "| variant | " + " | ".join(class_names.get(c, c) for c in classes) + " |",
+              "|---|" + "---|" * len(classes)]
     for name, r in v.items():
-        lines.append(f"| {name} | {r['tokens_per_patch']:.2f} | {r['global_steps_per_image']:.1f} | "
-                     f"{r['forward_gmacs_per_sample']:.4f} | {r['final_val_nll_mean']:.4f} ± "
-                     f"{r['final_val_nll_std']:.4f} | {r['best_val_nll_mean']:.4f} |")
-    lines += ["", f"Static patching uses K = {results['static_length']} (DPAR's mean patch length on the training "
-              f"images is {results['dpar_mean_patch_length']:.2f} at θ = {results['threshold']}). NLL is per token, in nats, on the "
-              "store's held-out images (view 0). GMACs are the forward linear-layer MACs of `dpar.flops` at the "
-              "run's mean tokens per patch.", ""]
-    lines += [f"![val NLL vs steps]({plots[0]})", "", f"![val NLL vs compute]({plots[1]})", ""]
+        lines.append(f"| {name} | " + " | ".join(f"{r['per_class_val_nll'][c]:.3f}" for c in classes) + " |")
+    lines.append("")
     if results["sweep"]:
         lines += ["## Table 6 at toy scale: boundaries recomputed with a higher threshold at inference", "",
-                  "| model | threshold | tokens/patch | val NLL (mean ± std) |", "|---|---|---|---|"]
+                  "θ set for the given tokens per patch on the training images; the tokens per patch it gives on the "
+                  "held-out images are shown.", "",
+                  "| model | threshold | tokens/patch (train → held out) | val NLL (mean ± std) |", "|---|---|---|---|"]
         for name, rows in results["sweep"].items():
             for row in rows:
-                theta = f"{row['threshold']:.2f}" if row["threshold"] is not None else f"own static K={results['static_length']}"
+                if row["threshold"] is None:
+                    theta, tpp = f"own static K={results['static_length']}", f"{row['tokens_per_patch']:.2f}"
+                else:
+                    theta, tpp = f"{row['threshold']:.4f}", f"{row['train_tokens_per_patch']:.2f} → {row['tokens_per_patch']:.2f}"
                 std = np.std(row["val_nll"], ddof=1) if len(row["val_nll"]) > 1 else 0.0
-                lines.append(f"| {name} | {theta} | {row['tokens_per_patch']:.2f} | {np.mean(row['val_nll']):.4f} ± "
-                             f"{std:.4f} |")
-        lines += ["", f"![threshold sweep]({plots[2]})", ""]
+                lines.append(f"| {name} | {theta} | {tpp} | {np.mean(row['val_nll']):.4f} ± {std:.4f} |")
+        lines += ["", f"![threshold sweep]({next(p for p in plots if 'sweep' in p)})", ""]
     lines += ["Run wall times (s; runs trained concurrently, "
               f"{args.jobs} at a time): " + ", ".join(f"{k} {s}" for k, s in sorted(results["seconds"].items())), ""]
     path = args.output / "small_scale_study.md"
@@ -256,22 +373,26 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, default=REPO / "assets" / "demo.work" / "tokens",
                         help="token store with entropies (default: the one python -m dpar.demo leaves)")
     parser.add_argument("--entropy-model", type=Path, default=REPO / "assets" / "demo" / "entropy_model",
                         help="the entropy model run (or its model.safetensors) whose entropies the store holds")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=12, help="epochs per run (same for every variant)")
-    parser.add_argument("--val-holdout", type=int, default=200, help="held-out images for the validation NLL")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help=f"DPAR's θ (default: the θ giving {TOKENS_PER_PATCH} tokens per patch on the store, as "
-                             "the demo does)")
-    parser.add_argument("--sweep-tokens-per-patch", type=float, nargs="+", default=[1.81, 1.92, 2.03, 2.16],
-                        help="inference thresholds for the sweep, as the mean patch lengths they give on the store "
-                             "(the paper's Table 6 row)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    parser.add_argument("--seeds", type=number(int, min=0, max=2**31 - 1), nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=number(int, min=1), default=16, help="epochs per run (same for every variant)")
+    parser.add_argument("--val-holdout", type=number(int, min=1), default=200,
+                        help="held-out images for the validation NLL (a stratified draw, split seed 0)")
+    parser.add_argument("--dropout", type=field_type(ModelConfig, "dropout_p"), default=0.0,
+                        help="model.dropout_p and model.token_dropout_p of every variant (default 0)")
+    parser.add_argument("--threshold", type=field_type(PatcherConfig, "threshold"), default=None,
+                        help=f"DPAR's θ (default: the θ giving {TOKENS_PER_PATCH} tokens per patch on the training "
+                             "images, as the demo does)")
+    parser.add_argument("--sweep-tokens-per-patch", type=number(float, min=1), nargs="+",
+                        default=[1.81, 1.92, 2.03, 2.16],
+                        help="inference thresholds for the sweep, as the mean patch lengths they give on the training "
+                             "images (the paper's Table 6 row)")
+    parser.add_argument("--jobs", type=number(int, min=1), default=2, help="runs trained at once")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "results" / "small_scale_study")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run (key=value)")
@@ -288,33 +409,41 @@ def main(argv: list[str] | None = None) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
 
     store = TokenStore(args.store)
+    train_images = calibration_images(store, args.val_holdout)
     threshold = args.threshold
     if threshold is None:
-        threshold = round(store_threshold(store, TOKENS_PER_PATCH, max_patch_length=4, row_break=True), 3)
+        threshold = float(f"{store_threshold(store, TOKENS_PER_PATCH, 4, True, train_images):.6g}")
     dpar_patcher = PatcherConfig(mode="entropy", threshold=threshold, max_patch_length=4, row_break=True)
-    train_images = range(len(store) - args.val_holdout)
     static_k, dpar_mean = matched_static_length(store, dpar_patcher, train_images)
-    common = ["--data.store", str(args.store), "--data.val_holdout", str(args.val_holdout), "--train.epochs",
-              str(args.epochs), "--train.val_every", "1", "--train.results_dir", str(args.runs_dir),
-              "--patcher.entropy_model_checkpoint", str(entropy), "--patcher.threshold", str(threshold)]
+    common = ["--data.store", str(args.store), "--data.val_store", "null", "--data.val_holdout", str(args.val_holdout),
+              "--data.split_seed", "0", "--train.epochs", str(args.epochs), "--train.val_every", "1",
+              "--train.results_dir", str(args.runs_dir), "--patcher.entropy_model_checkpoint", str(entropy),
+              "--patcher.threshold", str(threshold), "--model.dropout_p", str(args.dropout),
+              "--model.token_dropout_p", str(args.dropout)]
     jobs = []
     for seed in args.seeds:
         for variant in args.variants:
-            config, overrides = VARIANTS[variant]
+            _, config, overrides = VARIANTS[variant]
             overrides = overrides + ([f"patcher.static_length={static_k}"] if variant == "static" else [])
             jobs.append((variant, seed, ["--config", config, *common, "--train.experiment_name", run_name(variant, seed),
                                          f"train.global_seed={seed}", *overrides, *args.extra]))
     seconds = train_all(args, jobs)
     runs = {(v, s): finished_run(args.runs_dir, run_name(v, s), args.epochs) for v in args.variants for s in args.seeds}
-    results = summarize(args, runs, static_k, dpar_patcher)
+    results = summarize(args, runs, static_k, dpar_patcher, train_images)
     results.update(store=str(args.store.resolve().relative_to(REPO) if args.store.resolve().is_relative_to(REPO)
                              else args.store), static_length=static_k, dpar_mean_patch_length=dpar_mean,
-                   threshold=threshold,
-                   seconds=seconds)
+                   threshold=threshold, val_images=args.val_holdout,
+                   threshold_images=describe_images(len(store), len(train_images), args.val_holdout, 0),
+                   class_names=_class_names(store), seconds=seconds)
     (args.output / "small_scale_study.json").write_text(json.dumps(results, indent=1) + "\n")
     plots = plot(results, args.output, OmegaConf.load(REPO / DPAR_CONFIG).train.global_batch_size)
     command = "python benchmarks/small_scale_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"wrote {write_report(args, results, plots, command.strip())}")
+
+
+def _class_names(store: TokenStore) -> dict[str, str]:
+    """Class id -> the image folder's class name (the store's meta.json)."""
+    return {str(i): name for i, name in enumerate(store.meta.get("class_names") or [])}
 
 
 if __name__ == "__main__":

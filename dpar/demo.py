@@ -40,10 +40,13 @@ class Scale:
     entropy_epochs: int
     global_epochs: int
     views: int
+    val_holdout: int  # validation images: a seeded class-stratified draw (dpar/data/splits.py), split seed 0
 
 
-FULL = Scale(images=4000, tokenizer_images=1024, tokenizer_epochs=20, entropy_epochs=6, global_epochs=10, views=2)
-TINY = Scale(images=96, tokenizer_images=32, tokenizer_epochs=1, entropy_epochs=1, global_epochs=1, views=1)
+FULL = Scale(images=4000, tokenizer_images=1024, tokenizer_epochs=20, entropy_epochs=6, global_epochs=10, views=2,
+             val_holdout=200)
+TINY = Scale(images=96, tokenizer_images=32, tokenizer_epochs=1, entropy_epochs=1, global_epochs=1, views=1,
+             val_holdout=16)
 IMAGE_SIZE = OmegaConf.load(REPO / "configs" / "tokenizer" / "vq_tiny.yaml").data.image_size
 TOKENS_PER_PATCH = 1.81  # DPAR's θ is set on the demo's store to give the paper's 256 px mean patch length
 GLOBAL_RUNS = {"dpar": "configs/tiny/global_model_entropy_row_break.yaml", "gpt": "configs/tiny/gpt_baseline.yaml",
@@ -58,7 +61,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     import train_global_model
     from tokenizer import train_vq
 
-    from .data.stats import store_threshold
+    from .data.stats import calibration_images, describe_images, store_threshold
     from .data.store import TokenStore
     from .data.synthetic import write_image_folder
 
@@ -73,6 +76,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     _replace_folder(work, WORK_MARKER)  # from nothing: no stale images, store or runs of an older build
     images, tokenizer_images, store = work / "images", work / "tokenizer_images", work / "tokens"
     batch = ["--train.global_batch_size", "16"] if scale is TINY else []
+    holdout = ["--data.val_holdout", str(scale.val_holdout)]
     stage("synthetic images", lambda: (write_image_folder(images, scale.images, IMAGE_SIZE, seed=0),
                                        write_image_folder(tokenizer_images, scale.tokenizer_images, IMAGE_SIZE,
                                                           seed=1)))
@@ -87,21 +91,25 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     common = ["--data.store", str(store), "--train.results_dir", str(work / "runs")]
     stage("entropy model", lambda: train_entropy_model.main([
         "--config", "configs/tiny/entropy_model.yaml", *common, "--train.epochs", str(scale.entropy_epochs), *batch,
-        *(["--data.val_holdout", "16"] if scale is TINY else [])]))
+        *holdout]))
     entropy = _final(work / "runs" / "scratch" / "entropy_model")
     stage("entropies", lambda: preprocess_tokens.main([
         "--stage", "entropies", "--store", str(store), "--entropy-model-checkpoint", str(entropy / "model.safetensors")]))
-    # 6 significant digits: the calibrated θ lies mid-gap between two stored (float16) entropies, which at
-    # ~1.5 nats lie 0.001 apart, so rounding to 3 decimals could move it across one
-    threshold = float(f"{store_threshold(TokenStore(store), TOKENS_PER_PATCH, max_patch_length=4, row_break=True):.6g}")
-    print(f"patcher.threshold {threshold}: {TOKENS_PER_PATCH} tokens per patch on {store} (P=4, row break)")
+    # θ on every view of the global models' training split (the same val_holdout draw they use); 6 significant
+    # digits: the calibrated θ lies mid-gap between two stored (float16) entropies, which at ~1.5 nats lie
+    # 0.001 apart, so rounding to 3 decimals could move it across one
+    tokens = TokenStore(store)
+    images = calibration_images(tokens, scale.val_holdout)
+    threshold = float(f"{store_threshold(tokens, TOKENS_PER_PATCH, 4, True, images):.6g}")
     summary["threshold"] = threshold
+    summary["threshold_calibrated_on"] = describe_images(len(tokens), len(images), scale.val_holdout, 0)
+    print(f"patcher.threshold {threshold}: {TOKENS_PER_PATCH} tokens per patch (P=4, row break) on "
+          f"{summary['threshold_calibrated_on']} of {store}")
     for name, config in GLOBAL_RUNS.items():
         stage(f"{name} model", lambda config=config: train_global_model.main([
             "--config", config, *common, "--train.epochs", str(scale.global_epochs), *batch,
             "--patcher.entropy_model_checkpoint", str(entropy / "model.safetensors"),
-            "--patcher.threshold", str(threshold),
-            *(["--data.val_holdout", "16"] if scale is TINY else [])]))
+            "--patcher.threshold", str(threshold), *holdout]))
 
     _replace_folder(output, SUMMARY_FILE)
     rewrites = {"patcher.entropy_model_checkpoint": _relative(output / "entropy_model" / _weights(entropy)),

@@ -14,6 +14,7 @@ sample is a mix of the two nearest integer patch counts with that mean, each mea
 
     python -m dpar.flops --model DGPT-L --image-size 256 --json
     python -m dpar.flops --tables        # paper Tables 1 and 8, reproduced
+    python -m dpar.flops --model DGPT-L --n-enc-layer 2 --n-dec-layer 3   # Table 10's E2D3
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ArgumentParser, UserError, run_main
-from .models import MODEL_NAMES, DPAR_models, GPT_models, PatchLayout, is_dpar
+from .models import MODEL_NAMES, DPAR_models, GPT_models, ModelConfig, PatchLayout, architecture, is_dpar
+from .models.dpar import DECODER_INJECTIONS
 from .validation import number
 
 # Paper Table 6 / section 4.1: mean tokens per patch on ImageNet with the default patcher.
@@ -42,10 +44,12 @@ PAPER_LINEAR_GMACS = {
 _LINEAR_OPS = (torch.ops.aten.mm, torch.ops.aten.addmm)
 
 
-def build_on_meta(name: str, grid_size: int, vocab_size: int = 16384, num_classes: int = 1000) -> torch.nn.Module:
+def build_on_meta(name: str, grid_size: int, vocab_size: int = 16384, num_classes: int = 1000,
+                  **architecture) -> torch.nn.Module:
+    """Model ``name`` on the meta device; ``architecture``: DPAR options (``dpar.models.architecture``)."""
     zoo = DPAR_models if is_dpar(name) else GPT_models
     with torch.device("meta"):
-        model = zoo[name](vocab_size=vocab_size, block_size=grid_size ** 2, num_classes=num_classes)
+        model = zoo[name](vocab_size=vocab_size, block_size=grid_size ** 2, num_classes=num_classes, **architecture)
     return model.eval()
 
 
@@ -66,15 +70,19 @@ def evenly_spaced_patches(num_tokens: int, num_patches: int) -> torch.Tensor:
 
 
 def count(name: str, image_size: int, tokens_per_patch: float | None = None, downsample_size: int = 16,
-          vocab_size: int = 16384, num_classes: int = 1000) -> dict:
-    """Parameters and per-sample forward cost of model ``name`` at ``image_size`` pixels."""
+          vocab_size: int = 16384, num_classes: int = 1000, **architecture) -> dict:
+    """Parameters and per-sample forward cost of model ``name`` at ``image_size`` pixels.
+
+    ``architecture``: DPAR's options as ``DPARArgs`` keywords (``n_enc_layer``, ``n_dec_layer``,
+    ``encoder_pooling_ffn``, ``decoder_injection``, ``rope``), e.g. from ``dpar.models.architecture``.
+    """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
     if image_size % downsample_size:
         raise ValueError(f"image size {image_size} is not a multiple of the downsampling {downsample_size}")
     grid = image_size // downsample_size
     num_tokens = grid * grid
-    model = build_on_meta(name, grid, vocab_size, num_classes)
+    model = build_on_meta(name, grid, vocab_size, num_classes, **architecture)
     params = sum(p.numel() for p in model.parameters())
     label = torch.zeros(1, dtype=torch.long, device="meta")
 
@@ -115,6 +123,7 @@ def count(name: str, image_size: int, tokens_per_patch: float | None = None, dow
         "linear_gmacs": linear / 1e9,
         "gflops": total / 1e9,
         "attention_gflops": (total - 2 * linear) / 1e9,
+        **architecture,
     }
 
 
@@ -150,21 +159,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=number(int, min=1), default=256)
     parser.add_argument("--tokens-per-patch", type=number(float, min=1), default=None,
                         help="DPAR only; default: the paper's 1.81 (256 px) / 2.06 (384 px)")
+    parser.add_argument("--n-enc-layer", type=number(int, min=1), default=None,
+                        help="DPAR: patch-encoder blocks (default: the size's own; paper Table 10)")
+    parser.add_argument("--n-dec-layer", type=number(int, min=1), default=None,
+                        help="DPAR: patch-decoder blocks (default: the size's own)")
+    parser.add_argument("--no-encoder-pooling-ffn", dest="encoder_pooling_ffn", action="store_false",
+                        help="DPAR: cross-attention only in the encoder's patch pooling")
+    parser.add_argument("--decoder-injection", choices=DECODER_INJECTIONS, default="once",
+                        help="DPAR: the patch vector enters the decoder once or before every block")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--tables", action="store_true", help="print paper Tables 1 and 8 with measured values")
     args = parser.parse_args(argv)
     if args.tables:
         print(tables_markdown())
         return
+    options = ModelConfig(gpt_model=args.model, n_enc_layer=args.n_enc_layer, n_dec_layer=args.n_dec_layer,
+                          encoder_pooling_ffn=args.encoder_pooling_ffn, decoder_injection=args.decoder_injection)
     try:
-        result = count(args.model, args.image_size, args.tokens_per_patch)
+        result = count(args.model, args.image_size, args.tokens_per_patch, **architecture(options))
     except ValueError as error:
-        raise UserError(f"--image-size / --tokens-per-patch: {error}") from None
+        raise UserError(f"--model {args.model}: {error}") from None
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            print(f"{key:>18}: {value:,.3f}" if isinstance(value, float) else f"{key:>18}: {value}")
+            print(f"{key:>19}: {value:,.3f}" if isinstance(value, float) else f"{key:>19}: {value}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from .config import flatten
 from .data.dataset import PackedBatch, PackedCollate, StepBatches, TokenDataset
+from .data.splits import holdout_split
 from .data.store import TokenStore, file_sha256
 from .errors import UserError
 from .fileio import check_output_dir, lock_folder
@@ -44,7 +45,7 @@ from .experiment import (CONFIG_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, append_m
                          experiment_of, load_model_weights, load_torch_file, resolve_run, save_checkpoint,
                          save_step_checkpoint, truncate_metrics, write_run_config)
 from .flops import count
-from .models import ModelConfig, create_model, is_dpar
+from .models import ModelConfig, architecture, create_model, is_dpar
 from .patcher import PatcherConfig
 from .validation import choice, ranged
 
@@ -63,8 +64,11 @@ class DataConfig:
     tokenizer_checkpoint: str | None = None
     # optional second store for validation NLL (e.g. ImageNet val tokenized with --views 1); view 0 is used.
     val_store: str | None = None
-    # without val_store: hold out the last N images of the training store for validation (0: no validation).
+    # without val_store: hold out N images of data.store for validation (0: no validation), drawn per class in
+    # proportion to its size (seeded by split_seed; dpar/data/splits.py), never "the last N" of a class-sorted store.
     val_holdout: int = ranged(0, min=0)
+    # seed of the val_holdout draw: the same split for every run and seed of a study, and for θ calibration.
+    split_seed: int = ranged(0, min=0, max=2**31 - 1)
     # DataLoader worker processes per process.
     num_workers: int = ranged(4, min=0)
 
@@ -230,6 +234,10 @@ class Trainer:
         data: DataConfig = OmegaConf.to_object(config.data)
         cfg: TrainConfig = OmegaConf.to_object(config.train)
         self.cfg, self.model_config = cfg, model_config
+        try:  # the config alone: e.g. a GPT given DPAR's architecture options
+            architecture(model_config)
+        except ValueError as error:
+            raise UserError(str(error)) from None
         self.conditional = model_config.model_type == "c2i"
         _check_trackers(cfg.trackers)
         # trackers log under <experiment>/logs, set once the experiment dir is known
@@ -426,7 +434,7 @@ class Trainer:
         """Mean forward linear GMACs per sample over the run so far (paper section 4.3), from dpar.flops."""
         m = self.model_config
         return count(m.gpt_model, m.image_size, self._tokens_per_patch(), m.downsample_size, m.vocab_size,
-                     m.num_classes)["linear_gmacs"]
+                     m.num_classes, **architecture(m))["linear_gmacs"]
 
     def validation_nll(self) -> float:
         """Mean NLL per token (nats) of the validation images, over all processes."""
@@ -482,14 +490,15 @@ def train(config: DictConfig, *, patcher: PatcherConfig | None, run_name: str, p
 def _datasets(store: TokenStore, data: DataConfig, model: ModelConfig, entropies: bool,
               seed: int) -> tuple[TokenDataset, TokenDataset | None]:
     if data.val_store is not None:
+        if data.val_holdout:
+            raise UserError(f"data.val_store {data.val_store} and data.val_holdout={data.val_holdout} are two validation "
+                            "sets; set one (data.val_store=null or data.val_holdout=0)")
         val_store = open_store(data.val_store, model, "data.val_store")
         return TokenDataset(store, entropies, seed), TokenDataset(val_store, entropies, view=0)
     if not 0 <= data.val_holdout < len(store):
         raise UserError(f"data.val_holdout={data.val_holdout} must lie in [0, {len(store)}) for data.store {store.path}")
-    train_images = range(len(store) - data.val_holdout)
-    val = None
-    if data.val_holdout:
-        val = TokenDataset(store, entropies, images=range(len(train_images), len(store)), view=0)
+    train_images, held_out = holdout_split(store.labels, data.val_holdout, data.split_seed)
+    val = TokenDataset(store, entropies, images=held_out, view=0) if data.val_holdout else None
     return TokenDataset(store, entropies, seed, images=train_images), val
 
 

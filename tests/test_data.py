@@ -260,3 +260,39 @@ def test_calibrated_threshold_is_printed_in_full(tmp_path, capsys):
     theta, tokens_per_patch, _ = table("--target-tokens-per-patch", "1.81")
     assert abs(float(tokens_per_patch) - 1.81) < 0.1
     assert table("--threshold", theta)[1] == tokens_per_patch
+
+
+def test_held_out_images_cover_every_class_in_proportion():
+    """A class-sorted store (as an image folder gives) of uneven classes: the hold-out takes each class's share,
+    never the last class, and is the same draw for the same seed only."""
+    from dpar.data.splits import holdout_split
+    sizes = [300, 300, 120, 480, 100, 700]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    train, held = holdout_split(labels, 200, seed=0)
+    assert np.array_equal(np.sort(np.concatenate([train, held])), np.arange(len(labels)))
+    per_class = np.bincount(labels[held], minlength=len(sizes))
+    expected = 200 * np.array(sizes) / len(labels)
+    assert per_class.sum() == 200 and np.all(np.abs(per_class - expected) < 1), (per_class, expected)
+    assert not np.array_equal(held, np.arange(len(labels) - 200, len(labels)))
+    again, other = holdout_split(labels, 200, seed=0)[1], holdout_split(labels, 200, seed=1)[1]
+    assert np.array_equal(held, again) and not np.array_equal(held, other)
+    assert np.bincount(labels[other], minlength=len(sizes)).tolist() == per_class.tolist()
+    assert len(holdout_split(labels, 0)[1]) == 0
+    with pytest.raises(ValueError, match="cannot hold out"):
+        holdout_split(labels, len(labels))
+
+
+def test_trainers_and_calibration_use_the_stratified_split(store):
+    """The validation set of a trainer is the stratified draw, and θ is calibrated on the rest."""
+    from dpar.data.splits import holdout_split
+    from dpar.data.stats import calibration_images
+    from dpar.training import DataConfig, _datasets
+    classes = len(set(store.labels.tolist()))
+    held = classes  # one image of each class
+    train_set, val_set = _datasets(store, DataConfig(store=str(store.path), val_holdout=held), ModelConfig(), False, 0)
+    train, expected = holdout_split(store.labels, held, 0)
+    assert list(val_set.images) == expected.tolist() and list(train_set.images) == train.tolist()
+    assert len(set(store.labels[expected].tolist())) == classes  # every class, not the last ones
+    assert calibration_images(store, held).tolist() == train.tolist()
+    sample = calibration_images(store, held, max_images=classes)
+    assert len(sample) == classes and set(sample) <= set(train) and len(set(store.labels[sample].tolist())) == classes

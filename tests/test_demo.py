@@ -48,13 +48,13 @@ def test_tiny_demo_build_then_sample(tiny_demo, tmp_path, capsys):
 def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     out = tmp_path / "study"
     argv = ["--store", str(tiny_demo / "work" / "tokens"), "--entropy-model", str(tiny_demo / "demo" / "entropy_model"),
-            "--seeds", "0", "1", "--epochs", "2", "--val-holdout", "16", "--variants", "dpar", "static", "gpt",
+            "--seeds", "0", "1", "--epochs", "2", "--val-holdout", "16", "--variants", "dpar", "static", "gpt", "inject_every_block",
             "--runs-dir", str(tmp_path / "runs"), "--output", str(out), "--jobs", "2",
             "--extra", "train.global_batch_size=16"]
     small_scale_study.main(argv)
     results = json.loads((out / "small_scale_study.json").read_text())
     variants = results["variants"]
-    assert set(variants) == {"dpar", "static", "gpt"}
+    assert set(variants) == {"dpar", "static", "gpt", "inject_every_block"}
     for name, r in variants.items():
         assert np.array(r["val_nll"]).shape == (2, 2), name  # seeds x epochs
         assert r["steps"] == [5, 10]  # 80 training images / 16 per step
@@ -64,10 +64,14 @@ def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     assert variants["static"]["forward_gmacs_per_sample"] < variants["gpt"]["forward_gmacs_per_sample"]
     sweep = results["sweep"]
     assert [row["threshold"] is None for row in sweep["static"]] == [False] * 4 + [True]
-    for png in ("nll_vs_steps", "nll_vs_gmacs", "threshold_sweep"):
+    classes = len(json.loads((tiny_demo / "work" / "tokens" / "meta.json").read_text())["class_names"])
+    assert len(variants["dpar"]["per_class_val_nll"]) == classes  # the stratified hold-out has every class
+    assert variants["inject_every_block"]["section"] == "Deviations"
+    for png in ("nll_vs_steps", "nll_vs_gmacs", "nll_vs_steps_architecture", "threshold_sweep"):
         assert Image.open(out / f"small_scale_study_{png}.png").size[0] > 100
     report = (out / "small_scale_study.md").read_text()
-    assert "| dpar |" in report and "| gpt |" in report
+    assert "| dpar |" in report and "| gpt |" in report and "## Validation NLL per class" in report
+    assert "## Deviations from the paper's text" in report
     # a rerun reuses the finished runs and keeps a hand-written findings section
     (out / "small_scale_study.md").write_text(report + "\n## Findings\n\nhand-written\n")
     small_scale_study.main(argv)

@@ -24,9 +24,15 @@ def test_logits_shape_and_loss():
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 48), idx.reshape(-1)))
 
 
-@pytest.mark.parametrize("rope", ROPE_MODES)
-def test_causality_with_fixed_boundaries(rope):
-    model = tiny_dpar(rope=rope)
+# the architecture options of DPARArgs (paper Tables 9 and 10 and the paper's text), each alone
+ARCHITECTURES = [{}, {"rope": "dynamic_no_redundancy"}, {"rope": "2d"}, {"n_enc_layer": 2, "n_dec_layer": 1},
+                 {"encoder_pooling_ffn": False}, {"decoder_injection": "every_block"}]
+ARCH_IDS = ["default", "rope_no_redundancy", "rope_2d", "E2D1", "no_pooling_ffn", "inject_every_block"]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCH_IDS)
+def test_causality_with_fixed_boundaries(arch):
+    model = tiny_dpar(**arch)
     idx, cond, starts = batch()
     base = model(idx, cond, starts)[0]
     for j in (0, 1, 5, 8, 15):
@@ -36,6 +42,78 @@ def test_causality_with_fixed_boundaries(rope):
         assert torch.allclose(out[:, : j + 1], base[:, : j + 1], atol=1e-6), j
         if j < N - 1:
             assert not torch.allclose(out[:, j + 1], base[:, j + 1])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCH_IDS)
+def test_a_later_patch_boundary_never_changes_earlier_logits(arch):
+    """Flipping the boundary at token j (adding or removing a patch start) leaves the logits of x_<j as
+    they were: no token sees how the patches at or after its own position are cut."""
+    model = tiny_dpar(**arch)
+    idx, cond, starts = batch(b=2, seed=4)
+    base = model(idx, cond, starts)[0]
+    for j in range(1, N):
+        flipped = starts.clone()
+        flipped[:, j] = ~flipped[:, j]
+        out = model(idx, cond, flipped)[0]
+        torch.testing.assert_close(out[:, :j], base[:, :j], atol=2e-6, rtol=0)
+        assert not torch.allclose(out[:, j:], base[:, j:]), j  # the flip matters from token j on
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCH_IDS)
+def test_the_global_output_at_stream_position_s_first_changes_the_first_token_of_patch_s(arch):
+    """Stream position s holds the class (s = 0) or patch s-1; its output must reach the logits exactly from
+    patch s's first token on: earlier tokens never see it, and that token does."""
+    model = tiny_dpar(**arch)
+    idx, cond, starts = batch(b=2, seed=5)
+    layout = PatchLayout.from_mask(starts, grid_width=4)
+    base = model(idx, cond, starts)[0]
+    last_global = model.global_layers[-1]
+    for s in range(len(layout.patch_length)):  # flat stream index = flat patch index
+        def perturb(module, inputs, output, s=s):
+            output = output.clone()
+            output[0, s] += 0.5
+            return output
+        handle = last_global.register_forward_hook(perturb)
+        out = model(idx, cond, starts)[0]
+        handle.remove()
+        image, first = int(layout.patch_image[s]), int(layout.first_token[s]) % N
+        changed = (out - base).abs().amax(-1) > 1e-6  # [B, N]
+        assert changed[image].nonzero()[0].item() == first, s
+        assert not changed[1 - image].any()
+
+
+def test_architecture_options_build_what_they_say():
+    plain = tiny_dpar()
+    e2d1 = tiny_dpar(n_enc_layer=2, n_dec_layer=1)
+    assert (len(e2d1.encoder.layers), len(e2d1.encoder.cross_layers), len(e2d1.decoder.layers)) == (2, 2, 1)
+    no_ffn = tiny_dpar(encoder_pooling_ffn=False)
+    assert not any("cross_layers.0.feed_forward" in k for k in no_ffn.state_dict())
+    assert any("cross_layers.0.feed_forward" in k for k in plain.state_dict())
+    every = tiny_dpar(decoder_injection="every_block")  # 2 decoder blocks: one more norm + linear
+    extra = set(every.state_dict()) - set(plain.state_dict())
+    assert extra == {"decoder.block_injections.0.patch_norm.weight", "decoder.block_injections.0.patch_proj.weight"}
+    with pytest.raises(ValueError, match="decoder_injection must be one of"):
+        tiny_dpar(decoder_injection="twice")
+    with pytest.raises(ValueError, match="n_dec_layer >= 1"):
+        tiny_dpar(n_dec_layer=0)
+
+
+@pytest.mark.parametrize("layers", [(1, 4), (2, 3), (3, 2), (4, 1)])
+def test_table_10_variants_are_expressible(layers):
+    from dpar.flops import count
+    from dpar.models import ModelConfig, architecture, create_model
+    config = ModelConfig(gpt_model="DGPT-L", n_enc_layer=layers[0], n_dec_layer=layers[1])
+    with torch.device("meta"):
+        model = create_model(config)
+    assert (len(model.encoder.layers), len(model.global_layers), len(model.decoder.layers)) == (layers[0], 19, layers[1])
+    measured = count("DGPT-L", 256, **architecture(config))
+    assert measured["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_a_gpt_refuses_dpar_options():
+    from dpar.models import ModelConfig, create_model
+    with pytest.raises(ValueError, match="model.decoder_injection applies to DGPT-\\* models only"):
+        create_model(ModelConfig(gpt_model="GPT-tiny", decoder_injection="every_block"))
 
 
 def test_token_mode_runs_and_is_causal():
@@ -88,8 +166,9 @@ def test_rope_options_change_the_model():
     assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[0], outputs[2])
 
 
-def test_every_parameter_gets_a_gradient():
-    model = tiny_dpar().train()
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCH_IDS)
+def test_every_parameter_gets_a_gradient(arch):
+    model = tiny_dpar(**arch).train()
     idx, cond, starts = batch()
     model(idx, cond, starts, targets=idx)[1].backward()
     silent = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]

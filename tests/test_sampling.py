@@ -23,10 +23,12 @@ def threshold_for(model, fraction: float = 0.5) -> float:
     return float(entropies.quantile(1 - fraction))
 
 
+@pytest.mark.parametrize("arch", [{}, {"decoder_injection": "every_block", "n_dec_layer": 3},
+                                  {"encoder_pooling_ffn": False, "n_enc_layer": 2}], ids=["default", "every", "E2"])
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize("mode", ["entropy", "static", "token"])
-def test_dpar_logits_equal_a_full_forward_of_the_sample(mode, cfg_scale):
-    model, ent = tiny_dpar(), entropy_model()
+def test_dpar_logits_equal_a_full_forward_of_the_sample(mode, cfg_scale, arch):
+    model, ent = tiny_dpar(**arch), entropy_model()
     patcher = PatcherConfig(mode=mode, threshold=threshold_for(ent), max_patch_length=3, static_length=2)
     out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale), patcher=patcher, entropy_model=ent,
                    record_logits=True)

@@ -3,7 +3,7 @@ into DPAR batches."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,18 +20,18 @@ from .store import TokenStore
 class TokenDataset(Dataset):
     """Item ``i``: tokens [N], label, and (with ``entropies``) float32 entropies [N] of one view of an image.
 
-    ``images`` selects the store's images (default all; e.g. all but a validation hold-out). The view
+    ``images`` selects the store's images (default all; e.g. a :func:`~dpar.data.splits.holdout_split` part). The view
     of item ``i`` in epoch ``e`` is drawn from (seed, e, i) alone: the same with any number of workers
     or processes, and again after a resume. ``view`` fixes it instead (validation uses view 0).
     """
 
-    def __init__(self, store: TokenStore, entropies: bool, seed: int = 0, images: range | None = None,
+    def __init__(self, store: TokenStore, entropies: bool, seed: int = 0, images: Sequence[int] | None = None,
                  view: int | None = None):
         if entropies:
             store.require_entropies()
         self.images = range(len(store)) if images is None else images
-        if len(self.images) and not 0 <= self.images[0] <= self.images[-1] < len(store):
-            raise ValueError(f"images {self.images} lie outside the store's {len(store)} images")
+        if len(self.images) and not 0 <= min(self.images) <= max(self.images) < len(store):
+            raise ValueError(f"images lie outside the store's {len(store)} images")
         self.store, self.with_entropies, self.seed, self.view, self.epoch = store, entropies, seed, view, 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .attention import BACKENDS
-from .dpar import DPAR, DPAR_models, DPARArgs, PatchLayout
+from .dpar import DECODER_INJECTIONS, DPAR, DPAR_models, DPARArgs, PatchLayout
 from .gpt import GPT, GPT_models, Transformer
 from .layers import MODEL_TYPES, ModelArgs
 from .rope import ROPE_MODES
@@ -41,6 +41,16 @@ class ModelConfig:
     rope: str = choice("dynamic", ROPE_MODES)
     # DPAR only: packed attention backend of the global transformer (auto = fastest available).
     attn_backend: str = choice("auto", ("auto",) + BACKENDS)
+    # DPAR only: patch-encoder / patch-decoder blocks (null: the size's own, e.g. DGPT-B 1 / 3); paper Table 10
+    # varies them at a fixed sum (E1D4, E2D3, E3D2, E4D1 for DGPT-L).
+    n_enc_layer: int | None = ranged(None, min=1)
+    n_dec_layer: int | None = ranged(None, min=1)
+    # DPAR only: a SwiGLU FFN after the encoder's patch cross-attention (true: this project's default, which
+    # matches Table 1's parameter counts; false: cross-attention only, as the paper's text and BLT).
+    encoder_pooling_ffn: bool = True
+    # DPAR only: the patch vector enters the decoder "once" (before its first block) or before "every_block",
+    # each with its own norm + linear (the paper's text, section 3.3).
+    decoder_injection: str = choice("once", DECODER_INJECTIONS)
 
 
 def is_dpar(name: str) -> bool:
@@ -66,10 +76,27 @@ def create_model(config: ModelConfig) -> nn.Module:
         token_dropout_p=config.token_dropout_p,
         drop_path_rate=config.drop_path_rate,
     )
+    options = architecture(config)
     if is_dpar(config.gpt_model):
-        return DPAR_models[config.gpt_model](rope=config.rope, attn_backend=config.attn_backend, **kwargs)
+        return DPAR_models[config.gpt_model](attn_backend=config.attn_backend, **options, **kwargs)
     return GPT_models[config.gpt_model](**kwargs)
 
 
+def architecture(config: ModelConfig) -> dict:
+    """The DPAR architecture options a :class:`ModelConfig` sets (``DPARArgs`` keyword arguments; empty for a
+    GPT), shared by :func:`create_model` and ``dpar.flops.count``. ``ValueError`` when a GPT sets one."""
+    options = {"rope": config.rope, "encoder_pooling_ffn": config.encoder_pooling_ffn,
+               "decoder_injection": config.decoder_injection, "n_enc_layer": config.n_enc_layer,
+               "n_dec_layer": config.n_dec_layer}
+    options = {key: value for key, value in options.items() if value is not None}
+    if is_dpar(config.gpt_model):
+        return options
+    defaults = ModelConfig()
+    changed = [key for key, value in options.items() if value != getattr(defaults, key)]
+    if changed:
+        raise ValueError(f"model.{changed[0]} applies to DGPT-* models only, not {config.gpt_model}")
+    return {}
+
+
 __all__ = ["DPAR", "DPARArgs", "DPAR_models", "GPT", "GPT_models", "MODEL_NAMES", "ModelArgs", "ModelConfig", "PatchLayout",
-           "Transformer", "create_model", "is_dpar"]
+           "Transformer", "architecture", "create_model", "is_dpar"]

@@ -1,6 +1,6 @@
 """DPAR: a token-level patch encoder, a global transformer over patches, a token-level patch decoder.
 
-Shapes for a batch of B images of N tokens grouped into P patches in all (DESIGN.md section 4):
+Shapes for a batch of B images of N tokens grouped into P patches in all (arXiv 2512.21867, section 3):
 
     tokens x [B, N] --embed--> e [B, N, d]
       PatchEncoder: causal self-attention over tokens (2D RoPE) -> h [B, N, d];
@@ -9,6 +9,9 @@ Shapes for a batch of B images of N tokens grouped into P patches in all (DESIGN
                     LLaMA blocks with Dynamic RoPE, block-diagonal causal attention -> g [P, d]
       PatchDecoder: u_i = h_{i-1} + Linear(RMSNorm(g_{p(i)-1})), causal self-attention (2D RoPE)
       norm + head -> logits [B, N, vocab]; position i predicts x_i
+
+Options (``DPARArgs``): encoder/decoder depth (paper Table 10), the pooling FFN on or off, the patch vector
+injected into the decoder once or before every block, and the global RoPE variant (Table 9).
 
 With patch boundaries fixed, logits for x_i depend on x_<i only: h_{i-1} sees x_<i, and the global
 output used by token i sees the class and the patches that end before token i's patch starts.
@@ -27,6 +30,8 @@ from .layers import (FeedForward, ModelArgs, RMSNorm, TransformerBlock, attach_k
                      init_weights)
 from .rope import ROPE_MODES, grid_rope, patch_rope
 
+DECODER_INJECTIONS = ("once", "every_block")
+
 
 @dataclass
 class DPARArgs(ModelArgs):
@@ -36,9 +41,16 @@ class DPARArgs(ModelArgs):
     n_dec_layer: int = 3
     rope: str = "dynamic"  # Dynamic RoPE variant of the global transformer (paper Table 9)
     attn_backend: str = "auto"  # packed attention backend of the global transformer
+    encoder_pooling_ffn: bool = True  # a SwiGLU FFN after each patch cross-attention (not in the paper's text)
+    decoder_injection: str = "once"  # the patch vector enters the decoder before its first block, or every block
 
     def __post_init__(self):
         super().__post_init__()
+        if self.n_enc_layer < 1 or self.n_dec_layer < 1:
+            raise ValueError(f"DPAR needs n_enc_layer and n_dec_layer >= 1, got {self.n_enc_layer}, {self.n_dec_layer}")
+        if self.decoder_injection not in DECODER_INJECTIONS:
+            raise ValueError(f"decoder_injection must be one of {', '.join(DECODER_INJECTIONS)}, "
+                             f"got {self.decoder_injection!r}")
         if self.rope not in ROPE_MODES:
             raise ValueError(f"rope must be one of {', '.join(ROPE_MODES)}, got {self.rope!r}")
         if self.attn_backend not in ("auto",) + BACKENDS:
@@ -122,19 +134,23 @@ class PatchCrossAttention(nn.Module):
 
 
 class PatchPoolingBlock(nn.Module):
-    """Cross-attention from patches to their tokens + residual, then a SwiGLU FFN + residual."""
+    """Cross-attention from patches to their tokens + residual, then (``encoder_pooling_ffn``) a SwiGLU FFN +
+    residual. The paper's text (and BLT's local encoder) has the cross-attention only; the FFN makes the
+    parameter counts of Table 1 come out."""
 
-    def __init__(self, config: ModelArgs):
+    def __init__(self, config: DPARArgs):
         super().__init__()
         self.query_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.token_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.cross_attention = PatchCrossAttention(config)
-        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.feed_forward = FeedForward(config)
+        if config.encoder_pooling_ffn:
+            self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+            self.feed_forward = FeedForward(config)
+        self.with_ffn = config.encoder_pooling_ffn
 
     def forward(self, patches: Tensor, tokens: Tensor, slots: Tensor, valid: Tensor) -> Tensor:
         patches = patches + self.cross_attention(self.query_norm(patches), self.token_norm(tokens), slots, valid)
-        return patches + self.feed_forward(self.ffn_norm(patches))
+        return patches + self.feed_forward(self.ffn_norm(patches)) if self.with_ffn else patches
 
 
 class PatchEncoder(nn.Module):
@@ -167,21 +183,43 @@ class PatchEncoder(nn.Module):
         return patches
 
 
+class PatchInjection(nn.Module):
+    """Linear(RMSNorm(g)): a global output as a later decoder block adds it to its token states."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.patch_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.patch_proj = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, g: Tensor) -> Tensor:
+        return self.patch_proj(self.patch_norm(g))
+
+
 class PatchDecoder(nn.Module):
-    """Global outputs -> per-token states: u_i = h_{i-1} + Linear(RMSNorm(g_{p(i)-1})), then causal blocks."""
+    """Global outputs -> per-token states: u_i = h_{i-1} + Linear(RMSNorm(g_{p(i)-1})), then causal blocks.
+
+    ``decoder_injection="once"`` adds the patch vector before the first block; ``"every_block"`` (the paper's
+    text, section 3.3) adds it again, with its own norm + linear, before each later block.
+    """
 
     def __init__(self, config: DPARArgs):
         super().__init__()
         self.start = nn.Parameter(torch.zeros(config.dim))  # h_0, stands before the first token
-        self.patch_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.patch_norm = RMSNorm(config.dim, eps=config.norm_eps)  # the first block's injection
         self.patch_proj = nn.Linear(config.dim, config.dim, bias=False)
+        later = config.n_dec_layer - 1 if config.decoder_injection == "every_block" else 0
+        self.block_injections = nn.ModuleList(PatchInjection(config) for _ in range(later))
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_dec_layer))
 
+    def injections(self, g: Tensor) -> list[Tensor | None]:
+        """What each block adds to its input (``None``: nothing), from the global outputs ``g [..., d]``."""
+        return [self.patch_proj(self.patch_norm(g))] + [inject(g) for inject in self.block_injections] + \
+            [None] * (len(self.layers) - 1 - len(self.block_injections))
+
     def forward(self, h: Tensor, g: Tensor, rope: Tensor, layout: PatchLayout) -> Tensor:
-        previous = torch.cat([self.start.expand(h.shape[0], 1, -1).to(h.dtype), h[:, :-1]], dim=1)
-        u = previous + self.patch_proj(self.patch_norm(g))[layout.token_patch]
-        for layer in self.layers:
-            u = layer(u, rope)
+        u = torch.cat([self.start.expand(h.shape[0], 1, -1).to(h.dtype), h[:, :-1]], dim=1)
+        for layer, added in zip(self.layers, self.injections(g)):
+            u = layer(u if added is None else u + added[layout.token_patch], rope)
         return u
 
 
@@ -293,20 +331,19 @@ class DPAR(nn.Module):
     def decode_step(self, previous: Tensor | None, g: Tensor, position: int) -> Tensor:
         """Logits ``[R, vocab]`` for token ``x_position`` from h_{position-1} (``None`` at position 0)
         and the global output ``g [R, d]`` of the stream position its patch is predicted from."""
-        if previous is None:
-            previous = self.decoder.start.expand(g.shape[0], -1).to(g.dtype)
-        u = (previous + self.decoder.patch_proj(self.decoder.patch_norm(g)))[:, None]
+        u = (self.decoder.start.expand(g.shape[0], -1).to(g.dtype) if previous is None else previous)[:, None]
         rope = self.token_rope(position + 1, g.device)[position:]
         at = torch.tensor([position], device=g.device)
-        for layer in self.decoder.layers:
-            u = layer(u, rope, at)
+        for layer, added in zip(self.decoder.layers, self.decoder.injections(g)):
+            u = layer(u if added is None else u + added[:, None], rope, at)
         return self.output(self.norm(u[:, 0])).float()
 
 
 def _size(n_enc_layer: int, n_layer: int, n_dec_layer: int, dim: int, n_head: int):
+    """A size preset; ``n_enc_layer`` / ``n_dec_layer`` passed to the builder override its own (Table 10)."""
     def build(**kwargs) -> DPAR:
-        return DPAR(DPARArgs(n_enc_layer=n_enc_layer, n_layer=n_layer, n_dec_layer=n_dec_layer,
-                             dim=dim, n_head=n_head, **kwargs))
+        kwargs = {"n_enc_layer": n_enc_layer, "n_dec_layer": n_dec_layer, **kwargs}
+        return DPAR(DPARArgs(n_layer=n_layer, dim=dim, n_head=n_head, **kwargs))
     return build
 
 
@@ -316,6 +353,6 @@ DPAR_models = {
     "DGPT-L": _size(1, 19, 4, 1024, 16),   # 352M
     "DGPT-XL": _size(1, 30, 5, 1280, 20),  # 789M
     "DGPT-XXL": _size(1, 41, 6, 1536, 24),  # 1.4B
-    "DGPT-tiny": _size(1, 3, 2, 64, 4),     # as deep as GPT-tiny: CPU tests and the embedded demo
+    "DGPT-tiny": _size(1, 3, 2, 64, 2),     # as deep as GPT-tiny (head_dim 32): CPU tests and the embedded demo
 }
 DPAR_models.update({name.replace("DGPT", "DPAR"): build for name, build in list(DPAR_models.items())})

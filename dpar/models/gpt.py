@@ -108,5 +108,5 @@ GPT_models = {
     "GPT-1B": _size(22, 32, 2048),
     "GPT-3B": _size(24, 32, 3200),
     "GPT-7B": _size(32, 32, 4096),
-    "GPT-tiny": _size(6, 4, 64),     # 0.3M + embeddings: CPU tests and the embedded demo
+    "GPT-tiny": _size(6, 2, 64),     # 0.3M + embeddings, head_dim 32: CPU tests and the embedded demo
 }
