@@ -39,15 +39,17 @@ sys.path.insert(0, str(REPO))
 
 from dpar.data.dataset import PackedCollate, TokenDataset  # noqa: E402
 from dpar.data.splits import holdout_split  # noqa: E402
-from dpar.data.stats import calibration_images, describe_images, store_threshold  # noqa: E402
+from dpar.data.stats import calibration_images, describe_images, store_patch_stats, store_threshold  # noqa: E402
 from dpar.data.store import TokenStore  # noqa: E402
 from dpar.demo import TOKENS_PER_PATCH  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.experiment import CONFIG_FILE, METRICS_FILE, checkpoint_dir, latest_checkpoint, load_trained_model  # noqa: E402
-from dpar.models import ModelConfig, is_dpar  # noqa: E402
+from dpar.config import load_config, parse_overrides  # noqa: E402
+from dpar.models import ModelConfig, architecture, is_dpar  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.training import nll_totals  # noqa: E402
 from dpar.validation import field_type, number  # noqa: E402
+from train_global_model import TrainGlobalConfig  # noqa: E402
 
 DPAR_CONFIG = "configs/tiny/global_model_entropy_row_break.yaml"
 # name -> (section of the report, config, overrides); static's K is appended once it is known
@@ -314,8 +316,8 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
         "",
         f"Validation: {results['val_images']} images held out of the store, drawn per class in proportion to its "
         f"size (data.val_holdout, split seed 0), view 0; every run and seed uses the same images. θ = "
-        f"{results['threshold']:.6g} gives {TOKENS_PER_PATCH} tokens per patch (P = 4, row break) on "
-        f"{results['threshold_images']}, every view. NLL is per token, in nats. GMACs are the forward linear-layer "
+        f"{results['threshold']:.6g} gives {results['threshold_tokens_per_patch']:.3f} tokens per patch (P = 4, row "
+        f"break; target {TOKENS_PER_PATCH}) on {results['threshold_images']}, every view. NLL is per token, in nats. GMACs are the forward linear-layer "
         "MACs of `dpar.flops` at the run's mean tokens per patch, with the run's architecture options. "
         "\"change over last quarter\" is the seed-mean val NLL at the end minus a quarter of the run earlier "
         "(negative: still falling).",
@@ -397,6 +399,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run (key=value)")
     args = parser.parse_args(argv)
+    for flag, values in (("--variants", args.variants), ("--seeds", args.seeds)):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise UserError(f"{flag} {', '.join(repeated)} given twice; each run is named by variant and seed")
     if not (args.store / "meta.json").is_file():
         raise UserError(f"no token store at --store {args.store}; build it with python -m dpar.demo")
     entropy = args.entropy_model
@@ -405,9 +411,8 @@ def main(argv: list[str] | None = None) -> None:
         if checkpoint is None:
             raise UserError(f"--entropy-model {entropy} has no checkpoints")
         entropy = checkpoint / "model.safetensors"
-    args.runs_dir.mkdir(parents=True, exist_ok=True)
-    args.output.mkdir(parents=True, exist_ok=True)
-
+    if not entropy.is_file():
+        raise UserError(f"--entropy-model {args.entropy_model} not found (a run folder or its model.safetensors)")
     store = TokenStore(args.store)
     train_images = calibration_images(store, args.val_holdout)
     threshold = args.threshold
@@ -420,25 +425,51 @@ def main(argv: list[str] | None = None) -> None:
               "--train.results_dir", str(args.runs_dir), "--patcher.entropy_model_checkpoint", str(entropy),
               "--patcher.threshold", str(threshold), "--model.dropout_p", str(args.dropout),
               "--model.token_dropout_p", str(args.dropout)]
-    jobs = []
-    for seed in args.seeds:
-        for variant in args.variants:
+    jobs = []  # Table 3 over every seed first: the core comparison is complete before the architecture options
+    for table3 in (True, False):
+        for seed, variant in ((s, v) for s in args.seeds for v in args.variants
+                              if (VARIANTS[v][0] == "Table 3") == table3):
             _, config, overrides = VARIANTS[variant]
             overrides = overrides + ([f"patcher.static_length={static_k}"] if variant == "static" else [])
             jobs.append((variant, seed, ["--config", config, *common, "--train.experiment_name", run_name(variant, seed),
                                          f"train.global_seed={seed}", *overrides, *args.extra]))
+    check_jobs(jobs, args.extra, common)
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    args.output.mkdir(parents=True, exist_ok=True)
     seconds = train_all(args, jobs)
     runs = {(v, s): finished_run(args.runs_dir, run_name(v, s), args.epochs) for v in args.variants for s in args.seeds}
     results = summarize(args, runs, static_k, dpar_patcher, train_images)
     results.update(store=str(args.store.resolve().relative_to(REPO) if args.store.resolve().is_relative_to(REPO)
                              else args.store), static_length=static_k, dpar_mean_patch_length=dpar_mean,
                    threshold=threshold, val_images=args.val_holdout,
+                   threshold_tokens_per_patch=store_patch_stats(store, [threshold], 4, True, train_images)[0][
+                       "tokens_per_patch"],
                    threshold_images=describe_images(len(store), len(train_images), args.val_holdout, 0),
                    class_names=_class_names(store), seconds=seconds)
     (args.output / "small_scale_study.json").write_text(json.dumps(results, indent=1) + "\n")
     plots = plot(results, args.output, OmegaConf.load(REPO / DPAR_CONFIG).train.global_batch_size)
     command = "python benchmarks/small_scale_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"wrote {write_report(args, results, plots, command.strip())}")
+
+
+def check_jobs(jobs: list[tuple[str, int, list[str]]], extra: list[str], common: list[str]) -> None:
+    """Every run's config loads and builds before anything is written: ``--extra`` may not set what the study
+    or a variant sets (the report would describe runs it did not make), and must suit every variant."""
+    owned = {item.partition("=")[0] for item in parse_overrides(common)} | {"patcher.static_length"} | \
+        {item.partition("=")[0] for _, _, overrides in VARIANTS.values() for item in overrides}
+    try:
+        extras = parse_overrides(extra)
+    except UserError as error:
+        raise UserError(f"--extra: {error}") from None
+    for item in extras:
+        if item.partition("=")[0] in owned:
+            raise UserError(f"--extra {item}: the study sets {item.partition('=')[0]} itself (its flags or its variants)")
+    for variant, seed, argv in jobs:
+        try:
+            config = load_config(TrainGlobalConfig, REPO / argv[1], argv[2:])
+            architecture(OmegaConf.to_object(config.model))
+        except (UserError, ValueError) as error:
+            raise UserError(f"--extra {' '.join(extra)}: variant {variant}: {error}") from None
 
 
 def _class_names(store: TokenStore) -> dict[str, str]:

@@ -61,7 +61,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     import train_global_model
     from tokenizer import train_vq
 
-    from .data.stats import calibration_images, describe_images, store_threshold
+    from .data.stats import calibration_images, describe_images, missed_target, store_patch_stats, store_threshold
     from .data.store import TokenStore
     from .data.synthetic import write_image_folder
 
@@ -103,8 +103,12 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     threshold = float(f"{store_threshold(tokens, TOKENS_PER_PATCH, 4, True, images):.6g}")
     summary["threshold"] = threshold
     summary["threshold_calibrated_on"] = describe_images(len(tokens), len(images), scale.val_holdout, 0)
-    print(f"patcher.threshold {threshold}: {TOKENS_PER_PATCH} tokens per patch (P=4, row break) on "
+    reached = store_patch_stats(tokens, [threshold], 4, True, images)[0]["tokens_per_patch"]
+    summary["threshold_tokens_per_patch"] = round(reached, 4)
+    print(f"patcher.threshold {threshold}: {reached:.3f} tokens per patch (P=4, row break) on "
           f"{summary['threshold_calibrated_on']} of {store}")
+    if missed_target(reached, TOKENS_PER_PATCH):  # e.g. --tiny: a 1-epoch entropy model's entropies barely vary
+        print(f"note: no θ gives {TOKENS_PER_PATCH} tokens per patch with this entropy model; DPAR trains at {reached:.3f}")
     for name, config in GLOBAL_RUNS.items():
         stage(f"{name} model", lambda config=config: train_global_model.main([
             "--config", config, *common, "--train.epochs", str(scale.global_epochs), *batch,

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import ArgumentParser, UserError, run_main
 from .models import MODEL_NAMES, DPAR_models, GPT_models, ModelConfig, PatchLayout, architecture, is_dpar
 from .models.dpar import DECODER_INJECTIONS
+from .models.rope import ROPE_MODES
 from .validation import number
 
 # Paper Table 6 / section 4.1: mean tokens per patch on ImageNet with the default patcher.
@@ -167,13 +168,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="DPAR: cross-attention only in the encoder's patch pooling")
     parser.add_argument("--decoder-injection", choices=DECODER_INJECTIONS, default="once",
                         help="DPAR: the patch vector enters the decoder once or before every block")
+    parser.add_argument("--rope", choices=ROPE_MODES, default="dynamic",
+                        help="DPAR: RoPE of the global transformer (paper Table 9; no linear-layer cost)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--tables", action="store_true", help="print paper Tables 1 and 8 with measured values")
     args = parser.parse_args(argv)
     if args.tables:
         print(tables_markdown())
         return
-    options = ModelConfig(gpt_model=args.model, n_enc_layer=args.n_enc_layer, n_dec_layer=args.n_dec_layer,
+    options = ModelConfig(gpt_model=args.model, rope=args.rope, n_enc_layer=args.n_enc_layer, n_dec_layer=args.n_dec_layer,
                           encoder_pooling_ffn=args.encoder_pooling_ffn, decoder_injection=args.decoder_injection)
     try:
         result = count(args.model, args.image_size, args.tokens_per_patch, **architecture(options))

@@ -116,24 +116,37 @@ def patch_starts(config: PatcherConfig, entropies: Tensor, grid_width: int) -> T
 
 def calibrate_threshold(entropies: Tensor, grid_width: int, target: float, *, max_patch_length: int | None = 4,
                         row_break: bool = True, iterations: int = 40) -> float:
-    """The θ at which ``entropies [B, N]`` give ``target`` tokens per patch (bisection: the mean patch
-    length only grows with θ). How the paper chose θ=7.8 for 1.81 tokens per patch at 256 px. The θ
-    returned lies midway between the entropies on either side of the cut, not on one of them.
-    Non-finite entries (a store marks position 0, which always starts a patch, with inf) are ignored."""
+    """The θ at which ``entropies [B, N]`` give the mean patch length closest to ``target`` tokens per patch.
+    How the paper chose θ=7.8 for 1.81 tokens per patch at 256 px (arXiv 2512.21867, section 4.1).
+
+    Bisection finds the stored entropy e* at which the mean patch length (which only grows with θ) crosses
+    ``target``; the two patchings on either side of e* are then compared and the closer one kept. The θ
+    returned lies midway between e* and its neighbouring stored entropy (0.5 nats beyond e* where it has
+    none), never on a stored value, so a rounded θ patches alike. Entropies that take few distinct values
+    may leave the target far away: compare :func:`patch_stats` at the θ returned. Non-finite entries (a
+    store marks position 0, which always starts a patch, with inf) are ignored; ``ValueError`` if none is
+    finite.
+    """
     finite = entropies[torch.isfinite(entropies)]
     if finite.numel() == 0:
         raise ValueError("no finite entropies to calibrate a threshold on")
+
+    def tokens_per_patch(theta: float) -> float:
+        starts = patch_start_mask(entropies, grid_width=grid_width, threshold=theta,
+                                  max_patch_length=max_patch_length, row_break=row_break)
+        return entropies.numel() / float(starts.sum())
+
     low, high = float(finite.min()) - 1.0, float(finite.max()) + 1.0
     for _ in range(iterations):
         theta = (low + high) / 2
-        starts = patch_start_mask(entropies, grid_width=grid_width, threshold=theta,
-                                  max_patch_length=max_patch_length, row_break=row_break)
-        low, high = (theta, high) if entropies.numel() / float(starts.sum()) < target else (low, theta)
-    theta = (low + high) / 2
-    below, above = finite[finite <= theta], finite[finite > theta]
-    if below.numel() and above.numel():  # the middle of the gap at the cut, so a rounded θ patches alike
-        theta = (float(below.max()) + float(above.min())) / 2
-    return theta
+        low, high = (theta, high) if tokens_per_patch(theta) < target else (low, theta)
+    values = torch.unique(finite)
+    # the last stored value <= high, compared in the entropies' dtype as patch_start_mask compares
+    cut = max(int(torch.searchsorted(values, torch.tensor(high, dtype=values.dtype), right=True)) - 1, 0)
+    cut_value = float(values[cut])  # e*: θ below it splits more, θ at or above it merges more
+    below = (float(values[cut - 1]) + cut_value) / 2 if cut > 0 else cut_value - 0.5
+    above = (cut_value + float(values[cut + 1])) / 2 if cut + 1 < len(values) else cut_value + 0.5
+    return min((below, above), key=lambda theta: abs(tokens_per_patch(theta) - target))
 
 
 def next_patch_start(config: PatcherConfig, entropy: Tensor | None, position: int, run_length: Tensor,

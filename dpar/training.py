@@ -256,6 +256,7 @@ class Trainer:
             check_entropy_source(config, store)
         self.collate = PackedCollate(patcher, store.grid)
         self.train_set, self.val_set = _datasets(store, data, model_config, entropies, cfg.global_seed)
+        self.split_seed = data.split_seed
         if entropies and self.val_set is not None and self.val_set.store is not store:
             check_entropy_source(config, self.val_set.store, "data.val_store")
         self.steps_per_epoch = len(self.train_set) // cfg.global_batch_size
@@ -312,7 +313,9 @@ class Trainer:
         """Train until ``train.epochs`` (or ``train.max_steps``); returns the experiment dir."""
         cfg, acc = self.cfg, self.accelerator
         params = sum(p.numel() for p in self.raw_model.parameters())
-        acc.print(f"{self.model_config.gpt_model}: {params:,} parameters; {len(self.train_set):,} training images, "
+        held_out = (f"{len(self.val_set):,} held out for validation (stratified, split seed {self.split_seed}), "
+                    if self.val_set is not None and self.val_set.store is self.train_set.store else "")
+        acc.print(f"{self.model_config.gpt_model}: {params:,} parameters; {len(self.train_set):,} training images, {held_out}"
                   f"{self.steps_per_epoch} steps per epoch; global batch {cfg.global_batch_size} = {self.world} "
                   f"process(es) x micro-batch {self.micro_batch} x {self.accumulation} accumulation step(s); "
                   f"writing to {self.experiment}")
@@ -494,6 +497,9 @@ def _datasets(store: TokenStore, data: DataConfig, model: ModelConfig, entropies
             raise UserError(f"data.val_store {data.val_store} and data.val_holdout={data.val_holdout} are two validation "
                             "sets; set one (data.val_store=null or data.val_holdout=0)")
         val_store = open_store(data.val_store, model, "data.val_store")
+        if entropies and not val_store.has_entropies:
+            raise UserError(f"data.val_store {data.val_store} has no entropies for DPAR's validation; run "
+                            "preprocess_tokens.py --stage entropies on it with the training store's entropy model")
         return TokenDataset(store, entropies, seed), TokenDataset(val_store, entropies, view=0)
     if not 0 <= data.val_holdout < len(store):
         raise UserError(f"data.val_holdout={data.val_holdout} must lie in [0, {len(store)}) for data.store {store.path}")

@@ -122,6 +122,8 @@ CASES = [
     ("stats_threshold", stats, ["--store", "{store}", "--threshold", "nan"], "argument --threshold: must be a finite"),
     ("stats_cap", stats, ["--store", "{store}", "--max-patch-length", "-1"], "argument --max-patch-length: must be >= 0"),
     ("stats_images", stats, ["--store", "{store}", "--max-images", "-1"], "argument --max-images: must be >= 0"),
+    ("stats_both", stats, ["--store", "{store}", "--threshold", "1", "--target-tokens-per-patch", "1.8"],
+     "argument --target-tokens-per-patch: not allowed with argument --threshold"),
     ("stats_holdout", stats, ["--store", "{store}", "--val-holdout", "100000"], "val_holdout 100000 for token store"),
     ("two_val_sets", train_global_model, ["--config", "configs/tiny/global_model_static.yaml", "--data.store", "{store}", "--train.results_dir", "{out}",
                                           "--data.val_store", "{store}", "--data.val_holdout", "5"],

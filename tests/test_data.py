@@ -296,3 +296,15 @@ def test_trainers_and_calibration_use_the_stratified_split(store):
     assert calibration_images(store, held).tolist() == train.tolist()
     sample = calibration_images(store, held, max_images=classes)
     assert len(sample) == classes and set(sample) <= set(train) and len(set(store.labels[sample].tolist())) == classes
+
+
+def test_small_hold_outs_draw_their_classes_and_every_class_keeps_a_training_image():
+    from dpar.data.splits import holdout_split
+    labels = np.repeat(np.arange(12), 8)
+    picked = {tuple(np.unique(labels[holdout_split(labels, 6, seed)[1]])) for seed in range(6)}
+    assert len(picked) > 1 and all(len(classes) == 6 for classes in picked)  # not always classes 0-5
+    labels = np.repeat(np.arange(12), [85] + [1] * 11)
+    train, held = holdout_split(labels, 16, 0)
+    assert np.bincount(labels[train], minlength=12).min() == 1 and len(held) == 16
+    with pytest.raises(ValueError, match="every class keeps one"):
+        holdout_split(labels, 85)

@@ -128,3 +128,25 @@ def test_calibrated_threshold_hits_the_target_mean_patch_length(target, cap, row
     assert abs(entropies.numel() / starts.sum().item() - target) < 0.02
     lower = patch_start_mask(entropies, grid_width=8, threshold=theta - 0.5, max_patch_length=cap, row_break=row_break)
     assert lower.sum() > starts.sum()  # a lower θ cuts more patches: the bisection's premise
+
+
+def test_calibration_keeps_the_closer_patching_when_the_target_falls_between_two():
+    """Entropies with two distinct values allow only a few mean patch lengths: θ gives the one closest to the
+    target, and lies strictly between stored values (or beyond them), so a θ rounded to 6 digits patches alike."""
+    entropies = torch.full((4, 16), 4.8359375)
+    entropies[:, 0] = float("inf")
+    entropies[:, 8] = 4.83984375  # at the row start anyway (row break)
+    def reached(theta):
+        mask = patch_start_mask(entropies, grid_width=8, threshold=theta, max_patch_length=4, row_break=True)
+        return entropies.numel() / mask.sum().item()
+    options = {reached(t) for t in (4.0, 4.837, 5.0)}  # every patching these entropies allow
+    for target in (1.2, 1.81, 3.5, 4.5):
+        theta = calibrate_threshold(entropies, 8, target, max_patch_length=4, row_break=True)
+        assert reached(theta) == min(options, key=lambda o: abs(o - target)), target
+        assert reached(float(f"{theta:.6g}")) == reached(theta)
+        assert theta not in (4.8359375, 4.83984375)
+    one_value = torch.full((2, 16), 2.0)
+    for target in (1.0, 3.9):
+        theta = calibrate_threshold(one_value, 8, target, max_patch_length=4, row_break=True)
+        mask = patch_start_mask(one_value, grid_width=8, threshold=float(f"{theta:.6g}"), max_patch_length=4)
+        assert abs(one_value.numel() / mask.sum().item() - target) < 0.2

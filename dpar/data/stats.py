@@ -75,11 +75,16 @@ def store_threshold(store: TokenStore, target: float, max_patch_length: int | No
 
 
 def describe_images(store_images: int, images: int, val_holdout: int, split_seed: int) -> str:
-    """Which images a calibration used, for reports: e.g. "3800 training images (all but a stratified
-    200-image hold-out, split seed 0)"."""
-    what = "all" if images == store_images - val_holdout else "a stratified sample"
+    """Which images a calibration used, for reports: e.g. "3800 of 4000 images (all of the training split:
+    a stratified 200-image hold-out, split seed 0)"."""
+    what = "all" if images == store_images - val_holdout else f"a stratified sample (seed {split_seed})"
     held = f"a stratified {val_holdout}-image hold-out, split seed {split_seed}" if val_holdout else "no hold-out"
     return f"{images} of {store_images} images ({what} of the training split: {held})"
+
+
+def missed_target(reached: float, target: float) -> bool:
+    """Is a calibrated mean patch length more than 2% away from its target?"""
+    return abs(reached - target) > 0.02 * target
 
 
 def _cap(text: str) -> int | None:
@@ -90,18 +95,20 @@ def _cap(text: str) -> int | None:
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="token store with entropies")
-    parser.add_argument("--threshold", type=field_type(PatcherConfig, "threshold"), nargs="+", default=[7.8],
-                        help="θ in nats; several for a sweep")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--threshold", type=field_type(PatcherConfig, "threshold"), nargs="+", default=[7.8],
+                       help="θ in nats; several for a sweep")
     parser.add_argument("--max-patch-length", type=_cap, default=4, help="P >= 1; 0 or 'none' = no cap")
     parser.add_argument("--no-row-break", action="store_true", help="let patches run across grid rows")
     parser.add_argument("--val-holdout", type=number(int, min=0), default=0,
                         help="the trainers' data.val_holdout: measure on the training split only (default 0: all)")
     parser.add_argument("--split-seed", type=number(int, min=0, max=2**31 - 1), default=0,
-                        help="the trainers' data.split_seed")
+                        help="the trainers' data.split_seed; also seeds the --max-images sample")
     parser.add_argument("--max-images", type=number(int, min=0), default=10000,
                         help="a seeded class-stratified sample of N training images (default 10000; 0: all)")
-    parser.add_argument("--target-tokens-per-patch", type=number(float, min=1), default=None,
-                        help="instead of --threshold: find the θ that gives this mean patch length (>= 1)")
+    which.add_argument("--target-tokens-per-patch", type=number(float, min=1), default=None,
+                       help="instead of --threshold: find the θ that gives this mean patch length (>= 1), or the "
+                            "closest one the entropies allow")
     args = parser.parse_args(argv)
     cap = args.max_patch_length
     store = TokenStore(args.store)
@@ -109,8 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.target_tokens_per_patch is not None:
         args.threshold = [store_threshold(store, args.target_tokens_per_patch, cap, not args.no_row_break, images)]
     rows = store_patch_stats(store, args.threshold, cap, not args.no_row_break, images)
-    print(f"{store.path}: {store.grid}x{store.grid} tokens, P={cap}, row break {'off' if args.no_row_break else 'on'}; "
+    print(f"{store.path}: {store.grid}x{store.grid} tokens, P={cap or 'none (no cap)'}, row break "
+          f"{'off' if args.no_row_break else 'on'}; "
           f"{describe_images(len(store), len(images), args.val_holdout, args.split_seed)}, every view")
+    if args.target_tokens_per_patch is not None and missed_target(rows[0]["tokens_per_patch"], args.target_tokens_per_patch):
+        print(f"note: no θ gives {args.target_tokens_per_patch} tokens per patch on these entropies; the closest is "
+              f"{rows[0]['tokens_per_patch']:.3f} (an entropy model whose entropies take few distinct values)")
     print("| threshold | tokens/patch | patches/image |\n|---|---|---|")
     for row in rows:
         # θ in full: it is copied into configs, and entropies of a weak entropy model crowd within 0.01 nats
