@@ -106,7 +106,7 @@ def matched_static_length(store: TokenStore, patcher: PatcherConfig, images: np.
 def train_all(args, jobs: list[tuple[str, int, list[str]]]) -> dict[str, float]:
     """Train the missing runs, ``args.jobs`` at a time; returns wall seconds per run (kept in the runs dir)."""
     from tqdm import tqdm
-    pending = [job for job in jobs if finished_run(args.runs_dir, run_name(job[0], job[1]), args.epochs) is None]
+    pending = [job for job in jobs if finished_run(args.runs_dir, run_name(job[0], job[1]), epochs_of(args, job[0])) is None]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
     timings = args.runs_dir / "seconds.json"
     seconds = json.loads(timings.read_text()) if timings.is_file() else {}
@@ -178,6 +178,12 @@ def own_patcher(run: Path) -> PatcherConfig | None:
         return None
     return PatcherConfig(**{k: v for k, v in OmegaConf.to_container(config.patcher).items()
                             if k in PatcherConfig.__dataclass_fields__})
+
+
+def epochs_of(args, variant: str) -> int:
+    """Table 3 runs train ``--epochs``; the architecture options ``--ablation-epochs`` (compared with dpar at
+    that step: with a constant learning rate a shorter run is the start of a longer one)."""
+    return args.epochs if VARIANTS[variant][0] == "Table 3" else args.ablation_epochs
 
 
 def curve_status(val: np.ndarray, steps: list[int]) -> dict:
@@ -286,18 +292,35 @@ def plot(results: dict, output: Path, batch: int) -> list[str]:
     return names
 
 
+def up_to(r: dict, step: int) -> dict:
+    """A variant's validation figures over its evaluations up to ``step``: (mean, std over seeds) at ``step``,
+    the best seed-mean and where the curve is (:func:`curve_status`)."""
+    end = r["steps"].index(step) + 1
+    val, steps = np.array(r["val_nll"])[:, :end], r["steps"][:end]
+    return {"mean": float(val[:, -1].mean()), "std": float(val[:, -1].std(ddof=1)) if len(val) > 1 else 0.0,
+            "best": float(val.min(1).mean()), **curve_status(val, steps)}
+
+
+def _change(at: dict) -> str:
+    if np.isnan(at["last_quarter_change"]):
+        return "- (too few evaluations)"
+    return f"{at['last_quarter_change']:+.4f} (from step {at['last_quarter_from_step']})"
+
+
 def _table(lines: list[str], results: dict, names: list[str]) -> None:
+    """One row per variant at the section's last common step (dpar's curve is read there)."""
     v = results["variants"]
-    lines += ["| variant | tokens/patch | global steps/image | forward GMACs/sample | final val NLL (mean ± std) | "
-              "Δ vs dpar | best val NLL (mean) | best at step | change over last quarter |",
+    step = min(v[name]["steps"][-1] for name in names)
+    lines += [f"| variant | tokens/patch | global steps/image | forward GMACs/sample | val NLL at step {step} "
+              "(mean ± std) | Δ vs dpar | best val NLL (mean) | best at step | change over last quarter |",
               "|---|---|---|---|---|---|---|---|---|"]
+    reference = up_to(v["dpar"], step) if "dpar" in v else None
     for name in names:
-        r = v[name]
-        delta = f"{r['final_val_nll_mean'] - v['dpar']['final_val_nll_mean']:+.4f}" if "dpar" in v else "-"
+        r, at = v[name], up_to(v[name], step)
+        delta = f"{at['mean'] - reference['mean']:+.4f}" if reference else "-"
         lines.append(f"| {name} | {r['tokens_per_patch']:.2f} | {r['global_steps_per_image']:.1f} | "
-                     f"{r['forward_gmacs_per_sample']:.4f} | {r['final_val_nll_mean']:.4f} ± "
-                     f"{r['final_val_nll_std']:.4f} | {delta} | {r['best_val_nll_mean']:.4f} | {r['best_step']} | "
-                     f"{r['last_quarter_change']:+.4f} (from step {r['last_quarter_from_step']}) |")
+                     f"{r['forward_gmacs_per_sample']:.4f} | {at['mean']:.4f} ± {at['std']:.4f} | {delta} | "
+                     f"{at['best']:.4f} | {at['best_step']} | {_change(at)} |")
     lines.append("")
 
 
@@ -308,7 +331,8 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
         "",
         f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()} "
         f"({os.cpu_count()} cores), torch {torch.__version__}, fp32; {len(args.seeds)} seed(s) "
-        f"({', '.join(map(str, args.seeds))}), {args.epochs} epochs per run, same recipe for all "
+        f"({', '.join(map(str, args.seeds))}), {args.epochs} epochs per Table 3 run and {args.ablation_epochs} per "
+        f"architecture-option run (compared with dpar's curve at that step), same recipe for all "
         f"(configs/tiny, width 64, head_dim 32, dropout_p = token_dropout_p = {args.dropout} for every variant; "
         f"`{results['store']}`).",
         "",
@@ -344,7 +368,8 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
     classes = sorted(next(iter(v.values()))["per_class_val_nll"], key=int)
     class_names = results.get("class_names") or {}
     lines += ["## Validation NLL per class (seed mean)", "",
-              "A one-class validation set cannot hide here: each class's held-out images separately.", "",
+              "A one-class validation set cannot hide here: each class's held-out images separately, for each run's "
+              "final model (architecture options at their shorter length).", "",
               "| variant | " + " | ".join(class_names.get(c, c) for c in classes) + " |",
               "|---|" + "---|" * len(classes)]
     for name, r in v.items():
@@ -354,7 +379,7 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
         lines += ["## Table 6 at toy scale: boundaries recomputed with a higher threshold at inference", "",
                   "θ set for the given tokens per patch on the training images; the tokens per patch it gives on the "
                   "held-out images are shown.", "",
-                  "| model | threshold | tokens/patch (train → held out) | val NLL (mean ± std) |", "|---|---|---|---|"]
+                  "| model | threshold | tokens/patch (target on the training images → held out) | val NLL (mean ± std) |", "|---|---|---|---|"]
         for name, rows in results["sweep"].items():
             for row in rows:
                 if row["threshold"] is None:
@@ -383,6 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=number(int, min=0, max=2**31 - 1), nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=number(int, min=1), default=16, help="epochs per run (same for every variant)")
+    parser.add_argument("--ablation-epochs", type=number(int, min=1), default=None,
+                        help="epochs of the architecture-option runs (Tables 9, 10, deviations; default --epochs)")
     parser.add_argument("--val-holdout", type=number(int, min=1), default=200,
                         help="held-out images for the validation NLL (a stratified draw, split seed 0)")
     parser.add_argument("--dropout", type=field_type(ModelConfig, "dropout_p"), default=0.0,
@@ -399,6 +426,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run (key=value)")
     args = parser.parse_args(argv)
+    args.ablation_epochs = args.ablation_epochs or args.epochs
+    if args.ablation_epochs > args.epochs and "dpar" in args.variants:
+        raise UserError(f"--ablation-epochs {args.ablation_epochs} exceeds --epochs {args.epochs}: the options are "
+                        "compared with dpar's curve, which must reach their last step")
     for flag, values in (("--variants", args.variants), ("--seeds", args.seeds)):
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
@@ -421,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     dpar_patcher = PatcherConfig(mode="entropy", threshold=threshold, max_patch_length=4, row_break=True)
     static_k, dpar_mean = matched_static_length(store, dpar_patcher, train_images)
     common = ["--data.store", str(args.store), "--data.val_store", "null", "--data.val_holdout", str(args.val_holdout),
-              "--data.split_seed", "0", "--train.epochs", str(args.epochs), "--train.val_every", "1",
+              "--data.split_seed", "0", "--train.val_every", "1",
               "--train.results_dir", str(args.runs_dir), "--patcher.entropy_model_checkpoint", str(entropy),
               "--patcher.threshold", str(threshold), "--model.dropout_p", str(args.dropout),
               "--model.token_dropout_p", str(args.dropout)]
@@ -431,13 +462,15 @@ def main(argv: list[str] | None = None) -> None:
                               if (VARIANTS[v][0] == "Table 3") == table3):
             _, config, overrides = VARIANTS[variant]
             overrides = overrides + ([f"patcher.static_length={static_k}"] if variant == "static" else [])
-            jobs.append((variant, seed, ["--config", config, *common, "--train.experiment_name", run_name(variant, seed),
+            jobs.append((variant, seed, ["--config", config, *common, "--train.epochs", str(epochs_of(args, variant)),
+                                         "--train.experiment_name", run_name(variant, seed),
                                          f"train.global_seed={seed}", *overrides, *args.extra]))
     check_jobs(jobs, args.extra, common)
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     args.output.mkdir(parents=True, exist_ok=True)
     seconds = train_all(args, jobs)
-    runs = {(v, s): finished_run(args.runs_dir, run_name(v, s), args.epochs) for v in args.variants for s in args.seeds}
+    runs = {(v, s): finished_run(args.runs_dir, run_name(v, s), epochs_of(args, v)) for v in args.variants
+            for s in args.seeds}
     results = summarize(args, runs, static_k, dpar_patcher, train_images)
     results.update(store=str(args.store.resolve().relative_to(REPO) if args.store.resolve().is_relative_to(REPO)
                              else args.store), static_length=static_k, dpar_mean_patch_length=dpar_mean,
@@ -455,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
 def check_jobs(jobs: list[tuple[str, int, list[str]]], extra: list[str], common: list[str]) -> None:
     """Every run's config loads and builds before anything is written: ``--extra`` may not set what the study
     or a variant sets (the report would describe runs it did not make), and must suit every variant."""
-    owned = {item.partition("=")[0] for item in parse_overrides(common)} | {"patcher.static_length"} | \
+    owned = {item.partition("=")[0] for item in parse_overrides(common)} | {"patcher.static_length", "train.epochs"} | \
         {item.partition("=")[0] for _, _, overrides in VARIANTS.values() for item in overrides}
     try:
         extras = parse_overrides(extra)
