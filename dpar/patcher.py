@@ -1,4 +1,4 @@
-"""Entropy patching: which image tokens start a new patch (DESIGN.md section 3, paper section 3.2.1).
+"""Entropy patching: which image tokens start a new patch (arXiv 2512.21867, section 3.2.1).
 
 Token i (0-based, raster order) starts a patch iff
 

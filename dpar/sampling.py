@@ -1,4 +1,4 @@
-"""Batched, KV-cached generation for DPAR and the token-level GPT baseline (DESIGN.md sections 3 and 8).
+"""Batched, KV-cached generation for DPAR and the token-level GPT baseline (arXiv 2512.21867, section 3).
 
 For token i of every image, in one pass over the batch:
 

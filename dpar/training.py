@@ -1,4 +1,4 @@
-"""The training loop behind train_entropy_model.py and train_global_model.py (DESIGN.md section 8).
+"""The training loop behind train_entropy_model.py and train_global_model.py (arXiv 2512.21867, section 4.1).
 
 One optimizer step trains on ``train.global_batch_size`` images: each of the P processes takes its
 share and, when that share exceeds ``train.max_device_batch_size``, splits it into micro-batches

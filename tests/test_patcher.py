@@ -60,7 +60,7 @@ def test_token_mode():
 
 
 def reference_loop(entropies, width, threshold, cap, row_break):
-    """The rule, one token at a time (DESIGN.md section 3)."""
+    """The rule, one token at a time (paper section 3.2.1)."""
     out = torch.zeros(entropies.shape, dtype=torch.bool)
     for b in range(entropies.shape[0]):
         length = 0

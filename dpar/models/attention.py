@@ -1,8 +1,7 @@
 """One entry point for attention: dense batches, masked attention and packed variable-length streams.
 
 DPAR's global transformer runs on one packed stream holding every image's patches back to back
-(no padding), so its attention is block-diagonal causal. Backends for that case, tried in order
-(DESIGN.md section 6):
+(no padding), so its attention is block-diagonal causal. Backends for that case, tried in order:
 
 - ``xformers``: ``memory_efficient_attention`` with ``BlockDiagonalCausalMask`` (CUDA, optional install);
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA flash kernels, fp16/bf16);
