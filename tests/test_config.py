@@ -103,7 +103,8 @@ def test_config_builds_the_model():
 
 
 GLOBAL_CONFIGS = sorted(str(p.relative_to(ROOT)) for pattern in ("patching_modes/*.yaml", "baselines/*.yaml",
-                                                                   "tiny/global_*.yaml", "tiny/gpt_*.yaml")
+                                                                   "encoder_decoder/*.yaml", "tiny/global_*.yaml",
+                                                                   "tiny/gpt_*.yaml")
                         for p in (ROOT / "configs").glob(pattern))
 ENTROPY_CONFIGS = sorted(str(p.relative_to(ROOT)) for pattern in ("entropy_model/*.yaml", "tiny/entropy_model.yaml")
                          for p in (ROOT / "configs").glob(pattern))
@@ -119,6 +120,9 @@ def test_shipped_training_configs_validate_and_build(config):
     with torch.device("meta"):
         model = create_model(cfg.model)
     assert model.block_size == (cfg.model.image_size // cfg.model.downsample_size) ** 2
+    if config.startswith("configs/encoder_decoder/"):  # dgpt_l_e<E>d<D>.yaml builds E encoder and D decoder blocks
+        e, d = (int(c) for c in Path(config).stem[-3::2])
+        assert (len(model.encoder.layers), len(model.decoder.layers)) == (e, d) and e + d == 5
     assert (cfg.model.model_type == "uncond") == (schema is TrainEntropyConfig)
     assert len(GLOBAL_CONFIGS) >= 10 and len(ENTROPY_CONFIGS) == 3
 
