@@ -44,10 +44,10 @@ from dpar.data.store import TokenStore  # noqa: E402
 from dpar.demo import TOKENS_PER_PATCH  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.experiment import CONFIG_FILE, METRICS_FILE, checkpoint_dir, latest_checkpoint, load_trained_model  # noqa: E402
-from dpar.config import load_config, parse_overrides  # noqa: E402
+from dpar.config import load_config, parse_overrides, read_section  # noqa: E402
 from dpar.models import ModelConfig, architecture, is_dpar  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
-from dpar.training import nll_totals  # noqa: E402
+from dpar.training import DataConfig, TrainConfig, nll_totals  # noqa: E402
 from dpar.validation import field_type, number  # noqa: E402
 from train_global_model import TrainGlobalConfig  # noqa: E402
 
@@ -143,10 +143,10 @@ def epoch_history(run: Path) -> list[dict]:
 
 def validation_set(run: Path) -> tuple[TokenStore, TokenDataset, int]:
     """The run's held-out images (the trainers' stratified draw, view 0, with entropies) and its batch size."""
-    config = OmegaConf.load(run / CONFIG_FILE)
-    store = TokenStore(config.data.store)
-    held_out = holdout_split(store.labels, config.data.val_holdout, config.data.get("split_seed", 0))[1]
-    return store, TokenDataset(store, entropies=True, images=held_out, view=0), config.train.global_batch_size
+    data, train = read_section(run / CONFIG_FILE, "data", DataConfig), read_section(run / CONFIG_FILE, "train", TrainConfig)
+    store = TokenStore(data.store)
+    held_out = holdout_split(store.labels, data.val_holdout, data.split_seed)[1]
+    return store, TokenDataset(store, entropies=True, images=held_out, view=0), train.global_batch_size
 
 
 def evaluate(run: Path, patcher: PatcherConfig | None, per_class: bool = False) -> dict:
@@ -173,11 +173,9 @@ def evaluate(run: Path, patcher: PatcherConfig | None, per_class: bool = False) 
 
 def own_patcher(run: Path) -> PatcherConfig | None:
     """The patcher a run trained with (None for a GPT)."""
-    config = OmegaConf.load(run / CONFIG_FILE)
-    if not is_dpar(config.model.gpt_model):
+    if not is_dpar(read_section(run / CONFIG_FILE, "model", ModelConfig).gpt_model):
         return None
-    return PatcherConfig(**{k: v for k, v in OmegaConf.to_container(config.patcher).items()
-                            if k in PatcherConfig.__dataclass_fields__})
+    return read_section(run / CONFIG_FILE, "patcher", PatcherConfig)
 
 
 def epochs_of(args, variant: str) -> int:
@@ -449,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     train_images = calibration_images(store, args.val_holdout)
     threshold = args.threshold
     if threshold is None:
-        threshold = float(f"{store_threshold(store, TOKENS_PER_PATCH, 4, True, train_images):.6g}")
+        threshold = store_threshold(store, TOKENS_PER_PATCH, 4, True, train_images)
     dpar_patcher = PatcherConfig(mode="entropy", threshold=threshold, max_patch_length=4, row_break=True)
     static_k, dpar_mean = matched_static_length(store, dpar_patcher, train_images)
     common = ["--data.store", str(args.store), "--data.val_store", "null", "--data.val_holdout", str(args.val_holdout),

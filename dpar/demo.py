@@ -95,12 +95,10 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     entropy = _final(work / "runs" / "scratch" / "entropy_model")
     stage("entropies", lambda: preprocess_tokens.main([
         "--stage", "entropies", "--store", str(store), "--entropy-model-checkpoint", str(entropy / "model.safetensors")]))
-    # θ on every view of the global models' training split (the same val_holdout draw they use); 6 significant
-    # digits: the calibrated θ lies mid-gap between two stored (float16) entropies, which at ~1.5 nats lie
-    # 0.001 apart, so rounding to 3 decimals could move it across one
+    # θ on every view of the global models' training split (the same val_holdout draw they use)
     tokens = TokenStore(store)
     images = calibration_images(tokens, scale.val_holdout)
-    threshold = float(f"{store_threshold(tokens, TOKENS_PER_PATCH, 4, True, images):.6g}")
+    threshold = store_threshold(tokens, TOKENS_PER_PATCH, 4, True, images)
     summary["threshold"] = threshold
     summary["threshold_calibrated_on"] = describe_images(len(tokens), len(images), scale.val_holdout, 0)
     reached = store_patch_stats(tokens, [threshold], 4, True, images)[0]["tokens_per_patch"]

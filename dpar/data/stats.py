@@ -67,11 +67,15 @@ def store_threshold(store: TokenStore, target: float, max_patch_length: int | No
     """The θ (nats) giving ``target`` tokens per patch over every view of ``images``: the one θ calibration
     of the project (the demo, the small-scale study and this module's CLI), how the paper chose θ = 7.8 for
     1.81 tokens per patch (arXiv 2512.21867, section 4.1). Pass :func:`calibration_images`, the training
-    split, so validation images never set θ. See :func:`dpar.patcher.calibrate_threshold`."""
+    split, so validation images never set θ. See :func:`dpar.patcher.calibrate_threshold`.
+
+    Rounded to 6 significant digits, the value written into configs: θ lies mid-gap between two stored
+    (float16) entropies, which at ~1.5 nats lie 0.001 apart, so 6 digits patch exactly as the exact θ."""
     if len(images) == 0:
         raise UserError(f"token store {store.path}: no images to calibrate θ on")
-    return calibrate_threshold(_entropies(store, images), store.grid, target, max_patch_length=max_patch_length,
-                               row_break=row_break)
+    theta = calibrate_threshold(_entropies(store, images), store.grid, target, max_patch_length=max_patch_length,
+                                row_break=row_break)
+    return float(f"{theta:.6g}")
 
 
 def describe_images(store_images: int, images: int, val_holdout: int, split_seed: int) -> str:
