@@ -4,6 +4,9 @@ r"""Preprocess an image dataset once: VQ tokens of every view (--stage tokens), 
         --vq-ckpt pretrained_models/vq_ds16_c2i.pt --image-size 256 --views 20
     python preprocess_tokens.py --stage entropies --store data/imagenet256_tokens \
         --entropy-model-checkpoint <dir>/checkpoints/epoch_00000299/model.safetensors
+    # or, without training an entropy model, a released LlamaGen c2i GPT at its null class:
+    python preprocess_tokens.py --stage entropies --store data/imagenet256_tokens \
+        --entropy-model-checkpoint pretrained_models/c2i_B_256.pt --entropy-model-gpt GPT-B
 
 Both stages shard over processes with ``accelerate launch`` and continue where a killed run stopped.
 """
@@ -21,7 +24,8 @@ from dpar.data.preprocess import (TokenJob, entropy_shards, finish_entropies, fi
                                   trained_tokenizer_sha256)
 from dpar.data.store import TokenStore, file_sha256, read_meta
 from dpar.errors import ArgumentParser, UserError, run_main
-from dpar.experiment import load_trained_model
+from dpar.experiment import load_entropy_model
+from dpar.models import GPT_models
 from dpar.fileio import check_output_dir
 from dpar.launch import make_accelerator
 from dpar.validation import field_type, number
@@ -54,8 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="images per shard (the unit of resumption)")
     tokens.add_argument("--num-workers", type=number(int, min=0), default=8, help="image-decoding DataLoader workers")
     entropies = parser.add_argument_group("--stage entropies")
-    entropies.add_argument("--entropy-model-checkpoint", help="the entropy model's model.safetensors")
+    entropies.add_argument("--entropy-model-checkpoint",
+                           help="the entropy model's model.safetensors (or a LlamaGen c2i .pt, see --entropy-model-gpt)")
     entropies.add_argument("--entropy-model-config", help="its config.yaml (default: the run's, next to it)")
+    entropies.add_argument("--entropy-model-gpt", choices=tuple(GPT_models), default=None,
+                           help="the checkpoint is a released LlamaGen c2i GPT of this size (e.g. GPT-B for "
+                                "c2i_B_256.pt): entropies of its null-class predictions, no entropy model to train")
     entropies.add_argument("--overwrite", action="store_true", help="replace entropies of another entropy model")
     return parser.parse_args(argv)
 
@@ -99,10 +107,10 @@ def stage_entropies(args: argparse.Namespace, accelerator: Accelerator) -> None:
     if not args.entropy_model_checkpoint:
         raise UserError("--stage entropies needs --entropy-model-checkpoint")
     store = TokenStore(args.store)
-    model, config = load_trained_model(args.entropy_model_checkpoint, args.entropy_model_config)
-    if config.model_type != "uncond":  # checked before start_entropies may delete another model's entropies
-        raise UserError(f"--entropy-model-checkpoint {args.entropy_model_checkpoint} is a {config.model_type} "
-                        f"{config.gpt_model}; entropies come from an unconditional GPT (train_entropy_model.py)")
+    # checked before start_entropies may delete another model's entropies
+    model, config = load_entropy_model(args.entropy_model_checkpoint, args.entropy_model_config,
+                                       llamagen_gpt=args.entropy_model_gpt, image_size=store.meta["image_size"],
+                                       downsample_size=store.meta["image_size"] // store.grid)
     trained_on = trained_tokenizer_sha256(args.entropy_model_checkpoint, args.entropy_model_config)
     if trained_on is not None and trained_on != store.meta["tokenizer"]["sha256"]:
         raise UserError(f"--entropy-model-checkpoint {args.entropy_model_checkpoint} was trained on the tokens of "
@@ -111,10 +119,6 @@ def stage_entropies(args: argparse.Namespace, accelerator: Accelerator) -> None:
     if config.vocab_size != store.codebook_size:
         raise UserError(f"the entropy model predicts {config.vocab_size} codes but the store's tokenizer has "
                         f"{store.codebook_size}; train the entropy model on this store's tokens")
-    if model.block_size != store.num_tokens:
-        raise UserError(f"the entropy model was built for {model.block_size} tokens per image "
-                        f"(image_size {config.image_size}), the store has {store.num_tokens} "
-                        f"({store.meta['image_size']} px)")
     model = model.to(accelerator.device)
     identity = {"checkpoint": str(args.entropy_model_checkpoint), "sha256": file_sha256(args.entropy_model_checkpoint),
                 "gpt_model": config.gpt_model}

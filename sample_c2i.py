@@ -1,22 +1,30 @@
-r"""Sample a class grid and a patch-boundary map from a training run.
+r"""Sample a class grid and a patch-boundary map from a training run or a released LlamaGen checkpoint.
 
     python sample_c2i.py --experiment_dir results/global_model_entropy_row_break/20250820_13 --output-dir samples
     python sample_c2i.py --experiment_dir <run> --classes 207 360 387 974 --cfg-scale 4.0 --threshold 8.0
+    python sample_c2i.py --experiment_dir <run> --epoch latest          # a run still in its first epoch
+    python sample_c2i.py --gpt-model GPT-L --gpt-ckpt c2i_L_256.pt --vq-ckpt vq_ds16_c2i.pt --image-size 256
+    python sample_c2i.py --experiment_dir <run> --prefix-image photo.jpg --prefix-rows 6 --classes 207
 
-Writes ``<output-dir>/<sample name>.png`` (one row per class) and, for DPAR, ``<sample name>_patches.png``:
-the same images tinted by patch length (red = 1 token ... blue = 7+) with a dark line where each patch
-starts. Prints tokens per patch and seconds per image.
+Writes ``<output-dir>/<sample name>.png`` (one row per class, labelled with its id and the store's class
+name) and, for DPAR, ``<sample name>_patches.png``: the same images tinted by patch length (legend below)
+with a dark line where each patch starts. With ``--prefix-image``, each row is the image (a red line
+under its kept rows) followed by completions that keep its first ``--prefix-rows`` token rows
+(``<sample name>_completion-<image>-rows-<R>.png`` and its ``_patches.png``). Prints the weights loaded, tokens per patch and
+seconds per image.
 """
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.fileio import check_output_dir
-from dpar.sampling import Sampler, add_sampling_arguments, sample_file_stem, sampling_from_args
+from dpar.sampling import Sampler, add_sampling_arguments, sample_file_stem, sampler_from_args, sampling_from_args
 from dpar.validation import device, number
-from dpar.visual import image_grid, patch_map, save_png
+from dpar.visual import image_grid, patch_map, save_png, with_patch_legend, with_row_labels
+from tokenizer.transforms import load_center_crop
 
 IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]  # LlamaGen's sample_c2i.py classes
 
@@ -29,32 +37,64 @@ def main(argv: list[str] | None = None) -> None:
                              "else every class)")
     parser.add_argument("--per-class", type=number(int, min=1), default=8, help="images per class")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    completion = parser.add_argument_group("image completion (outpainting downward)")
+    completion.add_argument("--prefix-image", default=None, help="an image whose top token rows are kept")
+    completion.add_argument("--prefix-rows", type=number(int, min=1), default=None,
+                            help="token rows of --prefix-image kept, in [1, grid rows)")
     args = parser.parse_args(argv)
+    if (args.prefix_image is None) != (args.prefix_rows is None):
+        raise UserError("--prefix-image and --prefix-rows go together (the image, and how many token rows of it "
+                        "to keep)")
+    if args.prefix_image is not None and not Path(args.prefix_image).is_file():
+        raise UserError(f"--prefix-image {args.prefix_image}: no such file")
     check_output_dir(args.output_dir, "--output-dir")
 
-    sampler = Sampler.from_experiment(args.experiment_dir, args.epoch, ema=args.ema, vq_checkpoint=args.vq_ckpt,
-                                      device=args.device, threshold=args.threshold,
-                                      max_patch_length=args.max_patch_length)
+    sampler = sampler_from_args(args, args.device)
     sampler.check(sampling_from_args(args))
+    print(f"sampling {sampler.weights} ({sampler.name})")
     num_classes = sampler.model_config.num_classes
     classes = args.classes or (IMAGENET_SHOWCASE if num_classes == 1000 else list(range(num_classes)))
     outside = [c for c in classes if c >= num_classes]
     if outside:
         raise UserError(f"--classes {outside[0]}: the model has {num_classes} classes, ids 0 to {num_classes - 1} "
                         f"(id {num_classes} is the null class that guidance uses)")
+    prefix, original = None, None
+    if args.prefix_image is not None:
+        if args.prefix_rows >= sampler.grid:
+            raise UserError(f"--prefix-rows {args.prefix_rows}: the model's images have {sampler.grid} token rows; "
+                            f"keep 1 to {sampler.grid - 1} of them")
+        original = torch.from_numpy(load_center_crop(args.prefix_image, sampler.model_config.image_size))
+        codes = sampler.vq.images_to_codes(original[None].to(args.device))
+        prefix = codes[:, :args.prefix_rows * sampler.grid].repeat(len(classes) * args.per_class, 1)
+
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     seeds = args.seed * 1_000_003 + torch.arange(len(labels))
     started = time.perf_counter()
-    images, out = sampler.sample(labels.to(args.device), seeds, sampling_from_args(args), progress=True)
+    images, out = sampler.sample(labels.to(args.device), seeds, sampling_from_args(args), progress=True,
+                                 prefix=prefix)
     seconds = time.perf_counter() - started
 
-    stem = sample_file_stem(sampler.epoch, sampling_from_args(args), args.seed, args.threshold, args.max_patch_length)
-    grid_path = save_png(image_grid(images, nrow=args.per_class), f"{args.output_dir}/{stem}.png")
+    names = sampler.class_names
+    row_labels = [f"{c} {names[c]}" if names else str(c) for c in classes]
+    stem = sample_file_stem(sampler.name, sampling_from_args(args), args.seed, args.threshold, args.max_patch_length)
+    height = images.shape[1]
+    if original is None:
+        pictures = images
+    else:  # each row: the image, a red line under its kept rows, then its completions
+        stem += f"_completion-{Path(args.prefix_image).stem}-rows-{args.prefix_rows}"
+        cut = original.clone()
+        cut[args.prefix_rows * height // sampler.grid - 1] = torch.tensor([230, 30, 30], dtype=torch.uint8)
+        pictures = torch.cat([torch.cat([cut[None], images[k * args.per_class:(k + 1) * args.per_class].cpu()])
+                              for k in range(len(classes))])
+    columns = args.per_class + (original is not None)
+    grid_path = save_png(with_row_labels(image_grid(pictures, nrow=columns), row_labels, height),
+                         f"{args.output_dir}/{stem}.png")
     print(f"{len(labels)} images of {len(classes)} classes in {seconds:.1f} s ({seconds / len(labels):.3f} s/image) "
           f"-> {grid_path}")
     if sampler.patcher is not None:
         maps = patch_map(images, out.patch_start, sampler.grid)
-        map_path = save_png(image_grid(maps, nrow=args.per_class), f"{args.output_dir}/{stem}_patches.png")
+        picture = with_patch_legend(with_row_labels(image_grid(maps, nrow=args.per_class), row_labels, height))
+        map_path = save_png(picture, f"{args.output_dir}/{stem}_patches.png")
         tokens_per_patch = out.tokens.numel() / float(out.global_steps.sum())
         print(f"{tokens_per_patch:.2f} tokens per patch, {out.global_steps.float().mean():.1f} global steps per image "
               f"-> {map_path}")

@@ -2,6 +2,9 @@ r"""Sample N images (50,000 by default) across processes and pack them into an A
 
     accelerate launch sample_c2i_ddp.py --experiment_dir <run> --cfg-scale 2.0 --output-dir samples
     -> samples/epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz   (arr_0: uint8 [N, H, W, 3])
+    accelerate launch sample_c2i_ddp.py --gpt-model GPT-L --gpt-ckpt c2i_L_256.pt --vq-ckpt vq_ds16_c2i.pt \
+        --image-size 256 --cfg-scale 2.0     # a released LlamaGen checkpoint, same sampler and file format
+    -> samples/GPT-L-c2i_L_256-size-256-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz
 
 Images come in class order (N / classes per class); image n uses seed ``seed * 1000003 + n``, so its tokens
 are the same on any number of processes (its pixels too where the tokenizer's decoder runs the same kernels:
@@ -21,8 +24,8 @@ from tqdm import tqdm
 from dpar.errors import ArgumentParser, run_main
 from dpar.fileio import check_output_dir
 from dpar.launch import make_accelerator
-from dpar.sampling import (Sampler, SampleChunks, add_sampling_arguments, class_order_labels, sample_file_stem,
-                           sampling_from_args)
+from dpar.sampling import (SampleChunks, add_sampling_arguments, class_order_labels, sample_file_stem,
+                           sampler_from_args, sampling_from_args)
 from dpar.validation import number
 
 
@@ -37,12 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_output_dir(args.output_dir, "--output-dir")
     accelerator = make_accelerator()
-    sampler = Sampler.from_experiment(args.experiment_dir, args.epoch, ema=args.ema, vq_checkpoint=args.vq_ckpt,
-                                      device=accelerator.device, threshold=args.threshold,
-                                      max_patch_length=args.max_patch_length)
+    sampler = sampler_from_args(args, accelerator.device)
     sampling = sampling_from_args(args)
     sampler.check(sampling)
-    npz = Path(args.output_dir) / f"{sample_file_stem(sampler.epoch, sampling, args.seed, args.threshold, args.max_patch_length)}.npz"
+    accelerator.print(f"sampling {sampler.weights} ({sampler.name})")
+    stem = sample_file_stem(sampler.name, sampling, args.seed, args.threshold, args.max_patch_length)
+    npz = Path(args.output_dir) / f"{stem}.npz"
     num_classes = sampler.model_config.num_classes
     job = {**sampler.identity(), "epoch": sampler.epoch, "ema": args.ema, "seed": args.seed,
            "class_order": f"sample n has class n * {num_classes} // N", "sampling": asdict(sampling),

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import textwrap
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +31,7 @@ from .validation import problem, yaml_bool_spelling
 
 
 BASE_KEY = "base"
+REPO = Path(__file__).resolve().parents[1]  # the repository (an editable install's source tree)
 
 
 class ConfigError(UserError):
@@ -85,8 +88,29 @@ def parse_cli(parser: argparse.ArgumentParser, schema: type,
     if not any("--config" in action.option_strings for action in parser._actions):
         parser.add_argument("--config", help="YAML config file (overrides follow as --a.b value or a.b=value)")
     parser.allow_abbrev = False
+    parser.epilog = "\n".join(filter(None, [parser.epilog, config_sections_help(schema)]))
     args, rest = parser.parse_known_args(argv)
     return args, load_config(schema, args.config, rest)
+
+
+def config_sections_help(schema: type) -> str:
+    """The ``--help`` text that lists a script's config sections, their keys and where each is documented."""
+    lines = [textwrap.fill("config sections: set any key as --section.key VALUE or section.key=VALUE; each key is "
+                           "commented, with its default and allowed values, where its section is defined:", width=100)]
+    hints = typing.get_type_hints(schema)
+    plain = [f.name for f in dataclasses.fields(schema) if not dataclasses.is_dataclass(hints[f.name])]
+    if plain:
+        lines.append(f"  top-level keys: {', '.join(plain)}")
+    for section in dataclasses.fields(schema):
+        section_type = hints[section.name]
+        if section.name in plain:
+            continue
+        source = Path(inspect.getsourcefile(section_type)).resolve()
+        where = source.relative_to(REPO) if source.is_relative_to(REPO) else source
+        lines.append(f"  {section.name}: {section_type.__name__} in {where}")
+        lines.append(textwrap.fill(", ".join(f.name for f in dataclasses.fields(section_type)), width=100,
+                                   initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
 
 
 def save_config(config: DictConfig, path: str | Path) -> None:
@@ -105,6 +129,16 @@ def read_section(path: str | Path, key: str, schema: type) -> Any:
     except ConfigError as error:
         raise ConfigError(f"in {path}: {error}") from None
     return to_dataclass(config)
+
+
+def recorded_path(value: str | Path) -> Path:
+    """A path a run's ``config.yaml`` records, found from any working directory: an absolute path as is; a
+    relative one from the current directory where it exists there (a run started here), else from the
+    repository (the embedded demo's runs record their paths relative to it)."""
+    path = Path(value)
+    if path.is_absolute() or path.exists() or not (REPO / path).exists():
+        return path
+    return REPO / path
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -20,13 +20,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .config import REPO
 from .errors import ArgumentParser, UserError, run_main
 from .fileio import atomic_write_text, check_output_dir
+from .data.store import META_FILE, read_meta, write_json
 from .experiment import CONFIG_FILE, EMA_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "assets" / "demo"
 DEMO_RUN = DEFAULT_OUTPUT / "dpar"  # what python sample_c2i.py samples from without arguments
+STORE = "tokens"  # the published token store: <output>/tokens
 SUMMARY_FILE = "summary.json"  # marks a build's output folder (and is its summary)
 WORK_MARKER = ".dpar-demo-work"  # marks a build's work folder
 
@@ -49,8 +51,8 @@ TINY = Scale(images=96, tokenizer_images=32, tokenizer_epochs=1, entropy_epochs=
              val_holdout=16)
 IMAGE_SIZE = OmegaConf.load(REPO / "configs" / "tokenizer" / "vq_tiny.yaml").data.image_size
 TOKENS_PER_PATCH = 1.81  # DPAR's θ is set on the demo's store to give the paper's 256 px mean patch length
-GLOBAL_RUNS = {"dpar": "configs/tiny/global_model_entropy_row_break.yaml", "gpt": "configs/tiny/gpt_baseline.yaml",
-               "static": "configs/tiny/global_model_static.yaml"}
+GLOBAL_RUNS = {name: str(REPO / "configs" / "tiny" / f"{config}.yaml") for name, config in
+               (("dpar", "global_model_entropy_row_break"), ("gpt", "gpt_baseline"), ("static", "global_model_static"))}
 
 
 def build(output: Path, work: Path, scale: Scale) -> dict:
@@ -81,7 +83,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
                                        write_image_folder(tokenizer_images, scale.tokenizer_images, IMAGE_SIZE,
                                                           seed=1)))
     stage("tokenizer", lambda: train_vq.main([
-        "--config", "configs/tokenizer/vq_tiny.yaml", "--data.data_path", str(tokenizer_images),
+        "--config", str(REPO / "configs" / "tokenizer" / "vq_tiny.yaml"), "--data.data_path", str(tokenizer_images),
         "--train.results_dir", str(work / "runs"), "--train.epochs", str(scale.tokenizer_epochs),
         "--train.recon_every", str(max(scale.tokenizer_epochs // 2, 1)), *batch]))
     vq = _final(work / "runs" / "scratch" / "vq_tiny")
@@ -90,7 +92,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
         "--image-size", str(IMAGE_SIZE), "--views", str(scale.views), "--num-workers", "0", "--shard-size", "500"]))
     common = ["--data.store", str(store), "--train.results_dir", str(work / "runs")]
     stage("entropy model", lambda: train_entropy_model.main([
-        "--config", "configs/tiny/entropy_model.yaml", *common, "--train.epochs", str(scale.entropy_epochs), *batch,
+        "--config", str(REPO / "configs" / "tiny" / "entropy_model.yaml"), *common, "--train.epochs", str(scale.entropy_epochs), *batch,
         *holdout]))
     entropy = _final(work / "runs" / "scratch" / "entropy_model")
     stage("entropies", lambda: preprocess_tokens.main([
@@ -116,9 +118,11 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     _replace_folder(output, SUMMARY_FILE)
     rewrites = {"patcher.entropy_model_checkpoint": _relative(output / "entropy_model" / _weights(entropy)),
                 "patcher.entropy_model_checkpoint_config": _relative(output / "entropy_model" / CONFIG_FILE),
-                "data.tokenizer_checkpoint": _relative(output / "tokenizer" / _weights(vq))}
+                "data.tokenizer_checkpoint": _relative(output / "tokenizer" / _weights(vq)),
+                "data.store": _relative(output / STORE)}
     _publish(vq, output / "tokenizer", {})
     _publish(entropy, output / "entropy_model", rewrites)
+    publish_store(store, output / STORE, rewrites)
     for name in GLOBAL_RUNS:
         run = _final(work / "runs" / "scratch" / Path(GLOBAL_RUNS[name]).stem)
         summary[name] = _publish(run, output / name, rewrites)
@@ -161,6 +165,17 @@ def _relative(path: Path) -> str:
     """``path`` relative to the repository when it lies inside it (the shipped demo), else absolute."""
     path = path.resolve()
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def publish_store(store: Path, target: Path, rewrites: dict[str, str]) -> None:
+    """Copy the demo's token store (tokens, labels, entropies: 2 MB) as ``target``, its ``meta.json`` naming
+    the published tokenizer and entropy model (same weights, so the same hashes) instead of the work dir's."""
+    shutil.copytree(store, target)
+    meta = read_meta(target)
+    meta["tokenizer"]["checkpoint"] = rewrites["data.tokenizer_checkpoint"]
+    if meta.get("entropies"):
+        meta["entropies"]["model"]["checkpoint"] = rewrites["patcher.entropy_model_checkpoint"]
+    write_json(target / META_FILE, meta)
 
 
 def _publish(checkpoint: Path, target: Path, rewrites: dict[str, str]) -> dict:

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from .config import flatten, load_config, read_section, save_config
 from .errors import UserError, first_line
 from .fileio import atomic_write_text, umask
-from .models import ModelConfig, create_model
+from .models import GPT_models, ModelConfig, create_model
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -170,13 +170,19 @@ def resume_checkpoint(experiment_dir: str | Path) -> Path | None:
 
 def checkpoint_step(checkpoint: str | Path) -> int:
     """The optimizer step a checkpoint was written at (-1 when its metadata does not say)."""
+    return int(checkpoint_metadata(checkpoint).get("step", -1))
+
+
+def checkpoint_metadata(checkpoint: str | Path) -> dict[str, str]:
+    """The ``epoch`` and ``step`` a checkpoint dir's weights record (strings; absent when not recorded)."""
     path = Path(checkpoint) / MODEL_FILE
     try:
         with safe_open(path, framework="pt") as f:
-            return int((f.metadata() or {}).get("step", -1))
+            metadata = dict(f.metadata() or {})
+        int(metadata.get("step", -1)), int(metadata.get("epoch", -1))
+        return metadata
     except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"checkpoint {path} is damaged ({error}); delete its folder to resume from an earlier "
-                        "one") from None
+        raise UserError(f"checkpoint {path} is damaged ({error}); delete its folder to use an earlier one") from None
 
 
 def _write_checkpoint(final: Path, model_state: dict[str, torch.Tensor], training_state: dict[str, Any] | None,
@@ -214,8 +220,15 @@ def prune_checkpoints(experiment_dir: str | Path, keep_last: int, keep_every: in
             shutil.rmtree(path)
 
 
-def read_state_dict(path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:
-    """Weights from a ``.safetensors`` file or a torch checkpoint (taking ``checkpoint[key]`` when present)."""
+# Where a torch checkpoint keeps its weights, in the order LlamaGen's sample_c2i.py looks (a bare state dict,
+# e.g. LlamaGen's FSDP consolidated files, also loads).
+STATE_DICT_KEYS = ("model", "module", "state_dict")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a ``.safetensors`` file or a torch checkpoint: ``checkpoint[key]`` for the first of
+    :data:`STATE_DICT_KEYS` it has (LlamaGen's ``{"model": ...}``, DeepSpeed's ``"module"``, Lightning's
+    ``"state_dict"``), else the checkpoint itself. ``UserError`` for a missing or unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
@@ -225,10 +238,13 @@ def read_state_dict(path: str | Path, key: str = "model") -> dict[str, torch.Ten
         except (SafetensorError, OSError) as error:
             raise UserError(f"cannot read {path}: {error}") from None
     checkpoint = load_torch_file(path)
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-        checkpoint = checkpoint[key]
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise UserError(f"{path} holds no state dict (expected tensors, or a dict with a {key!r} entry)")
+    if isinstance(checkpoint, dict):
+        key = next((key for key in STATE_DICT_KEYS if isinstance(checkpoint.get(key), dict)), None)
+        checkpoint = checkpoint if key is None else checkpoint[key]
+    if (not isinstance(checkpoint, dict) or not checkpoint
+            or not all(isinstance(v, torch.Tensor) for v in checkpoint.values())):
+        raise UserError(f"{path} holds no state dict (expected tensors, or a dict with one under "
+                        f"{' / '.join(map(repr, STATE_DICT_KEYS))})")
     return checkpoint
 
 
@@ -242,9 +258,9 @@ def load_torch_file(path: str | Path) -> Any:
         raise UserError(f"cannot read {path} as a weights-only torch checkpoint: {message}") from None
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path, key: str = "model") -> None:
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load weights strictly; a mismatch is one line naming the first missing/unexpected/misshapen key."""
-    state = read_state_dict(path, key)
+    state = read_state_dict(path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -313,3 +329,58 @@ def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = 
         raise UserError(f"{config_path}: {error}") from None
     load_model_weights(model, checkpoint)
     return model.eval(), config
+
+
+def load_llamagen_gpt(checkpoint: str | Path, gpt_model: str, image_size: int, downsample_size: int = 16):
+    """(model in eval mode, its ModelConfig) from a released LlamaGen class-conditional GPT checkpoint
+    (e.g. ``c2i_B_256.pt`` with ``gpt_model="GPT-B"``), as LlamaGen's ``sample_c2i.py`` loads it.
+
+    The codebook size and class count come from the weights' shapes (``tok_embeddings``,
+    ``cls_embedding.embedding_table``: LlamaGen trains c2i with class dropout 0.1, so its table has the
+    null class as its last row). ``UserError`` for a file that is no LlamaGen GPT of this size.
+    """
+    if gpt_model not in GPT_models:
+        raise UserError(f"--gpt-model {gpt_model!r}: a LlamaGen checkpoint is one of {', '.join(GPT_models)}")
+    state = read_state_dict(checkpoint)
+    shapes = {key: state[key].shape for key in ("tok_embeddings.weight", "cls_embedding.embedding_table.weight")
+              if key in state}
+    if len(shapes) < 2:
+        raise UserError(f"{checkpoint} is not a LlamaGen GPT checkpoint (no tok_embeddings / cls_embedding weights)")
+    classes = shapes["cls_embedding.embedding_table.weight"][0] - 1
+    if classes < 1:
+        raise UserError(f"{checkpoint} is an unconditional GPT (one class row); a LlamaGen c2i checkpoint has "
+                        "its classes and a null class")
+    config = ModelConfig(gpt_model=gpt_model, model_type="c2i", image_size=image_size,
+                         downsample_size=downsample_size, vocab_size=shapes["tok_embeddings.weight"][0],
+                         num_classes=classes, class_dropout_prob=0.1)
+    try:
+        model = create_model(config)
+    except ValueError as error:
+        raise UserError(f"--image-size {image_size}: {error}") from None
+    load_model_weights(model, checkpoint)
+    return model.eval(), config
+
+
+def load_entropy_model(checkpoint: str | Path, config_path: str | Path | None = None, *,
+                       llamagen_gpt: str | None = None, image_size: int | None, downsample_size: int):
+    """(model in eval mode, its ModelConfig) of an entropy model for ``image_size``-pixel images (None: a
+    trained run's own size; a LlamaGen checkpoint needs it).
+
+    Either a train_entropy_model.py run (an unconditional GPT; ``config_path`` as for
+    :func:`load_trained_model`) or, with ``llamagen_gpt`` (e.g. ``"GPT-B"``), a released LlamaGen c2i
+    checkpoint, whose null class gives the unconditional predictions (its entropies come from
+    ``model(tokens, null labels)``, see ``dpar.data.preprocess.next_token_entropies``). ``UserError`` for a
+    class-conditional run, or a model built for another image or token grid.
+    """
+    if llamagen_gpt:
+        return load_llamagen_gpt(checkpoint, llamagen_gpt, image_size, downsample_size)
+    model, config = load_trained_model(checkpoint, config_path)
+    if config.model_type != "uncond":
+        raise UserError(f"entropy model {checkpoint} is a {config.model_type} {config.gpt_model} run; entropies come "
+                        "from an unconditional GPT (train_entropy_model.py), or from a LlamaGen c2i checkpoint "
+                        "named with its size (patcher.entropy_model_gpt / --entropy-model-gpt)")
+    grid = (image_size or config.image_size) // downsample_size
+    if model.block_size != grid * grid:
+        raise UserError(f"entropy model {checkpoint} was built for {model.block_size} tokens per image "
+                        f"(image_size {config.image_size}), this needs {grid * grid} ({grid * downsample_size} px)")
+    return model, config

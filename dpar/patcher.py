@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .models.gpt import GPT_models
 from .validation import choice, ranged
 
 PATCH_MODES = ("entropy", "static", "token")
@@ -37,8 +38,12 @@ class PatcherConfig:
     static_length: int = ranged(2, min=1)
     # config.yaml of the entropy model experiment whose entropies the token store holds.
     entropy_model_checkpoint_config: str | None = None
-    # model.safetensors of that entropy model.
+    # model.safetensors of that entropy model, or a released LlamaGen c2i checkpoint (see entropy_model_gpt).
     entropy_model_checkpoint: str | None = None
+    # null: the entropy model is a train_entropy_model.py run. GPT-B/L/XL/XXL: entropy_model_checkpoint is a
+    # LlamaGen class-conditional GPT of that size (e.g. GPT-B for c2i_B_256.pt), read at its null class:
+    # H_i is the entropy of its unconditional prediction of x_i (no entropy model to train).
+    entropy_model_gpt: str | None = choice(None, tuple(GPT_models))
 
 
 def forced_starts(entropies: Tensor | None, positions: Tensor, *, grid_width: int,

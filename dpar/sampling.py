@@ -35,13 +35,15 @@ from tqdm import tqdm
 
 from tokenizer.vq_model import load_vq
 
-from .config import read_section, read_yaml
+from .config import read_section, read_yaml, recorded_path
 from .data.store import file_sha256, read_meta
 from .demo import DEMO_RUN
 from .errors import UserError, first_line
 from .fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file, lock_folder
-from .experiment import CONFIG_FILE, EMA_FILE, MODEL_FILE, list_checkpoints, load_trained_model
-from .models import DPAR, ModelConfig, is_dpar
+from .experiment import (CHECKPOINTS, CONFIG_FILE, EMA_FILE, MODEL_FILE, STEP_CHECKPOINT, checkpoint_metadata,
+                         list_checkpoints,
+                         load_entropy_model, load_llamagen_gpt, load_trained_model, step_checkpoint_dir)
+from .models import DPAR, GPT_models, ModelConfig, is_dpar
 from .patcher import PatcherConfig, logits_entropy, next_patch_start
 from .validation import choice, field_type, number, ranged
 
@@ -108,8 +110,12 @@ def guidance_scale(config: SamplingConfig, position: int, num_tokens: int) -> fl
 @torch.no_grad()
 def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig, *,
              patcher: PatcherConfig | None = None, entropy_model: nn.Module | None = None,
-             record_logits: bool = False, progress: bool = False) -> Generation:
+             prefix: Tensor | None = None, record_logits: bool = False, progress: bool = False) -> Generation:
     """Sample ``len(seeds)`` images from a DPAR or GPT model (eval mode) for class ``labels`` (None: unconditional).
+
+    ``prefix [B, L]`` (image completion): tokens 0..L-1 are these instead of samples; the boundaries, caches
+    and the rest run as for sampled tokens, so the continuation is sampled exactly as if the model had drawn
+    the prefix itself.
 
     DPAR needs ``patcher`` (its mode, θ and P may differ from training: paper Table 6) and, for entropy
     patching, the unconditional GPT ``entropy_model``. ``progress`` shows a bar over the token steps.
@@ -128,6 +134,8 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
     use_entropy = is_dpar and patcher.mode == "entropy"
     if use_entropy and entropy_model is None:
         raise ValueError("entropy patching needs the entropy model")
+    if prefix is not None and (prefix.shape[0] != batch or prefix.shape[1] > num_tokens):
+        raise ValueError(f"prefix {list(prefix.shape)} must be [{batch}, <= {num_tokens}]")
 
     if labels is None:
         rows_labels = model.cls_embedding.null_labels(batch, device)
@@ -176,10 +184,13 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
             if logits_log is not None:
                 logits_log[:, i] = logits
             with record_function("sample"):
-                if guided:
-                    cond, uncond = logits.chunk(2)
-                    logits = uncond + (cond - uncond) * guidance_scale(sampling, i, num_tokens)
-                tokens[:, i] = sample_from_logits(logits, uniforms[:, i], sampling)
+                if prefix is not None and i < prefix.shape[1]:
+                    tokens[:, i] = prefix[:, i]
+                else:
+                    if guided:
+                        cond, uncond = logits.chunk(2)
+                        logits = uncond + (cond - uncond) * guidance_scale(sampling, i, num_tokens)
+                    tokens[:, i] = sample_from_logits(logits, uniforms[:, i], sampling)
 
             if is_dpar:
                 with record_function("encoder"):
@@ -234,22 +245,29 @@ def _global_step(model: DPAR, start: Tensor, position: int, rows_labels: Tensor,
 
 @dataclass
 class Sampler:
-    """A trained run, ready to sample: its model, patcher, entropy model and tokenizer on one device."""
+    """A model ready to sample -- a training run's or a released LlamaGen GPT's -- with its patcher, entropy
+    model and tokenizer, on one device."""
 
     model: nn.Module
     model_config: ModelConfig
     patcher: PatcherConfig | None
     entropy_model: nn.Module | None
-    vq: nn.Module
-    epoch: int
-    weights: Path        # the model.safetensors (or ema.safetensors) sampled from
-    vq_checkpoint: Path  # the tokenizer that decodes
+    vq: nn.Module | None
+    epoch: int | str | None  # the run's checkpoint epoch, "latest" (its mid-epoch checkpoint), None for LlamaGen's
+    name: str            # what sample files are named after: epoch-299, epoch-3-step-1200, GPT-B-c2i_B_256-size-256
+    weights: Path        # the model.safetensors (or ema.safetensors, or LlamaGen .pt) sampled from
+    vq_checkpoint: Path | None  # the tokenizer that decodes
+    class_names: list[str] | None = None  # from the run's token store, where it is here
+    config_path: Path | None = None       # the run's config.yaml (None for a LlamaGen checkpoint)
 
     @classmethod
-    def from_experiment(cls, experiment_dir: str | Path, epoch: int | None = None, *, ema: bool = False,
+    def from_experiment(cls, experiment_dir: str | Path, epoch: int | str | None = None, *, ema: bool = False,
                         vq_checkpoint: str | None = None, device: str | torch.device = "cpu",
-                        threshold: float | None = None, max_patch_length: int | None = None) -> Sampler:
-        """Load ``experiment_dir``'s checkpoint of ``epoch`` (default: the newest) and what it needs.
+                        threshold: float | None = None, max_patch_length: int | None = None,
+                        tokenizer: bool = True) -> Sampler:
+        """Load ``experiment_dir``'s checkpoint of ``epoch`` (default: the newest epoch; ``"latest"``: the
+        mid-epoch ``checkpoints/latest``) and what it needs (``tokenizer=False``: all but the tokenizer, for
+        work on tokens such as the linear probe; ``vq`` is then None).
 
         ``threshold`` / ``max_patch_length`` override the trained patcher at inference (paper Table 6);
         ``max_patch_length=0`` removes the cap.
@@ -263,14 +281,8 @@ class Sampler:
         if "gpt_model" not in (read_yaml(config_path).get("model") or {}):
             raise UserError(f"{experiment} is not a training run of train_global_model.py (its config has no "
                             "model.gpt_model; a tokenizer run?)")
-        checkpoints = dict(list_checkpoints(experiment))
-        if not checkpoints:
-            raise UserError(f"{experiment} has no checkpoints/epoch_*/{MODEL_FILE}")
-        epoch = max(checkpoints) if epoch is None else epoch
-        if epoch not in checkpoints:
-            raise UserError(f"{experiment} has no checkpoint of epoch {epoch}; it has epochs "
-                            f"{', '.join(map(str, sorted(checkpoints)))}")
-        weights = checkpoints[epoch] / (EMA_FILE if ema else MODEL_FILE)
+        checkpoint, epoch, name = _checkpoint_of(experiment, epoch)
+        weights = checkpoint / (EMA_FILE if ema else MODEL_FILE)
         if not weights.is_file():
             raise UserError(f"--ema: {weights} does not exist (the run kept no EMA: train.ema false)")
         model, model_config = load_trained_model(weights, config_path)
@@ -292,18 +304,41 @@ class Sampler:
             if max_patch_length is not None:
                 patcher = replace(patcher, max_patch_length=max_patch_length or None)
             if patcher.mode == "entropy":
-                for key in ("entropy_model_checkpoint", "entropy_model_checkpoint_config"):
-                    if not getattr(patcher, key) or not Path(getattr(patcher, key)).is_file():
+                keys = ("entropy_model_checkpoint",) + (  # the config: named, else the run's next to the weights
+                    ("entropy_model_checkpoint_config",) if patcher.entropy_model_checkpoint_config else ())
+                for key in keys:
+                    if not getattr(patcher, key) or not recorded_path(getattr(patcher, key)).is_file():
                         raise UserError(f"{config_path}: patcher.{key} {getattr(patcher, key)!r} is not a file here")
-                entropy_model, _ = load_trained_model(patcher.entropy_model_checkpoint,
-                                                      patcher.entropy_model_checkpoint_config)
+                    setattr(patcher, key, str(recorded_path(getattr(patcher, key))))
+                entropy_model, _ = load_entropy_model(
+                    patcher.entropy_model_checkpoint, patcher.entropy_model_checkpoint_config,
+                    llamagen_gpt=patcher.entropy_model_gpt, image_size=model_config.image_size,
+                    downsample_size=model_config.downsample_size)
                 entropy_model = entropy_model.to(device)
-        vq_checkpoint = Path(vq_checkpoint or _tokenizer_of(config_path))
-        vq = load_vq(vq_checkpoint).to(device)
-        if vq.config.codebook_size != model_config.vocab_size or vq.downsample != model_config.downsample_size:
-            raise UserError(f"the tokenizer has {vq.config.codebook_size} codes and downsamples {vq.downsample}x, the "
-                            f"model expects {model_config.vocab_size} and {model_config.downsample_size}x")
-        return cls(model, model_config, patcher, entropy_model, vq, epoch, weights, vq_checkpoint)
+        sampler = cls(model, model_config, patcher, entropy_model, None, epoch, name, weights, None,
+                      _class_names_of(config_path), config_path)
+        return sampler.load_tokenizer(vq_checkpoint) if tokenizer else sampler
+
+    def load_tokenizer(self, vq_checkpoint: str | Path | None = None) -> Sampler:
+        """Load ``vq_checkpoint`` (default: the run's tokenizer) as :attr:`vq`, on the model's device; returns
+        self. ``UserError`` when none is found or it does not fit the model."""
+        self.vq_checkpoint = Path(vq_checkpoint or _tokenizer_of(self.config_path))
+        device = next(self.model.parameters()).device
+        self.vq = _tokenizer_for(self.vq_checkpoint, self.model_config).to(device)
+        return self
+
+    @classmethod
+    def from_llamagen(cls, gpt_model: str, gpt_checkpoint: str | Path, vq_checkpoint: str | Path, image_size: int,
+                      device: str | torch.device = "cpu") -> Sampler:
+        """A released LlamaGen c2i GPT (``--gpt-model GPT-L --gpt-ckpt c2i_L_256.pt --vq-ckpt vq_ds16_c2i.pt
+        --image-size 256``, LlamaGen's flags), so that the baseline is sampled and evaluated like DPAR."""
+        vq_checkpoint = Path(vq_checkpoint)
+        vq = load_vq(vq_checkpoint)
+        model, model_config = load_llamagen_gpt(gpt_checkpoint, gpt_model, image_size, vq.downsample)
+        _tokenizer_for(vq_checkpoint, model_config, vq)
+        name = f"{gpt_model}-{Path(gpt_checkpoint).stem}-size-{image_size}"
+        return cls(model.to(device), model_config, None, None, vq.to(device), None, name, Path(gpt_checkpoint),
+                   vq_checkpoint)
 
     @property
     def grid(self) -> int:
@@ -316,11 +351,12 @@ class Sampler:
                             "0, so it has no null class for guidance; use --cfg-scale 1.0")
 
     def sample(self, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig, progress: bool = False,
-               image_size: int | None = None) -> tuple[Tensor, Generation]:
+               image_size: int | None = None, prefix: Tensor | None = None) -> tuple[Tensor, Generation]:
         """uint8 images ``[B, H, W, 3]`` and the generation record for ``labels`` and per-image ``seeds``;
-        ``image_size`` resizes the decoded images before quantisation (LlamaGen's ``--image-size-eval``)."""
+        ``image_size`` resizes the decoded images before quantisation (LlamaGen's ``--image-size-eval``);
+        ``prefix [B, L]`` keeps the first L tokens (image completion, see :func:`generate`)."""
         out = generate(self.model, labels, seeds, sampling, patcher=self.patcher, entropy_model=self.entropy_model,
-                       progress=progress)
+                       prefix=prefix, progress=progress)
         return self.vq.codes_to_images(out.tokens, self.grid, size=image_size), out
 
     def identity(self) -> dict:
@@ -330,23 +366,67 @@ class Sampler:
                 "patcher": None if self.patcher is None else asdict(self.patcher)}
 
 
+def _checkpoint_of(experiment: Path, epoch: int | str | None) -> tuple[Path, int | str, str]:
+    """(checkpoint dir, epoch, sample-file name) of a run's ``epoch``: an int, None (the newest) or "latest"."""
+    checkpoints = dict(list_checkpoints(experiment))
+    if epoch == "latest":
+        latest = step_checkpoint_dir(experiment)
+        if not (latest / MODEL_FILE).is_file():
+            newest = f"; its newest epoch checkpoint is {max(checkpoints)}" if checkpoints else ""
+            raise UserError(f"--epoch latest: {experiment} has no {CHECKPOINTS}/{STEP_CHECKPOINT}/{MODEL_FILE} (it is "
+                            f"removed once an epoch checkpoint supersedes it){newest}")
+        metadata = checkpoint_metadata(latest)
+        return latest, epoch, f"epoch-{metadata.get('epoch', 'unknown')}-step-{metadata.get('step', 'unknown')}"
+    if not checkpoints:
+        hint = (" yet; a run shorter than one epoch has its mid-epoch checkpoint: --epoch latest"
+                if (step_checkpoint_dir(experiment) / MODEL_FILE).is_file() else "")
+        raise UserError(f"{experiment} has no {CHECKPOINTS}/epoch_*/{MODEL_FILE}{hint}")
+    epoch = max(checkpoints) if epoch is None else epoch
+    if epoch not in checkpoints:
+        raise UserError(f"{experiment} has no checkpoint of epoch {epoch}; it has epochs "
+                        f"{', '.join(map(str, sorted(checkpoints)))}")
+    return checkpoints[epoch], epoch, f"epoch-{epoch}"
+
+
+def _tokenizer_for(vq_checkpoint: Path, model_config: ModelConfig, vq: nn.Module | None = None) -> nn.Module:
+    """The tokenizer at ``vq_checkpoint``, refused unless its codebook and downsampling fit the model."""
+    vq = vq or load_vq(vq_checkpoint)
+    if vq.config.codebook_size != model_config.vocab_size or vq.downsample != model_config.downsample_size:
+        raise UserError(f"the tokenizer {vq_checkpoint} has {vq.config.codebook_size} codes and downsamples "
+                        f"{vq.downsample}x, the model expects {model_config.vocab_size} and "
+                        f"{model_config.downsample_size}x")
+    return vq
+
+
+def _class_names_of(config_path: Path) -> list[str] | None:
+    """The class names the run's token store records (``data.store``'s meta.json), if that store is here."""
+    store = (read_yaml(config_path).get("data") or {}).get("store")
+    try:
+        meta = read_meta(recorded_path(store)) if store and recorded_path(store).is_dir() else None
+    except UserError:  # a damaged store: the grid is labelled with class ids
+        return None
+    return list(meta["class_names"]) if meta and meta.get("class_names") else None
+
+
 def _tokenizer_of(config_path: Path) -> str:
     """The tokenizer the run's config names (``data.tokenizer_checkpoint``), else the one its store records."""
     data = read_yaml(config_path).get("data") or {}
     checkpoint, store = data.get("tokenizer_checkpoint"), data.get("store")
-    if not checkpoint and store and Path(store).is_dir():
-        checkpoint = (read_meta(store) or {}).get("tokenizer", {}).get("checkpoint")
-    if not checkpoint or not Path(checkpoint).is_file():
+    if not checkpoint and store and recorded_path(store).is_dir():
+        checkpoint = (read_meta(recorded_path(store)) or {}).get("tokenizer", {}).get("checkpoint")
+    if not checkpoint or not recorded_path(checkpoint).is_file():
         raise UserError(f"cannot find the tokenizer of {config_path} (data.tokenizer_checkpoint / its token store "
                         f"{store!r} name {checkpoint!r}); give --vq-ckpt")
-    return checkpoint
+    return str(recorded_path(checkpoint))
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_scale: float = 1.0) -> None:
     """The flags sample_c2i.py and sample_c2i_ddp.py share (LlamaGen's names; ``cfg_scale`` its default)."""
-    parser.add_argument("--experiment_dir", "--experiment-dir", default=str(DEMO_RUN),
+    parser.add_argument("--experiment_dir", "--experiment-dir", default=None,
                         help="a training run's directory (default: the embedded demo's DPAR, assets/demo/dpar)")
-    parser.add_argument("--epoch", type=number(int, min=0), default=None, help="checkpoint epoch (default: the newest)")
+    parser.add_argument("--epoch", type=epoch_choice, default=None,
+                        help="checkpoint epoch, or 'latest' for the mid-epoch checkpoints/latest (default: the "
+                             "newest epoch)")
     parser.add_argument("--output-dir", default="samples")
     parser.add_argument("--cfg-scale", type=field_type(SamplingConfig, "cfg_scale"), default=cfg_scale,
                         help="classifier-free guidance, >= 0 (1.0 = none)")
@@ -363,7 +443,47 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_scale: float = 1
     parser.add_argument("--max-patch-length", type=number(int, min=0), default=None,
                         help="DPAR: longest patch at inference, 0 = no cap (default: the trained one)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights (ema.safetensors)")
-    parser.add_argument("--vq-ckpt", default=None, help="tokenizer (default: the one the training store records)")
+    parser.add_argument("--vq-ckpt", default=None, help="tokenizer (default: the one the training store records; "
+                                                        "with --gpt-ckpt: required, e.g. vq_ds16_c2i.pt)")
+    llamagen = parser.add_argument_group("a released LlamaGen checkpoint instead of a run (LlamaGen's flags)")
+    llamagen.add_argument("--gpt-ckpt", default=None, help="LlamaGen c2i GPT weights, e.g. c2i_L_256.pt")
+    llamagen.add_argument("--gpt-model", choices=tuple(GPT_models), default=None, help="its size (default GPT-B)")
+    llamagen.add_argument("--image-size", type=number(int, min=1), default=None,
+                          help="the size it was trained at (default 256)")
+
+
+def epoch_choice(text: str) -> int | str:
+    """An argparse ``type`` for ``--epoch``: an epoch number >= 0 or ``latest``."""
+    if text == "latest":
+        return text
+    try:
+        return number(int, min=0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be an epoch number >= 0 or 'latest'; got {text!r}") from None
+
+
+def sampler_from_args(args: argparse.Namespace, device: str | torch.device) -> Sampler:
+    """The :class:`Sampler` the shared flags name: ``--gpt-ckpt`` (LlamaGen's) or ``--experiment_dir``."""
+    if args.gpt_ckpt is None:
+        given = [flag for flag, value in (("--gpt-model", args.gpt_model), ("--image-size", args.image_size))
+                 if value is not None]
+        if given:
+            raise UserError(f"{given[0]} describes a LlamaGen checkpoint; give it with --gpt-ckpt (a training run's "
+                            "model comes from its config)")
+        return Sampler.from_experiment(args.experiment_dir or DEMO_RUN, args.epoch, ema=args.ema,
+                                       vq_checkpoint=args.vq_ckpt, device=device, threshold=args.threshold,
+                                       max_patch_length=args.max_patch_length)
+    run_flags = [flag for flag, value in (("--experiment_dir", args.experiment_dir), ("--epoch", args.epoch),
+                                          ("--ema", args.ema or None), ("--threshold", args.threshold),
+                                          ("--max-patch-length", args.max_patch_length)) if value is not None]
+    if run_flags:
+        raise UserError(f"{run_flags[0]} belongs to a training run; --gpt-ckpt {args.gpt_ckpt} is a LlamaGen "
+                        "checkpoint (a GPT: no epochs, EMA or patching)")
+    if args.vq_ckpt is None:
+        raise UserError(f"--gpt-ckpt {args.gpt_ckpt} needs --vq-ckpt, the tokenizer it was trained on (LlamaGen's "
+                        "vq_ds16_c2i.pt)")
+    return Sampler.from_llamagen(args.gpt_model or "GPT-B", args.gpt_ckpt, args.vq_ckpt, args.image_size or 256,
+                                 device)
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
@@ -371,10 +491,11 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
                           top_p=args.top_p, temperature=args.temperature)
 
 
-def sample_file_stem(epoch: int, sampling: SamplingConfig, seed: int, threshold: float | None = None,
+def sample_file_stem(name: str, sampling: SamplingConfig, seed: int, threshold: float | None = None,
                      max_patch_length: int | None = None) -> str:
-    """ADM-style sample file name, e.g. ``epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0``."""
-    stem = (f"epoch-{epoch}-topk-{sampling.top_k}-topp-{sampling.top_p}-temperature-{sampling.temperature}-"
+    """ADM-style sample file name, e.g. ``epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0``
+    (``name``: :attr:`Sampler.name`)."""
+    stem = (f"{name}-topk-{sampling.top_k}-topp-{sampling.top_p}-temperature-{sampling.temperature}-"
             f"cfg-{sampling.cfg_scale}-seed-{seed}")
     if sampling.cfg_schedule != "constant":
         stem += f"-schedule-{sampling.cfg_schedule}"

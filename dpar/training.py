@@ -209,13 +209,15 @@ def check_entropy_source(config: DictConfig, store: TokenStore, key: str = "data
     checkpoint = Path(patcher.entropy_model_checkpoint)
     if not checkpoint.is_file():
         raise UserError(f"patcher.entropy_model_checkpoint not found: {checkpoint}")
-    if not patcher.entropy_model_checkpoint_config:
+    if patcher.entropy_model_gpt:  # a LlamaGen c2i checkpoint: no run config
+        patcher.entropy_model_checkpoint_config = None
+    elif not patcher.entropy_model_checkpoint_config:
         experiment = experiment_of(checkpoint)
         if experiment is None:
             raise UserError(f"patcher.entropy_model_checkpoint {checkpoint} is not inside an experiment dir; "
                             "also set patcher.entropy_model_checkpoint_config")
         patcher.entropy_model_checkpoint_config = str(experiment / CONFIG_FILE)
-    if not Path(patcher.entropy_model_checkpoint_config).is_file():
+    if patcher.entropy_model_checkpoint_config and not Path(patcher.entropy_model_checkpoint_config).is_file():
         raise UserError(f"patcher.entropy_model_checkpoint_config not found: {patcher.entropy_model_checkpoint_config}")
     store.require_entropies()
     recorded = store.meta["entropies"]["model"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .fileio import atomic_path
 
@@ -33,6 +33,45 @@ def save_png(picture: np.ndarray, path: str | Path) -> Path:
 # edges and detail read warm, long patches on flat regions cool.
 PATCH_COLOURS = np.array([[220, 40, 40], [245, 140, 30], [240, 220, 40], [60, 190, 70], [40, 200, 220],
                           [40, 200, 220], [50, 90, 230]], dtype=np.float32)
+PATCH_LEGEND = (("1", 0), ("2", 1), ("3", 2), ("4", 3), ("5-6", 4), ("7+", 6))  # label, row of PATCH_COLOURS
+TEXT = (20, 20, 20)
+
+
+def _text_panel(height: int, width: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    panel = Image.new("RGB", (width, height), (255, 255, 255))
+    return panel, ImageDraw.Draw(panel)
+
+
+def with_row_labels(picture: np.ndarray, labels: list[str], row_height: int, pad: int = 2) -> np.ndarray:
+    """A grid picture with a white margin on its left naming each row (e.g. its class): ``labels[r]`` is
+    written beside grid row r of ``row_height`` pixels (an :func:`image_grid` row without its padding)."""
+    font = ImageFont.load_default()
+    width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label, font=font)) for label in labels) + 8
+    panel, draw = _text_panel(picture.shape[0], width)
+    for row, label in enumerate(labels):
+        draw.text((4, pad + row * (row_height + pad) + row_height // 2), label, fill=TEXT, font=font, anchor="lm")
+    return np.concatenate([np.asarray(panel), picture], axis=1)
+
+
+def with_patch_legend(picture: np.ndarray) -> np.ndarray:
+    """A patch map with a strip below it giving the colour of each patch length (tokens per patch), as
+    :func:`patch_map` tints them; a map narrower than the legend is padded white on the right."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title = "tokens per patch:"
+    needed = 12 + int(measure.textlength(title, font=font)) + sum(
+        24 + int(measure.textlength(label, font=font)) for label, _ in PATCH_LEGEND)
+    width = max(picture.shape[1], needed)
+    panel, draw = _text_panel(20, width)
+    draw.text((4, 10), title, fill=TEXT, font=font, anchor="lm")
+    x = 8 + int(draw.textlength(title, font=font))
+    for label, row in PATCH_LEGEND:
+        draw.rectangle((x, 4, x + 12, 16), fill=tuple(int(c) for c in PATCH_COLOURS[row]), outline=TEXT)
+        draw.text((x + 16, 10), label, fill=TEXT, font=font, anchor="lm")
+        x += 24 + int(draw.textlength(label, font=font))
+    padded = np.full((picture.shape[0], width, 3), 255, dtype=np.uint8)
+    padded[:, :picture.shape[1]] = picture
+    return np.concatenate([padded, np.asarray(panel)], axis=0)
 
 
 def patch_map(images: np.ndarray | torch.Tensor, patch_start: np.ndarray | torch.Tensor, grid: int,

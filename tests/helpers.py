@@ -3,6 +3,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dpar.models.dpar import DPAR, DPARArgs
@@ -103,11 +104,11 @@ def write_token_store(path, tokens, labels, *, codebook_size: int, num_classes: 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(args: list[str], **env):
-    """Start a script from the repository root. One thread per process: CPU matmul results can depend on
-    the thread count, and runs that are compared must compute alike."""
+def run_script(args: list[str], cwd: Path = ROOT, **env):
+    """Start a script, from the repository root unless ``cwd`` says otherwise. One thread per process: CPU
+    matmul results can depend on the thread count, and runs that are compared must compute alike."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc) -> str:
@@ -115,3 +116,14 @@ def finish(proc) -> str:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     return out
+
+
+def labelled_grid(picture: np.ndarray, rows: int, columns: int, cell: int, pad: int = 2) -> np.ndarray:
+    """The image grid inside a ``sample_c2i.py`` picture, checking the label margin on its left: white, with
+    text (dark pixels) beside every row."""
+    grid_width = columns * (cell + pad) + pad
+    assert picture.shape[0] == rows * (cell + pad) + pad and picture.shape[1] > grid_width
+    margin = picture[:, :picture.shape[1] - grid_width].min(axis=2)
+    for row in range(rows):
+        assert (margin[pad + row * (cell + pad):(row + 1) * (cell + pad)] < 100).any(), f"row {row} has no label"
+    return picture[:, -grid_width:]

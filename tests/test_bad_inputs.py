@@ -97,7 +97,7 @@ CASES = [
                                        "--vq-ckpt", "{file}"], "--store {file} must be a folder, but it is a file"),
     ("entropy_model_c2i", preprocess_tokens, ["--stage", "entropies", "--store", "{store}", "--overwrite",
                                               "--entropy-model-checkpoint", str(GPT_CKPT)],
-     "is a c2i GPT-tiny; entropies come from an unconditional GPT"),
+     "is a c2i GPT-tiny run; entropies come from an unconditional GPT"),
     ("classes_99", sample_c2i, ["--classes", "99", "--output-dir", "{out}"], "--classes 99: the model has 12 classes"),
     ("classes_null", sample_c2i, ["--classes", "12", "--output-dir", "{out}"], "(id 12 is the null class"),
     ("classes_neg", sample_c2i, ["--classes", "-1", "--output-dir", "{out}"], "argument --classes: must be >= 0"),

@@ -19,6 +19,7 @@ from dpar.data.store import TokenStore
 from dpar.data.synthetic import CLASSES, class_folder, synthetic_image, write_image_folder
 from dpar.errors import UserError
 from dpar.experiment import save_checkpoint
+from dpar.models.layers import LabelEmbedder
 from dpar.models import ModelConfig, create_model
 from dpar.patcher import PatcherConfig
 from tests.helpers import randomize
@@ -115,6 +116,8 @@ def test_entropies_are_the_entropy_of_the_softmax():
     logits = torch.randn(2, 5, 7)
 
     class Fixed(torch.nn.Module):
+        cls_embedding = LabelEmbedder(0, 4, 0.0, with_null=True)  # an unconditional model's start row
+
         def forward(self, idx, cond):
             return logits, None
 

@@ -13,7 +13,7 @@ import sample_c2i
 from benchmarks import small_scale_study
 from dpar import demo
 from dpar.flops import count
-from tests.helpers import ROOT, finish, run_script
+from tests.helpers import ROOT, finish, labelled_grid, run_script
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,7 @@ def test_tiny_demo_build_then_sample(tiny_demo, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tokens per patch" in out
     grid = np.asarray(Image.open(next((tmp_path / "samples").glob("*[0-9].png"))))
-    cell = demo.IMAGE_SIZE + 2
-    assert grid.shape == (3 * cell + 2, cell + 2, 3)  # three rows of one image, 2 px gaps
+    labelled_grid(grid, 3, 1, demo.IMAGE_SIZE)  # three rows of one image, each labelled
 
 
 def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
@@ -83,17 +82,22 @@ def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     assert len(list((tmp_path / "runs" / "scratch" / "dpar_seed0").iterdir())) == 1
 
 
-def test_the_shipped_demo_samples_with_no_arguments(tmp_path):
-    """The README's first command, against the committed assets/demo (paths relative to the repository)."""
+def test_the_shipped_demo_samples_with_no_arguments_from_any_directory(tmp_path):
+    """The README's first command, against the committed assets/demo (paths relative to the repository), run
+    from another directory."""
     for name in ("dpar", "gpt", "static"):
         config = OmegaConf.load(ROOT / "assets" / "demo" / name / "config.yaml")
-        for key in ("patcher.entropy_model_checkpoint", "data.tokenizer_checkpoint"):
+        for key, kind in (("patcher.entropy_model_checkpoint", "file"), ("data.tokenizer_checkpoint", "file"),
+                          ("data.store", "dir")):
             path = Path(OmegaConf.select(config, key))
-            assert not path.is_absolute() and (ROOT / path).is_file(), (name, key)
+            assert not path.is_absolute() and getattr(ROOT / path, f"is_{kind}")(), (name, key)
     size = sum(f.stat().st_size for f in (ROOT / "assets" / "demo").rglob("*") if f.is_file())
     assert size < 20 * 2 ** 20
-    out = finish(run_script([sys.executable, "sample_c2i.py", "--output-dir", str(tmp_path)]))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = finish(run_script([sys.executable, str(ROOT / "sample_c2i.py"), "--output-dir", "out"], cwd=elsewhere))
     assert "96 images of 12 classes" in out and "tokens per patch" in out
-    grid = np.asarray(Image.open(next(tmp_path.glob("*cfg-4.0-seed-0.png"))))
-    assert grid.shape == (12 * (demo.IMAGE_SIZE + 2) + 2, 8 * (demo.IMAGE_SIZE + 2) + 2, 3)
-    assert len(list(tmp_path.glob("*_patches.png"))) == 1
+    grid = np.asarray(Image.open(next((elsewhere / "out").glob("*cfg-4.0-seed-0.png"))))
+    labelled_grid(grid, 12, 8, demo.IMAGE_SIZE)
+    patches = np.asarray(Image.open(next((elsewhere / "out").glob("*_patches.png"))))
+    assert patches.shape[0] > grid.shape[0]  # the legend below

@@ -12,14 +12,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from safetensors.torch import load_file
 
 import sample_c2i
 from dpar.data.preprocess import next_token_entropies
-from dpar.experiment import save_checkpoint
+from dpar.experiment import save_checkpoint, save_step_checkpoint
 from dpar.models import ModelConfig, create_model
 from dpar.patcher import PatcherConfig
 from dpar.sampling import Sampler, SamplingConfig
-from tests.helpers import finish, randomize, run_script
+from tests.helpers import finish, labelled_grid, randomize, run_script
+from tokenizer.transforms import load_center_crop
 from tokenizer.vq_model import VQConfig, create_vq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +60,11 @@ def test_sample_c2i_writes_a_grid_and_a_patch_map(experiment, tmp_path, capsys):
     sample_c2i.main(["--experiment_dir", str(run), "--output-dir", str(tmp_path), "--vq-ckpt", str(vq_ckpt),
                      "--per-class", "3", "--cfg-scale", "2.0"])
     stem = "epoch-3-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0"
-    grid = np.asarray(Image.open(tmp_path / f"{stem}.png"))
+    grid = labelled_grid(np.asarray(Image.open(tmp_path / f"{stem}.png")), CLASSES, 3, SIZE)
     patches = np.asarray(Image.open(tmp_path / f"{stem}_patches.png"))
-    assert grid.shape == patches.shape == (CLASSES * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)
-    assert not np.array_equal(grid, patches)
+    legend = patches.shape[0] - grid.shape[0]
+    assert legend > 10 and not (patches[-legend:] == 255).all()  # the colour legend below the map
+    assert not np.array_equal(grid, labelled_grid(patches[:-legend], CLASSES, 3, SIZE))
     out = capsys.readouterr().out
     tokens_per_patch = float(out.split(" tokens per patch")[0].split()[-1])
     assert 1.0 < tokens_per_patch <= 3.0 and "s/image" in out
@@ -134,3 +137,105 @@ def test_the_tokenizer_named_in_the_config_is_used(experiment, tmp_path):
     sampler = Sampler.from_experiment(named)
     images, _ = sampler.sample(torch.tensor([0, 1]), torch.tensor([5, 6]), SamplingConfig())
     assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == torch.uint8
+
+
+# -- a released LlamaGen checkpoint, --epoch latest, image completion -------------------------------------------
+
+STEM = "epoch-3-topk-0-topp-1.0-temperature-1.0-cfg-4.0-seed-0"  # sample_c2i.py's default flags
+
+def llamagen_checkpoint(path: Path, key: str | None, seed: int = 2) -> tuple[Path, torch.nn.Module]:
+    """A c2i GPT-tiny saved as LlamaGen saves (``{key: state_dict}``; None: the bare state dict)."""
+    config = ModelConfig(gpt_model="GPT-tiny", image_size=SIZE, downsample_size=4, vocab_size=VOCAB,
+                         num_classes=CLASSES)
+    model = randomize(create_model(config), std=0.1, seed=seed).eval()
+    torch.save(model.state_dict() if key is None else {key: model.state_dict(), "steps": 7}, path)
+    return path, model
+
+
+@pytest.mark.parametrize("key", ["model", "module", "state_dict", None])
+def test_a_llamagen_checkpoint_samples_like_a_run_of_the_same_weights(experiment, tmp_path, key):
+    run, vq_ckpt = experiment
+    checkpoint, model = llamagen_checkpoint(tmp_path / "c2i_tiny.pt", key)
+    llamagen = ["--gpt-model", "GPT-tiny", "--gpt-ckpt", str(checkpoint), "--vq-ckpt", str(vq_ckpt),
+                "--image-size", str(SIZE), "--cfg-scale", "2.0", "--num-fid-samples", "6", "--per-proc-batch-size", "4"]
+    out = finish(run_script([sys.executable, "sample_c2i_ddp.py", "--output-dir", str(tmp_path / "a"), *llamagen]))
+    assert f"sampling {checkpoint} (GPT-tiny-c2i_tiny-size-{SIZE})" in out
+    npz = tmp_path / "a" / f"GPT-tiny-c2i_tiny-size-{SIZE}-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz"
+    samples = np.load(npz)["arr_0"]
+    # the same weights as a training run of this project: the same images
+    gpt_run = tmp_path / "gpt_run"
+    run_dir(gpt_run, model, {"model": asdict(ModelConfig(gpt_model="GPT-tiny", image_size=SIZE, downsample_size=4,
+                                                         vocab_size=VOCAB, num_classes=CLASSES))})
+    finish(run_script([sys.executable, "sample_c2i_ddp.py", "--experiment_dir", str(gpt_run), "--vq-ckpt",
+                       str(vq_ckpt), "--output-dir", str(tmp_path / "b"), "--cfg-scale", "2.0", "--num-fid-samples",
+                       "6", "--per-proc-batch-size", "4"]))
+    assert np.array_equal(samples, np.load(tmp_path / "b" / NPZ)["arr_0"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gpt-ckpt", "{ckpt}"], "--gpt-ckpt {ckpt} needs --vq-ckpt"),
+    (["--gpt-ckpt", "{ckpt}", "--vq-ckpt", "{vq}", "--epoch", "3"], "--epoch belongs to a training run"),
+    (["--gpt-ckpt", "{ckpt}", "--vq-ckpt", "{vq}", "--threshold", "2"], "--threshold belongs to a training run"),
+    (["--gpt-model", "GPT-B"], "--gpt-model describes a LlamaGen checkpoint; give it with --gpt-ckpt"),
+    (["--gpt-ckpt", "{ckpt}", "--vq-ckpt", "{vq}", "--gpt-model", "GPT-B", "--image-size", str(SIZE)],
+     "does not fit the model"),
+    (["--gpt-ckpt", "{ckpt}", "--vq-ckpt", "{vq}", "--gpt-model", "GPT-tiny", "--image-size", "17"],
+     "--image-size 17: model.image_size 17 is not a multiple"),
+    (["--gpt-ckpt", "{vq}", "--vq-ckpt", "{vq}", "--gpt-model", "GPT-tiny"], "is not a LlamaGen GPT checkpoint"),
+    (["--experiment_dir", "{run}", "--epoch", "latest", "--vq-ckpt", "{vq}"], "--epoch latest: "),
+    (["--epoch", "newest"], "--epoch: must be an epoch number >= 0 or 'latest'; got 'newest'"),
+    (["--prefix-rows", "2"], "--prefix-image and --prefix-rows go together"),
+    (["--experiment_dir", "{run}", "--vq-ckpt", "{vq}", "--prefix-image", "{png}", "--prefix-rows", "4"],
+     "--prefix-rows 4: the model's images have 4 token rows; keep 1 to 3 of them"),
+    (["--prefix-image", "{out}/absent.png", "--prefix-rows", "1"], "--prefix-image {out}/absent.png: no such file"),
+])
+def test_bad_sampling_sources_are_one_line_before_any_output(experiment, tmp_path, extra, message):
+    run, vq_ckpt = experiment
+    checkpoint, _ = llamagen_checkpoint(tmp_path / "c2i_tiny.pt", "model")
+    png = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(png)
+    names = {"ckpt": checkpoint, "vq": vq_ckpt, "run": run, "png": png, "out": tmp_path}
+    proc = subprocess.run([sys.executable, "sample_c2i.py", "--output-dir", str(tmp_path / "samples"),
+                           *(arg.format(**names) for arg in extra)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert message.format(**names) in proc.stderr, proc.stderr
+    assert not (tmp_path / "samples").exists()
+
+
+def test_epoch_latest_samples_a_run_shorter_than_one_epoch(experiment, tmp_path):
+    run, vq_ckpt = experiment
+    young = tmp_path / "young"
+    (young / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "config.yaml", young / "config.yaml")
+    weights = load_file(run / "checkpoints" / "epoch_00000003" / "model.safetensors")
+    save_step_checkpoint(young, 0, 5, weights, {})
+    proc = subprocess.run([sys.executable, "sample_c2i.py", "--experiment_dir", str(young), "--vq-ckpt", str(vq_ckpt),
+                           "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "a run shorter than one epoch has its mid-epoch checkpoint: --epoch latest" in \
+        proc.stderr, proc.stderr
+    out = finish(run_script([sys.executable, "sample_c2i.py", "--experiment_dir", str(young), "--vq-ckpt",
+                             str(vq_ckpt), "--output-dir", str(tmp_path), "--epoch", "latest", "--per-class", "1"]))
+    assert f"sampling {young / 'checkpoints' / 'latest' / 'model.safetensors'} (epoch-0-step-5)" in out
+    from_latest = np.asarray(Image.open(tmp_path / f"{STEM.replace('epoch-3', 'epoch-0-step-5')}.png"))
+    finish(run_script([sys.executable, "sample_c2i.py", "--experiment_dir", str(run), "--vq-ckpt", str(vq_ckpt),
+                       "--output-dir", str(tmp_path), "--per-class", "1"]))
+    assert np.array_equal(from_latest, np.asarray(Image.open(tmp_path / f"{STEM}.png")))  # the same weights
+
+
+def test_image_completion_writes_the_image_then_its_completions(experiment, tmp_path, capsys):
+    run, vq_ckpt = experiment
+    png = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(png)
+    sample_c2i.main(["--experiment_dir", str(run), "--vq-ckpt", str(vq_ckpt), "--output-dir", str(tmp_path),
+                     "--prefix-image", str(png), "--prefix-rows", "2", "--classes", "1", "3", "--per-class", "3"])
+    stem = f"{STEM}_completion-photo-rows-2"
+    picture = labelled_grid(np.asarray(Image.open(tmp_path / f"{stem}.png")), 2, 4, SIZE)
+    assert (tmp_path / f"{stem}_patches.png").is_file()
+    cells = [picture[2 + r * (SIZE + 2):2 + r * (SIZE + 2) + SIZE, 2 + c * (SIZE + 2):2 + c * (SIZE + 2) + SIZE]
+             for r in range(2) for c in range(4)]
+    crop = load_center_crop(png, SIZE)
+    cut = SIZE * 2 // 4 - 1  # the last pixel row of the 2 kept token rows is drawn red
+    assert np.array_equal(np.delete(cells[0], cut, axis=0), np.delete(crop, cut, axis=0))
+    assert (cells[0][cut] == [230, 30, 30]).all()
+    assert not np.array_equal(cells[1], cells[2])  # the completions differ below the prefix
+    assert not np.array_equal(cells[1][SIZE // 2:], cells[1 + 4][SIZE // 2:])  # and across classes

@@ -140,3 +140,35 @@ def test_kv_cached_sampling_equals_a_full_forward_on_each_device(which, dtype, d
         assert error < (1e-4 if dtype == torch.float32 else 3e-2), error
     if dpar:
         assert 0.3 < float(out.patch_start.float().mean()) < 0.9
+
+
+@pytest.mark.parametrize("which", ["dpar", "gpt"])
+def test_completion_keeps_the_prefix_and_continues_as_a_full_forward(which):
+    dpar = which == "dpar"
+    model, ent = (tiny_dpar(), entropy_model()) if dpar else (tiny_gpt(), None)
+    patcher = PatcherConfig(threshold=threshold_for(ent), max_patch_length=3) if dpar else None
+    prefix = torch.randint(0, TINY["vocab_size"], (len(SEEDS), GRID + 2), generator=torch.Generator().manual_seed(5))
+    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), patcher=patcher, entropy_model=ent,
+                   prefix=prefix, record_logits=True)
+    assert torch.equal(out.tokens[:, :prefix.shape[1]], prefix)
+    free = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), patcher=patcher, entropy_model=ent)
+    assert not torch.equal(free.tokens[:, :prefix.shape[1]], prefix)  # the prefix is not what it would sample
+    for half, labels in enumerate([LABELS, torch.full_like(LABELS, model.num_classes)]):
+        full, _ = model(out.tokens, labels, out.patch_start) if dpar else model(out.tokens[:, :-1], labels)
+        torch.testing.assert_close(out.logits[half * len(SEEDS):(half + 1) * len(SEEDS)], full, atol=1e-4, rtol=1e-4)
+    if dpar:  # the boundaries, prefix included, are the entropy model's on the completed sequence
+        assert torch.equal(out.patch_start, patch_starts(patcher, next_token_entropies(ent, out.tokens), GRID))
+
+
+def test_a_class_conditional_gpt_as_entropy_model_reads_its_null_class():
+    c2i = tiny_gpt()  # a LlamaGen-style c2i GPT with a null class
+    patcher = PatcherConfig(threshold=threshold_for(c2i), max_patch_length=3)
+    out = generate(tiny_dpar(), LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), patcher=patcher, entropy_model=c2i)
+    null_logits, _ = c2i(out.tokens[:, :-1], torch.full_like(LABELS, c2i.num_classes))
+    probs = null_logits.double().softmax(-1)
+    expected = -(probs * probs.log()).sum(-1)
+    torch.testing.assert_close(out.entropies[:, 1:].double(), expected[:, 1:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(next_token_entropies(c2i, out.tokens)[:, 1:].double(), expected[:, 1:],
+                               atol=1e-4, rtol=1e-4)
+    class_logits, _ = c2i(out.tokens[:, :-1], LABELS)  # and not its class-conditional prediction
+    assert not torch.allclose(class_logits, null_logits, atol=1e-3)

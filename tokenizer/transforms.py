@@ -66,6 +66,12 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     return Image.fromarray(arr[top:top + image_size, left:left + image_size])
 
 
+def load_center_crop(path: str | Path, image_size: int) -> np.ndarray:
+    """An image file -> uint8 ``[image_size, image_size, 3]``: RGB (:func:`open_rgb`), then
+    :func:`center_crop_arr`, as the token store's one-view preprocessing. ``ImageError`` names a bad file."""
+    return np.array(center_crop_arr(open_rgb(path), image_size))
+
+
 def random_crop_arr(pil_image: Image.Image, image_size: int, rng: np.random.Generator,
                     min_crop_frac: float = 0.8, max_crop_frac: float = 1.0) -> Image.Image:
     """ADM's random crop (LlamaGen's VQ training augmentation): random short side, random offset."""
@@ -103,6 +109,12 @@ def ten_crop(pil_image: Image.Image, image_size: int, crop_range: float = 1.1) -
     """LlamaGen's ten-crop view set: ``uint8 [10, size, size, 3]``."""
     arr = np.asarray(center_crop_arr(pil_image, int(image_size * crop_range)))
     return np.stack(five_crop(arr, image_size) + five_crop(hflip(arr), image_size))
+
+
+def center_view(views: int) -> int:
+    """The index of the center crop among :func:`image_views`' ``views`` crops: 0 for 1 or 2 views, 4 (the
+    center of the first ten-crop, at ``crop_range``) for 10 or 20."""
+    return 0 if views <= 2 else 4
 
 
 def image_views(pil_image: Image.Image, image_size: int, views: int = 20, crop_range: float = 1.1) -> np.ndarray:

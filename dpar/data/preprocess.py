@@ -190,8 +190,11 @@ def finish_entropies(store: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def next_token_entropies(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats, fp32) of an unconditional GPT's prediction of each token; the first is +inf."""
-    logits, _ = model(tokens[:, :-1], None)
+    """Entropy (nats, fp32) of a GPT's unconditional prediction of each token of ``tokens [B, N]`` -> ``[B, N]``;
+    the first is +inf. The GPT reads its null class: an unconditional model's start token, or a c2i model's
+    class-free prediction (a LlamaGen checkpoint as entropy model)."""
+    null = model.cls_embedding.null_labels(len(tokens), tokens.device)
+    logits, _ = model(tokens[:, :-1], null)
     entropy = logits_entropy(logits)
     entropy[:, 0] = float("inf")
     return entropy

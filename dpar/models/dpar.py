@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..patcher import patch_lengths
+from .. import patcher  # a module import: the patcher's config names the GPT sizes of dpar.models
 from .attention import BACKENDS, PackedSeqs, attend
 from .layers import (FeedForward, ModelArgs, RMSNorm, TransformerBlock, attach_kv_caches, class_embedder,
                      init_weights)
@@ -90,7 +90,7 @@ class PatchLayout:
             raise ValueError("patch_start must be True at token 0 of every image")
         batch, num_tokens = mask.shape
         flat_start = mask.reshape(-1).nonzero().squeeze(1)
-        lengths = patch_lengths(mask)
+        lengths = patcher.patch_lengths(mask)
         local = flat_start % num_tokens
         per_image = mask.sum(dim=1)
         return cls(
@@ -260,29 +260,42 @@ class DPAR(nn.Module):
 
         ``layout`` may be passed precomputed (e.g. by the data loader) to skip building it from the mask.
         """
-        batch, num_tokens = idx.shape
-        if num_tokens > self.block_size:
-            raise ValueError(f"idx has {num_tokens} tokens, the model was built for block_size={self.block_size}")
         if layout is None:
             layout = PatchLayout.from_mask(patch_start, self.config.grid_size)
-        cond_idx = self.cls_embedding.labels_or_null(cond_idx, batch, idx.device)
-
-        token_rope = self.token_rope(num_tokens, idx.device)
-        h, patches = self.encoder(self.tok_dropout(self.tok_embeddings(idx)), token_rope, layout)
-
-        cls = self.tok_dropout(self.cls_embedding(cond_idx, train=self.training)[:, 0])
-        stream = torch.where(layout.stream_is_class[:, None], cls[layout.patch_image], patches.roll(1, dims=0))
-        g, global_rope = stream[None], self.global_rope(layout)
-        for layer in self.global_layers:
-            g = layer(g, global_rope, packed=layout.packed)
-
-        u = self.decoder(h, g[0], token_rope, layout)
+        h, g, token_rope = self._encode_and_global(idx, cond_idx, layout)
+        u = self.decoder(h, g, token_rope, layout)
         logits = self.output(self.norm(u)).float()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    def _encode_and_global(self, idx: Tensor, cond_idx: Tensor | None,
+                           layout: PatchLayout) -> tuple[Tensor, Tensor, Tensor]:
+        """(encoder token states ``[B, N, d]``, global outputs ``[S, d]`` over the packed stream, token RoPE)."""
+        batch, num_tokens = idx.shape
+        if num_tokens > self.block_size:
+            raise ValueError(f"idx has {num_tokens} tokens, the model was built for block_size={self.block_size}")
+        cond_idx = self.cls_embedding.labels_or_null(cond_idx, batch, idx.device)
+        token_rope = self.token_rope(num_tokens, idx.device)
+        h, patches = self.encoder(self.tok_dropout(self.tok_embeddings(idx)), token_rope, layout)
+        cls = self.tok_dropout(self.cls_embedding(cond_idx, train=self.training)[:, 0])
+        stream = torch.where(layout.stream_is_class[:, None], cls[layout.patch_image], patches.roll(1, dims=0))
+        g, global_rope = stream[None], self.global_rope(layout)
+        for layer in self.global_layers:
+            g = layer(g, global_rope, packed=layout.packed)
+        return h, g[0], token_rope
+
+    def pooled_features(self, idx: Tensor, cond_idx: Tensor, patch_start: Tensor) -> Tensor:
+        """``[B, N]`` tokens and boundaries -> ``[B, dim]``: the last global layer's outputs averaged over each
+        image's patch positions (the class position left out; the linear probe's features, paper Table 7)."""
+        layout = PatchLayout.from_mask(patch_start, self.config.grid_size)
+        _, g, _ = self._encode_and_global(idx, cond_idx, layout)
+        keep = (~layout.stream_is_class).to(g.dtype)
+        sums = torch.zeros(len(idx), g.shape[1], device=g.device, dtype=g.dtype)
+        sums.index_add_(0, layout.patch_image, g * keep[:, None])
+        counts = torch.zeros(len(idx), device=g.device, dtype=g.dtype).index_add_(0, layout.patch_image, keep)
+        return sums / counts.clamp(min=1)[:, None]
 
     # -- one token at a time, with KV caches (used by dpar/sampling.py) ------------------------------------------
 

@@ -58,6 +58,24 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor | None, cond_idx: Tensor | None, input_pos: Tensor | None = None,
                 targets: Tensor | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        h = self.last_hidden(idx, cond_idx, input_pos)
+        logits = self.output(self.norm(h)).float()
+        if input_pos is None:
+            logits = logits[:, self.cls_token_num - 1:].contiguous()
+
+        loss = None
+        if targets is not None:
+            token_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+            if valid is None:
+                loss = token_loss.mean()
+            else:
+                weight = valid[:, None].expand_as(targets).reshape(-1).to(token_loss.dtype)
+                loss = (token_loss * weight).sum() / weight.sum().clamp(min=1)
+        return logits, loss
+
+    def last_hidden(self, idx: Tensor | None, cond_idx: Tensor | None, input_pos: Tensor | None = None) -> Tensor:
+        """The last block's outputs ``[B, L, dim]`` (before the final norm): L = cls_token_num + N for a full
+        sequence ``idx [B, N]``, else the positions ``input_pos`` of a KV-cached step."""
         if input_pos is None:  # full sequence: training or teacher-forced evaluation
             if idx is None:
                 raise ValueError("a full forward needs idx (image tokens); KV-cached steps need input_pos")
@@ -75,19 +93,12 @@ class Transformer(nn.Module):
         rope = self.sequence_rope(positions)
         for layer in self.layers:
             h = layer(h, rope, input_pos)
-        logits = self.output(self.norm(h)).float()
-        if input_pos is None:
-            logits = logits[:, self.cls_token_num - 1:].contiguous()
+        return h
 
-        loss = None
-        if targets is not None:
-            token_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-            if valid is None:
-                loss = token_loss.mean()
-            else:
-                weight = valid[:, None].expand_as(targets).reshape(-1).to(token_loss.dtype)
-                loss = (token_loss * weight).sum() / weight.sum().clamp(min=1)
-        return logits, loss
+    def pooled_features(self, idx: Tensor, cond_idx: Tensor) -> Tensor:
+        """``[B, N]`` tokens -> ``[B, dim]``: the last block's outputs averaged over the token positions (the
+        linear probe's image features, paper Table 7)."""
+        return self.last_hidden(idx, cond_idx)[:, self.cls_token_num:].mean(dim=1)
 
 
 GPT = Transformer
