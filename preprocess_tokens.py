@@ -110,19 +110,20 @@ def stage_entropies(args: argparse.Namespace, accelerator: Accelerator) -> None:
     # checked before start_entropies may delete another model's entropies
     model, config = load_entropy_model(args.entropy_model_checkpoint, args.entropy_model_config,
                                        llamagen_gpt=args.entropy_model_gpt, image_size=store.meta["image_size"],
-                                       downsample_size=store.meta["image_size"] // store.grid)
+                                       downsample_size=store.meta["image_size"] // store.grid,
+                                       vocab_size=store.codebook_size)
     trained_on = trained_tokenizer_sha256(args.entropy_model_checkpoint, args.entropy_model_config)
     if trained_on is not None and trained_on != store.meta["tokenizer"]["sha256"]:
         raise UserError(f"--entropy-model-checkpoint {args.entropy_model_checkpoint} was trained on the tokens of "
                         f"another tokenizer than {store.path}'s ({store.meta['tokenizer']['checkpoint']}); its "
                         "entropies would be of other codes")
-    if config.vocab_size != store.codebook_size:
-        raise UserError(f"the entropy model predicts {config.vocab_size} codes but the store's tokenizer has "
-                        f"{store.codebook_size}; train the entropy model on this store's tokens")
     model = model.to(accelerator.device)
     identity = {"checkpoint": str(args.entropy_model_checkpoint), "sha256": file_sha256(args.entropy_model_checkpoint),
                 "gpt_model": config.gpt_model}
     if accelerator.is_main_process:
+        if args.overwrite:  # every token is read before another model's entropies are deleted
+            for shard in range(len(store.shard_images)):
+                store.shard_tokens(shard)
         start_entropies(store.path, store.meta, identity, args.overwrite)
     accelerator.wait_for_everyone()
     shards = list(range(accelerator.process_index, len(store.shard_images), accelerator.num_processes))

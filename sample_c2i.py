@@ -1,6 +1,6 @@
 r"""Sample a class grid and a patch-boundary map from a training run or a released LlamaGen checkpoint.
 
-    python sample_c2i.py --experiment_dir results/global_model_entropy_row_break/20250820_13 --output-dir samples
+    python sample_c2i.py --experiment_dir data/model_checkpoints/global_model_entropy_row_break_b/20250820_13 --output-dir samples
     python sample_c2i.py --experiment_dir <run> --classes 207 360 387 974 --cfg-scale 4.0 --threshold 8.0
     python sample_c2i.py --experiment_dir <run> --epoch latest          # a run still in its first epoch
     python sample_c2i.py --gpt-model GPT-L --gpt-ckpt c2i_L_256.pt --vq-ckpt vq_ds16_c2i.pt --image-size 256
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dpar.errors import ArgumentParser, UserError, run_main
-from dpar.fileio import check_output_dir
+from dpar.fileio import check_output_dir, check_output_file
 from dpar.sampling import Sampler, add_sampling_arguments, sample_file_stem, sampler_from_args, sampling_from_args
 from dpar.validation import device, number
 from dpar.visual import image_grid, patch_map, save_png, with_patch_legend, with_row_labels
@@ -58,8 +58,17 @@ def main(argv: list[str] | None = None) -> None:
     if outside:
         raise UserError(f"--classes {outside[0]}: the model has {num_classes} classes, ids 0 to {num_classes - 1} "
                         f"(id {num_classes} is the null class that guidance uses)")
+    stem = sample_file_stem(sampler.name, sampling_from_args(args), args.seed, args.threshold, args.max_patch_length)
+    if args.prefix_image is not None:
+        stem += f"_completion-{Path(args.prefix_image).stem}-rows-{args.prefix_rows}"
+    grid_path = check_output_file(Path(args.output_dir) / f"{stem}.png", "the sample grid")
+    map_path = check_output_file(Path(args.output_dir) / f"{stem}_patches.png", "the patch map")
+
     prefix, original = None, None
     if args.prefix_image is not None:
+        if sampler.grid < 2:
+            raise UserError(f"--prefix-image: the model's images have {sampler.grid} token row; completion keeps "
+                            "some rows and samples the others")
         if args.prefix_rows >= sampler.grid:
             raise UserError(f"--prefix-rows {args.prefix_rows}: the model's images have {sampler.grid} token rows; "
                             f"keep 1 to {sampler.grid - 1} of them")
@@ -76,25 +85,22 @@ def main(argv: list[str] | None = None) -> None:
 
     names = sampler.class_names
     row_labels = [f"{c} {names[c]}" if names else str(c) for c in classes]
-    stem = sample_file_stem(sampler.name, sampling_from_args(args), args.seed, args.threshold, args.max_patch_length)
     height = images.shape[1]
     if original is None:
         pictures = images
     else:  # each row: the image, a red line under its kept rows, then its completions
-        stem += f"_completion-{Path(args.prefix_image).stem}-rows-{args.prefix_rows}"
         cut = original.clone()
         cut[args.prefix_rows * height // sampler.grid - 1] = torch.tensor([230, 30, 30], dtype=torch.uint8)
         pictures = torch.cat([torch.cat([cut[None], images[k * args.per_class:(k + 1) * args.per_class].cpu()])
                               for k in range(len(classes))])
     columns = args.per_class + (original is not None)
-    grid_path = save_png(with_row_labels(image_grid(pictures, nrow=columns), row_labels, height),
-                         f"{args.output_dir}/{stem}.png")
-    print(f"{len(labels)} images of {len(classes)} classes in {seconds:.1f} s ({seconds / len(labels):.3f} s/image) "
-          f"-> {grid_path}")
+    save_png(with_row_labels(image_grid(pictures, nrow=columns), row_labels, height), grid_path)
+    print(f"{len(labels)} images of {len(classes)} class{'es' * (len(classes) > 1)} in {seconds:.1f} s "
+          f"({seconds / len(labels):.3f} s/image) -> {grid_path}")
     if sampler.patcher is not None:
         maps = patch_map(images, out.patch_start, sampler.grid)
         picture = with_patch_legend(with_row_labels(image_grid(maps, nrow=args.per_class), row_labels, height))
-        map_path = save_png(picture, f"{args.output_dir}/{stem}_patches.png")
+        save_png(picture, map_path)
         tokens_per_patch = out.tokens.numel() / float(out.global_steps.sum())
         print(f"{tokens_per_patch:.2f} tokens per patch, {out.global_steps.float().mean():.1f} global steps per image "
               f"-> {map_path}")

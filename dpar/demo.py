@@ -49,7 +49,14 @@ FULL = Scale(images=4000, tokenizer_images=1024, tokenizer_epochs=20, entropy_ep
              val_holdout=200)
 TINY = Scale(images=96, tokenizer_images=32, tokenizer_epochs=1, entropy_epochs=1, global_epochs=1, views=1,
              val_holdout=16)
-IMAGE_SIZE = OmegaConf.load(REPO / "configs" / "tokenizer" / "vq_tiny.yaml").data.image_size
+
+
+def image_size() -> int:
+    """The demo's image side in pixels: its tokenizer config's (read when used, so that importing this module,
+    as ``dpar.sampling`` does for ``DEMO_RUN``, needs no checkout)."""
+    return OmegaConf.load(REPO / "configs" / "tokenizer" / "vq_tiny.yaml").data.image_size
+
+
 TOKENS_PER_PATCH = 1.81  # DPAR's θ is set on the demo's store to give the paper's 256 px mean patch length
 GLOBAL_RUNS = {name: str(REPO / "configs" / "tiny" / f"{config}.yaml") for name, config in
                (("dpar", "global_model_entropy_row_break"), ("gpt", "gpt_baseline"), ("static", "global_model_static"))}
@@ -79,8 +86,8 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     images, tokenizer_images, store = work / "images", work / "tokenizer_images", work / "tokens"
     batch = ["--train.global_batch_size", "16"] if scale is TINY else []
     holdout = ["--data.val_holdout", str(scale.val_holdout)]
-    stage("synthetic images", lambda: (write_image_folder(images, scale.images, IMAGE_SIZE, seed=0),
-                                       write_image_folder(tokenizer_images, scale.tokenizer_images, IMAGE_SIZE,
+    stage("synthetic images", lambda: (write_image_folder(images, scale.images, image_size(), seed=0),
+                                       write_image_folder(tokenizer_images, scale.tokenizer_images, image_size(),
                                                           seed=1)))
     stage("tokenizer", lambda: train_vq.main([
         "--config", str(REPO / "configs" / "tokenizer" / "vq_tiny.yaml"), "--data.data_path", str(tokenizer_images),
@@ -89,7 +96,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     vq = _final(work / "runs" / "scratch" / "vq_tiny")
     stage("tokens", lambda: preprocess_tokens.main([
         "--stage", "tokens", "--data-path", str(images), "--store", str(store), "--vq-ckpt", str(vq / "model.safetensors"),
-        "--image-size", str(IMAGE_SIZE), "--views", str(scale.views), "--num-workers", "0", "--shard-size", "500"]))
+        "--image-size", str(image_size()), "--views", str(scale.views), "--num-workers", "0", "--shard-size", "500"]))
     common = ["--data.store", str(store), "--train.results_dir", str(work / "runs")]
     stage("entropy model", lambda: train_entropy_model.main([
         "--config", str(REPO / "configs" / "tiny" / "entropy_model.yaml"), *common, "--train.epochs", str(scale.entropy_epochs), *batch,

@@ -261,6 +261,13 @@ def load_torch_file(path: str | Path) -> Any:
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load weights strictly; a mismatch is one line naming the first missing/unexpected/misshapen key."""
     state = read_state_dict(path)
+    check_fits(model, state, path)
+    model.load_state_dict(state, strict=True)
+
+
+def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``UserError`` (one line naming the first missing / unexpected / misshapen key) unless ``state`` has
+    exactly ``model``'s keys and shapes. ``model`` may live on the meta device (nothing allocated)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -276,7 +283,6 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
             details.append(f"{len(misshapen)} with other shapes (first {k!r}: "
                            f"{list(state[k].shape)} in file, {list(own[k].shape)} in model)")
         raise UserError(f"{path} does not fit the model: " + "; ".join(details))
-    model.load_state_dict(state, strict=True)
 
 
 def append_metrics(experiment_dir: str | Path, record: dict[str, Any]) -> None:
@@ -343,9 +349,10 @@ def load_llamagen_gpt(checkpoint: str | Path, gpt_model: str, image_size: int, d
         raise UserError(f"--gpt-model {gpt_model!r}: a LlamaGen checkpoint is one of {', '.join(GPT_models)}")
     state = read_state_dict(checkpoint)
     shapes = {key: state[key].shape for key in ("tok_embeddings.weight", "cls_embedding.embedding_table.weight")
-              if key in state}
+              if key in state and state[key].dim() == 2}
     if len(shapes) < 2:
-        raise UserError(f"{checkpoint} is not a LlamaGen GPT checkpoint (no tok_embeddings / cls_embedding weights)")
+        raise UserError(f"{checkpoint} is not a LlamaGen GPT checkpoint (no 2-d tok_embeddings / cls_embedding "
+                        "weights)")
     classes = shapes["cls_embedding.embedding_table.weight"][0] - 1
     if classes < 1:
         raise UserError(f"{checkpoint} is an unconditional GPT (one class row); a LlamaGen c2i checkpoint has "
@@ -354,17 +361,20 @@ def load_llamagen_gpt(checkpoint: str | Path, gpt_model: str, image_size: int, d
                          downsample_size=downsample_size, vocab_size=shapes["tok_embeddings.weight"][0],
                          num_classes=classes, class_dropout_prob=0.1)
     try:
+        with torch.device("meta"):  # shapes first: a GPT-7B is not built to learn that the file is a GPT-B
+            check_fits(create_model(config), state, checkpoint)
         model = create_model(config)
     except ValueError as error:
         raise UserError(f"--image-size {image_size}: {error}") from None
-    load_model_weights(model, checkpoint)
+    model.load_state_dict(state, strict=True)
     return model.eval(), config
 
 
 def load_entropy_model(checkpoint: str | Path, config_path: str | Path | None = None, *,
-                       llamagen_gpt: str | None = None, image_size: int | None, downsample_size: int):
+                       llamagen_gpt: str | None = None, image_size: int | None, downsample_size: int,
+                       vocab_size: int | None = None):
     """(model in eval mode, its ModelConfig) of an entropy model for ``image_size``-pixel images (None: a
-    trained run's own size; a LlamaGen checkpoint needs it).
+    trained run's own size; a LlamaGen checkpoint needs it) and, when given, a ``vocab_size``-code tokenizer.
 
     Either a train_entropy_model.py run (an unconditional GPT; ``config_path`` as for
     :func:`load_trained_model`) or, with ``llamagen_gpt`` (e.g. ``"GPT-B"``), a released LlamaGen c2i
@@ -373,7 +383,20 @@ def load_entropy_model(checkpoint: str | Path, config_path: str | Path | None = 
     class-conditional run, or a model built for another image or token grid.
     """
     if llamagen_gpt:
-        return load_llamagen_gpt(checkpoint, llamagen_gpt, image_size, downsample_size)
+        if config_path:
+            raise UserError(f"entropy model {checkpoint}: a LlamaGen checkpoint (its size given as {llamagen_gpt}) "
+                            f"has no run config; drop the config {config_path}")
+        model, config = load_llamagen_gpt(checkpoint, llamagen_gpt, image_size, downsample_size)
+    else:
+        model, config = _load_trained_entropy_model(checkpoint, config_path, image_size, downsample_size)
+    if vocab_size is not None and config.vocab_size != vocab_size:
+        raise UserError(f"entropy model {checkpoint} predicts {config.vocab_size} codes, the tokenizer here has "
+                        f"{vocab_size}; it must be trained on this tokenizer's tokens")
+    return model, config
+
+
+def _load_trained_entropy_model(checkpoint: str | Path, config_path: str | Path | None, image_size: int | None,
+                                downsample_size: int):
     model, config = load_trained_model(checkpoint, config_path)
     if config.model_type != "uncond":
         raise UserError(f"entropy model {checkpoint} is a {config.model_type} {config.gpt_model} run; entropies come "

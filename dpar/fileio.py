@@ -19,6 +19,9 @@ def umask() -> int:
     return mask
 
 
+_TEMPORARY_EXTRA = len(".") + len(".") + 8 + len(".tmp")  # atomic_path's ".<name>.XXXXXXXX.tmp"
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s directory; rename it onto ``path`` if the block succeeds.
@@ -62,11 +65,19 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
 
 
 def check_output_file(path: str | os.PathLike, what: str) -> Path:
-    """``path`` can be written as a file (it is not a folder, its folder can be made); else one line."""
+    """``path`` can be written as a file by :func:`atomic_path` (it is not a folder, its folder can be made,
+    its name and its temporary's fit the file system); else one line."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{what} {path} must be a file, but it is a folder")
     check_output_dir(path.parent, f"the folder of {what}")
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    longest = os.pathconf(existing, "PC_NAME_MAX") - _TEMPORARY_EXTRA
+    if len(os.fsencode(path.name)) > longest:
+        raise UserError(f"{what} {path}: its name is {len(os.fsencode(path.name))} bytes, the file system allows "
+                        f"{longest} here (shorten the input's name)")
     return path
 
 

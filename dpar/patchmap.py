@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import read_section
 from .data.preprocess import next_token_entropies
 from .errors import ArgumentParser, UserError, run_main
 from .experiment import load_entropy_model
-from .fileio import check_output_dir
-from .models import GPT_models
+from .fileio import check_output_dir, check_output_file
+from .models import GPT_models, ModelConfig
 from .patcher import PatcherConfig, patch_starts
-from .sampling import Sampler
+from .sampling import run_config, run_patching, run_tokenizer
 from .validation import device, field_type, number
 from .visual import image_grid, patch_map, save_png, with_patch_legend
 from tokenizer.transforms import load_center_crop
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise UserError(f"{missing[0]}: no such image file")
     check_output_dir(args.output_dir, "--output-dir")
+    outputs = [check_output_file(Path(args.output_dir) / f"{Path(path).stem}_patches.png", f"the patch map of {path}")
+               for path in args.images]
+    if len(set(outputs)) < len(outputs):
+        twins = [path for path, out in zip(args.images, outputs) if outputs.count(out) > 1]
+        raise UserError(f"{twins[0]} and {twins[1]} would both be drawn to {outputs[args.images.index(twins[0])]}; "
+                        "give images of different names")
 
     vq, entropy_model, patcher = _models(args)
     grid = int(np.sqrt(entropy_model.block_size))
@@ -72,9 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     maps = patch_map(zoomed, starts, grid)
     print(f"θ {patcher.threshold} nats, P {patcher.max_patch_length}, row break {patcher.row_break}, "
           f"{grid}x{grid} tokens")
-    for path, crop, picture, start in zip(args.images, zoomed, maps, starts):
-        out = save_png(with_patch_legend(image_grid(torch.stack([crop, torch.from_numpy(picture)]), nrow=2)),
-                       Path(args.output_dir) / f"{Path(path).stem}_patches.png")
+    for path, out, crop, picture, start in zip(args.images, outputs, zoomed, maps, starts):
+        save_png(with_patch_legend(image_grid(torch.stack([crop, torch.from_numpy(picture)]), nrow=2)), out)
         print(f"{path}: {len(start) / int(start.sum()):.2f} tokens per patch ({int(start.sum())} patches) -> {out}")
 
 
@@ -87,12 +93,13 @@ def _models(args: argparse.Namespace):
                                           ("--entropy-model-gpt", args.entropy_model_gpt)) if value is not None]
         if given:
             raise UserError(f"{given[0]} comes from --experiment_dir {args.experiment_dir}; give one or the other")
-        sampler = Sampler.from_experiment(args.experiment_dir, device=args.device, tokenizer=False)
-        if sampler.patcher is None or sampler.patcher.mode != "entropy":
+        config_path = run_config(Path(args.experiment_dir))  # the run's config only: no weights needed
+        model_config = read_section(config_path, "model", ModelConfig)
+        patcher, entropy_model = run_patching(config_path, model_config, args.device)
+        if patcher is None or patcher.mode != "entropy":
             raise UserError(f"--experiment_dir {args.experiment_dir} does not patch by entropy (a "
-                            f"{sampler.model_config.gpt_model} run"
-                            f"{'' if sampler.patcher is None else ', mode ' + sampler.patcher.mode})")
-        vq, entropy_model, patcher = sampler.load_tokenizer(args.vq_ckpt).vq, sampler.entropy_model, sampler.patcher
+                            f"{model_config.gpt_model} run{'' if patcher is None else ', mode ' + patcher.mode})")
+        vq = run_tokenizer(config_path, model_config, args.vq_ckpt)[0].to(args.device)
     else:
         if not args.vq_ckpt or not args.entropy_model_checkpoint:
             raise UserError("give --vq-ckpt and --entropy-model-checkpoint (or --experiment_dir, a DPAR run)")
@@ -103,10 +110,10 @@ def _models(args: argparse.Namespace):
         image_size = (args.image_size or 256) if args.entropy_model_gpt else None
         entropy_model, config = load_entropy_model(args.entropy_model_checkpoint, args.entropy_model_config,
                                                    llamagen_gpt=args.entropy_model_gpt, image_size=image_size,
-                                                   downsample_size=vq.downsample)
-        if config.vocab_size != vq.config.codebook_size or config.downsample_size != vq.downsample:
-            raise UserError(f"the entropy model reads {config.vocab_size} codes at {config.downsample_size}x, the "
-                            f"tokenizer {args.vq_ckpt} has {vq.config.codebook_size} at {vq.downsample}x")
+                                                   downsample_size=vq.downsample, vocab_size=vq.config.codebook_size)
+        if config.downsample_size != vq.downsample:
+            raise UserError(f"the entropy model reads tokens of a {config.downsample_size}x tokenizer, "
+                            f"--vq-ckpt {args.vq_ckpt} downsamples {vq.downsample}x")
         entropy_model, patcher = entropy_model.to(args.device), PatcherConfig()
     if args.threshold is not None:
         patcher = replace(patcher, threshold=args.threshold)

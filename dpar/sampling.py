@@ -273,48 +273,14 @@ class Sampler:
         ``max_patch_length=0`` removes the cap.
         """
         experiment = Path(experiment_dir)
-        config_path = experiment / CONFIG_FILE
-        if not config_path.is_file():
-            if experiment.resolve() == DEMO_RUN:
-                raise UserError(f"the embedded demo {DEMO_RUN} is missing; rebuild it with python -m dpar.demo")
-            raise UserError(f"{experiment} is not an experiment dir (no {CONFIG_FILE})")
-        if "gpt_model" not in (read_yaml(config_path).get("model") or {}):
-            raise UserError(f"{experiment} is not a training run of train_global_model.py (its config has no "
-                            "model.gpt_model; a tokenizer run?)")
+        config_path = run_config(experiment)
         checkpoint, epoch, name = _checkpoint_of(experiment, epoch)
         weights = checkpoint / (EMA_FILE if ema else MODEL_FILE)
         if not weights.is_file():
             raise UserError(f"--ema: {weights} does not exist (the run kept no EMA: train.ema false)")
         model, model_config = load_trained_model(weights, config_path)
-        if not is_dpar(model_config.gpt_model) and (threshold is not None or max_patch_length is not None):
-            raise UserError(f"--threshold and --max-patch-length change DPAR's patching; {experiment} is a "
-                            f"{model_config.gpt_model} run, which has none")
-        if model_config.model_type != "c2i":
-            raise UserError(f"{experiment} is an unconditional model ({model_config.gpt_model}, e.g. an entropy "
-                            "model); class-conditional sampling needs a c2i run")
         model = model.to(device)
-
-        patcher, entropy_model = None, None
-        if is_dpar(model_config.gpt_model):
-            patcher = read_section(config_path, "patcher", PatcherConfig)
-            if threshold is not None and patcher.mode != "entropy":
-                raise UserError(f"--threshold changes entropy patching; {experiment} patches in {patcher.mode} mode")
-            if threshold is not None:
-                patcher = replace(patcher, threshold=threshold)
-            if max_patch_length is not None:
-                patcher = replace(patcher, max_patch_length=max_patch_length or None)
-            if patcher.mode == "entropy":
-                keys = ("entropy_model_checkpoint",) + (  # the config: named, else the run's next to the weights
-                    ("entropy_model_checkpoint_config",) if patcher.entropy_model_checkpoint_config else ())
-                for key in keys:
-                    if not getattr(patcher, key) or not recorded_path(getattr(patcher, key)).is_file():
-                        raise UserError(f"{config_path}: patcher.{key} {getattr(patcher, key)!r} is not a file here")
-                    setattr(patcher, key, str(recorded_path(getattr(patcher, key))))
-                entropy_model, _ = load_entropy_model(
-                    patcher.entropy_model_checkpoint, patcher.entropy_model_checkpoint_config,
-                    llamagen_gpt=patcher.entropy_model_gpt, image_size=model_config.image_size,
-                    downsample_size=model_config.downsample_size)
-                entropy_model = entropy_model.to(device)
+        patcher, entropy_model = run_patching(config_path, model_config, device, threshold, max_patch_length)
         sampler = cls(model, model_config, patcher, entropy_model, None, epoch, name, weights, None,
                       _class_names_of(config_path), config_path)
         return sampler.load_tokenizer(vq_checkpoint) if tokenizer else sampler
@@ -322,9 +288,8 @@ class Sampler:
     def load_tokenizer(self, vq_checkpoint: str | Path | None = None) -> Sampler:
         """Load ``vq_checkpoint`` (default: the run's tokenizer) as :attr:`vq`, on the model's device; returns
         self. ``UserError`` when none is found or it does not fit the model."""
-        self.vq_checkpoint = Path(vq_checkpoint or _tokenizer_of(self.config_path))
-        device = next(self.model.parameters()).device
-        self.vq = _tokenizer_for(self.vq_checkpoint, self.model_config).to(device)
+        self.vq, self.vq_checkpoint = run_tokenizer(self.config_path, self.model_config, vq_checkpoint)
+        self.vq = self.vq.to(next(self.model.parameters()).device)
         return self
 
     @classmethod
@@ -364,6 +329,65 @@ class Sampler:
         return {"weights": str(self.weights.resolve()), "weights_sha256": file_sha256(self.weights),
                 "tokenizer": str(self.vq_checkpoint.resolve()), "tokenizer_sha256": file_sha256(self.vq_checkpoint),
                 "patcher": None if self.patcher is None else asdict(self.patcher)}
+
+
+def run_config(experiment: Path) -> Path:
+    """The ``config.yaml`` of a class-conditional training run of ``train_global_model.py``; ``UserError`` for
+    any other folder (missing, a tokenizer or an entropy model run)."""
+    config_path = experiment / CONFIG_FILE
+    if not config_path.is_file():
+        if experiment.resolve() == DEMO_RUN:
+            raise UserError(f"the embedded demo {DEMO_RUN} is missing; rebuild it with python -m dpar.demo")
+        raise UserError(f"{experiment} is not an experiment dir (no {CONFIG_FILE})")
+    model = read_yaml(config_path).get("model") or {}
+    if "gpt_model" not in model:
+        raise UserError(f"{experiment} is not a training run of train_global_model.py (its config has no "
+                        "model.gpt_model; a tokenizer run?)")
+    if model.get("model_type", "c2i") != "c2i":
+        raise UserError(f"{experiment} is an unconditional model ({model.gpt_model}, e.g. an entropy model); "
+                        "class-conditional sampling needs a c2i run")
+    return config_path
+
+
+def run_patching(config_path: Path, model_config: ModelConfig, device: str | torch.device,
+                 threshold: float | None = None, max_patch_length: int | None = None
+                 ) -> tuple[PatcherConfig | None, nn.Module | None]:
+    """(patcher, entropy model on ``device``) of the run ``config_path`` describes: (None, None) for a GPT,
+    no entropy model unless it patches by entropy. ``threshold`` / ``max_patch_length`` (0: no cap) override
+    the trained patcher (paper Table 6). Needs the run's config only, not its weights (``dpar.patchmap``)."""
+    if not is_dpar(model_config.gpt_model):
+        if threshold is not None or max_patch_length is not None:
+            raise UserError(f"--threshold and --max-patch-length change DPAR's patching; {config_path.parent} is a "
+                            f"{model_config.gpt_model} run, which has none")
+        return None, None
+    patcher = read_section(config_path, "patcher", PatcherConfig)
+    if threshold is not None and patcher.mode != "entropy":
+        raise UserError(f"--threshold changes entropy patching; {config_path.parent} patches in {patcher.mode} mode")
+    if threshold is not None:
+        patcher = replace(patcher, threshold=threshold)
+    if max_patch_length is not None:
+        patcher = replace(patcher, max_patch_length=max_patch_length or None)
+    if patcher.mode != "entropy":
+        return patcher, None
+    keys = ("entropy_model_checkpoint",) + (  # the config: named, else the run's next to the weights
+        ("entropy_model_checkpoint_config",) if patcher.entropy_model_checkpoint_config else ())
+    for key in keys:
+        if not getattr(patcher, key) or not recorded_path(getattr(patcher, key)).is_file():
+            raise UserError(f"{config_path}: patcher.{key} {getattr(patcher, key)!r} is not a file here")
+        setattr(patcher, key, str(recorded_path(getattr(patcher, key))))
+    entropy_model, _ = load_entropy_model(patcher.entropy_model_checkpoint, patcher.entropy_model_checkpoint_config,
+                                          llamagen_gpt=patcher.entropy_model_gpt, image_size=model_config.image_size,
+                                          downsample_size=model_config.downsample_size,
+                                          vocab_size=model_config.vocab_size)
+    return patcher, entropy_model.to(device)
+
+
+def run_tokenizer(config_path: Path, model_config: ModelConfig, vq_checkpoint: str | Path | None = None,
+                  ) -> tuple[nn.Module, Path]:
+    """(tokenizer in eval mode, its checkpoint): ``vq_checkpoint``, else the one the run's config names.
+    ``UserError`` when none is found or it does not fit the model."""
+    path = Path(vq_checkpoint or _tokenizer_of(config_path))
+    return _tokenizer_for(path, model_config), path
 
 
 def _checkpoint_of(experiment: Path, epoch: int | str | None) -> tuple[Path, int | str, str]:

@@ -42,8 +42,8 @@ from .errors import UserError
 from .fileio import check_output_dir, lock_folder
 from .launch import make_accelerator
 from .experiment import (CONFIG_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, append_metrics, checkpoint_step,
-                         experiment_of, load_model_weights, load_torch_file, resolve_run, save_checkpoint,
-                         save_step_checkpoint, truncate_metrics, write_run_config)
+                         experiment_of, load_entropy_model, load_model_weights, load_torch_file, resolve_run,
+                         save_checkpoint, save_step_checkpoint, truncate_metrics, write_run_config)
 from .flops import count
 from .models import ModelConfig, architecture, create_model, is_dpar
 from .patcher import PatcherConfig
@@ -201,7 +201,9 @@ def open_store(path: str, model: ModelConfig, key: str) -> TokenStore:
 
 
 def check_entropy_source(config: DictConfig, store: TokenStore, key: str = "data.store") -> None:
-    """The store's entropies must come from the entropy model ``patcher`` names; fills in its config path."""
+    """The store's entropies must come from the entropy model ``patcher`` names; fills in its config path. For
+    ``data.store`` (once per run) the entropy model is also loaded as sampling will load it, so that a run
+    whose entropy model cannot be read is refused before it starts."""
     patcher = config.patcher
     if not patcher.entropy_model_checkpoint:
         raise UserError("patcher.mode 'entropy' needs patcher.entropy_model_checkpoint (the entropy model whose "
@@ -215,10 +217,15 @@ def check_entropy_source(config: DictConfig, store: TokenStore, key: str = "data
         experiment = experiment_of(checkpoint)
         if experiment is None:
             raise UserError(f"patcher.entropy_model_checkpoint {checkpoint} is not inside an experiment dir; "
-                            "also set patcher.entropy_model_checkpoint_config")
+                            "also set patcher.entropy_model_checkpoint_config (or, for a LlamaGen c2i .pt, "
+                            "patcher.entropy_model_gpt to its size)")
         patcher.entropy_model_checkpoint_config = str(experiment / CONFIG_FILE)
     if patcher.entropy_model_checkpoint_config and not Path(patcher.entropy_model_checkpoint_config).is_file():
         raise UserError(f"patcher.entropy_model_checkpoint_config not found: {patcher.entropy_model_checkpoint_config}")
+    if key == "data.store":  # once per run: it loads as the config describes it, as sampling will load it
+        load_entropy_model(checkpoint, patcher.entropy_model_checkpoint_config,
+                           llamagen_gpt=patcher.entropy_model_gpt, image_size=config.model.image_size,
+                           downsample_size=config.model.downsample_size, vocab_size=config.model.vocab_size)
     store.require_entropies()
     recorded = store.meta["entropies"]["model"]
     if file_sha256(checkpoint) != recorded["sha256"]:

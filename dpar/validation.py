@@ -102,8 +102,10 @@ def number(kind: type, **bounds: float) -> Callable[[str], Any]:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'} "
-                                             f"{rule.describe()}; got {text!r}") from None
+            bounds = rule.describe()
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}"
+                                             f"{'' if bounds == 'a finite number' else ' ' + bounds}; "
+                                             f"got {text!r}") from None
         if not rule.allows(value):
             raise argparse.ArgumentTypeError(f"must be {rule.describe()}; got {text!r}")
         return value

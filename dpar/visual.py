@@ -75,7 +75,7 @@ def with_patch_legend(picture: np.ndarray) -> np.ndarray:
 
 
 def patch_map(images: np.ndarray | torch.Tensor, patch_start: np.ndarray | torch.Tensor, grid: int,
-              alpha: float = 0.45) -> np.ndarray:
+              alpha: float = 0.7) -> np.ndarray:
     """Images with their patches drawn over them: each token tinted by its patch's length, and a dark
     line where a patch starts (left edge) and along every grid row. uint8 [B, H, W, 3] -> same shape."""
     images = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)

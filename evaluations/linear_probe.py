@@ -53,15 +53,21 @@ def pooled_features(sampler: Sampler, tokens: torch.Tensor) -> torch.Tensor:
     return model.pooled_features(tokens, null, starts).float()
 
 
-def store_features(sampler: Sampler, store: TokenStore, indices: np.ndarray, batch_size: int,
-                   desc: str) -> np.ndarray:
-    """``[len(indices), dim]`` features of the store's images ``indices`` (their center-crop view)."""
-    device, view = next(sampler.model.parameters()).device, center_view(store.views)
-    out = []
-    for start in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch", leave=False):
-        batch = np.stack([store.tokens(int(i))[view] for i in indices[start:start + batch_size]])
-        out.append(pooled_features(sampler, torch.from_numpy(batch.astype(np.int64)).to(device)).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, sampler.model.config.dim), dtype=np.float32)
+def center_tokens(store: TokenStore, indices: np.ndarray) -> np.ndarray:
+    """uint16 ``[len(indices), N]``: the center-crop view of the store's images ``indices``, each checked
+    against the codebook (``TokenStore.tokens``), so that a damaged store stops before any model work."""
+    view = center_view(store.views)
+    return np.stack([store.tokens(int(i))[view] for i in indices]).reshape(len(indices), store.num_tokens)
+
+
+def features(sampler: Sampler, tokens: np.ndarray, batch_size: int, desc: str) -> np.ndarray:
+    """``[len(tokens), dim]`` fp32 features of ``tokens [I, N]``, ``batch_size`` images per forward."""
+    device = next(sampler.model.parameters()).device
+    out = [np.zeros((0, sampler.model.config.dim), dtype=np.float32)]
+    for start in tqdm(range(0, len(tokens), batch_size), desc=desc, unit="batch", leave=False):
+        batch = torch.from_numpy(tokens[start:start + batch_size].astype(np.int64)).to(device)
+        out.append(pooled_features(sampler, batch).cpu().numpy())
+    return np.concatenate(out)
 
 
 def top_k_accuracy(probabilities: np.ndarray, classes: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -135,14 +141,18 @@ def main(argv: list[str] | None = None) -> None:
         train, val = np.arange(len(labels)), np.arange(len(stores["--val-store"]))
         val_store = stores["--val-store"]
         val_labels = val_store.labels.astype(np.int64)
+    if len(val) == 0:
+        raise UserError(f"--val-store {args.val_store} holds no images")
     if args.max_images and args.max_images < len(train):
         train = train[stratified_sample(labels[train], args.max_images, args.split_seed)]
     if len(np.unique(labels[train])) < 2:
-        raise UserError(f"--store {args.store}: the training images hold {len(np.unique(labels[train]))} class; a "
-                        "classifier needs two or more")
+        source = f"--max-images {args.max_images}" if args.max_images else f"--store {args.store}"
+        raise UserError(f"{source}: the training images hold {len(np.unique(labels[train]))} class; a classifier "
+                        "needs two or more")
 
-    train_x = store_features(sampler, train_store, train, args.batch_size, "train features")
-    val_x = store_features(sampler, val_store, val, args.batch_size, "held-out features")
+    train_tokens, val_tokens = center_tokens(train_store, train), center_tokens(val_store, val)
+    train_x = features(sampler, train_tokens, args.batch_size, "train features")
+    val_x = features(sampler, val_tokens, args.batch_size, "held-out features")
     result = fit_probe(train_x, labels[train], val_x, val_labels, args.C, args.max_iter)
     result = {"experiment_dir": str(args.experiment_dir), "weights": str(sampler.weights), "model":
               sampler.model_config.gpt_model, "feature_dim": int(train_x.shape[1]), "train_images": len(train),

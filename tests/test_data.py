@@ -186,7 +186,7 @@ def test_clear_errors(setup, store, tmp_path):
     other = ModelConfig(gpt_model="GPT-tiny", model_type="uncond", image_size=SIZE, downsample_size=4,
                         vocab_size=CODES * 2)
     wrong_codebook = experiment(tmp_path / "other", create_model(other), other)
-    with pytest.raises(UserError, match="predicts 128 codes but the store's tokenizer has 64"):
+    with pytest.raises(UserError, match="predicts 128 codes, the tokenizer here has 64"):
         preprocess_tokens.main(["--stage", "entropies", "--store", str(store.path),
                                 "--entropy-model-checkpoint", str(wrong_codebook)])
     with pytest.raises(UserError, match="no token store"):

@@ -42,7 +42,7 @@ def test_tiny_demo_build_then_sample(tiny_demo, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tokens per patch" in out
     grid = np.asarray(Image.open(next((tmp_path / "samples").glob("*[0-9].png"))))
-    labelled_grid(grid, 3, 1, demo.IMAGE_SIZE)  # three rows of one image, each labelled
+    labelled_grid(grid, 3, 1, demo.image_size())  # three rows of one image, each labelled
 
 
 def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
@@ -98,6 +98,6 @@ def test_the_shipped_demo_samples_with_no_arguments_from_any_directory(tmp_path)
     out = finish(run_script([sys.executable, str(ROOT / "sample_c2i.py"), "--output-dir", "out"], cwd=elsewhere))
     assert "96 images of 12 classes" in out and "tokens per patch" in out
     grid = np.asarray(Image.open(next((elsewhere / "out").glob("*cfg-4.0-seed-0.png"))))
-    labelled_grid(grid, 12, 8, demo.IMAGE_SIZE)
+    labelled_grid(grid, 12, 8, demo.image_size())
     patches = np.asarray(Image.open(next((elsewhere / "out").glob("*_patches.png"))))
     assert patches.shape[0] > grid.shape[0]  # the legend below

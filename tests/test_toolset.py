@@ -269,3 +269,95 @@ print(len(names))
 """
     count = int(finish(run_script([sys.executable, "-c", code])))
     assert count > 30
+
+
+# -- bad input found by a breaking pass: one line, before anything is written ------------------------------
+
+def one_line_error(args: list[str], cwd: Path = ROOT) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    return proc.stderr
+
+
+def test_training_refuses_an_entropy_model_that_does_not_load_as_described(world, probe_runs, tmp_path):
+    uncond = probe_runs["dpar"].parent / "entropy" / "checkpoints" / "epoch_00000000" / "model.safetensors"
+    common = ["train_global_model.py", "--config", str(ROOT / "configs/tiny/global_model_entropy_row_break.yaml"),
+              "model.image_size=16", "model.downsample_size=4", f"model.vocab_size={VOCAB}",
+              f"model.num_classes={CLASSES}", f"data.store={world['store']}", "data.val_holdout=8",
+              f"train.results_dir={tmp_path / 'runs'}", "train.epochs=1"]
+    assert "is an unconditional GPT" in one_line_error(  # a trained entropy model declared a LlamaGen one
+        common + [f"patcher.entropy_model_checkpoint={uncond}", "patcher.entropy_model_gpt=GPT-tiny"])
+    assert "does not fit the model" in one_line_error(  # a LlamaGen checkpoint of another size
+        common + [f"patcher.entropy_model_checkpoint={world['llamagen']}", "patcher.entropy_model_gpt=GPT-B"])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_llamagen_size_far_larger_than_the_file_is_refused_from_shapes(world):
+    from dpar.experiment import load_llamagen_gpt
+    with pytest.raises(UserError, match="does not fit the model: .* missing"):
+        load_llamagen_gpt(world["llamagen"], "GPT-7B", SIZE, 4)  # 27 GB if it were built: it is not
+
+
+def test_output_names_are_checked_before_sampling(world, tmp_path):
+    long_name = tmp_path / ("x" * 240 + ".png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "short.png")
+    long_name.write_bytes((tmp_path / "short.png").read_bytes())
+    out = tmp_path / "out"
+    assert "the file system allows" in one_line_error(
+        ["sample_c2i.py", "--gpt-ckpt", str(world["llamagen"]), "--gpt-model", "GPT-tiny", "--image-size", str(SIZE),
+         "--vq-ckpt", str(world["vq"]), "--prefix-image", str(long_name), "--prefix-rows", "1",
+         "--output-dir", str(out)])
+    assert not out.exists()
+    (out / "photo_patches.png").mkdir(parents=True)  # an output name taken by a folder
+    (tmp_path / "short.png").rename(tmp_path / "photo.png")
+    assert "must be a file, but it is a folder" in one_line_error(
+        ["-m", "dpar.patchmap", str(tmp_path / "photo.png"), "--vq-ckpt", str(world["vq"]),
+         "--entropy-model-checkpoint", str(world["llamagen"]), "--entropy-model-gpt", "GPT-tiny", "--image-size",
+         str(SIZE), "--output-dir", str(out)])
+    assert [p.name for p in out.iterdir()] == ["photo_patches.png"]
+
+
+def test_patchmap_refuses_two_images_of_one_name_and_needs_no_weights(world, probe_runs, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / folder / "photo.png")
+    assert "would both be drawn to" in one_line_error(
+        ["-m", "dpar.patchmap", str(tmp_path / "a" / "photo.png"), str(tmp_path / "b" / "photo.png"),
+         "--experiment_dir", str(probe_runs["dpar"]), "--vq-ckpt", str(world["vq"]), "--output-dir",
+         str(tmp_path / "maps")])
+    assert not (tmp_path / "maps").exists()
+    young = tmp_path / "young"  # a run with only its mid-epoch checkpoint, or none at all: the map needs its config
+    young.mkdir()
+    (young / "config.yaml").write_text((probe_runs["dpar"] / "config.yaml").read_text())
+    patchmap.main([str(tmp_path / "a" / "photo.png"), "--experiment_dir", str(young), "--vq-ckpt", str(world["vq"]),
+                   "--output-dir", str(tmp_path / "maps")])
+    assert (tmp_path / "maps" / "photo_patches.png").is_file()
+
+
+def test_damaged_stores_are_named(world, probe_runs, tmp_path):
+    tokens = class_tokens(world["labels"], 0)
+    tokens[5, 0, 3] = VOCAB + 7  # a token outside the codebook
+    bad = write_token_store(tmp_path / "bad", tokens, world["labels"], codebook_size=VOCAB, num_classes=CLASSES)
+    probe = ["-m", "evaluations.linear_probe", "--experiment_dir", str(probe_runs["gpt"]), "--store"]
+    assert f"holds token {VOCAB + 7}, outside the codebook of {VOCAB}" in one_line_error(probe + [str(bad)])
+    meta = json.loads((bad / "meta.json").read_text())
+    (bad / "meta.json").write_text(json.dumps({**meta, "grid": "4"}))
+    assert "meta.json is damaged: grid '4'" in one_line_error(probe + [str(bad)])
+    empty = write_token_store(tmp_path / "empty", tokens[:0], world["labels"][:0], codebook_size=VOCAB,
+                              num_classes=CLASSES, shard_size=1)
+    assert f"--val-store {empty} holds no images" in one_line_error(
+        probe + [str(world["store"]), "--val-store", str(empty)])
+
+
+def test_overwriting_entropies_reads_every_token_before_deleting_any(world, tmp_path):
+    tokens = class_tokens(world["labels"], 0)
+    tokens[-1, 0, -1] = VOCAB  # the last token of the last shard is outside the codebook
+    entropies = np.random.default_rng(0).uniform(0, 4, tokens.shape)
+    store = write_token_store(tmp_path / "store", tokens, world["labels"], codebook_size=VOCAB, num_classes=CLASSES,
+                              entropies=entropies, entropy_checkpoint=world["vq"], shard_size=32)
+    before = {p.name: p.read_bytes() for p in (store / "shards").glob("entropies_*.npy")}
+    assert "outside the codebook" in one_line_error(
+        ["preprocess_tokens.py", "--stage", "entropies", "--store", str(store), "--overwrite",
+         "--entropy-model-checkpoint", str(world["llamagen"]), "--entropy-model-gpt", "GPT-tiny"])
+    assert len(before) == 3 and {p.name: p.read_bytes() for p in (store / "shards").glob("entropies_*.npy")} == before
+    assert TokenStore(store).has_entropies

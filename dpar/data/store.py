@@ -55,7 +55,22 @@ def read_meta(store: str | Path) -> dict[str, Any] | None:
     if not isinstance(meta, dict) or not isinstance(meta.get("tokens"), dict) or "grid" not in meta:
         raise UserError(f"{path} is not a token store's meta.json (no 'tokens' record or 'grid'); delete the store "
                         "and preprocess again")
+    counts = {key: meta.get(key) for key in ("grid", "views", "codebook_size", "image_size")}
+    shard_images = meta["tokens"].get("shard_images", [])
+    wrong = [f"{key} {value!r}" for key, value in counts.items() if not _positive_int(value)]
+    if not isinstance(shard_images, list) or not all(_positive_int(n) or n == 0 for n in shard_images):
+        wrong.append(f"tokens.shard_images {shard_images!r}")
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        wrong.append(f"class_names {names!r}"[:80])
+    if wrong:
+        raise UserError(f"{path} is damaged: {wrong[0]} (expected a positive integer, a list of image counts, a "
+                        "list of class names); delete the store and preprocess again")
     return meta
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def file_sha256(path: str | Path, length: int = 16) -> str:
@@ -152,9 +167,17 @@ class TokenStore:
         return self._open[key]
 
     def tokens(self, index: int) -> np.ndarray:
-        """uint16 [views, N]."""
+        """uint16 [views, N]; :class:`UserError` for a token outside the codebook (a damaged shard)."""
         shard, row = self.locate(index)
-        return self._array("tokens", shard)[row]
+        return self._checked_tokens(self._array("tokens", shard)[row], shard)
+
+    def _checked_tokens(self, tokens: np.ndarray, shard: int) -> np.ndarray:
+        largest = int(tokens.max(initial=0))
+        if largest >= self.codebook_size:
+            raise UserError(f"token store file {shard_file(self.path, 'tokens', shard)} holds token {largest}, "
+                            f"outside the codebook of {self.codebook_size} (meta.json); it is damaged: delete it and "
+                            "rerun preprocess_tokens.py --stage tokens")
+        return tokens
 
     def require_entropies(self) -> None:
         if not self.has_entropies:
@@ -167,4 +190,5 @@ class TokenStore:
         return self._array("entropies", shard)[row]
 
     def shard_tokens(self, shard: int) -> np.ndarray:
-        return self._array("tokens", shard)
+        """uint16 [images, views, N] of one shard, checked as :meth:`tokens`."""
+        return self._checked_tokens(self._array("tokens", shard), shard)
