@@ -1,5 +1,6 @@
 r"""Sampling throughput of DPAR vs the GPT baseline with random weights and classifier-free guidance:
-images/s, ms per token step, tokens per patch, global steps per image, and where the time goes.
+images/s, ms per token step, tokens per patch, global steps per image, where the time goes, and DGPT-X's
+time over GPT-X's as the median of pairwise ratios of runs taken in turn in one process (with min-max).
 
     python benchmarks/sample_throughput.py                                   # tiny models on a CPU
     python benchmarks/sample_throughput.py --models DGPT-L GPT-L --image-size 256 --downsample 16 \
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from dataclasses import replace
 import sys
 import time
 from contextlib import ExitStack
@@ -25,11 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.workloads import build_model, device_name, median_seconds, synchronize  # noqa: E402
+from benchmarks.workloads import (build_model, device_name, interleaved, median_seconds, model_pairs,  # noqa: E402
+                                  ratio_cell, synchronize)
 from dpar import sampling  # noqa: E402
 from dpar.data.preprocess import next_token_entropies  # noqa: E402
 from dpar.models import DPAR, is_dpar  # noqa: E402
-from dpar.patcher import PatcherConfig, calibrate_threshold  # noqa: E402
+from dpar.patcher import PatcherConfig, calibrate_threshold, logits_entropy  # noqa: E402
 from dpar.sampling import SamplingConfig, generate  # noqa: E402
 
 
@@ -75,11 +78,47 @@ def stage_shares(run, model, entropy_model, device: str) -> dict[str, float]:
     return {stage: seconds / total for stage, seconds in spent.items()}
 
 
-def calibrated_patcher(entropy_model, grid: int, vocab: int, target: float, device) -> PatcherConfig:
-    """P=4 and row breaks, with the θ at which random token sequences give ``target`` tokens per patch."""
+def calibrated_patcher(entropy_model, model, grid: int, vocab: int, target: float, device) -> PatcherConfig:
+    """P=4 and row breaks, with the θ at which images this DPAR samples give about ``target`` tokens per patch:
+    θ is set on random token sequences, then set again on two images sampled with it (a random model's
+    samples are not random sequences: its entropies on them differ)."""
     tokens = torch.randint(0, vocab, (16, grid * grid), generator=torch.Generator().manual_seed(0)).to(device)
     entropies = next_token_entropies(entropy_model, tokens).float().cpu()
-    return PatcherConfig(threshold=calibrate_threshold(entropies, grid, target), max_patch_length=4, row_break=True)
+    patcher = PatcherConfig(threshold=calibrate_threshold(entropies, grid, target), max_patch_length=4,
+                            row_break=True)
+    labels = torch.arange(2, device=device)
+    sampled = generate(model, labels, torch.tensor([7, 8]), SamplingConfig(cfg_scale=2.0), patcher=patcher,
+                       entropy_model=entropy_model).tokens
+    entropies = next_token_entropies(entropy_model, sampled).float().cpu()
+    return replace(patcher, threshold=calibrate_threshold(entropies, grid, target))
+
+
+def op_profile(run, rows: int) -> str:
+    """torch.profiler's table of the ``rows`` operators (and stage labels) with the most self time in one
+    ``run()``: what a sampling step spends its time on, op by op."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
+
+
+def self_entropy_patcher(model, patcher: PatcherConfig, grid: int, vocab: int, target: float,
+                         device) -> PatcherConfig:
+    """``patcher`` in self_entropy mode, θ set so that the model's own entropies under "no new patch" (one
+    teacher-forced pass over two of its samples, each as a single patch) give about ``target`` tokens per
+    patch. An approximation (under the real boundaries the entropies shift); the table prints what it gives."""
+    labels = torch.arange(2, device=device)
+    sampled = generate(model, labels, torch.tensor([7, 8]), SamplingConfig(cfg_scale=2.0),
+                       patcher=replace(patcher, mode="static", static_length=1)).tokens  # no entropy model needed
+    one_patch = torch.zeros_like(sampled, dtype=torch.bool)
+    one_patch[:, 0] = True
+    with torch.no_grad():
+        logits, _ = model(sampled, labels, one_patch)
+    entropies = logits_entropy(logits).float().cpu()
+    entropies[:, 0] = float("inf")
+    return replace(patcher, mode="self_entropy", threshold=calibrate_threshold(entropies, grid, target))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,7 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--tokens-per-patch", type=float, default=1.81)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (after one warm-up)")
+    parser.add_argument("--profile-ops", type=int, default=0, metavar="N",
+                        help="also print the N operators with the most self time in one profiled run of each row")
+    parser.add_argument("--patching", nargs="+", choices=("entropy", "self_entropy"), default=["entropy"],
+                        help="DPAR's boundaries: the entropy model's, and/or the model's own entropy (no entropy "
+                             "model; beyond the paper)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per setting after one warm-up; a DGPT/GPT pair takes them in turn")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
@@ -105,32 +150,55 @@ def main(argv: list[str] | None = None) -> None:
                            dtype=getattr(torch, args.dtype)).eval()
 
     entropy_model = build(args.entropy_model, "uncond")
-    patcher = calibrated_patcher(entropy_model, grid, args.vocab, args.tokens_per_patch, args.device)
+    models = {name: build(name) for name in args.models}
+    calibrate_on = next((model for name, model in models.items() if is_dpar(name)), None)
+    patchers = {}
+    if calibrate_on is not None:
+        patchers["entropy"] = calibrated_patcher(entropy_model, calibrate_on, grid, args.vocab,
+                                                 args.tokens_per_patch, args.device)
+        if "self_entropy" in args.patching:
+            patchers["self_entropy"] = self_entropy_patcher(calibrate_on, patchers["entropy"], grid, args.vocab,
+                                                            args.tokens_per_patch, args.device)
     sampling_config = SamplingConfig(cfg_scale=args.cfg_scale)
     print(f"device {device_name(args.device)}, torch {torch.__version__}, {args.dtype}, {grid}x{grid} tokens, "
-          f"cfg {args.cfg_scale}, threshold {patcher.threshold:.3f}\n")
-    print("| model | batch | images/s | ms per token step | tokens/patch | global steps/image | "
-          + " | ".join(f"% {stage}" for stage in STAGES) + " |")
-    print("|---|---|---|---|---|---|" + "---|" * len(STAGES))
-    for name in args.models:
-        model = build(name)
-        dpar = is_dpar(name)
-        for batch in args.batch_sizes:
-            labels = torch.arange(batch, device=args.device) % args.num_classes
-            outputs = []
-
-            def run():
-                seeds = torch.arange(batch) + 1000 * len(outputs)
-                outputs.append(generate(model, labels, seeds, sampling_config, patcher=patcher if dpar else None,
-                                        entropy_model=entropy_model if dpar else None))
-
-            seconds = median_seconds(run, args.device, args.repeats)
-            out = outputs[-1]
-            steps = float(out.global_steps.float().mean())
-            shares = stage_shares(run, model, entropy_model if dpar else None, args.device)
-            print(f"| {name} | {batch} | {batch / seconds:.2f} | {1000 * seconds / grid ** 2:.2f} | "
-                  f"{grid ** 2 / steps:.2f} | {steps:.1f} | "
-                  + " | ".join(f"{100 * shares[stage]:.0f}" for stage in STAGES) + " |", flush=True)
+          f"cfg {args.cfg_scale}, θ " + ", ".join(f"{mode} {p.threshold:.4g}" for mode, p in patchers.items()) + "\n")
+    print("| model | patching | batch | images/s | s per image | ms per token step | tokens/patch | "
+          "global steps/image | time vs GPT, median (min-max) | " + " | ".join(f"% {stage}" for stage in STAGES) + " |")
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(STAGES))
+    profiles = []
+    for batch in args.batch_sizes:
+        labels = torch.arange(batch, device=args.device) % args.num_classes
+        # DGPT-X and GPT-X, when both are listed, sample in turn (A B A B) and are compared pair by pair
+        for mode in args.patching:
+            for group in model_pairs(args.models):
+                if mode != args.patching[0] and not any(is_dpar(name) for name in group):
+                    continue  # a lone GPT is measured once
+                runs, outputs = [], {name: [] for name in group}
+                for name in group:
+                    def run(name=name):
+                        dpar = is_dpar(name)
+                        seeds = torch.arange(batch) + 1000 * len(outputs[name])
+                        outputs[name].append(generate(models[name], labels, seeds, sampling_config,
+                                                      patcher=patchers[mode] if dpar else None,
+                                                      entropy_model=entropy_model if dpar else None))
+                    runs.append(run)
+                if len(group) == 2:
+                    timing = interleaved(runs[0], runs[1], args.device, args.repeats)
+                    seconds, ratios = [timing["a"], timing["b"]], [ratio_cell(timing), ""]
+                else:
+                    seconds, ratios = [median_seconds(runs[0], args.device, args.repeats)], [""]
+                for name, run, time_, ratio in zip(group, runs, seconds, ratios):
+                    dpar = is_dpar(name)
+                    steps = float(outputs[name][-1].global_steps.float().mean())
+                    shares = stage_shares(run, models[name], entropy_model if dpar else None, args.device)
+                    print(f"| {name} | {mode if dpar else ''} | {batch} | {batch / time_:.2f} | {time_ / batch:.3f} | "
+                          f"{1000 * time_ / grid ** 2:.2f} | {grid ** 2 / steps:.2f} | {steps:.1f} | {ratio} | "
+                          + " | ".join(f"{100 * shares[stage]:.0f}" for stage in STAGES) + " |", flush=True)
+                    if args.profile_ops:
+                        title = f"{name} {mode if dpar else ''}, batch {batch}"
+                        profiles.append((title, op_profile(run, args.profile_ops)))
+    for title, text in profiles:  # after the table: a profiled run is never a timed one
+        print(f"\n### Operators of one sampling run: {title}\n\n```\n{text}\n```")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-r"""Training throughput of DPAR vs the LlamaGen baseline, side by side in one run: step time, images/s,
-tokens/s, peak memory and MFU from the model's own FLOP count (forward + backward = 3 x forward).
+r"""Training throughput of DPAR vs the LlamaGen baseline, interleaved in one process: step time, images/s,
+tokens/s, peak memory and MFU from the model's own FLOP count (forward + backward = 3 x forward), and
+DGPT-X's step time over GPT-X's as the median of pairwise ratios (DGPT step, GPT step, DGPT step, ...),
+with its min-max: both models see the same machine load, which on a shared CPU matters more than either.
 
     python benchmarks/train_throughput.py                                  # tiny models on a CPU
     python benchmarks/train_throughput.py --models DGPT-B GPT-B DGPT-L GPT-L DGPT-XL GPT-XL \
@@ -22,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.workloads import build_model, device_name, median_seconds, peak_tflops, realistic_patch_starts  # noqa: E402
+from benchmarks.workloads import (build_model, device_name, interleaved, median_seconds, model_pairs,  # noqa: E402
+                                  peak_tflops, ratio_cell, realistic_patch_starts)
 from dpar.data.dataset import PackedBatch  # noqa: E402
 from dpar.flops import PAPER_TOKENS_PER_PATCH, count  # noqa: E402
 from dpar.models import PatchLayout, is_dpar  # noqa: E402
@@ -44,10 +47,16 @@ def host_batches(name: str, count_: int, batch: int, grid: int, vocab: int, num_
     return batches
 
 
-def measure(name: str, image_size: int, args) -> dict:
+def prepare(name: str, image_size: int, args):
+    """(one training step as a function, a function of its median seconds -> the table row's figures). Runs
+    the ``--warmup`` steps, and on CUDA takes the model's own peak memory then (what was resident before, e.g.
+    the other model of a pair, left out)."""
     grid = image_size // args.downsample
     tokens_per_patch = args.tokens_per_patch or PAPER_TOKENS_PER_PATCH.get(image_size, 1.81)
     cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     model = build_model(name, image_size=image_size, downsample=args.downsample, vocab=args.vocab,
                         num_classes=args.num_classes, device=args.device, attn_backend=args.attn_backend)
     model.train()
@@ -67,21 +76,25 @@ def measure(name: str, image_size: int, args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    seconds = median_seconds(step, args.device, args.steps, warmup=args.warmup)
-    positions = sum(b.positions for b in batches) / len(batches)
-    flops = count(name, image_size, tokens_per_patch if is_dpar(name) else None, args.downsample, args.vocab,
-                  args.num_classes)
-    train_tflop_per_image = 3 * flops["gflops"] / 1e3
-    achieved = train_tflop_per_image * args.batch_size / seconds
-    peak = peak_tflops(args.device, args.peak_tflops)
-    return {"model": name, "image_size": image_size, "step_ms": 1e3 * seconds,
-            "images_per_s": args.batch_size / seconds, "tokens_per_s": args.batch_size * grid * grid / seconds,
-            "tokens_per_patch": args.batch_size * grid * grid / positions,
-            "train_gflops_per_image": 1e3 * train_tflop_per_image, "achieved_tflops": achieved,
-            "mfu": None if peak is None else achieved / peak,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
+    for _ in range(args.warmup):
+        step()
+    peak_memory = (torch.cuda.max_memory_allocated() - resident) / 2 ** 30 if cuda else None
+
+    def figures(seconds: float) -> dict:
+        positions = sum(b.positions for b in batches) / len(batches)
+        flops = count(name, image_size, tokens_per_patch if is_dpar(name) else None, args.downsample, args.vocab,
+                      args.num_classes)
+        train_tflop_per_image = 3 * flops["gflops"] / 1e3
+        achieved = train_tflop_per_image * args.batch_size / seconds
+        peak = peak_tflops(args.device, args.peak_tflops)
+        return {"model": name, "image_size": image_size, "step_ms": 1e3 * seconds,
+                "images_per_s": args.batch_size / seconds, "tokens_per_s": args.batch_size * grid * grid / seconds,
+                "tokens_per_patch": args.batch_size * grid * grid / positions,
+                "train_gflops_per_image": 1e3 * train_tflop_per_image, "achieved_tflops": achieved,
+                "mfu": None if peak is None else achieved / peak,
+                "peak_memory_gib": peak_memory}
+
+    return step, figures
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per optimizer step (one device)")
     parser.add_argument("--tokens-per-patch", type=float, default=None,
                         help="DPAR's mean patch length (default: the paper's figure for the image size, else 1.81)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps per model (median reported); a DGPT/GPT pair takes them in turn")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--attn-backend", default="auto", help="DPAR's packed attention backend")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model, as train.compile does")
@@ -109,21 +123,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device_name(args.device)}, torch {torch.__version__}, {precision}, batch {args.batch_size}, "
           f"compile {args.compile}, median of {args.steps} steps after {args.warmup}\n")
     print("| model | px | step ms | images/s | tokens/s | tokens/patch | train GFLOP/image | TFLOP/s | MFU | "
-          "peak GiB | step vs GPT |")
+          "peak GiB | step vs GPT, median (min-max) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    # each GPT before its DGPT, and each row printed once measured: a run stopped midway keeps what it measured
-    order = sorted(args.models, key=lambda name: (name.replace("DGPT-", "GPT-"), is_dpar(name)))
     for image_size in args.image_size:
-        rows = {}
-        for name in order:
-            r = rows[name] = measure(name, image_size, args)
-            baseline = rows.get(name.replace("DGPT-", "GPT-")) if is_dpar(name) else None
-            ratio = f"{r['step_ms'] / baseline['step_ms']:.2f}x" if baseline else ""
-            mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            memory = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
-            print(f"| {name} | {image_size} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['tokens_per_patch']:.2f} | {r['train_gflops_per_image']:.3f} | {r['achieved_tflops']:.3f} | "
-                  f"{mfu} | {memory} | {ratio} |", flush=True)
+        # DGPT-X and GPT-X, when both are listed, step in turn (A B A B) and are compared pair by pair;
+        # each row is printed once measured, so a run stopped midway keeps what it measured
+        for group in model_pairs(args.models):
+            prepared = [prepare(name, image_size, args) for name in group]  # warmed up
+            if len(prepared) == 2:
+                timing = interleaved(prepared[0][0], prepared[1][0], args.device, args.steps, warmup=0)
+                results = [(prepared[0][1](timing["a"]), ratio_cell(timing)), (prepared[1][1](timing["b"]), "")]
+            else:
+                results = [(prepared[0][1](median_seconds(prepared[0][0], args.device, args.steps, warmup=0)), "")]
+            for r, ratio in results:
+                mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+                memory = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
+                print(f"| {r['model']} | {image_size} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
+                      f"{r['tokens_per_s']:,.0f} | {r['tokens_per_patch']:.2f} | {r['train_gflops_per_image']:.3f} | "
+                      f"{r['achieved_tflops']:.3f} | {mfu} | {memory} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from dpar.models import ModelConfig, create_model
+from dpar.models import ModelConfig, create_model, is_dpar
 from dpar.patcher import calibrate_threshold, patch_start_mask
 
 # Dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU; anything else needs --peak-tflops.
@@ -64,6 +65,47 @@ def peak_tflops(device: str, given: float | None) -> float | None:
 def synchronize(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(torch.device(device))
+
+
+def interleaved(run_a: Callable[[], object], run_b: Callable[[], object], device: str, pairs: int,
+                warmup: int = 1) -> dict[str, float]:
+    """Time A and B alternately (A B A B ...) in one process, ``pairs`` times after ``warmup`` untimed pairs.
+
+    Both see the same machine state (a shared, noisy CPU; clocks; other jobs), so their ratio is measured
+    pair by pair: returns each one's median seconds and the median, min and max of the pairwise ratios A / B.
+    """
+    for _ in range(warmup):
+        run_a()
+        run_b()
+    seconds_a, seconds_b = [], []
+    for _ in range(pairs):
+        for run, seconds in ((run_a, seconds_a), (run_b, seconds_b)):
+            synchronize(device)
+            started = time.perf_counter()
+            run()
+            synchronize(device)
+            seconds.append(time.perf_counter() - started)
+    ratios = sorted(a / b for a, b in zip(seconds_a, seconds_b))
+    return {"a": statistics.median(seconds_a), "b": statistics.median(seconds_b),
+            "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+
+
+def model_pairs(models: list[str]) -> list[list[str]]:
+    """Each DGPT-X with its GPT-X when both are listed (DPAR first), every other model alone, in list order."""
+    groups, seen = [], set()
+    for name in models:
+        partner = name.replace("DGPT-", "GPT-") if is_dpar(name) else name.replace("GPT-", "DGPT-", 1)
+        if name in seen:
+            continue
+        group = sorted({name, partner} & set(models), key=lambda n: not is_dpar(n)) if partner in models else [name]
+        seen.update(group)
+        groups.append(group)
+    return groups
+
+
+def ratio_cell(timing: dict[str, float]) -> str:
+    """``0.81x (0.79-0.84)``: the median pairwise ratio and its range, for a table."""
+    return f"{timing['ratio']:.2f}x ({timing['ratio_min']:.2f}-{timing['ratio_max']:.2f})"
 
 
 def median_seconds(run: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:

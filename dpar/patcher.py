@@ -21,12 +21,14 @@ from torch import Tensor
 from .models.gpt import GPT_models
 from .validation import choice, ranged
 
-PATCH_MODES = ("entropy", "static", "token")
+PATCH_MODES = ("entropy", "static", "token", "self_entropy")
 
 
 @dataclass
 class PatcherConfig:
-    # entropy: the paper's rule; static: fixed-length patches; token: every token is a patch.
+    # entropy: the paper's rule; static: fixed-length patches; token: every token is a patch;
+    # self_entropy (sampling only, beyond the paper): the paper's rule on DPAR's own entropy of x_i under
+    # "no new patch at i" instead of the entropy model's, so sampling needs no second network.
     mode: str = choice("entropy", PATCH_MODES)
     # theta: a token whose entropy (nats) exceeds this starts a patch (7.8 at 256 px in the paper).
     threshold: float = ranged(7.8)
@@ -116,6 +118,9 @@ def patch_starts(config: PatcherConfig, entropies: Tensor, grid_width: int) -> T
                                        row_break=config.row_break, device=entropies.device)
     if config.mode == "token":
         return token_patch_start_mask(batch, num_tokens, device=entropies.device)
+    if config.mode == "self_entropy":
+        raise ValueError("self_entropy boundaries come from the model being sampled (dpar.sampling.generate); "
+                         "train with entropy, static or token patching")
     raise ValueError(f"unknown patcher mode {config.mode!r}; valid: {', '.join(PATCH_MODES)}")
 
 
@@ -158,13 +163,14 @@ def next_patch_start(config: PatcherConfig, entropy: Tensor | None, position: in
                      grid_width: int) -> Tensor:
     """Does token ``position`` start a patch, for each image? :func:`patch_starts` one step at a time.
 
-    ``entropy [B]`` is H_position (entropy mode only), ``run_length [B]`` the tokens already in each
-    image's open patch. Decided before x_position is sampled: the rule never looks at x_position.
+    ``entropy [B]`` is H_position (entropy and self_entropy modes; -inf asks which images the other rules
+    alone start), ``run_length [B]`` the tokens already in each image's open patch. Decided before
+    x_position is sampled: the rule never looks at x_position.
     """
     positions = torch.full_like(run_length, position)
     if config.mode == "token":
         return torch.ones_like(run_length, dtype=torch.bool)
-    if config.mode == "entropy":
+    if config.mode in ("entropy", "self_entropy"):
         _check_cap(config.max_patch_length)
         forced = forced_starts(entropy, positions, grid_width=grid_width, threshold=config.threshold,
                                row_break=config.row_break)

@@ -70,7 +70,8 @@ class Generation:
     patch_start: Tensor             # [B, N] bool, the boundaries decided while sampling
     global_steps: Tensor            # [B] global-transformer steps per image (= patches; N for the GPT)
     logits: Tensor | None = None    # [R, N, vocab] raw logits used (cond rows, then uncond rows), if recorded
-    entropies: Tensor | None = None  # [B, N] the entropy model's H_i (entropy patching only)
+    entropies: Tensor | None = None  # [B, N] H_i that decided the boundaries: the entropy model's (entropy mode)
+                                     # or the model's own (self_entropy; +inf where the other rules decided alone)
 
 
 def image_uniforms(seeds: Tensor, num_tokens: int) -> Tensor:
@@ -118,7 +119,11 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
     the prefix itself.
 
     DPAR needs ``patcher`` (its mode, θ and P may differ from training: paper Table 6) and, for entropy
-    patching, the unconditional GPT ``entropy_model``. ``progress`` shows a bar over the token steps.
+    patching, the unconditional GPT ``entropy_model``. In ``self_entropy`` mode no entropy model runs: H_i is
+    the entropy of the model's own conditional prediction of x_i with no new patch at i (the decoder on the
+    current global output); where θ, the cap or the row break then start a patch, the global transformer
+    advances and the decoder runs again, else its first logits are the ones sampled from. Either way the
+    logits used are a full forward's with the chosen boundaries. ``progress`` shows a bar over the token steps.
     The stages carry profiler labels (entropy_model, encoder, global, decoder, sample) so that a
     profile says where the time goes (benchmarks/sample_throughput.py prints the split).
     """
@@ -132,6 +137,7 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
     if is_dpar and patcher is None:
         raise ValueError("DPAR sampling needs a patcher config")
     use_entropy = is_dpar and patcher.mode == "entropy"
+    self_entropy = is_dpar and patcher.mode == "self_entropy"
     if use_entropy and entropy_model is None:
         raise ValueError("entropy patching needs the entropy model")
     if prefix is not None and (prefix.shape[0] != batch or prefix.shape[1] > num_tokens):
@@ -150,7 +156,7 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
     tokens = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
     starts = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
     logits_log = torch.empty(rows, num_tokens, model.vocab_size, device=device) if record_logits else None
-    entropies = torch.full((batch, num_tokens), float("inf"), device=device) if use_entropy else None
+    entropies = torch.full((batch, num_tokens), float("inf"), device=device) if use_entropy or self_entropy else None
     if is_dpar:
         model.setup_caches(rows, dtype)
         states = [torch.zeros(batch, num_tokens, model.config.dim, device=device, dtype=dtype)
@@ -169,13 +175,22 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
         for i in tqdm(range(num_tokens), desc="tokens", unit="step", leave=False, disable=not progress):
             if is_dpar:
                 run_length = i - patch_first
+                previous = None if i == 0 else states[-1][:, i - 1].repeat(halves, 1)
+                unchanged = None  # self_entropy: the logits under "no new patch at i", kept where none starts
+                if self_entropy and not next_patch_start(patcher, torch.full_like(entropies[:, i], -torch.inf), i,
+                                                         run_length, width).all():
+                    with record_function("decoder"):
+                        unchanged = model.decode_step(previous, g, i)
+                    entropies[:, i] = logits_entropy(unchanged[:batch])  # the conditional rows' prediction
                 start = next_patch_start(patcher, None if entropies is None else entropies[:, i], i, run_length, width)
                 starts[:, i] = start
                 with record_function("global"):
                     _global_step(model, start, i, rows_labels, halves, states, g, patches, patch_first)
-                previous = None if i == 0 else states[-1][:, i - 1].repeat(halves, 1)
-                with record_function("decoder"):
-                    logits = model.decode_step(previous, g, i)
+                if unchanged is not None and not start.any():
+                    logits = unchanged
+                else:
+                    with record_function("decoder"):
+                        logits = model.decode_step(previous, g, i)
             else:
                 with record_function("global"):  # the GPT is all global transformer
                     previous = None if i == 0 else tokens[:, i - 1:i].repeat(halves, 1)
@@ -264,13 +279,13 @@ class Sampler:
     def from_experiment(cls, experiment_dir: str | Path, epoch: int | str | None = None, *, ema: bool = False,
                         vq_checkpoint: str | None = None, device: str | torch.device = "cpu",
                         threshold: float | None = None, max_patch_length: int | None = None,
-                        tokenizer: bool = True) -> Sampler:
+                        self_entropy: bool = False, tokenizer: bool = True) -> Sampler:
         """Load ``experiment_dir``'s checkpoint of ``epoch`` (default: the newest epoch; ``"latest"``: the
         mid-epoch ``checkpoints/latest``) and what it needs (``tokenizer=False``: all but the tokenizer, for
         work on tokens such as the linear probe; ``vq`` is then None).
 
-        ``threshold`` / ``max_patch_length`` override the trained patcher at inference (paper Table 6);
-        ``max_patch_length=0`` removes the cap.
+        ``threshold`` / ``max_patch_length`` / ``self_entropy`` change the trained patcher at inference (paper
+        Table 6; see :func:`run_patching`); ``max_patch_length=0`` removes the cap.
         """
         experiment = Path(experiment_dir)
         config_path = run_config(experiment)
@@ -280,7 +295,8 @@ class Sampler:
             raise UserError(f"--ema: {weights} does not exist (the run kept no EMA: train.ema false)")
         model, model_config = load_trained_model(weights, config_path)
         model = model.to(device)
-        patcher, entropy_model = run_patching(config_path, model_config, device, threshold, max_patch_length)
+        patcher, entropy_model = run_patching(config_path, model_config, device, threshold, max_patch_length,
+                                              self_entropy)
         sampler = cls(model, model_config, patcher, entropy_model, None, epoch, name, weights, None,
                       _class_names_of(config_path), config_path)
         return sampler.load_tokenizer(vq_checkpoint) if tokenizer else sampler
@@ -350,18 +366,25 @@ def run_config(experiment: Path) -> Path:
 
 
 def run_patching(config_path: Path, model_config: ModelConfig, device: str | torch.device,
-                 threshold: float | None = None, max_patch_length: int | None = None
+                 threshold: float | None = None, max_patch_length: int | None = None, self_entropy: bool = False
                  ) -> tuple[PatcherConfig | None, nn.Module | None]:
     """(patcher, entropy model on ``device``) of the run ``config_path`` describes: (None, None) for a GPT,
     no entropy model unless it patches by entropy. ``threshold`` / ``max_patch_length`` (0: no cap) override
-    the trained patcher (paper Table 6). Needs the run's config only, not its weights (``dpar.patchmap``)."""
+    the trained patcher (paper Table 6); ``self_entropy`` switches it to ``self_entropy`` mode at
+    ``threshold`` (required: θ on the model's own entropies is not the entropy model's). Needs the run's config
+    only, not its weights (``dpar.patchmap``)."""
     if not is_dpar(model_config.gpt_model):
-        if threshold is not None or max_patch_length is not None:
-            raise UserError(f"--threshold and --max-patch-length change DPAR's patching; {config_path.parent} is a "
-                            f"{model_config.gpt_model} run, which has none")
+        if threshold is not None or max_patch_length is not None or self_entropy:
+            raise UserError(f"--threshold, --max-patch-length and --self-entropy change DPAR's patching; "
+                            f"{config_path.parent} is a {model_config.gpt_model} run, which has none")
         return None, None
     patcher = read_section(config_path, "patcher", PatcherConfig)
-    if threshold is not None and patcher.mode != "entropy":
+    if self_entropy:
+        if threshold is None:
+            raise UserError("--self-entropy needs --threshold: θ for the model's own entropies (calibrate it with "
+                            "benchmarks/self_entropy.py), which differs from the entropy model's")
+        patcher = replace(patcher, mode="self_entropy")
+    if threshold is not None and patcher.mode not in ("entropy", "self_entropy"):
         raise UserError(f"--threshold changes entropy patching; {config_path.parent} patches in {patcher.mode} mode")
     if threshold is not None:
         patcher = replace(patcher, threshold=threshold)
@@ -466,6 +489,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_scale: float = 1
                         help="DPAR: entropy threshold at inference (default: the trained one; paper Table 6)")
     parser.add_argument("--max-patch-length", type=number(int, min=0), default=None,
                         help="DPAR: longest patch at inference, 0 = no cap (default: the trained one)")
+    parser.add_argument("--self-entropy", action="store_true",
+                        help="DPAR: boundaries from the model's own entropy at --threshold θ, no entropy model "
+                             "(beyond the paper)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights (ema.safetensors)")
     parser.add_argument("--vq-ckpt", default=None, help="tokenizer (default: the one the training store records; "
                                                         "with --gpt-ckpt: required, e.g. vq_ds16_c2i.pt)")
@@ -496,10 +522,11 @@ def sampler_from_args(args: argparse.Namespace, device: str | torch.device) -> S
                             "model comes from its config)")
         return Sampler.from_experiment(args.experiment_dir or DEMO_RUN, args.epoch, ema=args.ema,
                                        vq_checkpoint=args.vq_ckpt, device=device, threshold=args.threshold,
-                                       max_patch_length=args.max_patch_length)
+                                       max_patch_length=args.max_patch_length, self_entropy=args.self_entropy)
     run_flags = [flag for flag, value in (("--experiment_dir", args.experiment_dir), ("--epoch", args.epoch),
                                           ("--ema", args.ema or None), ("--threshold", args.threshold),
-                                          ("--max-patch-length", args.max_patch_length)) if value is not None]
+                                          ("--max-patch-length", args.max_patch_length),
+                                          ("--self-entropy", args.self_entropy or None)) if value is not None]
     if run_flags:
         raise UserError(f"{run_flags[0]} belongs to a training run; --gpt-ckpt {args.gpt_ckpt} is a LlamaGen "
                         "checkpoint (a GPT: no epochs, EMA or patching)")
@@ -516,13 +543,15 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
 
 
 def sample_file_stem(name: str, sampling: SamplingConfig, seed: int, threshold: float | None = None,
-                     max_patch_length: int | None = None) -> str:
+                     max_patch_length: int | None = None, self_entropy: bool = False) -> str:
     """ADM-style sample file name, e.g. ``epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0``
     (``name``: :attr:`Sampler.name`)."""
     stem = (f"{name}-topk-{sampling.top_k}-topp-{sampling.top_p}-temperature-{sampling.temperature}-"
             f"cfg-{sampling.cfg_scale}-seed-{seed}")
     if sampling.cfg_schedule != "constant":
         stem += f"-schedule-{sampling.cfg_schedule}"
+    if self_entropy:
+        stem += "-self-entropy"
     if threshold is not None:
         stem += f"-threshold-{threshold}"
     if max_patch_length is not None:

@@ -247,6 +247,9 @@ class Trainer:
             architecture(model_config)
         except ValueError as error:
             raise UserError(str(error)) from None
+        if patcher is not None and patcher.mode == "self_entropy":
+            raise UserError("patcher.mode self_entropy decides boundaries from the model's own predictions while "
+                            "sampling; train with entropy (or static) patching, then sample with --self-entropy")
         self.conditional = model_config.model_type == "c2i"
         _check_trackers(cfg.trackers)
         # trackers log under <experiment>/logs, set once the experiment dir is known

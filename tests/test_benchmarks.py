@@ -37,7 +37,11 @@ def test_train_throughput_compares_dpar_with_the_baseline(capsys):
     assert float(rows["GPT-tiny"]["tokens/patch"]) == 1.0
     # DPAR's FLOP count is the smaller one; the step-time ratio is printed next to it
     assert float(rows["DGPT-tiny"]["train GFLOP/image"]) < float(rows["GPT-tiny"]["train GFLOP/image"])
-    assert rows["DGPT-tiny"]["step vs GPT"].endswith("x") and rows["DGPT-tiny"]["MFU"] == ""  # no MFU on a CPU
+    ratio = rows["DGPT-tiny"]["step vs GPT, median (min-max)"]  # interleaved: median of pairwise ratios, range
+    median, low, high = (float(x) for x in ratio.replace("x (", " ").replace("-", " ").rstrip(")").split())
+    assert low <= median <= high and rows["DGPT-tiny"]["MFU"] == ""  # no MFU on a CPU
+    step_ratio = float(rows["DGPT-tiny"]["step ms"]) / float(rows["GPT-tiny"]["step ms"])
+    assert low / 2 < step_ratio < high * 2  # the medians of each side agree roughly with the pairwise ratio
 
 
 def test_attention_backends_agree_with_the_reference(capsys):
@@ -50,11 +54,24 @@ def test_attention_backends_agree_with_the_reference(capsys):
 
 
 def test_sample_throughput_splits_the_time_by_stage(capsys):
-    sample_throughput.main([*TINY, "--batch-sizes", "2", "--repeats", "1"])
-    rows = {row["model"]: row for row in table(capsys.readouterr().out)}
-    dpar, gpt = rows["DGPT-tiny"], rows["GPT-tiny"]
+    sample_throughput.main([*TINY, "--batch-sizes", "2", "--repeats", "1", "--patching", "entropy", "self_entropy"])
+    rows = {(row["model"], row["patching"]): row for row in table(capsys.readouterr().out)}
+    dpar, gpt, own = rows["DGPT-tiny", "entropy"], rows["GPT-tiny", ""], rows["DGPT-tiny", "self_entropy"]
+    assert float(own["% entropy_model"]) == 0 and float(own["global steps/image"]) < 64  # no entropy model runs
+    assert "x (" in dpar["time vs GPT, median (min-max)"] and "x (" in own["time vs GPT, median (min-max)"]
     for stage in sample_throughput.STAGES:
         assert float(dpar[f"% {stage}"]) > 0, stage
     assert float(gpt["% encoder"]) == float(gpt["% entropy_model"]) == 0 and float(gpt["% global"]) > 20
     assert sum(float(dpar[f"% {stage}"]) for stage in sample_throughput.STAGES) <= 101
     assert float(gpt["global steps/image"]) == 64 and float(dpar["global steps/image"]) < 64
+
+
+def test_interleaved_timing_measures_each_side_and_their_ratio():
+    import time
+    from benchmarks.workloads import interleaved
+    calls = []
+    timing = interleaved(lambda: (calls.append("a"), time.sleep(0.02)), lambda: (calls.append("b"), time.sleep(0.01)),
+                         "cpu", pairs=3, warmup=1)
+    assert calls == ["a", "b"] * 4  # A B A B: both under the same load
+    assert timing["ratio_min"] <= timing["ratio"] <= timing["ratio_max"] and 1.3 < timing["ratio"] < 3
+    assert timing["a"] > timing["b"] > 0.009

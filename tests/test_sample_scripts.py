@@ -1,4 +1,5 @@
 """sample_c2i.py (grid + patch map) and sample_c2i_ddp.py (sharded, resumable, ADM .npz) on a tiny run."""
+import json
 import shutil
 import signal
 import subprocess
@@ -239,3 +240,29 @@ def test_image_completion_writes_the_image_then_its_completions(experiment, tmp_
     assert (cells[0][cut] == [230, 30, 30]).all()
     assert not np.array_equal(cells[1], cells[2])  # the completions differ below the prefix
     assert not np.array_equal(cells[1][SIZE // 2:], cells[1 + 4][SIZE // 2:])  # and across classes
+
+
+def test_self_entropy_sampling_needs_no_entropy_model_and_a_threshold(experiment, tmp_path):
+    run, vq_ckpt = experiment
+    args = ["sample_c2i.py", "--experiment_dir", str(run), "--vq-ckpt", str(vq_ckpt), "--output-dir", str(tmp_path)]
+    proc = subprocess.run([sys.executable, *args, "--self-entropy"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--self-entropy needs --threshold" in proc.stderr, proc.stderr
+    config = OmegaConf.load(run / "config.yaml")  # the entropy model is gone: self-entropy does not need it
+    config.patcher.entropy_model_checkpoint = str(tmp_path / "absent.safetensors")
+    (tmp_path / "run").mkdir()
+    shutil.copytree(run / "checkpoints", tmp_path / "run" / "checkpoints")
+    OmegaConf.save(config, tmp_path / "run" / "config.yaml")
+    args[2] = str(tmp_path / "run")
+    out = finish(run_script([sys.executable, *args, "--self-entropy", "--threshold", "2.0", "--per-class", "2"]))
+    assert "tokens per patch" in out
+    assert (tmp_path / f"{STEM}-self-entropy-threshold-2.0.png").is_file()
+
+
+def test_self_entropy_benchmark_on_the_demo(tmp_path):
+    out = finish(run_script([sys.executable, "benchmarks/self_entropy.py", "--calibration-images", "48",
+                             "--pairs", "1", "--timing-batch", "4", "--per-class", "1", "--output",
+                             str(tmp_path / "report")]))
+    assert "| self-entropy |" in out and "| entropy model |" in out
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report_self_entropy.png").is_file()
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert abs(rows["self-entropy"]["tokens_per_patch"] - rows["entropy model"]["tokens_per_patch"]) < 0.2

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dpar.data.preprocess import next_token_entropies
-from dpar.patcher import PatcherConfig, patch_starts
+from dpar.patcher import PatcherConfig, logits_entropy, next_patch_start, patch_starts
 from dpar.sampling import SamplingConfig, generate, guidance_scale, sample_from_logits
 from tests.helpers import TINY, tiny_dpar, tiny_gpt
 
@@ -172,3 +172,54 @@ def test_a_class_conditional_gpt_as_entropy_model_reads_its_null_class():
                                atol=1e-4, rtol=1e-4)
     class_logits, _ = c2i(out.tokens[:, :-1], LABELS)  # and not its class-conditional prediction
     assert not torch.allclose(class_logits, null_logits, atol=1e-3)
+
+
+def self_entropy_patcher(model, fraction: float = 0.5) -> PatcherConfig:
+    """Self-entropy patching at a θ that makes about ``fraction`` of the undecided tokens boundaries."""
+    tokens = torch.randint(0, TINY["vocab_size"], (8, TINY["block_size"]), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, _ = model(tokens, LABELS[:1].expand(8), torch.zeros_like(tokens, dtype=torch.bool).index_fill(1,
+                          torch.tensor([0]), True))  # one patch: every prediction is "no new patch"
+    probs = logits.softmax(-1)
+    entropies = -(probs * probs.log()).sum(-1)[:, 1:]
+    return PatcherConfig(mode="self_entropy", threshold=float(entropies.quantile(1 - fraction)), max_patch_length=3)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_self_entropy_boundaries_are_the_models_own_entropy_under_no_new_patch(cfg_scale):
+    model = tiny_dpar()
+    patcher = self_entropy_patcher(model)
+    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale), patcher=patcher, record_logits=True)
+    # the logits used are a full forward's with the chosen boundaries (both CFG halves)
+    halves = [LABELS] if cfg_scale == 1.0 else [LABELS, torch.full_like(LABELS, model.num_classes)]
+    for half, labels in enumerate(halves):
+        full, _ = model(out.tokens, labels, out.patch_start)
+        torch.testing.assert_close(out.logits[half * len(SEEDS):(half + 1) * len(SEEDS)], full, atol=1e-4, rtol=1e-4)
+    # H_i: the conditional prediction of x_i with every earlier boundary and none at i (causal: later
+    # boundaries never change it); the rule on it, with the cap and the row breaks, gives the boundaries
+    forced_alone = patch_starts(PatcherConfig(mode="entropy", threshold=float("inf"), max_patch_length=3),
+                                torch.zeros(out.tokens.shape), GRID)
+    decided = 0
+    for i in range(1, GRID * GRID):
+        no_new_patch = out.patch_start.clone()
+        no_new_patch[:, i] = False
+        logits, _ = model(out.tokens, LABELS, no_new_patch)
+        entropy = logits_entropy(logits[:, i])
+        rule = next_patch_start(patcher, entropy, i, i - last_start(out.patch_start, i), GRID)
+        assert torch.equal(out.patch_start[:, i], rule), i
+        computed = torch.isfinite(out.entropies[:, i])
+        torch.testing.assert_close(out.entropies[computed, i], entropy[computed], atol=1e-4, rtol=1e-4)
+        decided += int(computed.sum())
+    assert decided > 0 and 0.3 < out.patch_start.float().mean() < 0.9  # a real mix of boundaries
+    assert not torch.equal(out.patch_start, forced_alone)
+
+
+def last_start(patch_start: torch.Tensor, i: int) -> torch.Tensor:
+    """``[B]`` the position of each image's last patch start before ``i``."""
+    positions = torch.arange(i).expand(len(patch_start), -1)
+    return torch.where(patch_start[:, :i], positions, 0).amax(1)
+
+
+def test_self_entropy_patching_is_refused_for_training():
+    with pytest.raises(ValueError, match="self_entropy boundaries come from the model being sampled"):
+        patch_starts(PatcherConfig(mode="self_entropy"), torch.zeros(2, 16), GRID)
