@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seed * 1_000_003 + torch.arange(len(labels))
     started = time.perf_counter()
     images, out = sampler.sample(labels.to(args.device), seeds, sampling_from_args(args), progress=True,
-                                 prefix=prefix)
+                                 prefix=prefix, static_shapes=args.static_shapes)
     seconds = time.perf_counter() - started
 
     names = sampler.class_names

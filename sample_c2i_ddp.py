@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in bar:
         index = chunks.indices(k)
         images, out = sampler.sample(labels[index].to(accelerator.device), args.seed * 1_000_003 + index, sampling,
-                                     image_size=args.image_size_eval)
+                                     image_size=args.image_size_eval, static_shapes=args.static_shapes)
         chunks.write(k, images.cpu().numpy())
         done, steps, tokens = done + len(index), steps + int(out.global_steps.sum()), tokens + out.tokens.numel()
         bar.set_postfix(img_s=f"{done * accelerator.num_processes / (time.perf_counter() - started):.2f}",

@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--tokens-per-patch", type=float, default=1.81)
+    parser.add_argument("--static-shapes", action="store_true", help="DPAR: the static-shape sampling path")
     parser.add_argument("--profile-ops", type=int, default=0, metavar="N",
                         help="also print the N operators with the most self time in one profiled run of each row")
     parser.add_argument("--patching", nargs="+", choices=("entropy", "self_entropy"), default=["entropy"],
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
                         seeds = torch.arange(batch) + 1000 * len(outputs[name])
                         outputs[name].append(generate(models[name], labels, seeds, sampling_config,
                                                       patcher=patchers[mode] if dpar else None,
-                                                      entropy_model=entropy_model if dpar else None))
+                                                      entropy_model=entropy_model if dpar else None,
+                                                      static_shapes=args.static_shapes))
                     runs.append(run)
                 if len(group) == 2:
                     timing = interleaved(runs[0], runs[1], args.device, args.repeats)

@@ -111,7 +111,8 @@ def guidance_scale(config: SamplingConfig, position: int, num_tokens: int) -> fl
 @torch.no_grad()
 def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig, *,
              patcher: PatcherConfig | None = None, entropy_model: nn.Module | None = None,
-             prefix: Tensor | None = None, record_logits: bool = False, progress: bool = False) -> Generation:
+             prefix: Tensor | None = None, static_shapes: bool = False, record_logits: bool = False,
+             progress: bool = False) -> Generation:
     """Sample ``len(seeds)`` images from a DPAR or GPT model (eval mode) for class ``labels`` (None: unconditional).
 
     ``prefix [B, L]`` (image completion): tokens 0..L-1 are these instead of samples; the boundaries, caches
@@ -124,6 +125,11 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
     current global output); where θ, the cap or the row break then start a patch, the global transformer
     advances and the decoder runs again, else its first logits are the ones sampled from. Either way the
     logits used are a full forward's with the chosen boundaries. ``progress`` shows a bar over the token steps.
+    ``static_shapes``: every step runs every row through every stage with the same shapes and no host
+    synchronisation (no ``nonzero``, no data-dependent branch), as CUDA graphs and
+    ``torch.compile(mode="reduce-overhead")`` need; the outputs of rows without a boundary are dropped. It
+    samples what the default path samples (tested); which is faster depends on the device and batch.
+
     The stages carry profiler labels (entropy_model, encoder, global, decoder, sample) so that a
     profile says where the time goes (benchmarks/sample_throughput.py prints the split).
     """
@@ -164,6 +170,9 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
         g = torch.zeros(rows, model.config.dim, device=device, dtype=dtype)
         patches = torch.zeros(batch, dtype=torch.long, device=device)      # global steps so far
         patch_first = torch.zeros(batch, dtype=torch.long, device=device)  # first token of the open patch
+        longest = patcher.max_patch_length or (width if patcher.mode == "token" or patcher.row_break else num_tokens)
+        if patcher.mode in ("static", "token"):
+            longest = min(longest, 1 if patcher.mode == "token" else patcher.static_length)
     else:
         model.setup_caches(rows, num_tokens, dtype)
     if use_entropy:
@@ -177,16 +186,17 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
                 run_length = i - patch_first
                 previous = None if i == 0 else states[-1][:, i - 1].repeat(halves, 1)
                 unchanged = None  # self_entropy: the logits under "no new patch at i", kept where none starts
-                if self_entropy and not next_patch_start(patcher, torch.full_like(entropies[:, i], -torch.inf), i,
-                                                         run_length, width).all():
+                if self_entropy and i > 0 and (static_shapes or not next_patch_start(
+                        patcher, torch.full_like(entropies[:, i], -torch.inf), i, run_length, width).all()):
                     with record_function("decoder"):
                         unchanged = model.decode_step(previous, g, i)
                     entropies[:, i] = logits_entropy(unchanged[:batch])  # the conditional rows' prediction
                 start = next_patch_start(patcher, None if entropies is None else entropies[:, i], i, run_length, width)
                 starts[:, i] = start
                 with record_function("global"):
-                    _global_step(model, start, i, rows_labels, halves, states, g, patches, patch_first)
-                if unchanged is not None and not start.any():
+                    _global_step(model, start, i, rows_labels, halves, states, g, patches, patch_first,
+                                 longest if static_shapes else None)
+                if unchanged is not None and not static_shapes and not start.any():
                     logits = unchanged
                 else:
                     with record_function("decoder"):
@@ -226,16 +236,21 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
 
 
 def _global_step(model: DPAR, start: Tensor, position: int, rows_labels: Tensor, halves: int,
-                 states: list[Tensor], g: Tensor, patches: Tensor, patch_first: Tensor) -> None:
+                 states: list[Tensor], g: Tensor, patches: Tensor, patch_first: Tensor,
+                 longest: int | None = None) -> None:
     """Advance the global stream of the images at a boundary; update ``g``, ``patches``, ``patch_first`` in place.
 
-    Only those images' cache rows run (a boundary comes every 1.8 tokens on ImageNet-256, so this skips
-    about 45% of the global work; measured faster than running every row and discarding, see
-    benchmarks/results/cpu-2026-11-22.md; on GPUs issue 9 measures the static-shape alternative).
+    By default only those images' cache rows run (a boundary comes every 1.8 tokens on ImageNet-256, so this
+    skips about 45% of the global work). With ``longest`` (static shapes) every row runs, its open patch
+    pooled over ``longest`` slots; the rows without a boundary keep their old output, and the cache slot they
+    wrote (their next stream position) is written again before any query reads it.
     """
-    images = start.nonzero().squeeze(1)
-    if images.numel() == 0:
-        return
+    if longest is None:
+        images = start.nonzero().squeeze(1)
+        if images.numel() == 0:
+            return
+    else:
+        images = torch.arange(len(start), device=start.device)
     batch, num_tokens = states[0].shape[:2]
     width = model.config.grid_size
     if position == 0:
@@ -247,15 +262,20 @@ def _global_step(model: DPAR, start: Tensor, position: int, rows_labels: Tensor,
     else:
         first, length = patch_first[images], position - patch_first[images]
         flat = [layer_states.reshape(batch * num_tokens, -1) for layer_states in states]
-        closed = model.encoder.pool(flat, images * num_tokens + first, length, int(length.max()))
+        closed = model.encoder.pool(flat, images * num_tokens + first, length, longest or int(length.max()))
         rows = torch.cat([images + h * batch for h in range(halves)])
         column = first % width
         outputs = model.global_step(closed.repeat(halves, 1), (first // width).repeat(halves),
                                     column.repeat(halves), (column + length - 1).repeat(halves),
                                     torch.zeros_like(rows, dtype=torch.bool), patches[images].repeat(halves), rows)
-    g[rows] = outputs
-    patches[images] += 1
-    patch_first[images] = position
+    if longest is None:
+        g[rows] = outputs
+        patches[images] += 1
+        patch_first[images] = position
+    else:
+        g.copy_(torch.where(start.repeat(halves)[:, None], outputs, g))
+        patches += start.long()
+        patch_first.copy_(torch.where(start, position, patch_first))
 
 
 @dataclass
@@ -332,12 +352,13 @@ class Sampler:
                             "0, so it has no null class for guidance; use --cfg-scale 1.0")
 
     def sample(self, labels: Tensor | None, seeds: Tensor, sampling: SamplingConfig, progress: bool = False,
-               image_size: int | None = None, prefix: Tensor | None = None) -> tuple[Tensor, Generation]:
+               image_size: int | None = None, prefix: Tensor | None = None,
+               static_shapes: bool = False) -> tuple[Tensor, Generation]:
         """uint8 images ``[B, H, W, 3]`` and the generation record for ``labels`` and per-image ``seeds``;
         ``image_size`` resizes the decoded images before quantisation (LlamaGen's ``--image-size-eval``);
         ``prefix [B, L]`` keeps the first L tokens (image completion, see :func:`generate`)."""
         out = generate(self.model, labels, seeds, sampling, patcher=self.patcher, entropy_model=self.entropy_model,
-                       prefix=prefix, progress=progress)
+                       prefix=prefix, static_shapes=static_shapes, progress=progress)
         return self.vq.codes_to_images(out.tokens, self.grid, size=image_size), out
 
     def identity(self) -> dict:
@@ -492,6 +513,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_scale: float = 1
     parser.add_argument("--self-entropy", action="store_true",
                         help="DPAR: boundaries from the model's own entropy at --threshold θ, no entropy model "
                              "(beyond the paper)")
+    parser.add_argument("--static-shapes", action="store_true",
+                        help="DPAR: every row through every stage at every step, no host sync (CUDA graphs, "
+                             "torch.compile reduce-overhead); samples the same images")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights (ema.safetensors)")
     parser.add_argument("--vq-ckpt", default=None, help="tokenizer (default: the one the training store records; "
                                                         "with --gpt-ckpt: required, e.g. vq_ds16_c2i.pt)")

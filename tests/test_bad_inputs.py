@@ -138,7 +138,7 @@ CASES = [
     ("demo_output", demo, ["--output", "{root}", "--tiny"], "holds files that are not an earlier demo build's"),
     ("demo_nested", demo, ["--output", "{out}", "--work-dir", "{out}/work", "--tiny"], "must be separate folders"),
     ("gpt_threshold", sample_c2i, ["--experiment_dir", str(DEMO / "gpt"), "--threshold", "2", "--output-dir", "{out}"],
-     "--threshold and --max-patch-length change DPAR's patching"),
+     "--threshold, --max-patch-length and --self-entropy change DPAR's patching"),
     ("tokenizer_run", sample_c2i, ["--experiment_dir", str(DEMO / "tokenizer"), "--output-dir", "{out}"],
      "is not a training run of train_global_model.py"),
     ("store_is_file", train_global_model, [*TINY_GLOBAL, "--data.store", "{file}", "--train.results_dir", "{out}"],

@@ -223,3 +223,15 @@ def last_start(patch_start: torch.Tensor, i: int) -> torch.Tensor:
 def test_self_entropy_patching_is_refused_for_training():
     with pytest.raises(ValueError, match="self_entropy boundaries come from the model being sampled"):
         patch_starts(PatcherConfig(mode="self_entropy"), torch.zeros(2, 16), GRID)
+
+
+@pytest.mark.parametrize("mode", ["entropy", "static", "token", "self_entropy"])
+def test_the_static_shape_path_samples_what_the_default_path_samples(mode):
+    model, ent = tiny_dpar(), entropy_model()
+    patcher = self_entropy_patcher(model) if mode == "self_entropy" else \
+        PatcherConfig(mode=mode, threshold=threshold_for(ent), max_patch_length=3, static_length=2)
+    runs = [generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), patcher=patcher, entropy_model=ent,
+                     static_shapes=static, record_logits=True) for static in (False, True)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].patch_start, runs[1].patch_start)
+    torch.testing.assert_close(runs[0].logits, runs[1].logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(runs[0].global_steps, runs[1].global_steps)
