@@ -183,6 +183,14 @@ def next_patch_start(config: PatcherConfig, entropy: Tensor | None, position: in
     return forced if period is None else forced | (run_length >= period)
 
 
+def longest_patch(config: PatcherConfig, grid_width: int, num_tokens: int) -> int:
+    """The most tokens one patch can hold under ``config``'s rules (the static-shape sampler pools this many)."""
+    if config.mode == "token":
+        return 1
+    longest = min(filter(None, (config.max_patch_length, grid_width if config.row_break else num_tokens)))
+    return min(longest, config.static_length) if config.mode == "static" else longest
+
+
 def logits_entropy(logits: Tensor) -> Tensor:
     """Entropy (nats, fp32) of the softmax of ``logits`` over the last dimension."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)

@@ -44,7 +44,7 @@ from .experiment import (CHECKPOINTS, CONFIG_FILE, EMA_FILE, MODEL_FILE, STEP_CH
                          list_checkpoints,
                          load_entropy_model, load_llamagen_gpt, load_trained_model, step_checkpoint_dir)
 from .models import DPAR, GPT_models, ModelConfig, is_dpar
-from .patcher import PatcherConfig, logits_entropy, next_patch_start
+from .patcher import PatcherConfig, logits_entropy, longest_patch, next_patch_start
 from .validation import choice, field_type, number, ranged
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -170,9 +170,7 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
         g = torch.zeros(rows, model.config.dim, device=device, dtype=dtype)
         patches = torch.zeros(batch, dtype=torch.long, device=device)      # global steps so far
         patch_first = torch.zeros(batch, dtype=torch.long, device=device)  # first token of the open patch
-        longest = patcher.max_patch_length or (width if patcher.mode == "token" or patcher.row_break else num_tokens)
-        if patcher.mode in ("static", "token"):
-            longest = min(longest, 1 if patcher.mode == "token" else patcher.static_length)
+        longest = longest_patch(patcher, width, num_tokens)
     else:
         model.setup_caches(rows, num_tokens, dtype)
     if use_entropy:
