@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--classes {outside[0]}: the model has {num_classes} classes, ids 0 to {num_classes - 1} "
                         f"(id {num_classes} is the null class that guidance uses)")
     stem = sample_file_stem(sampler.name, sampling_from_args(args), args.seed, args.threshold, args.max_patch_length,
-                            args.self_entropy)
+                            sampler.patcher is not None and sampler.patcher.mode == "self_entropy")
     if args.prefix_image is not None:
         stem += f"_completion-{Path(args.prefix_image).stem}-rows-{args.prefix_rows}"
     grid_path = check_output_file(Path(args.output_dir) / f"{stem}.png", "the sample grid")

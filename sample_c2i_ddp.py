@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     sampler.check(sampling)
     accelerator.print(f"sampling {sampler.weights} ({sampler.name})")
     stem = sample_file_stem(sampler.name, sampling, args.seed, args.threshold, args.max_patch_length,
-                            args.self_entropy)
+                            sampler.patcher is not None and sampler.patcher.mode == "self_entropy")
     npz = Path(args.output_dir) / f"{stem}.npz"
     num_classes = sampler.model_config.num_classes
     job = {**sampler.identity(), "epoch": sampler.epoch, "ema": args.ema, "seed": args.seed,

@@ -33,9 +33,11 @@ from dpar.config import read_section, recorded_path  # noqa: E402
 from dpar.data.preprocess import next_token_entropies  # noqa: E402
 from dpar.data.splits import holdout_split, stratified_sample  # noqa: E402
 from dpar.data.store import TokenStore  # noqa: E402
+from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.sampling import Sampler, SamplingConfig, generate  # noqa: E402
 from dpar.training import DataConfig  # noqa: E402
+from dpar.validation import number  # noqa: E402
 from dpar.visual import image_grid, save_png, with_row_labels  # noqa: E402
 from evaluations.linear_probe import center_tokens  # noqa: E402
 
@@ -75,19 +77,21 @@ def calibrate_self_threshold(sampler: Sampler, patcher: PatcherConfig, tokens: t
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment_dir", default="assets/demo/dpar", help="a DPAR run with entropy patching")
     parser.add_argument("--gpt", default="assets/demo/gpt", help="the GPT run to time against (or none)")
-    parser.add_argument("--calibration-images", type=int, default=800, help="training images θ_self is set on")
-    parser.add_argument("--per-class", type=int, default=4, help="sample grid: images per class")
-    parser.add_argument("--timing-batch", type=int, default=16)
-    parser.add_argument("--pairs", type=int, default=5, help="interleaved timing pairs")
+    parser.add_argument("--calibration-images", type=number(int, min=1), default=800,
+                        help="training images θ_self is set on")
+    parser.add_argument("--per-class", type=number(int, min=1), default=4, help="sample grid: images per class")
+    parser.add_argument("--timing-batch", type=number(int, min=1), default=16)
+    parser.add_argument("--pairs", type=number(int, min=1), default=5, help="interleaved timing pairs")
     parser.add_argument("--output", default="benchmarks/results/self_entropy_demo", help="<output>.md and PNGs")
     args = parser.parse_args(argv)
+    command = " ".join(["python benchmarks/self_entropy.py", *(sys.argv[1:] if argv is None else argv)])
 
     sampler = Sampler.from_experiment(args.experiment_dir)
     if sampler.patcher is None or sampler.patcher.mode != "entropy":
-        raise SystemExit(f"{args.experiment_dir} is not a DPAR run with entropy patching")
+        raise UserError(f"--experiment_dir {args.experiment_dir} is not a DPAR run with entropy patching")
     config = Path(args.experiment_dir) / "config.yaml"
     data = read_section(config, "data", DataConfig)
     store = TokenStore(recorded_path(data.store))
@@ -144,8 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                                                   images.shape[1]), output.with_name(f"{output.name}_{name}.png"))
 
     lines = [f"# Self-entropy patching vs the entropy model: `{args.experiment_dir}`", "",
-             f"Command: `python benchmarks/self_entropy.py --experiment_dir {args.experiment_dir} --gpt {args.gpt} "
-             f"--output {args.output}`; torch {torch.__version__}, {torch.get_num_threads()} CPU threads.", "",
+             f"Command: `{command}`; torch {torch.__version__}, {torch.get_num_threads()} CPU threads.", "",
              f"θ_self = {theta} (bisection on {len(calibration)} training images, {calibration_seconds:.0f} s): "
              f"{reached:.3f} tokens per patch there, the entropy model's {target:.3f}.", "",
              f"Validation: the run's {len(val)} held-out images (class-stratified, split seed {data.split_seed}), "
@@ -167,4 +170,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,7 +31,7 @@ class PatcherConfig:
     # "no new patch at i" instead of the entropy model's, so sampling needs no second network.
     mode: str = choice("entropy", PATCH_MODES)
     # theta: a token whose entropy (nats) exceeds this starts a patch (7.8 at 256 px in the paper).
-    threshold: float = ranged(7.8)
+    threshold: float = ranged(7.8, min=0)
     # P: longest patch in tokens; null for no cap (paper Table 3, "entropy only").
     max_patch_length: int | None = ranged(4, min=1)
     # start a new patch at the first token of every grid row.

@@ -399,6 +399,9 @@ def run_patching(config_path: Path, model_config: ModelConfig, device: str | tor
         return None, None
     patcher = read_section(config_path, "patcher", PatcherConfig)
     if self_entropy:
+        if patcher.mode != "entropy":
+            raise UserError(f"--self-entropy replaces entropy-model patching; {config_path.parent} patches in "
+                            f"{patcher.mode} mode")
         if threshold is None:
             raise UserError("--self-entropy needs --threshold: θ for the model's own entropies (calibrate it with "
                             "benchmarks/self_entropy.py), which differs from the entropy model's")
@@ -513,7 +516,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_scale: float = 1
                              "(beyond the paper)")
     parser.add_argument("--static-shapes", action="store_true",
                         help="DPAR: every row through every stage at every step, no host sync (CUDA graphs, "
-                             "torch.compile reduce-overhead); samples the same images")
+                             "torch.compile reduce-overhead); samples the same images (a GPT's steps are static "
+                             "already: no effect)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights (ema.safetensors)")
     parser.add_argument("--vq-ckpt", default=None, help="tokenizer (default: the one the training store records; "
                                                         "with --gpt-ckpt: required, e.g. vq_ds16_c2i.pt)")
