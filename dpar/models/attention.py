@@ -7,6 +7,8 @@ DPAR's global transformer runs on one packed stream holding every image's patche
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA flash kernels, fp16/bf16);
 - ``flex``: FlexAttention with a document mask (compiled on CUDA; on CPU only when asked for,
   since eager FlexAttention materialises the scores like the reference does);
+- ``padded``: each sequence in its own row of a zero-padded batch, causal SDPA: O(n L_max^2) work instead
+  of the reference's O((sum of L)^2), so the CPU default;
 - ``sdpa``: scaled_dot_product_attention with an explicit block-diagonal causal mask, the reference,
   on any device.
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("xformers", "varlen", "flex", "sdpa")
+BACKENDS = ("xformers", "varlen", "flex", "padded", "sdpa")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -110,7 +112,7 @@ def available_backends(device: torch.device | str, dtype: torch.dtype, *, dropou
         names.append("varlen")
     if not dropout and (device_type == "cuda" or (device_type == "cpu" and not grad)):
         names.append("flex")
-    names.append("sdpa")
+    names += ["padded", "sdpa"]
     return names
 
 
@@ -151,6 +153,25 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Tenso
 def _packed_sdpa(q, k, v, packed, dropout_p):
     mask = packed.cached("sdpa", lambda: block_causal_mask(packed))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def _packed_padded(q, k, v, packed, dropout_p):
+    """Sequence i in row i of a ``[n, H, L_max, D]`` batch padded with zeros after its end; causal SDPA hides
+    the padding from every real query (it lies after all of them), and only real rows are gathered back."""
+    heads, dim = q.shape[1], q.shape[3]
+    n, longest = len(packed.seqlens), packed.max_seqlen
+    def build() -> Tensor:  # stream position -> row * L_max + position within its sequence
+        ids = packed.sequence_ids().to(q.device)
+        return torch.arange(packed.total, device=q.device) - packed.cu_seqlens.to(q.device).long()[ids] + ids * longest
+
+    slots = packed.cached("padded", build)
+
+    def pad(t: Tensor) -> Tensor:
+        rows = t.new_zeros(n * longest, heads, dim).index_put((slots,), t[0].transpose(0, 1))
+        return rows.view(n, longest, heads, dim).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, dropout_p=dropout_p)
+    return out.transpose(1, 2).reshape(n * longest, heads, dim)[slots].transpose(0, 1)[None]
 
 
 def _packed_flex(q, k, v, packed, dropout_p):
@@ -200,4 +221,5 @@ def _packed_xformers(q, k, v, packed, dropout_p):
     return memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p).transpose(1, 2)
 
 
-_PACKED = {"xformers": _packed_xformers, "varlen": _packed_varlen, "flex": _packed_flex, "sdpa": _packed_sdpa}
+_PACKED = {"xformers": _packed_xformers, "varlen": _packed_varlen, "flex": _packed_flex, "padded": _packed_padded,
+           "sdpa": _packed_sdpa}
