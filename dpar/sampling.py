@@ -467,11 +467,16 @@ def _tokenizer_for(vq_checkpoint: Path, model_config: ModelConfig, vq: nn.Module
     return vq
 
 
-def _class_names_of(config_path: Path) -> list[str] | None:
-    """The class names the run's token store records (``data.store``'s meta.json), if that store is here."""
+def _store_meta(config_path: Path) -> dict | None:
+    """The ``meta.json`` of the run's token store (``data.store``), if that store is here."""
     store = (read_yaml(config_path).get("data") or {}).get("store")
+    return read_meta(recorded_path(store)) if store and recorded_path(store).is_dir() else None
+
+
+def _class_names_of(config_path: Path) -> list[str] | None:
+    """The class names the run's token store records, if that store is here."""
     try:
-        meta = read_meta(recorded_path(store)) if store and recorded_path(store).is_dir() else None
+        meta = _store_meta(config_path)
     except UserError:  # a damaged store: the grid is labelled with class ids
         return None
     return list(meta["class_names"]) if meta and meta.get("class_names") else None
@@ -480,12 +485,11 @@ def _class_names_of(config_path: Path) -> list[str] | None:
 def _tokenizer_of(config_path: Path) -> str:
     """The tokenizer the run's config names (``data.tokenizer_checkpoint``), else the one its store records."""
     data = read_yaml(config_path).get("data") or {}
-    checkpoint, store = data.get("tokenizer_checkpoint"), data.get("store")
-    if not checkpoint and store and recorded_path(store).is_dir():
-        checkpoint = (read_meta(recorded_path(store)) or {}).get("tokenizer", {}).get("checkpoint")
+    checkpoint = data.get("tokenizer_checkpoint") or \
+        ((_store_meta(config_path) or {}).get("tokenizer", {}).get("checkpoint"))
     if not checkpoint or not recorded_path(checkpoint).is_file():
         raise UserError(f"cannot find the tokenizer of {config_path} (data.tokenizer_checkpoint / its token store "
-                        f"{store!r} name {checkpoint!r}); give --vq-ckpt")
+                        f"{data.get('store')!r} name {checkpoint!r}); give --vq-ckpt")
     return str(recorded_path(checkpoint))
 
 
