@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.workloads import (build_model, device_name, interleaved, median_seconds, model_pairs,  # noqa: E402
-                                  ratio_cell, synchronize)
+                                  ratio_cell, synchronize, work_of)
 from dpar import sampling  # noqa: E402
 from dpar.data.preprocess import next_token_entropies  # noqa: E402
 from dpar.models import DPAR, is_dpar  # noqa: E402
@@ -106,9 +106,10 @@ def op_profile(run, rows: int) -> str:
 
 def self_entropy_patcher(model, patcher: PatcherConfig, grid: int, vocab: int, target: float,
                          device) -> PatcherConfig:
-    """``patcher`` in self_entropy mode, θ set so that the model's own entropies under "no new patch" (one
-    teacher-forced pass over two of its samples, each as a single patch) give about ``target`` tokens per
-    patch. An approximation (under the real boundaries the entropies shift); the table prints what it gives."""
+    """``patcher`` in self_entropy mode, θ set so that the model's own entropies under "no new patch" give about
+    ``target`` tokens per patch: first on one teacher-forced pass over two of its samples, each as a single
+    patch, then twice more on the entropies that two images sampled with that θ met under their real
+    boundaries (which shift them). The table prints what it gives."""
     labels = torch.arange(2, device=device)
     sampled = generate(model, labels, torch.tensor([7, 8]), SamplingConfig(cfg_scale=2.0),
                        patcher=replace(patcher, mode="static", static_length=1)).tokens  # no entropy model needed
@@ -118,7 +119,22 @@ def self_entropy_patcher(model, patcher: PatcherConfig, grid: int, vocab: int, t
         logits, _ = model(sampled, labels, one_patch)
     entropies = logits_entropy(logits).float().cpu()
     entropies[:, 0] = float("inf")
-    return replace(patcher, mode="self_entropy", threshold=calibrate_threshold(entropies, grid, target))
+    patcher = replace(patcher, mode="self_entropy", threshold=calibrate_threshold(entropies, grid, target))
+    for _ in range(2):
+        entropies = generate(model, labels, torch.tensor([7, 8]), SamplingConfig(cfg_scale=2.0),
+                             patcher=patcher).entropies.float().cpu()
+        patcher = replace(patcher, threshold=calibrate_threshold(entropies, grid, target))
+    return patcher
+
+
+def work_cells(work: dict[str, dict], name: str, group: list[str], batch: int, steps: int) -> list[str]:
+    """GFLOP per image, weight MB per token step, and (DPAR's row of a pair) both as a ratio to the GPT's."""
+    counted = work[name]
+    cells = [f"{counted['flops'] / batch / 1e9:.2f}", f"{counted['weight_bytes'] / steps / 1e6:.3g}"]
+    baseline = next((work[other] for other in group if not is_dpar(other)), None)
+    if is_dpar(name) and baseline is not None:
+        return cells + [f"{counted[key] / baseline[key]:.2f}x" for key in ("flops", "weight_bytes")]
+    return cells + ["", ""]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patching", nargs="+", choices=("entropy", "self_entropy"), default=["entropy"],
                         help="DPAR's boundaries: the entropy model's, and/or the model's own entropy (no entropy "
                              "model; beyond the paper)")
+    parser.add_argument("--count-work", action="store_true",
+                        help="also count, in a separate run of each row, its FLOPs per image and the weight bytes "
+                             "it reads per token step, with DPAR's ratio of each to the GPT's")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per setting after one warm-up; a DGPT/GPT pair takes them in turn")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -163,9 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     sampling_config = SamplingConfig(cfg_scale=args.cfg_scale)
     print(f"device {device_name(args.device)}, torch {torch.__version__}, {args.dtype}, {grid}x{grid} tokens, "
           f"cfg {args.cfg_scale}, θ " + ", ".join(f"{mode} {p.threshold:.4g}" for mode, p in patchers.items()) + "\n")
-    print("| model | patching | batch | images/s | s per image | ms per token step | tokens/patch | "
-          "global steps/image | time vs GPT, median (min-max) | " + " | ".join(f"% {stage}" for stage in STAGES) + " |")
-    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(STAGES))
+    work_columns = ("GFLOP/image", "weight MB/step", "FLOPs vs GPT", "weights vs GPT") if args.count_work else ()
+    columns = ("model", "patching", "batch", "images/s", "s per image", "ms per token step", "tokens/patch",
+               "global steps/image", "time vs GPT, median (min-max)") + tuple(f"% {stage}" for stage in STAGES)
+    print("| " + " | ".join(columns + work_columns) + " |")
+    print("|" + "---|" * len(columns + work_columns))
     profiles = []
     for batch in args.batch_sizes:
         labels = torch.arange(batch, device=args.device) % args.num_classes
@@ -189,13 +210,18 @@ def main(argv: list[str] | None = None) -> None:
                     seconds, ratios = [timing["a"], timing["b"]], [ratio_cell(timing), ""]
                 else:
                     seconds, ratios = [median_seconds(runs[0], args.device, args.repeats)], [""]
+                work = {name: work_of(run, [models[name], entropy_model if is_dpar(name) else None])
+                        for name, run in zip(group, runs)} if args.count_work else {}
                 for name, run, time_, ratio in zip(group, runs, seconds, ratios):
                     dpar = is_dpar(name)
                     steps = float(outputs[name][-1].global_steps.float().mean())
                     shares = stage_shares(run, models[name], entropy_model if dpar else None, args.device)
-                    print(f"| {name} | {mode if dpar else ''} | {batch} | {batch / time_:.2f} | {time_ / batch:.3f} | "
-                          f"{1000 * time_ / grid ** 2:.2f} | {grid ** 2 / steps:.2f} | {steps:.1f} | {ratio} | "
-                          + " | ".join(f"{100 * shares[stage]:.0f}" for stage in STAGES) + " |", flush=True)
+                    cells = [name, mode if dpar else "", batch, f"{batch / time_:.2f}", f"{time_ / batch:.3f}",
+                             f"{1000 * time_ / grid ** 2:.2f}", f"{grid ** 2 / steps:.2f}", f"{steps:.1f}", ratio]
+                    cells += [f"{100 * shares[stage]:.0f}" for stage in STAGES]
+                    if work:
+                        cells += work_cells(work, name, group, batch, grid ** 2)
+                    print("| " + " | ".join(str(cell) for cell in cells) + " |", flush=True)
                     if args.profile_ops:
                         title = f"{name} {mode if dpar else ''}, batch {batch}"
                         profiles.append((title, op_profile(run, args.profile_ops)))

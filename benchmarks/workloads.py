@@ -7,7 +7,8 @@ import time
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from dpar.models import ModelConfig, create_model, is_dpar
 from dpar.patcher import calibrate_threshold, patch_start_mask
@@ -101,6 +102,30 @@ def model_pairs(models: list[str]) -> list[list[str]]:
         seen.update(group)
         groups.append(group)
     return groups
+
+
+def work_of(run: Callable[[], object], models: list[nn.Module | None]) -> dict[str, float]:
+    """The FLOPs and the weight bytes that one ``run()`` of ``models`` spends, counted on the run itself.
+
+    ``flops``: every FLOP (``torch.utils.flop_counter``). ``weight_bytes``: the bytes of each linear layer's
+    weight, once per call of that layer, whatever the number of rows: the memory traffic a step cannot avoid.
+    A KV-cached decoding step is bound by it at small batch (a few rows per weight read) and by its FLOPs at
+    large batch. A separate run: the counters slow it down.
+    """
+    read = [0]
+
+    def count(module: nn.Linear, inputs) -> None:
+        read[0] += module.weight.nbytes
+
+    handles = [layer.register_forward_pre_hook(count) for model in models if model is not None
+               for layer in model.modules() if isinstance(layer, nn.Linear)]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"flops": counter.get_total_flops(), "weight_bytes": read[0]}
 
 
 def ratio_cell(timing: dict[str, float]) -> str:

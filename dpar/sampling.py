@@ -126,9 +126,11 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
     advances and the decoder runs again, else its first logits are the ones sampled from. Either way the
     logits used are a full forward's with the chosen boundaries. ``progress`` shows a bar over the token steps.
     ``static_shapes``: every step runs every row through every stage with the same shapes and no host
-    synchronisation (no ``nonzero``, no data-dependent branch), as CUDA graphs and
-    ``torch.compile(mode="reduce-overhead")`` need; the outputs of rows without a boundary are dropped. It
-    samples what the default path samples (tested); which is faster depends on the device and batch.
+    synchronisation (no ``nonzero``, no data-dependent branch, static KV caches), as CUDA graphs and
+    ``torch.compile(mode="reduce-overhead")`` need; the outputs of rows without a boundary are dropped. In
+    self_entropy mode the global transformer then advances before H_i is known and the decoder runs once over
+    both hypotheses (:func:`_self_entropy_static_step`). It samples what the default path samples (tested);
+    which is faster depends on the device and batch.
 
     The stages carry profiler labels (entropy_model, encoder, global, decoder, sample) so that a
     profile says where the time goes (benchmarks/sample_throughput.py prints the split).
@@ -163,8 +165,12 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
     starts = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
     logits_log = torch.empty(rows, num_tokens, model.vocab_size, device=device) if record_logits else None
     entropies = torch.full((batch, num_tokens), float("inf"), device=device) if use_entropy or self_entropy else None
+    # self_entropy with static shapes: the global transformer advances every row before H_i is known, and the
+    # decoder runs once over both hypotheses (no new patch / new patch at i), 2x rows in its caches
+    both_hypotheses = self_entropy and static_shapes
+    cache_static = True if static_shapes else None  # else the device's default (dpar.models.layers.KVCache)
     if is_dpar:
-        model.setup_caches(rows, dtype)
+        model.setup_caches(rows, dtype, decoder_rows=2 * rows if both_hypotheses else rows, static=cache_static)
         states = [torch.zeros(batch, num_tokens, model.config.dim, device=device, dtype=dtype)
                   for _ in model.encoder.layers]
         g = torch.zeros(rows, model.config.dim, device=device, dtype=dtype)
@@ -172,20 +178,23 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
         patch_first = torch.zeros(batch, dtype=torch.long, device=device)  # first token of the open patch
         longest = longest_patch(patcher, width, num_tokens)
     else:
-        model.setup_caches(rows, num_tokens, dtype)
+        model.setup_caches(rows, num_tokens, dtype, static=cache_static)
     if use_entropy:
-        entropy_model.setup_caches(batch, num_tokens + 1, dtype)
+        entropy_model.setup_caches(batch, num_tokens + 1, dtype, static=cache_static)
         start_token = entropy_model.cls_embedding.null_labels(batch, device)
         entropy_model(None, start_token, input_pos=torch.tensor([0], device=device))  # its prediction of x_0 is unused
 
     try:
         for i in tqdm(range(num_tokens), desc="tokens", unit="step", leave=False, disable=not progress):
-            if is_dpar:
+            if is_dpar and both_hypotheses:
+                logits = _self_entropy_static_step(model, patcher, i, rows_labels, halves, states, g, patches,
+                                                   patch_first, longest, entropies, starts)
+            elif is_dpar:
                 run_length = i - patch_first
                 previous = None if i == 0 else states[-1][:, i - 1].repeat(halves, 1)
                 unchanged = None  # self_entropy: the logits under "no new patch at i", kept where none starts
-                if self_entropy and i > 0 and (static_shapes or not next_patch_start(
-                        patcher, torch.full_like(entropies[:, i], -torch.inf), i, run_length, width).all()):
+                if self_entropy and i > 0 and not next_patch_start(
+                        patcher, torch.full_like(entropies[:, i], -torch.inf), i, run_length, width).all():
                     with record_function("decoder"):
                         unchanged = model.decode_step(previous, g, i)
                     entropies[:, i] = logits_entropy(unchanged[:batch])  # the conditional rows' prediction
@@ -194,7 +203,7 @@ def generate(model: nn.Module, labels: Tensor | None, seeds: Tensor, sampling: S
                 with record_function("global"):
                     _global_step(model, start, i, rows_labels, halves, states, g, patches, patch_first,
                                  longest if static_shapes else None)
-                if unchanged is not None and not static_shapes and not start.any():
+                if unchanged is not None and not start.any():
                     logits = unchanged
                 else:
                     with record_function("decoder"):
@@ -247,33 +256,82 @@ def _global_step(model: DPAR, start: Tensor, position: int, rows_labels: Tensor,
         images = start.nonzero().squeeze(1)
         if images.numel() == 0:
             return
+        rows, outputs = _global_outputs(model, images, position, rows_labels, halves, states, patches,
+                                        patch_first, int((position - patch_first[images]).max()))
+        g[rows] = outputs
+        patches[images] += 1
+        patch_first[images] = position
     else:
-        images = torch.arange(len(start), device=start.device)
+        _, outputs = _global_outputs(model, torch.arange(len(start), device=start.device), position, rows_labels,
+                                     halves, states, patches, patch_first, longest)
+        _keep_global_outputs(start, position, outputs, halves, g, patches, patch_first)
+
+
+def _keep_global_outputs(start: Tensor, position: int, outputs: Tensor, halves: int, g: Tensor, patches: Tensor,
+                         patch_first: Tensor) -> None:
+    """Static shapes: ``outputs [R, d]`` of every row's global step become ``g`` where a patch starts at
+    ``position``, and those images' patch counts and open patches advance; the other rows keep theirs."""
+    g.copy_(torch.where(start.repeat(halves)[:, None], outputs, g))
+    patches += start.long()
+    patch_first.copy_(torch.where(start, position, patch_first))
+
+
+def _global_outputs(model: DPAR, images: Tensor, position: int, rows_labels: Tensor, halves: int,
+                    states: list[Tensor], patches: Tensor, patch_first: Tensor,
+                    longest: int) -> tuple[Tensor, Tensor]:
+    """One global step for ``images`` (all their CFG rows): at position 0 the class, else the open patch,
+    pooled over ``longest`` slots, closes. Returns the cache rows that ran ``[R']`` and their outputs ``[R', d]``."""
     batch, num_tokens = states[0].shape[:2]
     width = model.config.grid_size
     if position == 0:
         inputs = model.class_stream_input(rows_labels)
-        rows = torch.arange(len(rows_labels), device=g.device)
+        rows = torch.arange(len(rows_labels), device=rows_labels.device)
         zeros = torch.zeros_like(rows)
         outputs = model.global_step(inputs, zeros, zeros, zeros, torch.ones_like(rows, dtype=torch.bool),
                                     zeros, rows)
     else:
         first, length = patch_first[images], position - patch_first[images]
-        flat = [layer_states.reshape(batch * num_tokens, -1) for layer_states in states]
-        closed = model.encoder.pool(flat, images * num_tokens + first, length, longest or int(length.max()))
+        # only the closing patches' slots, gathered, reach the pooling's projections (not all B*N tokens)
+        slots = ((images * num_tokens + first)[:, None] + torch.arange(longest, device=images.device)).flatten()
+        gathered = [layer_states.reshape(batch * num_tokens, -1)[slots.clamp(max=batch * num_tokens - 1)]
+                    for layer_states in states]
+        closed = model.encoder.pool(gathered, torch.arange(len(images), device=images.device) * longest, length,
+                                    longest)
         rows = torch.cat([images + h * batch for h in range(halves)])
         column = first % width
         outputs = model.global_step(closed.repeat(halves, 1), (first // width).repeat(halves),
                                     column.repeat(halves), (column + length - 1).repeat(halves),
                                     torch.zeros_like(rows, dtype=torch.bool), patches[images].repeat(halves), rows)
-    if longest is None:
-        g[rows] = outputs
-        patches[images] += 1
-        patch_first[images] = position
-    else:
-        g.copy_(torch.where(start.repeat(halves)[:, None], outputs, g))
-        patches += start.long()
-        patch_first.copy_(torch.where(start, position, patch_first))
+    return rows, outputs
+
+
+def _self_entropy_static_step(model: DPAR, patcher: PatcherConfig, position: int, rows_labels: Tensor, halves: int,
+                              states: list[Tensor], g: Tensor, patches: Tensor, patch_first: Tensor, longest: int,
+                              entropies: Tensor, starts: Tensor) -> Tensor:
+    """One self_entropy step with static shapes; returns the logits ``[R, vocab]`` to sample x_position from.
+
+    The global transformer's input at a boundary (the patch that closes before ``position``) does not depend
+    on H_position, so every row advances first; the decoder then runs once on ``2R`` rows, the hypotheses
+    "no new patch" (the current ``g``) and "new patch" (the proposed output). H_position comes from the
+    first, the patcher's rule chooses per image, and the chosen hypothesis's logits, global output and
+    decoder cache entry are kept. One pass over the decoder's weights instead of two: on a device where a
+    small batch's step is bound by the weights it reads, the cheaper path; every row runs every stage.
+    """
+    batch, width = len(patches), model.config.grid_size
+    previous = None if position == 0 else states[-1][:, position - 1].repeat(2 * halves, 1)
+    with record_function("global"):
+        _, proposed = _global_outputs(model, torch.arange(batch, device=g.device), position, rows_labels, halves,
+                                      states, patches, patch_first, longest)
+    with record_function("decoder"):
+        unchanged, restarted = model.decode_step(previous, torch.cat([g, proposed]), position).chunk(2)
+    if position > 0:
+        entropies[:, position] = logits_entropy(unchanged[:batch])  # the conditional rows' prediction
+    start = next_patch_start(patcher, entropies[:, position], position, position - patch_first, width)
+    starts[:, position] = start
+    restart = start.repeat(halves)
+    model.keep_decoder_hypothesis(restart, position)
+    _keep_global_outputs(start, position, proposed, halves, g, patches, patch_first)
+    return torch.where(restart[:, None], restarted, unchanged)
 
 
 @dataclass

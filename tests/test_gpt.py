@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dpar.models import GPT_models
+from dpar.models.layers import KVCache
 from helpers import tiny_gpt
 
 # LlamaGen autoregressive/models/gpt.py, GPT-B c2i (dim 768, 12 layers, ffn hidden find_multiple(int(2*4*768/3), 256)
@@ -105,13 +106,14 @@ def test_causality():
         assert not torch.allclose(out[:, j + 1], base[:, j + 1])
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["filled-prefix", "static"])
 @pytest.mark.parametrize("overrides", [{}, {"model_type": "uncond"}, {"n_kv_head": 1}])
-def test_kv_cached_steps_equal_full_forward(overrides):
+def test_kv_cached_steps_equal_full_forward(overrides, static):
     model = tiny_gpt(**overrides)
     idx = torch.randint(0, 48, (3, 15))
     cond = model.cls_embedding.null_labels(3) if overrides.get("model_type") == "uncond" else torch.tensor([0, 4, 5])
     full = model(idx, cond)[0]
-    model.setup_caches(max_batch_size=3, max_seq_length=16, dtype=torch.float32)
+    model.setup_caches(max_batch_size=3, max_seq_length=16, dtype=torch.float32, static=static)
     steps = [model(None, cond, input_pos=torch.tensor([0]))[0]]
     for t in range(15):
         steps.append(model(idx[:, t:t + 1], None, input_pos=torch.tensor([t + 1]))[0])
@@ -121,15 +123,44 @@ def test_kv_cached_steps_equal_full_forward(overrides):
     assert torch.equal(model(idx, cond)[0], full)
 
 
-def test_kv_cache_accepts_per_row_positions_and_multi_token_chunks():
-    model = tiny_gpt()
+@pytest.mark.parametrize("static", [False, True], ids=["filled-prefix", "static"])
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 1}])
+def test_kv_cache_accepts_per_row_positions_and_multi_token_chunks(overrides, static):
+    model = tiny_gpt(**overrides)
     idx, cond = torch.randint(0, 48, (2, 15)), torch.tensor([1, 3])
     full = model(idx, cond)[0]
-    model.setup_caches(max_batch_size=2, max_seq_length=16, dtype=torch.float32)
+    model.setup_caches(max_batch_size=2, max_seq_length=16, dtype=torch.float32, static=static)
     first = model(None, cond, input_pos=torch.tensor([[0], [0]]))[0]
     chunk = model(idx[:, :6], None, input_pos=torch.arange(1, 7).expand(2, 6))[0]
     step = model(idx[:, 6:7], None, input_pos=torch.tensor([7]))[0]
     assert torch.allclose(torch.cat([first, chunk, step], dim=1), full[:, :8], atol=1e-5)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["filled-prefix", "static"])
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_kv_cache_attends_each_query_over_its_own_rows_past(static, kv_heads):
+    """Some rows (``rows``) at their own positions, one query or several each: every query sees its row's
+    entries up to its own position, and nothing of other rows or later slots (written out as softmax)."""
+    torch.manual_seed(0)
+    cache = KVCache(4, 16, kv_heads, 8, torch.float32, static)
+    history = torch.randn(4, kv_heads, 16, 8), torch.randn(4, kv_heads, 16, 8)
+    cache.attend(torch.randn(4, 2, 16, 8), *history, torch.arange(16))  # every slot of every row written
+    for rows, positions in ((torch.tensor([2, 0]), torch.tensor([[5], [9]])),
+                            (torch.tensor([3, 1, 0]), torch.tensor([[0, 1], [14, 15], [6, 7]]))):
+        q = torch.randn(len(rows), 2, positions.shape[1], 8)
+        k, v = torch.randn(len(rows), kv_heads, positions.shape[1], 8), torch.randn(len(rows), kv_heads, positions.shape[1], 8)
+        out = cache.attend(q, k, v, positions, rows)
+        for j, row in enumerate(rows.tolist()):
+            keys, values = history[0][row].clone(), history[1][row].clone()
+            keys[:, positions[j]], values[:, positions[j]] = k[j], v[j]
+            for s, position in enumerate(positions[j].tolist()):
+                for head in range(2):
+                    kv_head = head * kv_heads // 2
+                    weights = (keys[kv_head, :position + 1] @ q[j, head, s] / 8 ** 0.5).softmax(0)
+                    expected = weights @ values[kv_head, :position + 1]
+                    torch.testing.assert_close(out[j, head, s], expected, atol=1e-5, rtol=1e-5)
+        history[0][rows[:, None], :, positions] = k.transpose(1, 2)
+        history[1][rows[:, None], :, positions] = v.transpose(1, 2)
 
 
 def test_eval_mode_returns_all_positions_without_dropout():

@@ -185,11 +185,13 @@ def self_entropy_patcher(model, fraction: float = 0.5) -> PatcherConfig:
     return PatcherConfig(mode="self_entropy", threshold=float(entropies.quantile(1 - fraction)), max_patch_length=3)
 
 
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["default", "two-hypotheses"])
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_self_entropy_boundaries_are_the_models_own_entropy_under_no_new_patch(cfg_scale):
+def test_self_entropy_boundaries_are_the_models_own_entropy_under_no_new_patch(cfg_scale, static_shapes):
     model = tiny_dpar()
     patcher = self_entropy_patcher(model)
-    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale), patcher=patcher, record_logits=True)
+    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale), patcher=patcher, record_logits=True,
+                   static_shapes=static_shapes)
     # the logits used are a full forward's with the chosen boundaries (both CFG halves)
     halves = [LABELS] if cfg_scale == 1.0 else [LABELS, torch.full_like(LABELS, model.num_classes)]
     for half, labels in enumerate(halves):

@@ -299,11 +299,15 @@ class DPAR(nn.Module):
 
     # -- one token at a time, with KV caches (used by dpar/sampling.py) ------------------------------------------
 
-    def setup_caches(self, max_batch_size: int, dtype: torch.dtype) -> None:
-        """Static KV caches for the encoder, global transformer and decoder (rows: images, or 2x with CFG)."""
+    def setup_caches(self, max_batch_size: int, dtype: torch.dtype, decoder_rows: int | None = None,
+                     static: bool | None = None) -> None:
+        """KV caches for the encoder, global transformer and decoder (rows: images, or 2x with CFG);
+        ``decoder_rows`` (default ``max_batch_size``): 2x for two-hypothesis decoder steps; ``static``: see
+        :class:`dpar.models.layers.KVCache` (default: not on a CPU)."""
         device = self.tok_embeddings.weight.device
-        for blocks in (self.encoder.layers, self.global_layers, self.decoder.layers):
-            attach_kv_caches(blocks, max_batch_size, self.block_size, self.config, dtype, device)
+        for blocks, rows in ((self.encoder.layers, max_batch_size), (self.global_layers, max_batch_size),
+                             (self.decoder.layers, decoder_rows or max_batch_size)):
+            attach_kv_caches(blocks, rows, self.block_size, self.config, dtype, device, static)
 
     def clear_caches(self) -> None:
         for blocks in (self.encoder.layers, self.global_layers, self.decoder.layers):
@@ -350,6 +354,18 @@ class DPAR(nn.Module):
         for layer, added in zip(self.decoder.layers, self.decoder.injections(g)):
             u = layer(u if added is None else u + added[:, None], rope, at)
         return self.output(self.norm(u[:, 0])).float()
+
+
+    def keep_decoder_hypothesis(self, restart: Tensor, position: int) -> None:
+        """After a :meth:`decode_step` over two hypotheses, rows ``[no new patch; new patch]`` (``2R``), write
+        the chosen one's cache entry at ``position`` (``restart [R]``: the new patch) into both halves, so
+        the next step's two hypotheses share the same past."""
+        for layer in self.decoder.layers:
+            cache = layer.attention.kv_cache
+            for entries in (cache.k_cache[:, :, position], cache.v_cache[:, :, position]):
+                unchanged, restarted = entries.chunk(2)
+                chosen = torch.where(restart[:, None, None], restarted, unchanged)
+                entries.copy_(torch.cat([chosen, chosen]))
 
 
 def _size(n_enc_layer: int, n_layer: int, n_dec_layer: int, dim: int, n_head: int):

@@ -49,9 +49,11 @@ class Transformer(nn.Module):
         table = grid_rope(grid_index // width, grid_index % width, self.config.head_dim, self.config.rope_base)
         return table.masked_fill((positions < self.cls_token_num)[..., None, None], 0.0)
 
-    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype) -> None:
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype,
+                     static: bool | None = None) -> None:
+        """KV caches for decoding; ``static``: see :class:`dpar.models.layers.KVCache` (default: not on a CPU)."""
         attach_kv_caches(self.layers, max_batch_size, max_seq_length, self.config, dtype,
-                         self.tok_embeddings.weight.device)
+                         self.tok_embeddings.weight.device, static)
 
     def clear_caches(self) -> None:
         attach_kv_caches(self.layers, 0, 0, self.config, torch.float32, self.tok_embeddings.weight.device)
