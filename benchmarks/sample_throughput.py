@@ -63,7 +63,7 @@ def stage_shares(run, model, entropy_model, device: str) -> dict[str, float]:
 
     stages = [(sampling, "sample_from_logits", "sample")]
     if isinstance(model, DPAR):
-        stages += [(sampling, "_global_step", "global"), (model, "encode_step", "encoder"),
+        stages += [(sampling, "_global_outputs", "global"), (model, "encode_step", "encoder"),
                    (model, "decode_step", "decoder"), (entropy_model, "forward", "entropy_model")]
     else:
         stages.append((model, "forward", "global"))

@@ -314,8 +314,8 @@ def _self_entropy_static_step(model: DPAR, patcher: PatcherConfig, position: int
     on H_position, so every row advances first; the decoder then runs once on ``2R`` rows, the hypotheses
     "no new patch" (the current ``g``) and "new patch" (the proposed output). H_position comes from the
     first, the patcher's rule chooses per image, and the chosen hypothesis's logits, global output and
-    decoder cache entry are kept. One pass over the decoder's weights instead of two: on a device where a
-    small batch's step is bound by the weights it reads, the cheaper path; every row runs every stage.
+    decoder cache entry are kept. One pass over the decoder's weights instead of two (weight reads bound a
+    small batch's step); every row runs every stage, as static shapes need.
     """
     batch, width = len(patches), model.config.grid_size
     previous = None if position == 0 else states[-1][:, position - 1].repeat(2 * halves, 1)

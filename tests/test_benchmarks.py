@@ -75,3 +75,21 @@ def test_interleaved_timing_measures_each_side_and_their_ratio():
     assert calls == ["a", "b"] * 4  # A B A B: both under the same load
     assert timing["ratio_min"] <= timing["ratio"] <= timing["ratio_max"] and 1.3 < timing["ratio"] < 3
     assert timing["a"] > timing["b"] > 0.009
+
+
+def test_sample_throughput_counts_work_and_times_the_two_hypothesis_step(capsys):
+    sample_throughput.main([*TINY, "--batch-sizes", "2", "--repeats", "1", "--patching", "self_entropy",
+                            "--static-shapes", "--count-work"])
+    rows = {row["model"]: row for row in table(capsys.readouterr().out)}
+    dpar, gpt = rows["DGPT-tiny"], rows["GPT-tiny"]
+    for stage in ("encoder", "global", "decoder"):  # the global transformer advances before H_i: still timed
+        assert float(dpar[f"% {stage}"]) > 0, stage
+    # the GPT's step reads each of its linear weights once (rows do not matter): their bytes, per token step
+    gpt_model = sample_throughput.build_model("GPT-tiny", image_size=32, downsample=4, vocab=64, num_classes=4,
+                                              device="cpu")
+    linear_bytes = sum(m.weight.nbytes for m in gpt_model.modules() if isinstance(m, torch.nn.Linear))
+    assert float(gpt["weight MB/step"]) == pytest.approx(linear_bytes / 1e6, rel=0.01)
+    ratios = {key: float(dpar[key].rstrip("x")) for key in ("FLOPs vs GPT", "weights vs GPT")}
+    assert ratios["weights vs GPT"] == pytest.approx(float(dpar["weight MB/step"]) / float(gpt["weight MB/step"]),
+                                                     rel=0.02)
+    assert float(dpar["GFLOP/image"]) > 0 and ratios["FLOPs vs GPT"] > 0 and gpt["FLOPs vs GPT"] == ""
