@@ -22,10 +22,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.workloads import device_name, median_seconds, realistic_patch_starts  # noqa: E402
+from benchmarks.workloads import check_grid, device_name, median_seconds, realistic_patch_starts  # noqa: E402
 from dpar.flops import PAPER_TOKENS_PER_PATCH, build_on_meta  # noqa: E402
-from dpar.models import PatchLayout  # noqa: E402
+from dpar.errors import ArgumentParser, run_main  # noqa: E402
+from dpar.models import MODEL_NAMES, PatchLayout  # noqa: E402
 from dpar.models.attention import PackedSeqs, attend, available_backends  # noqa: E402
+from dpar.validation import device, number  # noqa: E402
 
 
 def padded_attention(q, k, v, packed: PackedSeqs):
@@ -44,18 +46,20 @@ def padded_attention(q, k, v, packed: PackedSeqs):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="DGPT-tiny", help="DPAR size whose heads and head width are used")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--downsample", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=64, help="images in the packed stream")
-    parser.add_argument("--tokens-per-patch", type=float, default=None,
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="DGPT-tiny", choices=MODEL_NAMES, metavar="MODEL",
+                        help="DPAR size whose heads and head width are used (%(choices)s)")
+    parser.add_argument("--image-size", type=number(int, min=1), default=32)
+    parser.add_argument("--downsample", type=number(int, min=1), default=4)
+    parser.add_argument("--batch-size", type=number(int, min=1), default=64, help="images in the packed stream")
+    parser.add_argument("--tokens-per-patch", type=number(float, min=1), default=None,
                         help="mean patch length (default: the paper's figure for the image size, else 1.81)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls (median reported)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=number(int, min=1), default=20, help="timed calls (median reported)")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="default: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)
+    check_grid([args.image_size], args.downsample)
     dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32"))
     grid = args.image_size // args.downsample
     config = build_on_meta(args.model, grid).config
@@ -103,4 +107,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

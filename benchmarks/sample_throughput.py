@@ -27,13 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.workloads import (build_model, device_name, interleaved, median_seconds, model_pairs,  # noqa: E402
-                                  ratio_cell, synchronize, work_of)
+from benchmarks.workloads import (build_model, check_grid, device_name, interleaved, median_seconds,  # noqa: E402
+                                  model_pairs, ratio_cell, synchronize, work_of)
 from dpar import sampling  # noqa: E402
 from dpar.data.preprocess import next_token_entropies  # noqa: E402
-from dpar.models import DPAR, is_dpar  # noqa: E402
+from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
+from dpar.models import DPAR, GPT_models, MODEL_NAMES, is_dpar  # noqa: E402
 from dpar.patcher import PatcherConfig, calibrate_threshold, logits_entropy  # noqa: E402
 from dpar.sampling import SamplingConfig, generate  # noqa: E402
+from dpar.validation import device, number  # noqa: E402
 
 
 STAGES = ("entropy_model", "encoder", "global", "decoder", "sample")
@@ -138,18 +140,20 @@ def work_cells(work: dict[str, dict], name: str, group: list[str], batch: int, s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["DGPT-tiny", "GPT-tiny"])
-    parser.add_argument("--entropy-model", default="GPT-tiny")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--downsample", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--num-classes", type=int, default=12)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 256])
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
-    parser.add_argument("--tokens-per-patch", type=float, default=1.81)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, metavar="MODEL", default=["DGPT-tiny", "GPT-tiny"],
+                        help="DGPT-X is compared with GPT-X when both are listed (sizes: %(choices)s)")
+    parser.add_argument("--entropy-model", default="GPT-tiny", choices=tuple(GPT_models), metavar="GPT",
+                        help="the unconditional GPT whose entropies set DPAR's boundaries (%(choices)s)")
+    parser.add_argument("--image-size", type=number(int, min=1), default=32)
+    parser.add_argument("--downsample", type=number(int, min=1), default=4)
+    parser.add_argument("--vocab", type=number(int, min=2), default=1024)
+    parser.add_argument("--num-classes", type=number(int, min=1), default=12)
+    parser.add_argument("--batch-sizes", type=number(int, min=1), nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--cfg-scale", type=number(float, min=0), default=2.0)
+    parser.add_argument("--tokens-per-patch", type=number(float, min=1), default=1.81)
     parser.add_argument("--static-shapes", action="store_true", help="DPAR: the static-shape sampling path")
-    parser.add_argument("--profile-ops", type=int, default=0, metavar="N",
+    parser.add_argument("--profile-ops", type=number(int, min=0), default=0, metavar="N",
                         help="also print the N operators with the most self time in one profiled run of each row")
     parser.add_argument("--patching", nargs="+", choices=("entropy", "self_entropy"), default=["entropy"],
                         help="DPAR's boundaries: the entropy model's, and/or the model's own entropy (no entropy "
@@ -157,11 +161,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count-work", action="store_true",
                         help="also count, in a separate run of each row, its FLOPs per image and the weight bytes "
                              "it reads per token step, with DPAR's ratio of each to the GPT's")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=number(int, min=1), default=3,
                         help="timed runs per setting after one warm-up; a DGPT/GPT pair takes them in turn")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
+    check_grid([args.image_size], args.downsample)
+    if len(set(args.patching)) < len(args.patching):
+        raise UserError(f"--patching {' '.join(args.patching)}: each of entropy, self_entropy at most once")
+    if args.patching != ["entropy"] and not any(is_dpar(name) for name in args.models):
+        raise UserError(f"--patching {' '.join(args.patching)} is DPAR's; --models {' '.join(args.models)} has no "
+                        "DGPT model")
     grid = args.image_size // args.downsample
 
     def build(name: str, model_type: str = "c2i"):
@@ -230,4 +240,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

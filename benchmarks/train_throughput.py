@@ -24,12 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.workloads import (build_model, device_name, interleaved, median_seconds, model_pairs,  # noqa: E402
-                                  peak_tflops, ratio_cell, realistic_patch_starts)
+from benchmarks.workloads import (build_model, check_grid, device_name, interleaved, median_seconds,  # noqa: E402
+                                  model_pairs, peak_tflops, ratio_cell, realistic_patch_starts)
 from dpar.data.dataset import PackedBatch  # noqa: E402
 from dpar.flops import PAPER_TOKENS_PER_PATCH, count  # noqa: E402
-from dpar.models import PatchLayout, is_dpar  # noqa: E402
+from dpar.errors import ArgumentParser, run_main  # noqa: E402
+from dpar.models import MODEL_NAMES, PatchLayout, is_dpar  # noqa: E402
+from dpar.models.attention import BACKENDS  # noqa: E402
 from dpar.training import TrainConfig, build_optimizer, forward_loss  # noqa: E402
+from dpar.validation import device, number  # noqa: E402
 
 
 def host_batches(name: str, count_: int, batch: int, grid: int, vocab: int, num_classes: int,
@@ -98,26 +101,30 @@ def prepare(name: str, image_size: int, args):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["DGPT-tiny", "GPT-tiny"],
-                        help="DGPT-X is compared with GPT-X when both are listed")
-    parser.add_argument("--image-size", type=int, nargs="+", default=[32])
-    parser.add_argument("--downsample", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--num-classes", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=64, help="images per optimizer step (one device)")
-    parser.add_argument("--tokens-per-patch", type=float, default=None,
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, metavar="MODEL", default=["DGPT-tiny", "GPT-tiny"],
+                        help="DGPT-X is compared with GPT-X when both are listed (sizes: %(choices)s)")
+    parser.add_argument("--image-size", type=number(int, min=1), nargs="+", default=[32])
+    parser.add_argument("--downsample", type=number(int, min=1), default=4)
+    parser.add_argument("--vocab", type=number(int, min=2), default=1024)
+    parser.add_argument("--num-classes", type=number(int, min=1), default=12)
+    parser.add_argument("--batch-size", type=number(int, min=1), default=64,
+                        help="images per optimizer step (one device)")
+    parser.add_argument("--tokens-per-patch", type=number(float, min=1), default=None,
                         help="DPAR's mean patch length (default: the paper's figure for the image size, else 1.81)")
-    parser.add_argument("--steps", type=int, default=10,
+    parser.add_argument("--steps", type=number(int, min=1), default=10,
                         help="timed steps per model (median reported); a DGPT/GPT pair takes them in turn")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    parser.add_argument("--attn-backend", default="auto", help="DPAR's packed attention backend")
+    parser.add_argument("--warmup", type=number(int, min=0), default=3,
+                        help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--attn-backend", default="auto", choices=("auto",) + BACKENDS,
+                        help="DPAR's packed attention backend")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model, as train.compile does")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 on CUDA too")
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--peak-tflops", type=number(float, gt=0), default=None,
                         help="device peak for MFU (default: bf16 dense peak of a known GPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    check_grid(args.image_size, args.downsample)
 
     precision = "bf16 autocast" if torch.device(args.device).type == "cuda" and args.bf16 else "fp32"
     print(f"device {device_name(args.device)}, torch {torch.__version__}, {precision}, batch {args.batch_size}, "
@@ -144,4 +151,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -93,3 +93,33 @@ def test_sample_throughput_counts_work_and_times_the_two_hypothesis_step(capsys)
     assert ratios["weights vs GPT"] == pytest.approx(float(dpar["weight MB/step"]) / float(gpt["weight MB/step"]),
                                                      rel=0.02)
     assert float(dpar["GFLOP/image"]) > 0 and ratios["FLOPs vs GPT"] > 0 and gpt["FLOPs vs GPT"] == ""
+
+
+@pytest.mark.parametrize("script, argv, named", [
+    (sample_throughput, ["--batch-sizes", "0"], "--batch-sizes"),
+    (sample_throughput, ["--repeats", "0"], "--repeats"),
+    (sample_throughput, ["--tokens-per-patch", "nan"], "--tokens-per-patch"),
+    (sample_throughput, ["--downsample", "5"], "--downsample 5"),
+    (sample_throughput, ["--entropy-model", "DGPT-tiny"], "--entropy-model"),
+    (sample_throughput, ["--patching", "self_entropy", "self_entropy"], "--patching"),
+    (sample_throughput, ["--models", "GPT-tiny", "--patching", "self_entropy"], "--patching"),
+    (train_throughput, ["--image-size", "32", "30", "--downsample", "4"], "--image-size 30"),
+    (train_throughput, ["--steps", "0"], "--steps"),
+    (train_throughput, ["--models", "GPT-Z"], "--models"),
+    (attention_backends, ["--batch-size", "-1"], "--batch-size"),
+    (attention_backends, ["--device", "tpu"], "--device"),
+])
+def test_benchmark_flags_are_checked_before_anything_runs(script, argv, named, capsys):
+    from dpar.errors import UserError
+    with pytest.raises(UserError, match=named):
+        script.main(argv)
+    assert capsys.readouterr().out == ""  # nothing measured or printed first
+
+
+def test_a_benchmark_reports_bad_input_in_one_line_with_exit_status_2():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "benchmarks/sample_throughput.py", "--batch-sizes", "0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "--batch-sizes" in done.stderr
