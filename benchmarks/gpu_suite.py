@@ -21,6 +21,8 @@ and never the shares of the steps after it; a failing step never stops the next 
    ``train_global_model.py`` DGPT-B for 48 steps eager and with ``--train.compile true`` -> ``sample_c2i.py``.
 
 ``--smoke`` runs the same steps with tiny models on the CPU (the CUDA tests are collected and skip).
+``--no-compile`` leaves out the ``torch.compile`` commands of steps 4 and 6 (on a CPU most of a smoke run's
+time is inductor compiling), and the report says so.
 
 The report, ``<out>/<gpu>-<YYYY-MM-DD>.md`` (``cpu-smoke-...`` for a smoke run, ``...-<steps>.md`` for an
 ``--only`` rerun; ``-2``, ``-3`` ... rather than replacing an earlier one), is rewritten before and after
@@ -165,8 +167,9 @@ class Suite:
 
     def __init__(self, sizes: Sizes, smoke: bool, report_path: Path, work: Path, budget: float,
                  timeouts: dict[str, int], argv: list[str], names: list[str], probe: dict, env: dict[str, str],
-                 wheels: list[str]):
+                 wheels: list[str], compile_: bool = True):
         self.sizes, self.smoke, self.work, self.argv, self.probe = sizes, smoke, work, argv, probe
+        self.compile_modes = (False, True) if compile_ else (False,)  # eager, then torch.compile
         self.env, self.wheels = env, wheels
         self.started = time.monotonic()
         self.end = self.started + budget
@@ -378,7 +381,9 @@ def step_train(suite: Suite, step: StepReport) -> None:
     elif suite.sizes.device == "cuda":
         step.notes.append("No matmul rate measured in this run: MFU against the datasheet peak in "
                           "benchmarks/workloads.py, where it knows the GPU.")
-    for compile_ in (False, True):
+    if not suite.compile_modes[-1]:
+        step.notes.append("The --compile runs were left out (--no-compile).")
+    for compile_ in suite.compile_modes:
         for pair in suite.sizes.train_pairs:
             suite.run(step, suite.python("benchmarks/train_throughput.py", "--models", *pair, *suite.sizes.train,
                                          *peak, "--device", suite.sizes.device, *(["--compile"] if compile_ else [])),
@@ -430,7 +435,10 @@ def step_cli(suite: Suite, step: StepReport) -> None:
                           "briefly trained entropy model's entropies take too few distinct values. The runs below "
                           "use this θ (where the closest patching was one token each, the longest patches P allows).")
     trained = {}
-    for name, compile_ in (("eager", False), ("compiled", True)):
+    if not suite.compile_modes[-1]:
+        step.notes.append("The --train.compile true run was left out (--no-compile); the eager run samples.")
+    for compile_ in suite.compile_modes:
+        name = "compiled" if compile_ else "eager"
         run(["train_global_model.py", "--config", sizes.configs["global"], "--data.store", str(store),
              "--data.val_store", "null", "--data.val_holdout", "0", "--patcher.entropy_model_checkpoint", str(entropy),
              "--patcher.threshold", threshold, "--train.results_dir", str(runs), "--train.experiment_name", name,
@@ -439,8 +447,8 @@ def step_cli(suite: Suite, step: StepReport) -> None:
         trained[name] = _newest(runs, f"scratch/{name}/*/config.yaml").parent
     step.notes.append(_training_table(trained))
     samples = work / "samples"
-    run(["sample_c2i.py", "--experiment_dir", str(trained["compiled"]), "--output-dir", str(samples),
-         "--classes", *sizes.cli_classes, "--per-class", "4"])
+    run(["sample_c2i.py", "--experiment_dir", str(trained.get("compiled", trained["eager"])),
+         "--output-dir", str(samples), "--classes", *sizes.cli_classes, "--per-class", "4"])
     for png in sorted(samples.glob("*.png")):
         kind = "patches" if png.stem.endswith("_patches") else "samples"
         target = suite.report_path.with_name(f"{suite.report_path.stem}-{kind}.png")
@@ -557,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"seconds for the whole suite (default: {GPU.budget} on a GPU, {SMOKE.budget} with --smoke)")
     parser.add_argument("--timeout", action="append", default=[], metavar="NAME=SECONDS",
                         help=f"time box per command, overriding the default; NAME: {', '.join(GPU.timeouts)}")
+    parser.add_argument("--no-compile", dest="compile_", action="store_false",
+                        help="leave out the torch.compile commands of the train and cli steps")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (stores, runs, samples)")
     args = parser.parse_args(argv)
 
@@ -592,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [name for name in STEPS if name in (args.only or STEPS)]
     slug = "cpu-smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", probe["device_name"].lower()).strip("-")
     suite = Suite(sizes, args.smoke, report_path(out, slug, names if args.only else None), work,
-                  args.budget or sizes.budget, timeouts, argv, names, probe, env, wheels)
+                  args.budget or sizes.budget, timeouts, argv, names, probe, env, wheels, args.compile_)
     print(f"gpu suite on {probe['device_name']}: report {suite.report_path}, work {work}", flush=True)
 
     def interrupt(signum, frame):

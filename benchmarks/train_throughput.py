@@ -8,7 +8,7 @@ with its min-max: both models see the same machine load, which on a shared CPU m
         --image-size 256 384 --downsample 16 --vocab 16384 --num-classes 1000 --batch-size 64 --device cuda
 
 Each step is the trainer's: ``dpar.training.forward_loss`` under bf16 autocast (CUDA) over fp32 weights,
-backward, gradient clipping and LlamaGen's AdamW (fused on CUDA), on one device. DPAR's batches carry
+backward, gradient clipping and LlamaGen's AdamW (fused), on one device. DPAR's batches carry
 patch boundaries cut by the paper's rule from image-like synthetic entropies at the paper's mean patch
 length (1.81 tokens at 256 px, 2.06 at 384 px); the batches are built on the host beforehand, as the
 DataLoader workers do, and moved to the device inside the timed step. Prints a markdown table.
@@ -63,7 +63,7 @@ def prepare(name: str, image_size: int, args):
     model = build_model(name, image_size=image_size, downsample=args.downsample, vocab=args.vocab,
                         num_classes=args.num_classes, device=args.device, attn_backend=args.attn_backend)
     model.train()
-    optimizer = build_optimizer(model, TrainConfig(), fused=cuda)
+    optimizer = build_optimizer(model, TrainConfig())
     step_model = torch.compile(model, dynamic=is_dpar(name)) if args.compile else model
     batches = host_batches(name, 4, args.batch_size, grid, args.vocab, args.num_classes, tokens_per_patch)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and args.bf16 else nullcontext

@@ -133,8 +133,15 @@ def split_global_batch(global_batch: int, processes: int, max_device_batch: int 
     return per_process // accumulation, accumulation
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with LlamaGen's grouping: weight decay on weights with >= 2 dims, none on norms and biases."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with LlamaGen's grouping: weight decay on weights with >= 2 dims, none on norms and biases.
+
+    Fused, as LlamaGen's ``configure_optimizers`` asks wherever torch has the kernel (CUDA and, since torch
+    2.4, CPU): one pass over the parameters instead of the foreach path's several. On 2 CPU threads the
+    fused step over 315M parameters takes 0.16x the foreach one, which for a GPT-L at batch 2 was a fifth of
+    the training step. A run resumed from a checkpoint keeps the implementation saved in its optimizer state
+    (``param_groups[i]["fused"]``), so a run started before this change resumes as it began.
+    """
     embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     decay, no_decay = [], []
     for p in model.parameters():
@@ -142,7 +149,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> 
             exempt = p.dim() < 2 or (not cfg.decay_embeddings and id(p) in embeddings)
             (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 class EMA:
@@ -299,7 +306,7 @@ class Trainer:
         acc.wait_for_everyone()
         model = model.to(self.device)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema else None
-        optimizer = build_optimizer(model, cfg, fused=self.device.type == "cuda")
+        optimizer = build_optimizer(model, cfg)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)

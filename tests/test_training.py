@@ -1,4 +1,5 @@
 """Training: every patching mode and the GPT baseline learn, resume is exact, DDP equals one process."""
+import copy
 import json
 import signal
 import subprocess
@@ -160,6 +161,33 @@ def test_optimizer_groups_follow_llamagen():
     assert id(model.tok_embeddings.weight) not in {id(p) for p in exempt}
 
 
+def test_optimizer_is_fused_and_steps_like_torchs_plain_adamw():
+    """The fused kernel (CPU here) takes the recipe's steps as the foreach AdamW of the same groups does; a
+    state saved by a foreach optimizer (a run started before it was fused) keeps foreach when resumed."""
+    torch.manual_seed(0)
+    models = [create_model(ModelConfig(gpt_model="GPT-tiny", image_size=16, downsample_size=4, vocab_size=VOCAB))]
+    models.append(copy.deepcopy(models[0]))
+    fused = build_optimizer(models[0], TrainConfig(lr=1e-2))
+    assert fused.defaults["fused"] is True
+    second = list(models[1].parameters())
+    plain = torch.optim.AdamW([{"params": [p for p in second if p.dim() >= 2], "weight_decay": 0.05},  # paper 4.1
+                               {"params": [p for p in second if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.95), foreach=True)
+    idx = torch.randint(0, VOCAB, (4, 16))
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, plain)):
+            model.train()
+            torch.manual_seed(1)  # the same dropout masks in both
+            loss = model(idx[:, :-1], torch.tensor([0, 1, 2, 3]), targets=idx)[1]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)  # Adam amplifies rounding early on
+    assert not torch.equal(models[0].norm.weight, torch.ones_like(models[0].norm.weight))  # it did step
+    resumed = build_optimizer(models[1], TrainConfig())
+    resumed.load_state_dict(plain.state_dict())
+    assert resumed.param_groups[0]["fused"] is None
 
 
 def test_killed_run_resumes_to_identical_weights(setup, tmp_path):
