@@ -169,7 +169,7 @@ class Suite:
                  timeouts: dict[str, int], argv: list[str], names: list[str], probe: dict, env: dict[str, str],
                  wheels: list[str], compile_: bool = True):
         self.sizes, self.smoke, self.work, self.argv, self.probe = sizes, smoke, work, argv, probe
-        self.compile_modes = (False, True) if compile_ else (False,)  # eager, then torch.compile
+        self.compile = compile_  # False: --no-compile
         self.env, self.wheels = env, wheels
         self.started = time.monotonic()
         self.end = self.started + budget
@@ -182,6 +182,11 @@ class Suite:
         self.running: tuple[list[str], datetime] | None = None  # the command in flight, for the report
         self.facts: dict = {}  # what later steps use: the measured matmul peak
         atomic_write_text(self.log_path, "")
+
+    @property
+    def compile_modes(self) -> tuple[bool, ...]:
+        """The train and cli steps run eager, then (unless ``--no-compile``) with torch.compile."""
+        return (False, True) if self.compile else (False,)
 
     def start_step(self, index: int) -> None:
         """A step may run until the budget's end less the shares reserved for the steps after it, but always
@@ -381,7 +386,7 @@ def step_train(suite: Suite, step: StepReport) -> None:
     elif suite.sizes.device == "cuda":
         step.notes.append("No matmul rate measured in this run: MFU against the datasheet peak in "
                           "benchmarks/workloads.py, where it knows the GPU.")
-    if not suite.compile_modes[-1]:
+    if not suite.compile:
         step.notes.append("The --compile runs were left out (--no-compile).")
     for compile_ in suite.compile_modes:
         for pair in suite.sizes.train_pairs:
@@ -435,7 +440,7 @@ def step_cli(suite: Suite, step: StepReport) -> None:
                           "briefly trained entropy model's entropies take too few distinct values. The runs below "
                           "use this θ (where the closest patching was one token each, the longest patches P allows).")
     trained = {}
-    if not suite.compile_modes[-1]:
+    if not suite.compile:
         step.notes.append("The --train.compile true run was left out (--no-compile); the eager run samples.")
     for compile_ in suite.compile_modes:
         name = "compiled" if compile_ else "eager"

@@ -137,9 +137,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with LlamaGen's grouping: weight decay on weights with >= 2 dims, none on norms and biases.
 
     Fused, as LlamaGen's ``configure_optimizers`` asks wherever torch has the kernel (CUDA and, since torch
-    2.4, CPU): one pass over the parameters instead of the foreach path's several. On 2 CPU threads the
-    fused step over 315M parameters takes 0.16x the foreach one, which for a GPT-L at batch 2 was a fifth of
-    the training step. A run resumed from a checkpoint keeps the implementation saved in its optimizer state
+    2.4, CPU): one pass over the parameters instead of the foreach path's several. On 2 CPU threads, clipping
+    plus the optimizer step of a DGPT-L took 0.45 s instead of 2.36 s (a fifth of its step at batch 2 before;
+    benchmarks/results/cpu-2026-12-03-training.md). A run resumed from a checkpoint keeps the implementation saved in its optimizer state
     (``param_groups[i]["fused"]``), so a run started before this change resumes as it began.
     """
     embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
