@@ -162,8 +162,8 @@ def test_optimizer_groups_follow_llamagen():
 
 
 def test_optimizer_is_fused_and_steps_like_torchs_plain_adamw():
-    """The fused kernel (CPU here) takes the recipe's steps as the foreach AdamW of the same groups does; a
-    state saved by a foreach optimizer (a run started before it was fused) keeps foreach when resumed."""
+    """The fused kernel (CPU here) takes the recipe's steps as torch's foreach AdamW of the same groups does;
+    a state saved unfused (a run started before the optimizer was fused) stays unfused when resumed."""
     torch.manual_seed(0)
     models = [create_model(ModelConfig(gpt_model="GPT-tiny", image_size=16, downsample_size=4, vocab_size=VOCAB))]
     models.append(copy.deepcopy(models[0]))
