@@ -49,6 +49,8 @@ def check_smoke_report(run: subprocess.CompletedProcess, report_path: Path, comp
     report = report_path.read_text()
     assert run.returncode == 0, report
     assert "- state: **finished**" in report
+    time_boxes = next(line for line in report.splitlines() if "time box per command" in line)
+    assert ("cli_compile" in time_boxes and "train_compile" in time_boxes) == compiled
     summary = table_rows(report.split("\n## ")[0], "")
     assert [row[1] for row in summary[1:]] == ["ok"] * 6, summary
     found = sections(report)
@@ -62,6 +64,8 @@ def check_smoke_report(run: subprocess.CompletedProcess, report_path: Path, comp
     assert "compile False" in body["Training throughput"]
     assert ("compile True" in body["Training throughput"]) == compiled
     assert ("left out (--no-compile)" in body["Training throughput"]) != compiled
+    cli_title = next(t for t in found if t.startswith("The command-line path"))
+    assert cli_title.endswith("DPAR eager and compiled -> samples" if compiled else "DPAR eager -> samples")
     cli = body["The command-line path"]
     runs = {row[0]: row for row in table_rows(cli, "eager") + table_rows(cli, "compiled")}
     assert set(runs) == ({"eager", "compiled"} if compiled else {"eager"}) and runs["eager"][1] != ""
