@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar.validation import device as device_flag, number  # noqa: E402  (standard library only)
+from dpar.fileio import atomic_write_text  # noqa: E402  (these two: standard library only)
+from dpar.validation import device as device_flag, number  # noqa: E402
 
 PACKAGES = ("omegaconf", "yaml", "accelerate", "safetensors", "numpy", "scipy", "PIL", "tqdm", "matplotlib", "pytest")
 ATTENTION_MODULES = {"xformers": "xformers", "varlen": "torch.nn.attention.varlen",
@@ -157,8 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     info = describe(device, size, args.copy_gib, args.repeats)
     print(markdown(info), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(info, f, indent=1)
+        atomic_write_text(args.json, json.dumps(info, indent=1))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from dpar.data.preprocess import next_token_entropies  # noqa: E402
 from dpar.data.splits import holdout_split, stratified_sample  # noqa: E402
 from dpar.data.store import TokenStore  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
+from dpar.fileio import atomic_write_text, check_output_file  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.sampling import Sampler, SamplingConfig, generate  # noqa: E402
 from dpar.training import DataConfig  # noqa: E402
@@ -64,7 +65,8 @@ def teacher_forced(sampler: Sampler, patcher: PatcherConfig, tokens: torch.Tenso
 def calibrate_self_threshold(sampler: Sampler, patcher: PatcherConfig, tokens: torch.Tensor, labels: torch.Tensor,
                              target: float, iterations: int = 24) -> tuple[float, float]:
     """(θ_self, the tokens per patch it gives): bisection on θ over ``tokens``, for ``target`` tokens per patch
-    (more θ, fewer boundaries, longer patches)."""
+    (more θ, fewer boundaries, longer patches). Stops early at the target's exact number of patches (the same
+    token count over the same patch count: no θ comes closer, so later iterations would keep this one)."""
     low, high = 0.0, float(np.log(sampler.model_config.vocab_size))
     best = (high, 0.0)
     for _ in range(iterations):
@@ -72,6 +74,8 @@ def calibrate_self_threshold(sampler: Sampler, patcher: PatcherConfig, tokens: t
         _, reached = teacher_forced(sampler, replace(patcher, threshold=theta), tokens, labels)
         if abs(reached - target) < abs(best[1] - target):
             best = (theta, reached)
+        if reached == target:
+            break
         low, high = (theta, high) if reached < target else (low, theta)
     return round(best[0], 6), best[1]
 
@@ -89,6 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = " ".join(["python benchmarks/self_entropy.py", *(sys.argv[1:] if argv is None else argv)])
 
+    output = Path(args.output)
+    report_path, json_path = output.with_suffix(".md"), output.with_suffix(".json")
+    picture_paths = {name: output.with_name(f"{output.name}_{name}.png") for name in ("entropy_model", "self_entropy")}
+    for path in (report_path, json_path, *picture_paths.values()):  # before the minutes of work
+        check_output_file(path, "--output")
     sampler = Sampler.from_experiment(args.experiment_dir)
     if sampler.patcher is None or sampler.patcher.mode != "entropy":
         raise UserError(f"--experiment_dir {args.experiment_dir} is not a DPAR run with entropy patching")
@@ -134,7 +143,6 @@ def main(argv: list[str] | None = None) -> None:
         timings["self-entropy vs GPT"] = interleaved(sample_with(self_patcher), run_gpt, "cpu", args.pairs)
         timings["entropy model vs GPT"] = interleaved(sample_with(entropy_patcher), run_gpt, "cpu", args.pairs)
 
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     grid_labels = classes.repeat_interleave(args.per_class)
     names = sampler.class_names
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                                                      patcher=patcher, entropy_model=sampler.entropy_model).tokens,
                                             sampler.grid)
         pictures[name] = save_png(with_row_labels(image_grid(images, nrow=args.per_class), row_labels,
-                                                  images.shape[1]), output.with_name(f"{output.name}_{name}.png"))
+                                                  images.shape[1]), picture_paths[name])
 
     lines = [f"# Self-entropy patching vs the entropy model: `{args.experiment_dir}`", "",
              f"Command: `{command}`; torch {torch.__version__}, {torch.get_num_threads()} CPU threads.", "",
@@ -163,9 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", "Samples (seeds 0..; one class per row): " +
               ", ".join(f"`{p.name}` ({name.replace('_', ' ')})" for name, p in pictures.items()), ""]
     report = "\n".join(lines)
-    output.with_suffix(".md").write_text(report)
-    output.with_suffix(".json").write_text(json.dumps({"theta_self": theta, "rows": rows,
-                                                        "timings": timings}, indent=1) + "\n")
+    atomic_write_text(report_path, report)
+    atomic_write_text(json_path, json.dumps({"theta_self": theta, "rows": rows, "timings": timings}, indent=1) + "\n")
     print(report)
 
 

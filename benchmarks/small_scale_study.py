@@ -45,6 +45,7 @@ from dpar.demo import TOKENS_PER_PATCH  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.experiment import CONFIG_FILE, METRICS_FILE, checkpoint_dir, latest_checkpoint, load_trained_model  # noqa: E402
 from dpar.config import load_config, parse_overrides, read_section  # noqa: E402
+from dpar.fileio import atomic_path, atomic_write_text, check_output_dir  # noqa: E402
 from dpar.models import ModelConfig, architecture, is_dpar  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.training import DataConfig, TrainConfig, nll_totals  # noqa: E402
@@ -130,7 +131,7 @@ def train_all(args, jobs: list[tuple[str, int, list[str]]]) -> dict[str, float]:
                     other.kill()
                 raise UserError(f"study run {name} failed (exit {proc.returncode}); see {args.runs_dir / name}.log")
             seconds[name] = round(time.perf_counter() - started, 1)
-            timings.write_text(json.dumps(seconds, indent=1) + "\n")
+            atomic_write_text(timings, json.dumps(seconds, indent=1) + "\n")
             bar.update()
     bar.close()
     return seconds
@@ -270,7 +271,8 @@ def plot(results: dict, output: Path, batch: int) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         names.append(f"small_scale_study_nll_vs_{axis_name}.png")
-        fig.savefig(output / names[-1])
+        with atomic_path(output / names[-1]) as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
     if results["sweep"]:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -285,7 +287,8 @@ def plot(results: dict, output: Path, batch: int) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         names.append("small_scale_study_threshold_sweep.png")
-        fig.savefig(output / names[-1])
+        with atomic_path(output / names[-1]) as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
     return names
 
@@ -394,7 +397,7 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
     findings = ""
     if path.is_file() and FINDINGS in path.read_text():
         findings = path.read_text()[path.read_text().index(FINDINGS):]
-    path.write_text("\n".join(lines) + ("\n" + findings if findings else ""))
+    atomic_write_text(path, "\n".join(lines) + ("\n" + findings if findings else ""))
     return path
 
 
@@ -433,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             raise UserError(f"{flag} {', '.join(repeated)} given twice; each run is named by variant and seed")
+    check_output_dir(args.output, "--output")
+    check_output_dir(args.runs_dir, "--runs-dir")
     if not (args.store / "meta.json").is_file():
         raise UserError(f"no token store at --store {args.store}; build it with python -m dpar.demo")
     entropy = args.entropy_model
@@ -478,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
                        "tokens_per_patch"],
                    threshold_images=describe_images(len(store), len(train_images), args.val_holdout, 0),
                    class_names=_class_names(store), seconds=seconds)
-    (args.output / "small_scale_study.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_text(args.output / "small_scale_study.json", json.dumps(results, indent=1) + "\n")
     plots = plot(results, args.output, OmegaConf.load(REPO / DPAR_CONFIG).train.global_batch_size)
     command = "python benchmarks/small_scale_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"wrote {write_report(args, results, plots, command.strip())}")

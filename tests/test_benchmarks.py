@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from benchmarks import attention_backends, sample_throughput, train_throughput
+from benchmarks import attention_backends, sample_throughput, self_entropy, train_throughput
 from benchmarks.workloads import realistic_patch_starts
 from dpar.patcher import patch_start_mask
 
@@ -123,3 +123,46 @@ def test_a_benchmark_reports_bad_input_in_one_line_with_exit_status_2():
                           capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0 and "--batch-sizes" in done.stderr
+
+
+def test_self_entropy_bisection_stops_at_the_exact_patch_count_with_the_full_search_s_threshold(monkeypatch):
+    """Tokens per patch as a step function of θ (64 tokens; a patch ends wherever θ is below a fixed cut): the
+    early stop returns the θ that all 24 bisection steps would, after fewer teacher-forced passes."""
+    cuts = torch.linspace(0.3, 6.0, 40)
+    calls = []
+
+    def fake_teacher_forced(sampler, patcher, tokens, labels):
+        calls.append(patcher.threshold)
+        return 0.0, 64 / (1 + int((cuts > patcher.threshold).sum()))
+
+    monkeypatch.setattr(self_entropy, "teacher_forced", fake_teacher_forced)
+    sampler = type("S", (), {"model_config": type("C", (), {"vocab_size": 1024})()})()
+    patcher = self_entropy.PatcherConfig(mode="self_entropy")
+    target = 64 / 13  # 12 cuts above θ
+    theta, reached = self_entropy.calibrate_self_threshold(sampler, patcher, None, None, target)
+    assert reached == target and len(calls) < 24
+    low, high, best = 0.0, float(torch.log(torch.tensor(1024.0))), None  # the search without the stop
+    for _ in range(24):
+        mid = (low + high) / 2
+        got = 64 / (1 + int((cuts > mid).sum()))
+        if best is None or abs(got - target) < abs(best[1] - target):
+            best = (mid, got)
+        low, high = (mid, high) if got < target else (low, mid)
+    assert theta == round(best[0], 6)
+
+
+def test_report_outputs_are_checked_before_any_work(tmp_path, capsys):
+    """A report path under a file is one line naming --output (or --runs-dir) before a model loads or a run
+    starts; nothing is written."""
+    from benchmarks import small_scale_study
+    from dpar.errors import UserError
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [(self_entropy, ["--output", str(blocker / "report")], "--output"),
+             (small_scale_study, ["--output", str(blocker / "study")], "--output"),
+             (small_scale_study, ["--runs-dir", str(blocker / "runs"), "--output", str(tmp_path / "study")],
+              "--runs-dir")]
+    for script, argv, named in cases:
+        with pytest.raises(UserError, match=named):
+            script.main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and capsys.readouterr().out == ""
