@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar.fileio import atomic_write_text  # noqa: E402  (these two: standard library only)
+from dpar.errors import ArgumentParser, run_main  # noqa: E402  (these three: standard library only)
+from dpar.fileio import atomic_write_text, check_output_file  # noqa: E402
 from dpar.validation import device as device_flag, number  # noqa: E402
 
 PACKAGES = ("omegaconf", "yaml", "accelerate", "safetensors", "numpy", "scipy", "PIL", "tqdm", "matplotlib", "pytest")
@@ -142,7 +143,7 @@ def markdown(info: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when there is one)")
     parser.add_argument("--matmul-size", type=number(int, min=1), default=None, help="n of the n^3 product "
@@ -151,15 +152,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=number(int, min=1), default=10, help="timed repetitions of each ceiling")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if args.json and not Path(args.json).absolute().parent.is_dir():
-        parser.error(f"--json {args.json}: its folder does not exist")
+    if args.json is not None:  # before the measurements
+        check_output_file(args.json, "--json")
     device = torch.device(args.device)
     size = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     info = describe(device, size, args.copy_gib, args.repeats)
     print(markdown(info), flush=True)
-    if args.json:
+    if args.json is not None:
         atomic_write_text(args.json, json.dumps(info, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

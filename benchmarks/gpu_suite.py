@@ -55,8 +55,9 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dpar.fileio import atomic_write_text  # noqa: E402  (standard library only, like this file)
-from dpar.launch import set_parent_death_signal  # noqa: E402  (so is this)
+from dpar.errors import ArgumentParser, run_main  # noqa: E402  (standard library only, like this file)
+from dpar.fileio import atomic_write_text, check_output_dir  # noqa: E402  (so is this)
+from dpar.launch import set_parent_death_signal  # noqa: E402  (and this)
 from dpar.validation import number  # noqa: E402  (and this)
 
 WHEELS = REPO / ".whl"
@@ -562,7 +563,7 @@ def report_path(out: Path, slug: str, only: list[str] | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (tests the suite itself)")
     parser.add_argument("--out", default=None, help="report folder (default: $OUT when set, else benchmarks/results)")
     parser.add_argument("--only", nargs="+", action="extend", choices=tuple(STEPS), default=None,
@@ -582,12 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         probe = probe_python(sizes.device)
     except ValueError as error:
         parser.error(str(error))
-    if args.out == "":
-        parser.error("--out is empty; give a folder")
-    out = Path(args.out if args.out is not None else os.environ.get("OUT") or REPO / "benchmarks" / "results")
-    out = out.absolute()
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file; give a folder")
+    default_out = os.environ.get("OUT") or REPO / "benchmarks" / "results"
+    out = check_output_dir(args.out if args.out is not None else default_out, "--out").absolute()
     if not args.smoke and not probe["cuda_available"]:
         parser.error("no CUDA device here: run on the GPU machine, or add --smoke for the CPU run")
     try:
@@ -654,4 +651,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -86,21 +86,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpt", default="assets/demo/gpt", help="the GPT run to time against (or none)")
     parser.add_argument("--calibration-images", type=number(int, min=1), default=800,
                         help="training images θ_self is set on")
-    parser.add_argument("--per-class", type=number(int, min=1), default=4, help="sample grid: images per class")
-    parser.add_argument("--timing-batch", type=number(int, min=1), default=16)
+    parser.add_argument("--per-class", type=number(int, min=1, max=64), default=4,
+                        help="sample grid: images per class")
+    parser.add_argument("--timing-batch", type=number(int, min=1, max=1024), default=16)
     parser.add_argument("--pairs", type=number(int, min=1), default=5, help="interleaved timing pairs")
     parser.add_argument("--output", default="benchmarks/results/self_entropy_demo", help="<output>.md and PNGs")
     args = parser.parse_args(argv)
     command = " ".join(["python benchmarks/self_entropy.py", *(sys.argv[1:] if argv is None else argv)])
 
     output = Path(args.output)
-    report_path, json_path = output.with_suffix(".md"), output.with_suffix(".json")
-    picture_paths = {name: output.with_name(f"{output.name}_{name}.png") for name in ("entropy_model", "self_entropy")}
-    for path in (report_path, json_path, *picture_paths.values()):  # before the minutes of work
+    if output.name in ("", ".."):
+        raise UserError(f"--output {args.output!r}: give a folder and a name stem (<output>.md, .json, _*.png)")
+    outputs = {suffix: output.with_name(output.name + suffix)
+               for suffix in (".md", ".json", "_entropy_model.png", "_self_entropy.png")}
+    for path in outputs.values():  # before the minutes of work
         check_output_file(path, "--output")
     sampler = Sampler.from_experiment(args.experiment_dir)
     if sampler.patcher is None or sampler.patcher.mode != "entropy":
         raise UserError(f"--experiment_dir {args.experiment_dir} is not a DPAR run with entropy patching")
+    gpt = Sampler.from_experiment(args.gpt, tokenizer=False).model if args.gpt and args.gpt != "none" else None
     config = Path(args.experiment_dir) / "config.yaml"
     data = read_section(config, "data", DataConfig)
     store = TokenStore(recorded_path(data.store))
@@ -137,13 +141,11 @@ def main(argv: list[str] | None = None) -> None:
 
     timings = {"self-entropy vs entropy model": interleaved(sample_with(self_patcher), sample_with(entropy_patcher),
                                                             "cpu", args.pairs)}
-    if args.gpt and args.gpt != "none":
-        gpt = Sampler.from_experiment(args.gpt, tokenizer=False).model
+    if gpt is not None:
         run_gpt = lambda: generate(gpt, batch_labels, seeds, cfg)  # noqa: E731
         timings["self-entropy vs GPT"] = interleaved(sample_with(self_patcher), run_gpt, "cpu", args.pairs)
         timings["entropy model vs GPT"] = interleaved(sample_with(entropy_patcher), run_gpt, "cpu", args.pairs)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     grid_labels = classes.repeat_interleave(args.per_class)
     names = sampler.class_names
     row_labels = [f"{c} {names[c]}" if names else str(c) for c in classes.tolist()]
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                                                      patcher=patcher, entropy_model=sampler.entropy_model).tokens,
                                             sampler.grid)
         pictures[name] = save_png(with_row_labels(image_grid(images, nrow=args.per_class), row_labels,
-                                                  images.shape[1]), picture_paths[name])
+                                                  images.shape[1]), outputs[f"_{name}.png"])
 
     lines = [f"# Self-entropy patching vs the entropy model: `{args.experiment_dir}`", "",
              f"Command: `{command}`; torch {torch.__version__}, {torch.get_num_threads()} CPU threads.", "",
@@ -171,8 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", "Samples (seeds 0..; one class per row): " +
               ", ".join(f"`{p.name}` ({name.replace('_', ' ')})" for name, p in pictures.items()), ""]
     report = "\n".join(lines)
-    atomic_write_text(report_path, report)
-    atomic_write_text(json_path, json.dumps({"theta_self": theta, "rows": rows, "timings": timings}, indent=1) + "\n")
+    atomic_write_text(outputs[".md"], report)
+    atomic_write_text(outputs[".json"],
+                      json.dumps({"theta_self": theta, "rows": rows, "timings": timings}, indent=1) + "\n")
     print(report)
 
 

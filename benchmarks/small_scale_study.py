@@ -43,13 +43,14 @@ from dpar.data.stats import calibration_images, describe_images, store_patch_sta
 from dpar.data.store import TokenStore  # noqa: E402
 from dpar.demo import TOKENS_PER_PATCH  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
-from dpar.experiment import CONFIG_FILE, METRICS_FILE, checkpoint_dir, latest_checkpoint, load_trained_model  # noqa: E402
+from dpar.experiment import (CONFIG_FILE, METRICS_FILE, checkpoint_dir, config_difference,  # noqa: E402
+                             latest_checkpoint, load_trained_model)
 from dpar.config import load_config, parse_overrides, read_section  # noqa: E402
-from dpar.fileio import atomic_path, atomic_write_text, check_output_dir  # noqa: E402
+from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file  # noqa: E402
 from dpar.models import ModelConfig, architecture, is_dpar  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
-from dpar.training import DataConfig, TrainConfig, nll_totals  # noqa: E402
-from dpar.validation import field_type, number  # noqa: E402
+from dpar.training import RESUMABLE_KEYS, DataConfig, TrainConfig, check_entropy_source, nll_totals  # noqa: E402
+from dpar.validation import field_type, number, path as path_flag  # noqa: E402
 from train_global_model import TrainGlobalConfig  # noqa: E402
 
 DPAR_CONFIG = "configs/tiny/global_model_entropy_row_break.yaml"
@@ -245,6 +246,11 @@ def summarize(args, runs: dict[tuple[str, int], Path], static_k: int, dpar_patch
     return results
 
 
+REPORT_FILES = ("small_scale_study.md", "small_scale_study.json", "small_scale_study_nll_vs_steps.png",
+                "small_scale_study_nll_vs_gmacs.png", "small_scale_study_nll_vs_steps_architecture.png",
+                "small_scale_study_threshold_sweep.png")  # what --output receives
+
+
 def plot(results: dict, output: Path, batch: int) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -403,9 +409,9 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", type=Path, default=REPO / "assets" / "demo.work" / "tokens",
+    parser.add_argument("--store", type=path_flag, default=REPO / "assets" / "demo.work" / "tokens",
                         help="token store with entropies (default: the one python -m dpar.demo leaves)")
-    parser.add_argument("--entropy-model", type=Path, default=REPO / "assets" / "demo" / "entropy_model",
+    parser.add_argument("--entropy-model", type=path_flag, default=REPO / "assets" / "demo" / "entropy_model",
                         help="the entropy model run (or its model.safetensors) whose entropies the store holds")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=number(int, min=0, max=2**31 - 1), nargs="+", default=[0, 1, 2])
@@ -424,8 +430,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="inference thresholds for the sweep, as the mean patch lengths they give on the training "
                              "images (the paper's Table 6 row)")
     parser.add_argument("--jobs", type=number(int, min=1), default=2, help="runs trained at once")
-    parser.add_argument("--runs-dir", type=Path, default=REPO / "results" / "small_scale_study")
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--runs-dir", type=path_flag, default=REPO / "results" / "small_scale_study")
+    parser.add_argument("--output", type=path_flag, default=REPO / "benchmarks" / "results")
     parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run (key=value)")
     args = parser.parse_args(argv)
     args.ablation_epochs = args.ablation_epochs or args.epochs
@@ -436,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             raise UserError(f"{flag} {', '.join(repeated)} given twice; each run is named by variant and seed")
-    check_output_dir(args.output, "--output")
+    for name in REPORT_FILES:
+        check_output_file(args.output / name, "--output")
     check_output_dir(args.runs_dir, "--runs-dir")
     if not (args.store / "meta.json").is_file():
         raise UserError(f"no token store at --store {args.store}; build it with python -m dpar.demo")
@@ -469,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
             jobs.append((variant, seed, ["--config", config, *common, "--train.epochs", str(epochs_of(args, variant)),
                                          "--train.experiment_name", run_name(variant, seed),
                                          f"train.global_seed={seed}", *overrides, *args.extra]))
-    check_jobs(jobs, args.extra, common)
+    check_jobs(jobs, args.extra, common, args.runs_dir, store)
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     args.output.mkdir(parents=True, exist_ok=True)
     seconds = train_all(args, jobs)
@@ -489,9 +496,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {write_report(args, results, plots, command.strip())}")
 
 
-def check_jobs(jobs: list[tuple[str, int, list[str]]], extra: list[str], common: list[str]) -> None:
+def check_jobs(jobs: list[tuple[str, int, list[str]]], extra: list[str], common: list[str], runs_dir: Path,
+               store: TokenStore) -> None:
     """Every run's config loads and builds before anything is written: ``--extra`` may not set what the study
-    or a variant sets (the report would describe runs it did not make), and must suit every variant."""
+    or a variant sets (the report would describe runs it did not make), and must suit every variant; the
+    entropy model loads and made the store's entropies (as the trainer checks it); a finished run in
+    ``runs_dir`` is reused only when it was trained with this study's settings."""
     owned = {item.partition("=")[0] for item in parse_overrides(common)} | {"patcher.static_length", "train.epochs"} | \
         {item.partition("=")[0] for _, _, overrides in VARIANTS.values() for item in overrides}
     try:
@@ -507,6 +517,18 @@ def check_jobs(jobs: list[tuple[str, int, list[str]]], extra: list[str], common:
             architecture(OmegaConf.to_object(config.model))
         except (UserError, ValueError) as error:
             raise UserError(f"--extra {' '.join(extra)}: variant {variant}: {error}") from None
+        if is_dpar(config.model.gpt_model) and config.patcher.mode == "entropy":
+            try:  # also fills in the entropy model's config path, as the run records it
+                check_entropy_source(config, store)
+            except UserError as error:
+                raise UserError(f"--entropy-model: {error}") from None
+        run = finished_run(runs_dir, run_name(variant, seed), config.train.epochs)
+        # the run fills in the store's tokenizer when it starts
+        differs = run and config_difference(config, run / CONFIG_FILE, RESUMABLE_KEYS | {"data.tokenizer_checkpoint"})
+        if differs:
+            key, saved, value = differs
+            raise UserError(f"--runs-dir {runs_dir}: the finished run {run} was trained with {key}={saved!r}, this "
+                            f"study asks for {value!r}; give another --runs-dir (or remove that run to retrain it)")
 
 
 def _class_names(store: TokenStore) -> dict[str, str]:

@@ -25,6 +25,7 @@ from .errors import ArgumentParser, UserError, run_main
 from .fileio import atomic_write_text, check_output_dir
 from .data.store import META_FILE, read_meta, write_json
 from .experiment import CONFIG_FILE, EMA_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint
+from .validation import path as path_flag
 
 DEFAULT_OUTPUT = REPO / "assets" / "demo"
 DEMO_RUN = DEFAULT_OUTPUT / "dpar"  # what python sample_c2i.py samples from without arguments
@@ -208,8 +209,8 @@ def _publish(checkpoint: Path, target: Path, rewrites: dict[str, str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--work-dir", type=Path, default=None, help="intermediate files (default: <output>.work)")
+    parser.add_argument("--output", type=path_flag, default=DEFAULT_OUTPUT)
+    parser.add_argument("--work-dir", type=path_flag, default=None, help="intermediate files (default: <output>.work)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes: the whole pipeline in about 10 s")
     args = parser.parse_args(argv)
     work = args.work_dir or args.output.with_name(args.output.name + ".work")

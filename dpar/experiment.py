@@ -311,12 +311,22 @@ def write_run_config(config: DictConfig, experiment: Path, resuming: bool, resum
     """Save a run's resolved ``config.yaml``; a resumed run may change only ``resumable_keys`` (dotted)."""
     path = experiment / CONFIG_FILE
     if resuming and path.is_file():
-        saved = flatten(OmegaConf.to_container(load_config(OmegaConf.get_type(config), path), resolve=True))
-        for key, value in flatten(OmegaConf.to_container(config, resolve=True)).items():
-            if key not in resumable_keys and saved.get(key) != value:
-                raise UserError(f"{path} was started with {key}={saved.get(key)!r}, this run has {value!r}; resume "
-                                "with the same settings or start a new run (e.g. another --train.experiment_name)")
+        differs = config_difference(config, path, resumable_keys)
+        if differs:
+            key, saved, value = differs
+            raise UserError(f"{path} was started with {key}={saved!r}, this run has {value!r}; resume "
+                            "with the same settings or start a new run (e.g. another --train.experiment_name)")
     save_config(config, path)
+
+
+def config_difference(config: DictConfig, saved_path: Path, ignored_keys: set[str]) -> tuple[str, Any, Any] | None:
+    """The first (dotted key, saved value, ``config``'s value) where a run's saved ``config.yaml`` differs from
+    ``config`` outside ``ignored_keys``; None where they agree."""
+    saved = flatten(OmegaConf.to_container(load_config(OmegaConf.get_type(config), saved_path), resolve=True))
+    for key, value in flatten(OmegaConf.to_container(config, resolve=True)).items():
+        if key not in ignored_keys and saved.get(key) != value:
+            return key, saved.get(key), value
+    return None
 
 
 def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = None):

@@ -49,10 +49,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def _named(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path, refused (one line) when empty or when a part of it is longer than the file system
+    allows (before any ``exists()``, which raises on such names)."""
+    if not os.fspath(path):
+        raise UserError(f"{what} is empty; give a path")
+    path = Path(path)
+    existing = Path(path.absolute().anchor)  # the deepest folder that exists, walking down from the root
+    for part in path.absolute().parts[1:]:
+        longest = os.pathconf(existing, "PC_NAME_MAX")
+        if len(os.fsencode(part)) > longest:
+            raise UserError(f"{what} {path}: a name in it is {len(os.fsencode(part))} bytes, the file system allows "
+                            f"{longest}")
+        if existing.is_dir() and (existing / part).exists():
+            existing = existing / part
+    return path
+
+
 def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     """``path`` is, or can be created as, a writable folder; else one :class:`UserError` line naming ``what``
     (the flag or config key). Creates nothing."""
-    path = Path(path)
+    path = _named(path, what)
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -67,7 +84,7 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
 def check_output_file(path: str | os.PathLike, what: str) -> Path:
     """``path`` can be written as a file by :func:`atomic_path` (it is not a folder, its folder can be made,
     its name and its temporary's fit the file system); else one line."""
-    path = Path(path)
+    path = _named(path, what)
     if path.is_dir():
         raise UserError(f"{what} {path} must be a file, but it is a folder")
     check_output_dir(path.parent, f"the folder of {what}")

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import math
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -125,6 +126,14 @@ def device(text: str) -> str:
         if int(match.group(1) or 0) >= count:
             raise argparse.ArgumentTypeError(f"{text!r}: torch sees {count} CUDA device(s) here")
     return text
+
+
+def path(text: str) -> Path:
+    """An argparse ``type`` for a path flag: ``Path(text)``, refusing the empty string (which ``Path`` would
+    silently read as the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be a path; got ''")
+    return Path(text)
 
 
 def field_type(schema: type, name: str) -> Callable[[str], Any]:

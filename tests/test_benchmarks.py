@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from benchmarks import attention_backends, sample_throughput, self_entropy, train_throughput
+from benchmarks import attention_backends, environment, sample_throughput, self_entropy, train_throughput
 from benchmarks.workloads import realistic_patch_starts
 from dpar.patcher import patch_start_mask
 
@@ -108,6 +108,10 @@ def test_sample_throughput_counts_work_and_times_the_two_hypothesis_step(capsys)
     (train_throughput, ["--models", "GPT-Z"], "--models"),
     (attention_backends, ["--batch-size", "-1"], "--batch-size"),
     (attention_backends, ["--device", "tpu"], "--device"),
+    (environment, ["--device", "tpu"], "--device"),
+    (environment, ["--json", ""], "--json is empty"),
+    (environment, ["--json", "/"], "--json / must be a file, but it is a folder"),
+    (environment, ["--json", "/tmp/" + "j" * 300], "--json .* bytes, the file system allows"),
 ])
 def test_benchmark_flags_are_checked_before_anything_runs(script, argv, named, capsys):
     from dpar.errors import UserError
@@ -152,13 +156,18 @@ def test_self_entropy_bisection_stops_at_the_exact_patch_count_with_the_full_sea
 
 
 def test_report_outputs_are_checked_before_any_work(tmp_path, capsys):
-    """A report path under a file is one line naming --output (or --runs-dir) before a model loads or a run
-    starts; nothing is written."""
+    """A report path under a file, empty or with a name too long for the file system, and a --gpt that is no
+    run, are one line before the work (a calibration, a run); nothing is written."""
     from benchmarks import small_scale_study
     from dpar.errors import UserError
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     cases = [(self_entropy, ["--output", str(blocker / "report")], "--output"),
+             (self_entropy, ["--output", ""], "--output ''"),
+             (self_entropy, ["--output", str(tmp_path / ("r" * 300))], "--output .* bytes, the file system allows"),
+             (self_entropy, ["--gpt", str(tmp_path / "no_run"), "--output", str(tmp_path / "r")], "no_run"),
+             (small_scale_study, ["--output", str(tmp_path / ("s" * 300))], "--output"),
+             (small_scale_study, ["--runs-dir", ""], "argument --runs-dir: must be a path"),
              (small_scale_study, ["--output", str(blocker / "study")], "--output"),
              (small_scale_study, ["--runs-dir", str(blocker / "runs"), "--output", str(tmp_path / "study")],
               "--runs-dir")]

@@ -12,6 +12,7 @@ from PIL import Image
 import sample_c2i
 from benchmarks import small_scale_study
 from dpar import demo
+from dpar.errors import UserError
 from dpar.flops import count
 from tests.helpers import ROOT, finish, labelled_grid, run_script
 
@@ -80,6 +81,11 @@ def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     small_scale_study.main(argv)
     assert (out / "small_scale_study.md").read_text().endswith("## Findings\n\nhand-written\n")
     assert len(list((tmp_path / "runs" / "scratch" / "dpar_seed0").iterdir())) == 1
+    # a finished run trained with other settings is never passed off as this study's
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(UserError, match=r"--runs-dir .* was trained with model.dropout_p=0.0, this study asks for 0.3"):
+        small_scale_study.main(argv + ["--dropout", "0.3"])
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 def test_the_shipped_demo_samples_with_no_arguments_from_any_directory(tmp_path):

@@ -107,11 +107,14 @@ def test_a_command_past_its_time_box_is_killed_and_the_suite_goes_on(tmp_path):
     (["--smoke", "--budget", "nan"], "argument --budget: must be > 0; got 'nan'"),
     (["--smoke", "--timeout", "cli=\u00b2"], "SECONDS a positive integer"),
     (["--smoke", "--out", ""], "--out is empty"),
+    (["--smoke", "--out", "/tmp/" + "x" * 300], "bytes, the file system allows"),
+    (["--smoke", "--only", "nope"], "argument --only: invalid choice: 'nope'"),
     ([], "no CUDA device here"),
 ])
 def test_bad_arguments_stop_with_one_line_before_any_report(tmp_path, args, message):
     run = suite(*args, *([] if "--out" in args else ["--out", str(tmp_path / "out")]))
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr  # no usage block
     assert not (tmp_path / "out").exists() and not list((ROOT / "benchmarks" / "results").glob("cpu-smoke-*"))
 
 
@@ -124,7 +127,7 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path):
 def test_an_output_folder_that_cannot_be_made_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     run = suite("--smoke", "--out", str(tmp_path / "file" / "sub"))
-    assert run.returncode == 2 and "cannot create it" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2 and f"({tmp_path / 'file'} is a file)" in run.stderr and "Traceback" not in run.stderr
 
 
 def _running(marker: str) -> list[int]:
