@@ -16,7 +16,8 @@ Validation is the trainers' seeded class-stratified hold-out (``data.val_holdout
 images for every run; θ is calibrated on the other images (:func:`dpar.data.stats.store_threshold`).
 Writes ``small_scale_study.md`` (tables, per-class NLL, command, environment), ``small_scale_study.json``
 (every number) and PNG plots to ``--output``. Runs go to ``--runs-dir``; finished ones are reused when the
-study is rerun with the same settings (other settings are refused: give another ``--runs-dir``). A "## Findings" section that a person added to the markdown is kept when it is rewritten.
+study is rerun with the same settings (other settings are refused: give another ``--runs-dir``). A
+"## Findings" section that a person added to the markdown is kept when it is rewritten.
 """
 from __future__ import annotations
 

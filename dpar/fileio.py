@@ -55,14 +55,14 @@ def _named(path: str | os.PathLike, what: str) -> Path:
     if not os.fspath(path):
         raise UserError(f"{what} is empty; give a path")
     path = Path(path)
-    existing = Path(path.absolute().anchor)  # the deepest folder that exists, walking down from the root
+    prefix = existing = Path(path.absolute().anchor)  # existing: the deepest folder of the path that exists
     for part in path.absolute().parts[1:]:
-        longest = os.pathconf(existing, "PC_NAME_MAX")
-        if len(os.fsencode(part)) > longest:
-            raise UserError(f"{what} {path}: a name in it is {len(os.fsencode(part))} bytes, the file system allows "
-                            f"{longest}")
-        if existing.is_dir() and (existing / part).exists():
-            existing = existing / part
+        size, longest = len(os.fsencode(part)), os.pathconf(existing, "PC_NAME_MAX")
+        if size > longest:
+            raise UserError(f"{what} {path}: a name in it is {size} bytes, the file system allows {longest}")
+        prefix = prefix / part
+        if prefix.is_dir():
+            existing = prefix
     return path
 
 

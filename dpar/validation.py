@@ -18,8 +18,8 @@ import argparse
 import dataclasses
 import math
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 # YAML 1.1 reads these words as booleans; a string choice spelled so gets its spelling back.
