@@ -24,7 +24,7 @@ from dpar.data.preprocess import (TokenJob, entropy_shards, finish_entropies, fi
                                   trained_tokenizer_sha256)
 from dpar.data.store import TokenStore, file_sha256, read_meta
 from dpar.errors import ArgumentParser, UserError, run_main
-from dpar.experiment import load_entropy_model
+from dpar.runs import load_entropy_model
 from dpar.models import GPT_models
 from dpar.fileio import check_output_dir
 from dpar.launch import make_accelerator

@@ -21,9 +21,9 @@ import torch
 
 from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.fileio import check_output_dir, check_output_file
-from dpar.sampling import Sampler, add_sampling_arguments, sample_file_stem, sampler_from_args, sampling_from_args
 from dpar.validation import device, number
 from dpar.visual import image_grid, patch_map, save_png, with_patch_legend, with_row_labels
+from sample_cli import add_sampling_arguments, sample_file_stem, sampler_from_args, sampling_from_args
 from tokenizer.transforms import load_center_crop
 
 IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]  # LlamaGen's sample_c2i.py classes

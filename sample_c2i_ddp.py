@@ -15,18 +15,138 @@ done, another job's file under the same name is refused. 384 px samples can be r
 ``--image-size-eval 256`` (the decoder's output, bicubic, before quantisation, as LlamaGen does).
 """
 import argparse
+import fcntl
+import json
+import shutil
 import time
+import zipfile
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch import Tensor
 from tqdm import tqdm
 
-from dpar.errors import ArgumentParser, run_main
-from dpar.fileio import check_output_dir
+from dpar.errors import ArgumentParser, UserError, first_line, run_main
+from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file, lock_folder
 from dpar.launch import make_accelerator
-from dpar.sampling import (SampleChunks, add_sampling_arguments, class_order_labels, sample_file_stem,
-                           sampler_from_args, sampling_from_args)
 from dpar.validation import number
+from sample_cli import add_sampling_arguments, sample_file_stem, sampler_from_args, sampling_from_args
+
+
+def class_order_labels(num_samples: int, num_classes: int) -> Tensor:
+    """Labels of samples 0..N-1 in class order, N/num_classes per class (50 per class for 50K on ImageNet)."""
+    return torch.arange(num_samples) * num_classes // num_samples
+
+
+class SampleChunks:
+    """Resumable output of a sharded sampling run: ``<name>.parts/chunk_*.npy``, then one ADM ``<name>.npz``.
+
+    Chunk k holds samples ``k * chunk .. (k + 1) * chunk - 1`` and belongs to process ``k % processes``.
+    Each chunk is written atomically, so a killed run redoes only missing chunks, and ``pack`` writes
+    exactly ``num_samples`` images in sample order. The ``.npz`` also records ``job`` (key ``dpar_job``,
+    JSON): everything that decides its images. An existing ``.npz`` is reused only by the same job; another
+    job's is refused, never silently kept. While a run writes, every process holds a lock on the parts
+    folder, so a second run on the same output is refused while any process of the first lives.
+    """
+
+    JOB_KEY = "dpar_job"
+
+    def __init__(self, npz_path: str | Path, num_samples: int, chunk: int, job: dict):
+        self.npz_path, self.num_samples, self.chunk = Path(npz_path), num_samples, chunk
+        self.parts = self.npz_path.with_suffix(".parts")
+        self.job = {**job, "num_samples": num_samples}
+        self.count = -(-num_samples // chunk)
+        self._lock: int | None = None
+
+    def finished(self) -> bool:
+        """Whether this job's ``.npz`` exists (parts a killed run left next to it are removed). Raises
+        :class:`UserError` for an ``.npz`` of another job, or one that does not say which job made it."""
+        check_output_file(self.npz_path, "the samples file")
+        check_output_dir(self.parts, "the samples' parts folder")
+        if not self.npz_path.exists():
+            return False
+        recorded = _recorded_job(self.npz_path, self.JOB_KEY)
+        if zipfile.ZipFile(self.npz_path).testzip() is not None:  # reads it all: a bad CRC is not "done"
+            raise UserError(f"{self.npz_path} is damaged (bad CRC); delete it and rerun")
+        changed = [key for key in self.job if recorded.get(key) != self.job[key]]
+        if changed:
+            key = changed[0]
+            raise UserError(f"{self.npz_path} exists from another sampling job ({key} {recorded.get(key)!r}, this "
+                            f"run {self.job[key]!r}); delete it or choose another --output-dir")
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return True
+
+    def start(self, main_process: bool) -> None:
+        """Take this run's lock on the parts folder; the main process first checks that an unfinished run
+        there was the same job, then creates the folder. Call on the main process, then on the others."""
+        job = {**self.job, "chunk": self.chunk}
+        job_file = self.parts / "job.json"
+        if main_process:
+            if job_file.is_file() and any(self.parts.glob("chunk_*.npy")):  # parts with no chunk block nothing
+                try:
+                    previous = json.loads(job_file.read_text())
+                except (OSError, ValueError):
+                    raise UserError(f"{job_file} is damaged; delete {self.parts} to start over") from None
+                changed = [k for k in job if previous.get(k) != job[k]]
+                if changed:
+                    raise UserError(f"{self.parts} holds an unfinished run with {changed[0]}="
+                                    f"{previous.get(changed[0])!r}; this run has {job[changed[0]]!r} (delete the "
+                                    "folder to start over)")
+            self.parts.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_folder(self.parts, "a sampling run", shared=not main_process)
+        if main_process:
+            fcntl.flock(self._lock, fcntl.LOCK_SH)  # others of this run may now join
+            if not job_file.is_file() or not any(self.parts.glob("chunk_*.npy")):
+                atomic_write_text(job_file, json.dumps(job, indent=1) + "\n")
+
+    def file(self, k: int) -> Path:
+        return self.parts / f"chunk_{k:06d}.npy"
+
+    def todo(self, rank: int, processes: int) -> list[int]:
+        return [k for k in range(rank, self.count, processes) if not self.file(k).is_file()]
+
+    def indices(self, k: int) -> Tensor:
+        return torch.arange(k * self.chunk, min((k + 1) * self.chunk, self.num_samples))
+
+    def _chunk(self, k: int) -> np.ndarray:
+        """Chunk ``k``; a damaged one is removed, so that the rerun samples it again."""
+        try:
+            return np.load(self.file(k), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            self.file(k).unlink(missing_ok=True)
+            raise UserError(f"{self.file(k)} was damaged ({first_line(error)}) and is removed; rerun the same "
+                            "command to sample it again") from None
+
+    def write(self, k: int, images: np.ndarray) -> None:
+        with atomic_path(self.file(k)) as tmp, open(tmp, "wb") as f:
+            np.save(f, images)
+
+    def pack(self) -> Path:
+        """All chunks -> ``arr_0 uint8 [N, H, W, 3]`` in sample order and the job, written atomically; parts
+        removed."""
+        missing = [k for k in range(self.count) if not self.file(k).is_file()]
+        if missing:
+            raise UserError(f"{self.parts} lacks chunk {missing[0]}; rerun the same command to finish it")
+        images = np.concatenate([self._chunk(k) for k in range(self.count)])
+        with atomic_path(self.npz_path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, arr_0=images, **{self.JOB_KEY: np.array(json.dumps(self.job, sort_keys=True))})
+        shutil.rmtree(self.parts)
+        return self.npz_path
+
+
+def _recorded_job(npz_path: Path, key: str) -> dict:
+    """The job an ``.npz`` of :class:`SampleChunks` records; UserError for a file that records none."""
+    try:
+        with np.load(npz_path) as data:
+            if key not in data.files:
+                raise UserError(f"{npz_path} exists but does not record the sampling job that made it (an older "
+                                "version or another tool wrote it); delete it or choose another --output-dir")
+            return json.loads(str(data[key]))
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise UserError(f"{npz_path} exists but cannot be read ({type(error).__name__}: {error}); delete it") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,7 @@ from dpar.data.preprocess import next_token_entropies  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.models import DPAR, GPT_models, MODEL_NAMES, is_dpar  # noqa: E402
 from dpar.patcher import PatcherConfig, calibrate_threshold, logits_entropy  # noqa: E402
-from dpar.sampling import SamplingConfig, generate  # noqa: E402
+from dpar.sampling import SamplingConfig, cached_steps, generate  # noqa: E402
 from dpar.validation import device, number  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def stage_shares(run, model, entropy_model, device: str) -> dict[str, float]:
 
     stages = [(sampling, "sample_from_logits", "sample")]
     if isinstance(model, DPAR):
-        stages += [(sampling, "_global_outputs", "global"), (model, "encode_step", "encoder"),
+        stages += [(sampling.DPARSteps, "global_outputs", "global"), (model, "encode_step", "encoder"),
                    (model, "decode_step", "decoder"), (entropy_model, "forward", "entropy_model")]
     else:
         stages.append((model, "forward", "global"))
@@ -89,8 +89,8 @@ def calibrated_patcher(entropy_model, model, grid: int, vocab: int, target: floa
     patcher = PatcherConfig(threshold=calibrate_threshold(entropies, grid, target), max_patch_length=4,
                             row_break=True)
     labels = torch.arange(2, device=device)
-    sampled = generate(model, labels, torch.tensor([7, 8]), SamplingConfig(cfg_scale=2.0), patcher=patcher,
-                       entropy_model=entropy_model).tokens
+    sampled = generate(cached_steps(model, patcher, entropy_model), labels, torch.tensor([7, 8]),
+                       SamplingConfig(cfg_scale=2.0)).tokens
     entropies = next_token_entropies(entropy_model, sampled).float().cpu()
     return replace(patcher, threshold=calibrate_threshold(entropies, grid, target))
 
@@ -113,8 +113,8 @@ def self_entropy_patcher(model, patcher: PatcherConfig, grid: int, vocab: int, t
     patch, then twice more on the entropies that two images sampled with that θ met under their real
     boundaries (which shift them). The table prints what it gives."""
     labels = torch.arange(2, device=device)
-    sampled = generate(model, labels, torch.tensor([7, 8]), SamplingConfig(cfg_scale=2.0),
-                       patcher=replace(patcher, mode="static", static_length=1)).tokens  # no entropy model needed
+    sampled = generate(cached_steps(model, replace(patcher, mode="static", static_length=1)), labels,
+                       torch.tensor([7, 8]), SamplingConfig(cfg_scale=2.0)).tokens  # no entropy model needed
     one_patch = torch.zeros_like(sampled, dtype=torch.bool)
     one_patch[:, 0] = True
     with torch.no_grad():
@@ -123,8 +123,8 @@ def self_entropy_patcher(model, patcher: PatcherConfig, grid: int, vocab: int, t
     entropies[:, 0] = float("inf")
     patcher = replace(patcher, mode="self_entropy", threshold=calibrate_threshold(entropies, grid, target))
     for _ in range(2):
-        entropies = generate(model, labels, torch.tensor([7, 8]), SamplingConfig(cfg_scale=2.0),
-                             patcher=patcher).entropies.float().cpu()
+        entropies = generate(cached_steps(model, patcher), labels, torch.tensor([7, 8]),
+                             SamplingConfig(cfg_scale=2.0)).entropies.float().cpu()
         patcher = replace(patcher, threshold=calibrate_threshold(entropies, grid, target))
     return patcher
 
@@ -210,10 +210,9 @@ def main(argv: list[str] | None = None) -> None:
                     def run(name=name):
                         dpar = is_dpar(name)
                         seeds = torch.arange(batch) + 1000 * len(outputs[name])
-                        outputs[name].append(generate(models[name], labels, seeds, sampling_config,
-                                                      patcher=patchers[mode] if dpar else None,
-                                                      entropy_model=entropy_model if dpar else None,
-                                                      static_shapes=args.static_shapes))
+                        steps = cached_steps(models[name], patchers[mode] if dpar else None,
+                                             entropy_model if dpar else None, args.static_shapes)
+                        outputs[name].append(generate(steps, labels, seeds, sampling_config))
                     runs.append(run)
                 if len(group) == 2:
                     timing = interleaved(runs[0], runs[1], args.device, args.repeats)

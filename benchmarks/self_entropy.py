@@ -36,7 +36,8 @@ from dpar.data.store import TokenStore  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.fileio import atomic_write_text, check_output_file  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
-from dpar.sampling import Sampler, SamplingConfig, generate  # noqa: E402
+from dpar.runs import Sampler  # noqa: E402
+from dpar.sampling import SamplingConfig, cached_steps, generate  # noqa: E402
 from dpar.training import DataConfig  # noqa: E402
 from dpar.validation import number  # noqa: E402
 from dpar.visual import image_grid, save_png, with_row_labels  # noqa: E402
@@ -51,8 +52,8 @@ def teacher_forced(sampler: Sampler, patcher: PatcherConfig, tokens: torch.Tenso
     for start in range(0, len(tokens), batch_size):
         x, y = tokens[start:start + batch_size], labels[start:start + batch_size]
         if patcher.mode == "self_entropy":  # the sampler's own loop, fed the image's tokens
-            out = generate(sampler.model, y, torch.zeros(len(x), dtype=torch.long), SamplingConfig(),
-                           patcher=patcher, prefix=x, record_logits=True)
+            out = generate(cached_steps(sampler.model, patcher), y, torch.zeros(len(x), dtype=torch.long),
+                           SamplingConfig(), prefix=x, record_logits=True)
             logits, starts = out.logits, out.patch_start
         else:
             starts = patch_starts(patcher, next_token_entropies(sampler.entropy_model, x), sampler.grid)
@@ -136,13 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = SamplingConfig(cfg_scale=4.0)
 
     def sample_with(patcher):
-        return lambda: generate(sampler.model, batch_labels, seeds, cfg, patcher=patcher,
-                                entropy_model=sampler.entropy_model)
+        return lambda: generate(cached_steps(sampler.model, patcher, sampler.entropy_model), batch_labels, seeds,
+                                cfg)
 
     timings = {"self-entropy vs entropy model": interleaved(sample_with(self_patcher), sample_with(entropy_patcher),
                                                             "cpu", args.pairs)}
     if gpt is not None:
-        run_gpt = lambda: generate(gpt, batch_labels, seeds, cfg)  # noqa: E731
+        run_gpt = lambda: generate(cached_steps(gpt), batch_labels, seeds, cfg)  # noqa: E731
         timings["self-entropy vs GPT"] = interleaved(sample_with(self_patcher), run_gpt, "cpu", args.pairs)
         timings["entropy model vs GPT"] = interleaved(sample_with(entropy_patcher), run_gpt, "cpu", args.pairs)
 
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     row_labels = [f"{c} {names[c]}" if names else str(c) for c in classes.tolist()]
     pictures = {}
     for name, patcher in (("entropy_model", entropy_patcher), ("self_entropy", self_patcher)):
-        images = sampler.vq.codes_to_images(generate(sampler.model, grid_labels, torch.arange(len(grid_labels)), cfg,
-                                                     patcher=patcher, entropy_model=sampler.entropy_model).tokens,
+        steps = cached_steps(sampler.model, patcher, sampler.entropy_model)
+        images = sampler.vq.codes_to_images(generate(steps, grid_labels, torch.arange(len(grid_labels)), cfg).tokens,
                                             sampler.grid)
         pictures[name] = save_png(with_row_labels(image_grid(images, nrow=args.per_class), row_labels,
                                                   images.shape[1]), outputs[f"_{name}.png"])

@@ -45,9 +45,10 @@ from dpar.data.store import TokenStore  # noqa: E402
 from dpar.demo import TOKENS_PER_PATCH  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.experiment import (CONFIG_FILE, METRICS_FILE, checkpoint_dir, config_difference,  # noqa: E402
-                             latest_checkpoint, load_trained_model)
+                             latest_checkpoint)
 from dpar.config import load_config, parse_overrides, read_section  # noqa: E402
 from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file  # noqa: E402
+from dpar.runs import load_trained_model  # noqa: E402
 from dpar.models import ModelConfig, architecture, is_dpar  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.training import RESUMABLE_KEYS, DataConfig, TrainConfig, check_entropy_source, nll_totals  # noqa: E402

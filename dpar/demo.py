@@ -28,7 +28,6 @@ from .experiment import CONFIG_FILE, EMA_FILE, METRICS_FILE, MODEL_FILE, STATE_F
 from .validation import path as path_flag
 
 DEFAULT_OUTPUT = REPO / "assets" / "demo"
-DEMO_RUN = DEFAULT_OUTPUT / "dpar"  # what python sample_c2i.py samples from without arguments
 STORE = "tokens"  # the published token store: <output>/tokens
 SUMMARY_FILE = "summary.json"  # marks a build's output folder (and is its summary)
 WORK_MARKER = ".dpar-demo-work"  # marks a build's work folder
@@ -53,8 +52,8 @@ TINY = Scale(images=96, tokenizer_images=32, tokenizer_epochs=1, entropy_epochs=
 
 
 def image_size() -> int:
-    """The demo's image side in pixels: its tokenizer config's (read when used, so that importing this module,
-    as ``dpar.sampling`` does for ``DEMO_RUN``, needs no checkout)."""
+    """The demo's image side in pixels: its tokenizer config's (read when used: importing this module needs no
+    checkout)."""
     return OmegaConf.load(REPO / "configs" / "tokenizer" / "vq_tiny.yaml").data.image_size
 
 

@@ -35,10 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import flatten, load_config, read_section, save_config
+from .config import flatten, load_config, save_config
 from .errors import UserError, first_line
 from .fileio import atomic_write_text, umask
-from .models import GPT_models, ModelConfig, create_model
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -327,93 +326,3 @@ def config_difference(config: DictConfig, saved_path: Path, ignored_keys: set[st
         if key not in ignored_keys and saved.get(key) != value:
             return key, saved.get(key), value
     return None
-
-
-def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = None):
-    """(model in eval mode, its ModelConfig) from a run's ``model.safetensors`` and the ``model`` section of
-    its ``config.yaml`` (found next to the checkpoint's experiment dir unless ``config_path`` is given)."""
-    if config_path is None:
-        experiment = experiment_of(checkpoint)
-        if experiment is None:
-            raise UserError(f"{checkpoint} is not inside an experiment dir (…/checkpoints/epoch_*/); "
-                            "also give the run's config.yaml")
-        config_path = experiment / CONFIG_FILE
-    config = read_section(config_path, "model", ModelConfig)
-    try:
-        model = create_model(config)
-    except ValueError as error:
-        raise UserError(f"{config_path}: {error}") from None
-    load_model_weights(model, checkpoint)
-    return model.eval(), config
-
-
-def load_llamagen_gpt(checkpoint: str | Path, gpt_model: str, image_size: int, downsample_size: int = 16):
-    """(model in eval mode, its ModelConfig) from a released LlamaGen class-conditional GPT checkpoint
-    (e.g. ``c2i_B_256.pt`` with ``gpt_model="GPT-B"``), as LlamaGen's ``sample_c2i.py`` loads it.
-
-    The codebook size and class count come from the weights' shapes (``tok_embeddings``,
-    ``cls_embedding.embedding_table``: LlamaGen trains c2i with class dropout 0.1, so its table has the
-    null class as its last row). ``UserError`` for a file that is no LlamaGen GPT of this size.
-    """
-    if gpt_model not in GPT_models:
-        raise UserError(f"--gpt-model {gpt_model!r}: a LlamaGen checkpoint is one of {', '.join(GPT_models)}")
-    state = read_state_dict(checkpoint)
-    shapes = {key: state[key].shape for key in ("tok_embeddings.weight", "cls_embedding.embedding_table.weight")
-              if key in state and state[key].dim() == 2}
-    if len(shapes) < 2:
-        raise UserError(f"{checkpoint} is not a LlamaGen GPT checkpoint (no 2-d tok_embeddings / cls_embedding "
-                        "weights)")
-    classes = shapes["cls_embedding.embedding_table.weight"][0] - 1
-    if classes < 1:
-        raise UserError(f"{checkpoint} is an unconditional GPT (one class row); a LlamaGen c2i checkpoint has "
-                        "its classes and a null class")
-    config = ModelConfig(gpt_model=gpt_model, model_type="c2i", image_size=image_size,
-                         downsample_size=downsample_size, vocab_size=shapes["tok_embeddings.weight"][0],
-                         num_classes=classes, class_dropout_prob=0.1)
-    try:
-        with torch.device("meta"):  # shapes first: a GPT-7B is not built to learn that the file is a GPT-B
-            check_fits(create_model(config), state, checkpoint)
-        model = create_model(config)
-    except ValueError as error:
-        raise UserError(f"--image-size {image_size}: {error}") from None
-    model.load_state_dict(state, strict=True)
-    return model.eval(), config
-
-
-def load_entropy_model(checkpoint: str | Path, config_path: str | Path | None = None, *,
-                       llamagen_gpt: str | None = None, image_size: int | None, downsample_size: int,
-                       vocab_size: int | None = None):
-    """(model in eval mode, its ModelConfig) of an entropy model for ``image_size``-pixel images (None: a
-    trained run's own size; a LlamaGen checkpoint needs it) and, when given, a ``vocab_size``-code tokenizer.
-
-    Either a train_entropy_model.py run (an unconditional GPT; ``config_path`` as for
-    :func:`load_trained_model`) or, with ``llamagen_gpt`` (e.g. ``"GPT-B"``), a released LlamaGen c2i
-    checkpoint, whose null class gives the unconditional predictions (its entropies come from
-    ``model(tokens, null labels)``, see ``dpar.data.preprocess.next_token_entropies``). ``UserError`` for a
-    class-conditional run, or a model built for another image or token grid.
-    """
-    if llamagen_gpt:
-        if config_path:
-            raise UserError(f"entropy model {checkpoint}: a LlamaGen checkpoint (its size given as {llamagen_gpt}) "
-                            f"has no run config; drop the config {config_path}")
-        model, config = load_llamagen_gpt(checkpoint, llamagen_gpt, image_size, downsample_size)
-    else:
-        model, config = _load_trained_entropy_model(checkpoint, config_path, image_size, downsample_size)
-    if vocab_size is not None and config.vocab_size != vocab_size:
-        raise UserError(f"entropy model {checkpoint} predicts {config.vocab_size} codes, the tokenizer here has "
-                        f"{vocab_size}; it must be trained on this tokenizer's tokens")
-    return model, config
-
-
-def _load_trained_entropy_model(checkpoint: str | Path, config_path: str | Path | None, image_size: int | None,
-                                downsample_size: int):
-    model, config = load_trained_model(checkpoint, config_path)
-    if config.model_type != "uncond":
-        raise UserError(f"entropy model {checkpoint} is a {config.model_type} {config.gpt_model} run; entropies come "
-                        "from an unconditional GPT (train_entropy_model.py), or from a LlamaGen c2i checkpoint "
-                        "named with its size (patcher.entropy_model_gpt / --entropy-model-gpt)")
-    grid = (image_size or config.image_size) // downsample_size
-    if model.block_size != grid * grid:
-        raise UserError(f"entropy model {checkpoint} was built for {model.block_size} tokens per image "
-                        f"(image_size {config.image_size}), this needs {grid * grid} ({grid * downsample_size} px)")
-    return model, config

@@ -202,13 +202,6 @@ def patch_ids(mask: Tensor) -> Tensor:
     return mask.long().cumsum(dim=-1) - 1
 
 
-def patch_lengths(mask: Tensor) -> Tensor:
-    """Lengths of all patches, image after image, as one flat ``LongTensor``."""
-    starts = mask.reshape(-1).nonzero().squeeze(1)
-    ends = torch.cat([starts[1:], starts.new_tensor([mask.numel()])])
-    return ends - starts
-
-
 def patch_stats(entropies: Tensor, *, grid_width: int, threshold: float, max_patch_length: int | None,
                 row_break: bool = True) -> dict[str, float]:
     """Mean tokens per patch and patches per image for a batch of entropies (paper Table 6)."""

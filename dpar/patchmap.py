@@ -23,11 +23,10 @@ import torch
 from .config import read_section
 from .data.preprocess import next_token_entropies
 from .errors import ArgumentParser, UserError, run_main
-from .experiment import load_entropy_model
 from .fileio import check_output_dir, check_output_file
 from .models import GPT_models, ModelConfig
 from .patcher import PatcherConfig, patch_starts
-from .sampling import run_config, run_patching, run_tokenizer
+from .runs import load_entropy_model, run_config, run_patching, run_tokenizer
 from .validation import device, field_type, number
 from .visual import image_grid, patch_map, save_png, with_patch_legend
 from tokenizer.transforms import load_center_crop

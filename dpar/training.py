@@ -42,11 +42,12 @@ from .errors import UserError
 from .fileio import check_output_dir, lock_folder
 from .launch import make_accelerator
 from .experiment import (CONFIG_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, append_metrics, checkpoint_step,
-                         experiment_of, load_entropy_model, load_model_weights, load_torch_file, resolve_run,
+                         experiment_of, load_model_weights, load_torch_file, resolve_run,
                          save_checkpoint, save_step_checkpoint, truncate_metrics, write_run_config)
 from .flops import count
 from .models import ModelConfig, architecture, create_model, is_dpar
 from .patcher import PatcherConfig
+from .runs import load_entropy_model
 from .validation import choice, ranged
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> module it needs

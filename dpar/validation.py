@@ -136,6 +136,15 @@ def path(text: str) -> Path:
     return Path(text)
 
 
+def epoch_choice(text: str) -> int | str:
+    """An argparse ``type`` for ``--epoch``: an epoch number >= 0 or ``latest``."""
+    if text == "latest":
+        return text
+    try:
+        return number(int, min=0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be an epoch number >= 0 or 'latest'; got {text!r}") from None
+
 def field_type(schema: type, name: str) -> Callable[[str], Any]:
     """The argparse ``type`` of a flag that sets dataclass field ``name``: its kind and its declared range."""
     field = next(f for f in dataclasses.fields(schema) if f.name == name)
@@ -144,3 +153,4 @@ def field_type(schema: type, name: str) -> Callable[[str], Any]:
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
+

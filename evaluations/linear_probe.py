@@ -35,8 +35,8 @@ from dpar.data.store import TokenStore
 from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.fileio import atomic_write_text, check_output_file
 from dpar.patcher import patch_starts
-from dpar.sampling import Sampler, epoch_choice
-from dpar.validation import device, number
+from dpar.runs import Sampler
+from dpar.validation import device, epoch_choice, number
 from tokenizer.transforms import center_view
 
 

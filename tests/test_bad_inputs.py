@@ -24,7 +24,8 @@ from dpar.data import stats
 from dpar.data.store import TokenStore, shard_file
 from dpar.errors import UserError, one_line
 from dpar.fileio import atomic_write_text, lock_folder
-from dpar.sampling import SampleChunks, SamplingConfig, sample_from_logits
+from dpar.sampling import SamplingConfig, sample_from_logits
+from sample_c2i_ddp import SampleChunks
 from evaluations.c2i import evaluator
 from tests.helpers import ROOT, write_token_store
 from tokenizer import train_vq

@@ -102,7 +102,7 @@ def test_store_holds_the_tokenizers_codes_and_the_models_entropies(setup, store)
         views = torch.from_numpy(image_views(open_rgb(paths[index]), SIZE, 2))
         assert np.array_equal(store.tokens(index), vq.images_to_codes(views).numpy())
         assert store.labels[index] == labels[index]
-    from dpar.experiment import load_trained_model
+    from dpar.runs import load_trained_model
     model, _ = load_trained_model(entropy_ckpt)
     tokens = torch.from_numpy(store.tokens(7).astype(np.int64))
     expected = preprocess.next_token_entropies(model, tokens).numpy().astype(np.float16)

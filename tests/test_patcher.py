@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from dpar.patcher import (PatcherConfig, calibrate_threshold, patch_ids, patch_lengths, patch_start_mask, patch_starts, patch_stats,
+from dpar.models.dpar import patch_lengths
+from dpar.patcher import (PatcherConfig, calibrate_threshold, patch_ids, patch_start_mask, patch_starts, patch_stats,
                           static_patch_start_mask, token_patch_start_mask)
 
 INF = math.inf

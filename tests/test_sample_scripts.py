@@ -20,7 +20,8 @@ from dpar.data.preprocess import next_token_entropies
 from dpar.experiment import save_checkpoint, save_step_checkpoint
 from dpar.models import ModelConfig, create_model
 from dpar.patcher import PatcherConfig
-from dpar.sampling import Sampler, SamplingConfig
+from dpar.runs import Sampler
+from dpar.sampling import SamplingConfig
 from tests.helpers import finish, labelled_grid, randomize, run_script
 from tokenizer.transforms import load_center_crop
 from tokenizer.vq_model import VQConfig, create_vq

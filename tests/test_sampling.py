@@ -4,7 +4,7 @@ import torch
 
 from dpar.data.preprocess import next_token_entropies
 from dpar.patcher import PatcherConfig, logits_entropy, next_patch_start, patch_starts
-from dpar.sampling import SamplingConfig, generate, guidance_scale, sample_from_logits
+from dpar.sampling import SamplingConfig, cached_steps, generate, guidance_scale, sample_from_logits
 from tests.helpers import TINY, tiny_dpar, tiny_gpt
 
 GRID = 4
@@ -30,7 +30,7 @@ def threshold_for(model, fraction: float = 0.5) -> float:
 def test_dpar_logits_equal_a_full_forward_of_the_sample(mode, cfg_scale, arch):
     model, ent = tiny_dpar(**arch), entropy_model()
     patcher = PatcherConfig(mode=mode, threshold=threshold_for(ent), max_patch_length=3, static_length=2)
-    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale), patcher=patcher, entropy_model=ent,
+    out = generate(cached_steps(model, patcher, ent), LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale),
                    record_logits=True)
     halves = [LABELS] if cfg_scale == 1.0 else [LABELS, torch.full_like(LABELS, model.num_classes)]
     assert out.logits.shape == (len(SEEDS) * len(halves), GRID * GRID, TINY["vocab_size"])
@@ -47,7 +47,7 @@ def test_dpar_logits_equal_a_full_forward_of_the_sample(mode, cfg_scale, arch):
 def test_boundaries_equal_the_patcher_on_the_entropy_models_full_forward(row_break, cap):
     model, ent = tiny_dpar(), entropy_model()
     patcher = PatcherConfig(threshold=threshold_for(ent, 0.3), max_patch_length=cap, row_break=row_break)
-    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), patcher=patcher, entropy_model=ent)
+    out = generate(cached_steps(model, patcher, ent), LABELS, SEEDS, SamplingConfig(cfg_scale=2.0))
     full = next_token_entropies(ent, out.tokens)
     torch.testing.assert_close(out.entropies[:, 1:], full[:, 1:], atol=1e-4, rtol=1e-4)
     assert torch.equal(out.patch_start, patch_starts(patcher, full, GRID))
@@ -56,7 +56,8 @@ def test_boundaries_equal_the_patcher_on_the_entropy_models_full_forward(row_bre
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
 def test_gpt_logits_equal_a_full_forward_of_the_sample(cfg_scale):
     model = tiny_gpt()
-    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale, top_k=10), record_logits=True)
+    out = generate(cached_steps(model), LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale, top_k=10),
+                   record_logits=True)
     full, _ = model(out.tokens[:, :-1], LABELS)
     torch.testing.assert_close(out.logits[:len(SEEDS)], full, atol=1e-4, rtol=1e-4)
     if cfg_scale != 1.0:
@@ -68,8 +69,8 @@ def test_gpt_logits_equal_a_full_forward_of_the_sample(cfg_scale):
 def test_guidance_changes_the_samples():
     model, ent = tiny_dpar(), entropy_model()
     patcher = PatcherConfig(threshold=threshold_for(ent))
-    plain = generate(model, LABELS, SEEDS, SamplingConfig(), patcher=patcher, entropy_model=ent)
-    guided = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=4.0), patcher=patcher, entropy_model=ent)
+    plain = generate(cached_steps(model, patcher, ent), LABELS, SEEDS, SamplingConfig())
+    guided = generate(cached_steps(model, patcher, ent), LABELS, SEEDS, SamplingConfig(cfg_scale=4.0))
     assert not torch.equal(plain.tokens, guided.tokens)
 
 
@@ -78,14 +79,15 @@ def test_an_image_depends_on_its_seed_not_on_its_batch(which):
     model, ent = (tiny_dpar(), entropy_model()) if which == "dpar" else (tiny_gpt(), None)
     patcher = PatcherConfig(threshold=threshold_for(entropy_model())) if which == "dpar" else None
     config = SamplingConfig(cfg_scale=2.0, top_p=0.9)
-    batch = generate(model, LABELS, SEEDS, config, patcher=patcher, entropy_model=ent)
-    alone = generate(model, LABELS[2:3], SEEDS[2:3], config, patcher=patcher, entropy_model=ent)
+    batch = generate(cached_steps(model, patcher, ent), LABELS, SEEDS, config)
+    alone = generate(cached_steps(model, patcher, ent), LABELS[2:3], SEEDS[2:3], config)
     assert torch.equal(batch.tokens[2:3], alone.tokens) and torch.equal(batch.patch_start[2:3], alone.patch_start)
     assert len({tuple(t) for t in batch.tokens.tolist()}) == len(SEEDS)  # different seeds, different images
 
 
 def test_unconditional_models_sample_without_labels():
-    out = generate(tiny_gpt(model_type="uncond", num_classes=0), None, SEEDS, SamplingConfig(), record_logits=True)
+    out = generate(cached_steps(tiny_gpt(model_type="uncond", num_classes=0)), None, SEEDS, SamplingConfig(),
+                   record_logits=True)
     assert out.tokens.shape == (len(SEEDS), GRID * GRID) and out.logits.shape[0] == len(SEEDS)
 
 
@@ -107,8 +109,8 @@ def test_logit_filters_and_inverse_cdf():
 
 def test_guidance_without_a_null_class_is_refused():
     model = tiny_gpt(class_dropout_prob=0.0)
-    with pytest.raises(ValueError, match="no null class"):
-        generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=2.0))
+    with pytest.raises(AssertionError, match="no null class"):
+        generate(cached_steps(model), LABELS, SEEDS, SamplingConfig(cfg_scale=2.0))
 
 
 def test_linear_guidance_schedule_rises_from_one_to_the_scale():
@@ -127,8 +129,8 @@ def test_kv_cached_sampling_equals_a_full_forward_on_each_device(which, dtype, d
     dpar = which == "dpar"
     model = (tiny_dpar() if dpar else tiny_gpt()).to(device, dtype)
     patcher = PatcherConfig(threshold=threshold_for(ent), max_patch_length=3) if dpar else None
-    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), patcher=patcher,
-                   entropy_model=ent.to(device, dtype) if dpar else None, record_logits=True)
+    out = generate(cached_steps(model, patcher, ent.to(device, dtype) if dpar else None), LABELS, SEEDS,
+                   SamplingConfig(cfg_scale=2.0), record_logits=True)
     labels = LABELS.to(device)
     for half, half_labels in enumerate([labels, torch.full_like(labels, model.num_classes)]):
         with torch.no_grad():
@@ -148,10 +150,10 @@ def test_completion_keeps_the_prefix_and_continues_as_a_full_forward(which):
     model, ent = (tiny_dpar(), entropy_model()) if dpar else (tiny_gpt(), None)
     patcher = PatcherConfig(threshold=threshold_for(ent), max_patch_length=3) if dpar else None
     prefix = torch.randint(0, TINY["vocab_size"], (len(SEEDS), GRID + 2), generator=torch.Generator().manual_seed(5))
-    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), patcher=patcher, entropy_model=ent,
-                   prefix=prefix, record_logits=True)
+    out = generate(cached_steps(model, patcher, ent), LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), prefix=prefix,
+                   record_logits=True)
     assert torch.equal(out.tokens[:, :prefix.shape[1]], prefix)
-    free = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), patcher=patcher, entropy_model=ent)
+    free = generate(cached_steps(model, patcher, ent), LABELS, SEEDS, SamplingConfig(cfg_scale=2.0))
     assert not torch.equal(free.tokens[:, :prefix.shape[1]], prefix)  # the prefix is not what it would sample
     for half, labels in enumerate([LABELS, torch.full_like(LABELS, model.num_classes)]):
         full, _ = model(out.tokens, labels, out.patch_start) if dpar else model(out.tokens[:, :-1], labels)
@@ -163,7 +165,7 @@ def test_completion_keeps_the_prefix_and_continues_as_a_full_forward(which):
 def test_a_class_conditional_gpt_as_entropy_model_reads_its_null_class():
     c2i = tiny_gpt()  # a LlamaGen-style c2i GPT with a null class
     patcher = PatcherConfig(threshold=threshold_for(c2i), max_patch_length=3)
-    out = generate(tiny_dpar(), LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), patcher=patcher, entropy_model=c2i)
+    out = generate(cached_steps(tiny_dpar(), patcher, c2i), LABELS, SEEDS, SamplingConfig(cfg_scale=2.0))
     null_logits, _ = c2i(out.tokens[:, :-1], torch.full_like(LABELS, c2i.num_classes))
     probs = null_logits.double().softmax(-1)
     expected = -(probs * probs.log()).sum(-1)
@@ -190,8 +192,8 @@ def self_entropy_patcher(model, fraction: float = 0.5) -> PatcherConfig:
 def test_self_entropy_boundaries_are_the_models_own_entropy_under_no_new_patch(cfg_scale, static_shapes):
     model = tiny_dpar()
     patcher = self_entropy_patcher(model)
-    out = generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale), patcher=patcher, record_logits=True,
-                   static_shapes=static_shapes)
+    out = generate(cached_steps(model, patcher, static_shapes=static_shapes), LABELS, SEEDS,
+                   SamplingConfig(cfg_scale=cfg_scale), record_logits=True)
     # the logits used are a full forward's with the chosen boundaries (both CFG halves)
     halves = [LABELS] if cfg_scale == 1.0 else [LABELS, torch.full_like(LABELS, model.num_classes)]
     for half, labels in enumerate(halves):
@@ -232,8 +234,8 @@ def test_the_static_shape_path_samples_what_the_default_path_samples(mode):
     model, ent = tiny_dpar(), entropy_model()
     patcher = self_entropy_patcher(model) if mode == "self_entropy" else \
         PatcherConfig(mode=mode, threshold=threshold_for(ent), max_patch_length=3, static_length=2)
-    runs = [generate(model, LABELS, SEEDS, SamplingConfig(cfg_scale=2.0), patcher=patcher, entropy_model=ent,
-                     static_shapes=static, record_logits=True) for static in (False, True)]
+    runs = [generate(cached_steps(model, patcher, ent, static_shapes=static), LABELS, SEEDS,
+                     SamplingConfig(cfg_scale=2.0), record_logits=True) for static in (False, True)]
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].patch_start, runs[1].patch_start)
     torch.testing.assert_close(runs[0].logits, runs[1].logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(runs[0].global_steps, runs[1].global_steps)

@@ -22,7 +22,8 @@ from dpar.errors import UserError
 from dpar.experiment import save_checkpoint
 from dpar.models import ModelConfig, create_model
 from dpar.patcher import PatcherConfig, patch_starts
-from dpar.sampling import Sampler, SamplingConfig
+from dpar.runs import Sampler
+from dpar.sampling import SamplingConfig
 from evaluations import linear_probe
 from tests.helpers import ROOT, finish, randomize, run_script, write_token_store
 from tokenizer.transforms import load_center_crop
@@ -293,7 +294,7 @@ def test_training_refuses_an_entropy_model_that_does_not_load_as_described(world
 
 
 def test_a_llamagen_size_far_larger_than_the_file_is_refused_from_shapes(world):
-    from dpar.experiment import load_llamagen_gpt
+    from dpar.runs import load_llamagen_gpt
     with pytest.raises(UserError, match="does not fit the model: .* missing"):
         load_llamagen_gpt(world["llamagen"], "GPT-7B", SIZE, 4)  # 27 GB if it were built: it is not
 

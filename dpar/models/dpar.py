@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import patcher  # a module import: the patcher's config names the GPT sizes of dpar.models
 from .attention import BACKENDS, PackedSeqs, attend
 from .layers import (FeedForward, ModelArgs, RMSNorm, TransformerBlock, attach_kv_caches, class_embedder,
                      init_weights)
@@ -62,6 +61,14 @@ class DPARArgs(ModelArgs):
                              "a sample-wise drop would drop the whole batch")
 
 
+def patch_lengths(mask: Tensor) -> Tensor:
+    """Lengths of all patches of ``mask [B, N]`` (True where a patch starts), image after image, as one flat
+    ``LongTensor [P]``."""
+    starts = mask.reshape(-1).nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([mask.numel()])])
+    return ends - starts
+
+
 @dataclass
 class PatchLayout:
     """Everything DPAR needs to know about a batch's patches, computed once per batch.
@@ -90,7 +97,7 @@ class PatchLayout:
             raise ValueError("patch_start must be True at token 0 of every image")
         batch, num_tokens = mask.shape
         flat_start = mask.reshape(-1).nonzero().squeeze(1)
-        lengths = patcher.patch_lengths(mask)
+        lengths = patch_lengths(mask)
         local = flat_start % num_tokens
         per_image = mask.sum(dim=1)
         return cls(
@@ -297,7 +304,7 @@ class DPAR(nn.Module):
         counts = torch.zeros(len(idx), device=g.device, dtype=g.dtype).index_add_(0, layout.patch_image, keep)
         return sums / counts.clamp(min=1)[:, None]
 
-    # -- one token at a time, with KV caches (used by dpar/sampling.py) ------------------------------------------
+    # -- one token at a time, with KV caches (the steps of dpar/sampling.py) ---------------------------------------
 
     def setup_caches(self, max_batch_size: int, dtype: torch.dtype, decoder_rows: int | None = None,
                      static: bool | None = None) -> None:
@@ -326,6 +333,18 @@ class DPAR(nn.Module):
             x = block(x, rope, at)
             states.append(x[:, 0])
         return states
+
+    def pool_patches(self, states: list[Tensor], images: Tensor, first: Tensor, length: Tensor,
+                     longest: int) -> Tensor:
+        """The patch vectors ``[n, d]`` of patches that close while sampling: image ``images[k]``'s tokens
+        ``first[k] .. first[k] + length[k] - 1`` (``[n]`` each), pooled from ``states`` (each encoder block's
+        token states kept so far, ``[B, N, d]`` each) over ``longest`` >= ``length.max()`` slots."""
+        batch, num_tokens = states[0].shape[:2]
+        # only the closing patches' slots, gathered, reach the pooling's projections (not all B*N tokens)
+        slots = ((images * num_tokens + first)[:, None] + torch.arange(longest, device=images.device)).flatten()
+        gathered = [layer_states.reshape(batch * num_tokens, -1)[slots.clamp(max=batch * num_tokens - 1)]
+                    for layer_states in states]
+        return self.encoder.pool(gathered, torch.arange(len(images), device=images.device) * longest, length, longest)
 
     def class_stream_input(self, labels: Tensor) -> Tensor:
         """The global stream's first input for each row: its class embedding ``[R, d]``."""

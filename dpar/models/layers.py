@@ -246,6 +246,11 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
+    @property
+    def has_null(self) -> bool:
+        """Whether the table has the null class (c2i models trained with class dropout; every uncond model)."""
+        return self.embedding_table.num_embeddings > self.num_classes
+
     def null_labels(self, batch: int, device: torch.device | str | None = None) -> Tensor:
         """The null class: CFG's unconditional half, or an unconditional model's start token."""
         return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
