@@ -1,27 +1,16 @@
 """Batched, KV-cached generation for DPAR and the token-level GPT baseline (arXiv 2512.21867, section 3).
 
-The loop (:func:`generate`) is the same for every model and patching mode::
-
-    logits = steps(i)              # [R, vocab] for x_i: R = B rows, or 2B with classifier-free guidance
-    x_i = sample(guide(logits))    # per-image uniforms: an image is the same in any batch, on any rank
-    steps.advance(x_i, i)
-
-What a step does is an object: :class:`GPTSteps` (every token a step of the whole transformer, LlamaGen's
-``decode_one_token``) or :class:`DPARSteps`, which for token i
-
-1. asks its boundary source whether x_i starts a patch -- before x_i is sampled: :class:`EntropyModel` (the
-   paper's H_i from an unconditional GPT), :class:`OwnEntropy` (DPAR's own entropy of x_i under "no new
-   patch", no second network; beyond the paper) or :class:`Rules` (static and token patching);
-2. advances the global transformer by one position for the images at a boundary (their open patch is pooled
-   by :meth:`dpar.models.DPAR.pool_patches`); the others keep their last global output;
-3. runs the decoder for x_i's logits; after sampling, x_i goes through the encoder (its states are kept for
-   pooling) and the boundary source reads it.
-
-:class:`StaticDPARSteps` runs every row through every stage with the same shapes and no host
-synchronisation, as CUDA graphs and ``torch.compile(mode="reduce-overhead")`` need; it samples what
-:class:`DPARSteps` samples (tested). Both CFG halves share each image's tokens and boundaries, so the entropy
-model and the patch encoder run once per image. The stages carry profiler labels (entropy_model, encoder,
-global, decoder, sample). :func:`cached_steps` builds the step object a patcher config asks for.
+:func:`generate` runs ``logits = steps(i)`` ([R, vocab] for x_i; R = B, or 2B with guidance), samples x_i from
+per-image uniforms (an image is the same in any batch, on any rank), then ``steps.advance(x_i, i)``. The steps are
+an object: :class:`GPTSteps` (LlamaGen's ``decode_one_token``) or :class:`DPARSteps`, which for token i (1) asks
+its boundary source whether x_i starts a patch, before x_i is sampled -- :class:`EntropyModel` (the paper's H_i),
+:class:`OwnEntropy` (DPAR's own entropy under "no new patch"; beyond the paper) or :class:`Rules` (static and
+token patching); (2) advances the global transformer for the images at a boundary (their open patch pooled by
+:meth:`dpar.models.DPAR.pool_patches`); (3) decodes x_i's logits; after sampling, x_i goes through the encoder
+and the boundary source reads it. :class:`StaticDPARSteps` runs every row through every stage with fixed shapes
+and no host sync (CUDA graphs, ``torch.compile(mode="reduce-overhead")``) and samples the same images. CFG
+halves share tokens and boundaries: the entropy model and the encoder run once per image. Stages carry profiler
+labels (entropy_model, encoder, global, decoder, sample). :func:`cached_steps` builds the steps a patcher asks for.
 """
 from __future__ import annotations
 
@@ -176,9 +165,7 @@ class GPTSteps:
 
 
 class StaticGPTSteps(GPTSteps):
-    """:class:`GPTSteps` over static (masked whole-cache) KV caches: its steps have fixed shapes already."""
-
-    static_caches = True
+    static_caches = True  # masked whole-cache KV caches; the GPT's steps have fixed shapes already
 
 
 # -- DPAR's boundary sources: does x_i start a patch? -----------------------------------------------------------
@@ -256,9 +243,8 @@ class OwnEntropy(Rules):
 # -- DPAR: boundary, global step at boundaries, decoder ----------------------------------------------------------
 
 class DPARSteps:
-    """DPAR's cached step (module docstring): only the images at a boundary advance the global transformer,
-    over their own cache rows (a boundary comes every 1.8 tokens on ImageNet-256, so about 45% of the global
-    work is skipped)."""
+    """DPAR's cached step (module docstring): only the images at a boundary advance the global transformer, over
+    their own cache rows (at 1.8 tokens per patch, 45% of the global work is skipped)."""
 
     static_caches: bool | None = None  # the device's default KV cache (dpar.models.layers.KVCache)
 
@@ -372,19 +358,17 @@ class StaticDPARSteps(DPARSteps):
         self.keep_global_outputs(start, i, outputs)
 
     def keep_global_outputs(self, start: Tensor, i: int, outputs: Tensor) -> None:
-        """``outputs [R, d]`` of every row's global step become ``g`` where a patch starts at i; those images'
-        patch counts and open patches advance. A row without a boundary wrote its cache slot at its next stream
-        position, which is written again before any query reads it."""
+        """``outputs [R, d]`` become ``g`` where a patch starts at i, and those images' counts advance. A row without
+        a boundary wrote the cache slot of its next stream position, written again before any query reads it."""
         self.g.copy_(torch.where(start.repeat(self.halves)[:, None], outputs, self.g))
         self.patches += start.long()
         self.patch_first.copy_(torch.where(start, i, self.patch_first))
 
     def two_hypothesis_step(self, i: int) -> Tensor:
-        """OwnEntropy under static shapes: the global input at a boundary (the patch that closes before i) does
-        not depend on H_i, so every row advances first; the decoder then runs once on 2R rows, the hypotheses
-        "no new patch" (the current ``g``) and "new patch" (the proposed output). H_i comes from the first, the
-        rule chooses per image, and the chosen hypothesis's logits, global output and decoder cache entry are
-        kept: one pass over the decoder's weights instead of two."""
+        """OwnEntropy under static shapes: the global input at a boundary (the patch closing before i) does not
+        depend on H_i, so every row advances first; the decoder then runs once on 2R rows, "no new patch" (``g``)
+        and "new patch" (the proposed output). H_i comes from the first, the rule chooses per image, and the
+        chosen logits, global output and decoder cache entry are kept: one pass over the decoder's weights."""
         with record_function("global"):
             _, proposed = self.global_outputs(self.everyone, i, self.longest)
         with record_function("decoder"):
