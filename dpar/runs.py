@@ -97,7 +97,7 @@ class Sampler:
 
     def check(self, sampling: SamplingConfig) -> None:
         """Refuse, before any output, sampling this model cannot do: guidance without a null class."""
-        if sampling.cfg_scale != 1.0 and self.model_config.class_dropout_prob == 0:
+        if sampling.cfg_scale != 1.0 and not self.model.cls_embedding.has_null:
             raise UserError(f"--cfg-scale {sampling.cfg_scale}: the model was trained with model.class_dropout_prob "
                             "0, so it has no null class for guidance; use --cfg-scale 1.0")
 
