@@ -15,6 +15,7 @@ from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.experiment import add_run_arguments
 from dpar.models import ModelConfig, is_dpar
 from dpar.training import DataConfig, TrainConfig, train
+from dpar.validation import Key, config_key
 
 
 @dataclass
@@ -24,15 +25,20 @@ class TrainEntropyConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def check(self, key: Key = config_key()) -> None:
+        """The entropy model is an unconditional token-level GPT (each section checks its own rules). ``UserError``."""
+        if is_dpar(self.model.gpt_model):
+            raise UserError(f"{key('model.gpt_model')} {self.model.gpt_model}: the entropy model is a token-level "
+                            "GPT-* model")
+        if self.model.model_type != "uncond":
+            raise UserError(f"{key('model.model_type')} must be uncond, got {self.model.model_type!r}: entropies are "
+                            "computed without a class")
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     args, config = parse_cli(parser, TrainEntropyConfig, argv)
-    if is_dpar(config.model.gpt_model):
-        raise UserError(f"model.gpt_model {config.model.gpt_model}: the entropy model is a token-level GPT-* model")
-    if config.model.model_type != "uncond":
-        raise UserError("model.model_type must be uncond: entropies are computed without a class")
     name = config.train.experiment_name or (Path(args.config).stem if args.config else "entropy_model")
     train(config, patcher=None, run_name=name, prod=args.prod, resume=args.resume)
 

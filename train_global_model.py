@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpar.config import parse_cli, to_dataclass
-from dpar.errors import ArgumentParser, run_main
+from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.experiment import add_run_arguments
 from dpar.models import ModelConfig, is_dpar
 from dpar.patcher import PatcherConfig
 from dpar.training import DataConfig, TrainConfig, train
+from dpar.validation import Key, config_key
 
 
 @dataclass
@@ -29,6 +30,13 @@ class TrainGlobalConfig:
     patcher: PatcherConfig = field(default_factory=PatcherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self, key: Key = config_key()) -> None:
+        """The rule between sections (each section checks its own): DPAR trains on entropy, static or token
+        patches; self_entropy patching exists only while sampling. ``UserError``."""
+        if is_dpar(self.model.gpt_model) and self.patcher.mode == "self_entropy":
+            raise UserError(f"{key('patcher.mode')} self_entropy decides boundaries from the model's own predictions "
+                            "while sampling; train with entropy (or static) patching, then sample with --self-entropy")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,7 +55,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dpar.errors import ArgumentParser, run_main  # noqa: E402  (standard library only, like this file)
+from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402  (standard library only, like this file)
 from dpar.fileio import atomic_write_text, check_output_dir  # noqa: E402  (so is this)
 from dpar.launch import set_parent_death_signal  # noqa: E402  (and this)
 from dpar.validation import number  # noqa: E402  (and this)
@@ -507,13 +507,13 @@ STEPS: dict[str, tuple[str, Callable[[Suite, StepReport], None]]] = {
 
 
 def parse_timeouts(pairs: list[str], known: dict[str, int]) -> dict[str, int]:
-    """``["cli=300", ...]`` -> ``{"cli": 300}``; ValueError naming the bad pair."""
+    """``["cli=300", ...]`` -> ``{"cli": 300}``; ``UserError`` naming the bad pair."""
     timeouts = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key not in known or not (value.isascii() and value.isdigit()) or int(value) < 1:
-            raise ValueError(f"--timeout {pair!r}: expected NAME=SECONDS with NAME one of {', '.join(known)} and "
-                             "SECONDS a positive integer")
+            raise UserError(f"--timeout {pair!r}: expected NAME=SECONDS with NAME one of {', '.join(known)} and "
+                            "SECONDS a positive integer")
         timeouts[key] = int(value)
     return timeouts
 
@@ -529,16 +529,18 @@ print(json.dumps({"python": platform.python_version(), "torch": torch.__version_
 
 
 def probe_python(device: str) -> dict:
-    """What this interpreter's torch sees, asked in a child process (this one never holds a CUDA context)."""
+    """What this interpreter's torch sees, asked in a child process (this one never holds a CUDA context);
+    ``UserError`` when it cannot run torch."""
     out = subprocess.run([sys.executable, "-c", PROBE, device], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         lines = out.stderr.strip().splitlines() or ["no output"]
-        raise ValueError(f"{sys.executable} cannot run torch ({lines[-1]}); set PYTHON to an interpreter with torch")
+        raise UserError(f"{sys.executable} cannot run torch ({lines[-1]}); set PYTHON to an interpreter with torch")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def install_wheels(target: Path) -> list[str]:
-    """Install the wheels carried in ``.whl/`` into ``target`` (no index, no dependencies); their names."""
+    """Install the wheels carried in ``.whl/`` into ``target`` (no index, no dependencies); their names.
+    ``UserError`` when pip fails."""
     wheels = sorted(WHEELS.glob("*.whl"))
     if not wheels:
         return []
@@ -547,7 +549,7 @@ def install_wheels(target: Path) -> list[str]:
                          capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         lines = (out.stderr.strip() or out.stdout.strip() or "no output").splitlines()
-        raise ValueError(f"the wheels in {WHEELS} did not install: {lines[-1]}")
+        raise UserError(f"the wheels in {WHEELS} did not install: {lines[-1]}")
     return [wheel.name for wheel in wheels]
 
 
@@ -578,11 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sizes = SMOKE if args.smoke else GPU
-    try:
-        timeouts = parse_timeouts(args.timeout, sizes.timeouts)
-        probe = probe_python(sizes.device)
-    except ValueError as error:
-        parser.error(str(error))
+    timeouts = parse_timeouts(args.timeout, sizes.timeouts)
+    probe = probe_python(sizes.device)
     default_out = os.environ.get("OUT") or REPO / "benchmarks" / "results"
     out = check_output_dir(args.out if args.out is not None else default_out, "--out").absolute()
     if not args.smoke and not probe["cuda_available"]:
@@ -595,9 +594,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_suite."))
     try:
         wheels = install_wheels(work / "site")
-    except (ValueError, subprocess.TimeoutExpired) as error:
+    except BaseException as error:  # no scratch folder left behind
         shutil.rmtree(work, ignore_errors=True)
-        parser.error(str(error))
+        if isinstance(error, subprocess.TimeoutExpired):
+            raise UserError(f"the wheels in {WHEELS} did not install: {error}") from None
+        raise
     paths = [str(REPO), *([str(work / "site")] if wheels else []), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     names = [name for name in STEPS if name in (args.only or STEPS)]

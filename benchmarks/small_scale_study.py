@@ -48,8 +48,8 @@ from dpar.experiment import (CONFIG_FILE, METRICS_FILE, checkpoint_dir, config_d
                              latest_checkpoint)
 from dpar.config import load_config, parse_overrides, read_section  # noqa: E402
 from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file  # noqa: E402
+from dpar.models import ModelConfig, is_dpar  # noqa: E402
 from dpar.runs import load_trained_model  # noqa: E402
-from dpar.models import ModelConfig, architecture, is_dpar  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.training import RESUMABLE_KEYS, DataConfig, TrainConfig, check_entropy_source, nll_totals  # noqa: E402
 from dpar.validation import field_type, number, path as path_flag  # noqa: E402
@@ -514,10 +514,9 @@ def check_jobs(jobs: list[tuple[str, int, list[str]]], extra: list[str], common:
         if item.partition("=")[0] in owned:
             raise UserError(f"--extra {item}: the study sets {item.partition('=')[0]} itself (its flags or its variants)")
     for variant, seed, argv in jobs:
-        try:
+        try:  # every section's rules, the model's (ModelConfig.check) among them
             config = load_config(TrainGlobalConfig, REPO / argv[1], argv[2:])
-            architecture(OmegaConf.to_object(config.model))
-        except (UserError, ValueError) as error:
+        except UserError as error:
             raise UserError(f"--extra {' '.join(extra)}: variant {variant}: {error}") from None
         if is_dpar(config.model.gpt_model) and config.patcher.mode == "entropy":
             try:  # also fills in the entropy model's config path, as the run records it

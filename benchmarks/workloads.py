@@ -10,20 +10,21 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dpar.errors import UserError
 from dpar.models import ModelConfig, create_model, is_dpar
 from dpar.patcher import calibrate_threshold, patch_start_mask
+from dpar.validation import check_flags
 
 # Dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU; anything else needs --peak-tflops.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def check_grid(image_sizes: list[int], downsample: int) -> None:
-    """The benchmarks' ``--image-size`` / ``--downsample`` flags: each size a multiple of the downsampling
-    factor. Raises :class:`dpar.errors.UserError` naming both flags (one line, exit 2 under ``run_main``)."""
+    """The benchmarks' ``--image-size`` / ``--downsample`` flags, by the model config's own rule
+    (:meth:`dpar.models.ModelConfig.check`: each size a multiple of the downsampling factor). Raises
+    :class:`dpar.errors.UserError` naming both flags (one line, exit 2 under ``run_main``)."""
     for size in image_sizes:
-        if size % downsample:
-            raise UserError(f"--image-size {size} is not a multiple of --downsample {downsample}")
+        check_flags(ModelConfig(image_size=size, downsample_size=downsample),
+                    {"image_size": "--image-size", "downsample_size": "--downsample"})
 
 
 def build_model(name: str, *, image_size: int, downsample: int, vocab: int, num_classes: int, device: str,

@@ -8,8 +8,10 @@ Every script takes ``--config FILE.yaml`` plus overrides in either form::
 Values are parsed as YAML (``null``, ``true``, numbers; ``no`` given to a string choice such as
 ``mixed_precision`` stays ``"no"``). An unknown key, a value of the wrong type or a value outside the
 choices or range its field declares (:mod:`dpar.validation`) is a :class:`ConfigError` whose one-line
-message names the key, the value and what is valid. A YAML file may begin with ``base: other.yaml`` to start from
-another file and change only some keys. ``save_config`` writes the fully resolved config atomically.
+message names the key, the value and what is valid; then every section's ``check`` (the rules between its
+fields, :func:`dpar.validation.check_schema`) runs, its one line naming the full key (``model.image_size``).
+A YAML file may begin with ``base: other.yaml`` to start from another file and change only some keys.
+``save_config`` writes the fully resolved config atomically.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .errors import UserError, first_line
 from .fileio import atomic_write_text
-from .validation import problem, yaml_bool_spelling
+from .validation import check_schema, config_key, problem, yaml_bool_spelling
 
 
 BASE_KEY = "base"
@@ -61,7 +63,8 @@ def parse_overrides(args: Sequence[str]) -> list[str]:
 
 
 def load_config(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Schema defaults <- YAML file <- overrides; validated, with missing values reported."""
+    """Schema defaults <- YAML file <- overrides; validated (each field's rule, missing values, then the
+    schema's and its sections' ``check``)."""
     config = OmegaConf.structured(schema)
     if path is not None:
         config = _merge(config, read_yaml(path), f"in {path}: ")
@@ -76,6 +79,7 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
     missing = sorted(OmegaConf.missing_keys(config))
     if missing:
         raise ConfigError(f"config key {missing[0]!r} needs a value (set it in the YAML or with --{missing[0]} ...)")
+    check_schema(to_dataclass(config))
     return config
 
 
@@ -119,16 +123,19 @@ def save_config(config: DictConfig, path: str | Path) -> None:
 
 
 def read_section(path: str | Path, key: str, schema: type) -> Any:
-    """One section of a saved config (e.g. a run's ``model``) validated against ``schema``, as a dataclass."""
+    """One section of a saved config (e.g. a run's ``model``) validated against ``schema`` (its fields' rules,
+    then its ``check``), as a dataclass. :class:`ConfigError` naming the file and the key."""
     node = read_yaml(path).get(key)
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path} has no {key!r} section")
     config = _merge(OmegaConf.structured(schema), node, f"in {path}, section {key!r}: ")
     try:
         _check_values(config, schema, key + ".")
-    except ConfigError as error:
+        section = to_dataclass(config)
+        check_schema(section, config_key(key))
+    except UserError as error:  # the one line gains the file it is about
         raise ConfigError(f"in {path}: {error}") from None
-    return to_dataclass(config)
+    return section
 
 
 def recorded_path(value: str | Path) -> Path:

@@ -25,10 +25,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ArgumentParser, UserError, run_main
-from .models import MODEL_NAMES, DPAR_models, GPT_models, ModelConfig, PatchLayout, architecture, is_dpar
+from .models import (DPAR_OPTIONS, MODEL_NAMES, DPAR_models, GPT_models, ModelConfig, PatchLayout, architecture,
+                     is_dpar)
 from .models.dpar import DECODER_INJECTIONS
 from .models.rope import ROPE_MODES
-from .validation import number
+from .validation import check_flags, number
 
 # Paper Table 6 / section 4.1: mean tokens per patch on ImageNet with the default patcher.
 PAPER_TOKENS_PER_PATCH = {256: 1.81, 384: 2.06}
@@ -75,12 +76,11 @@ def count(name: str, image_size: int, tokens_per_patch: float | None = None, dow
     """Parameters and per-sample forward cost of model ``name`` at ``image_size`` pixels.
 
     ``architecture``: DPAR's options as ``DPARArgs`` keywords (``n_enc_layer``, ``n_dec_layer``,
-    ``encoder_pooling_ffn``, ``decoder_injection``, ``rope``), e.g. from ``dpar.models.architecture``.
+    ``encoder_pooling_ffn``, ``decoder_injection``, ``rope``), e.g. from ``dpar.models.architecture``; a
+    model whose :class:`~dpar.models.ModelConfig` passes its ``check``. ``UserError`` for a DPAR without a
+    tokens-per-patch figure (given, or the paper's at this size) in [1, tokens per image] (``--tokens-per-patch``).
     """
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
-    if image_size % downsample_size:
-        raise ValueError(f"image size {image_size} is not a multiple of the downsampling {downsample_size}")
+    assert name in MODEL_NAMES and image_size % downsample_size == 0, (name, image_size, downsample_size)
     grid = image_size // downsample_size
     num_tokens = grid * grid
     model = build_on_meta(name, grid, vocab_size, num_classes, **architecture)
@@ -95,10 +95,11 @@ def count(name: str, image_size: int, tokens_per_patch: float | None = None, dow
         if tokens_per_patch is None:
             tokens_per_patch = PAPER_TOKENS_PER_PATCH.get(image_size)
             if tokens_per_patch is None:
-                raise ValueError(f"give --tokens-per-patch for image size {image_size} (the paper reports "
-                                 f"{', '.join(f'{k} px: {v}' for k, v in PAPER_TOKENS_PER_PATCH.items())})")
+                raise UserError(f"give --tokens-per-patch for image size {image_size} (the paper reports "
+                                f"{', '.join(f'{k} px: {v}' for k, v in PAPER_TOKENS_PER_PATCH.items())})")
         if not 1.0 <= tokens_per_patch <= num_tokens:
-            raise ValueError(f"tokens per patch must lie in [1, {num_tokens}], got {tokens_per_patch}")
+            raise UserError(f"--tokens-per-patch must lie in [1, {num_tokens}] at image size {image_size}, got "
+                            f"{tokens_per_patch}")
         patches = num_tokens / tokens_per_patch
         tokens = torch.zeros(1, num_tokens, dtype=torch.long, device="meta")
         low, high = math.floor(patches), math.ceil(patches)
@@ -176,12 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.tables:
         print(tables_markdown())
         return
-    options = ModelConfig(gpt_model=args.model, rope=args.rope, n_enc_layer=args.n_enc_layer, n_dec_layer=args.n_dec_layer,
+    options = ModelConfig(gpt_model=args.model, image_size=args.image_size, rope=args.rope,
+                          n_enc_layer=args.n_enc_layer, n_dec_layer=args.n_dec_layer,
                           encoder_pooling_ffn=args.encoder_pooling_ffn, decoder_injection=args.decoder_injection)
-    try:
-        result = count(args.model, args.image_size, args.tokens_per_patch, **architecture(options))
-    except ValueError as error:
-        raise UserError(f"--model {args.model}: {error}") from None
+    check_flags(options, {name: "--" + name.replace("_", "-") for name in DPAR_OPTIONS + ("image_size",)} |
+                {"gpt_model": "--model", "encoder_pooling_ffn": "--no-encoder-pooling-ffn",
+                 "downsample_size": "the VQ-16 downsampling factor"})
+    result = count(args.model, args.image_size, args.tokens_per_patch, **architecture(options))
     if args.json:
         print(json.dumps(result))
     else:

@@ -68,9 +68,9 @@ def _cap(forced: Tensor, period: int | None) -> Tensor:
     return forced | ((positions - last_forced) % period == 0)
 
 
-def _check_cap(max_patch_length: int | None) -> None:
-    if max_patch_length is not None and max_patch_length < 1:
-        raise ValueError(f"max_patch_length must be >= 1 or None, got {max_patch_length}")
+def _check_cap(max_patch_length: int | None) -> None:  # a user's P is checked by its PatcherConfig field rule
+    assert max_patch_length is None or max_patch_length >= 1, \
+        f"max_patch_length must be >= 1 or None, got {max_patch_length}"
 
 
 def patch_start_mask(entropies: Tensor, *, grid_width: int, threshold: float,
@@ -85,8 +85,7 @@ def patch_start_mask(entropies: Tensor, *, grid_width: int, threshold: float,
 
 def _static_period(patch_length: int, max_patch_length: int | None) -> int:
     _check_cap(max_patch_length)
-    if patch_length < 1:
-        raise ValueError(f"static patch length must be >= 1, got {patch_length}")
+    assert patch_length >= 1, f"static patch length must be >= 1, got {patch_length}"
     return patch_length if max_patch_length is None else min(patch_length, max_patch_length)
 
 
@@ -116,12 +115,11 @@ def patch_starts(config: PatcherConfig, entropies: Tensor, grid_width: int) -> T
                                        patch_length=config.static_length,
                                        max_patch_length=config.max_patch_length,
                                        row_break=config.row_break, device=entropies.device)
-    if config.mode == "token":
-        return token_patch_start_mask(batch, num_tokens, device=entropies.device)
-    if config.mode == "self_entropy":
-        raise ValueError("self_entropy boundaries come from the model being sampled (dpar.sampling.generate); "
-                         "train with entropy, static or token patching")
-    raise ValueError(f"unknown patcher mode {config.mode!r}; valid: {', '.join(PATCH_MODES)}")
+    # a user's mode is checked by its field rule, and training's refusal of self_entropy by its config's check
+    assert config.mode != "self_entropy", ("self_entropy boundaries come from the model being sampled "
+                                           "(dpar.sampling.generate); train with entropy, static or token patching")
+    assert config.mode == "token", f"unknown patcher mode {config.mode!r}; valid: {', '.join(PATCH_MODES)}"
+    return token_patch_start_mask(batch, num_tokens, device=entropies.device)
 
 
 def calibrate_threshold(entropies: Tensor, grid_width: int, target: float, *, max_patch_length: int | None = 4,
@@ -175,11 +173,10 @@ def next_patch_start(config: PatcherConfig, entropy: Tensor | None, position: in
         forced = forced_starts(entropy, positions, grid_width=grid_width, threshold=config.threshold,
                                row_break=config.row_break)
         period = config.max_patch_length
-    elif config.mode == "static":
+    else:
+        assert config.mode == "static", f"unknown patcher mode {config.mode!r}; valid: {', '.join(PATCH_MODES)}"
         forced = forced_starts(None, positions, grid_width=grid_width, row_break=config.row_break)
         period = _static_period(config.static_length, config.max_patch_length)
-    else:
-        raise ValueError(f"unknown patcher mode {config.mode!r}; valid: {', '.join(PATCH_MODES)}")
     return forced if period is None else forced | (run_length >= period)
 
 

@@ -26,6 +26,7 @@ from .experiment import (CHECKPOINTS, CONFIG_FILE, EMA_FILE, MODEL_FILE, STEP_CH
 from .models import GPT_models, ModelConfig, create_model, is_dpar
 from .patcher import PatcherConfig
 from .sampling import Generation, SamplingConfig, cached_steps, generate
+from .validation import flag_key
 
 
 @dataclass
@@ -246,11 +247,8 @@ def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = 
             raise UserError(f"{checkpoint} is not inside an experiment dir (…/checkpoints/epoch_*/); "
                             "also give the run's config.yaml")
         config_path = experiment / CONFIG_FILE
-    config = read_section(config_path, "model", ModelConfig)
-    try:
-        model = create_model(config)
-    except ValueError as error:
-        raise UserError(f"{config_path}: {error}") from None
+    config = read_section(config_path, "model", ModelConfig)  # checked, as dpar.config checks every config
+    model = create_model(config)
     load_model_weights(model, checkpoint)
     return model.eval(), config
 
@@ -261,7 +259,8 @@ def load_llamagen_gpt(checkpoint: str | Path, gpt_model: str, image_size: int, d
 
     The codebook size and class count come from the weights' shapes (``tok_embeddings``,
     ``cls_embedding.embedding_table``: LlamaGen trains c2i with class dropout 0.1, so its table has the
-    null class as its last row). ``UserError`` for a file that is no LlamaGen GPT of this size.
+    null class as its last row). ``UserError`` for a file that is no LlamaGen GPT of this size, or an
+    ``image_size`` that is no multiple of ``downsample_size`` (named as LlamaGen's ``--image-size`` flag).
     """
     if gpt_model not in GPT_models:
         raise UserError(f"--gpt-model {gpt_model!r}: a LlamaGen checkpoint is one of {', '.join(GPT_models)}")
@@ -278,12 +277,10 @@ def load_llamagen_gpt(checkpoint: str | Path, gpt_model: str, image_size: int, d
     config = ModelConfig(gpt_model=gpt_model, model_type="c2i", image_size=image_size,
                          downsample_size=downsample_size, vocab_size=shapes["tok_embeddings.weight"][0],
                          num_classes=classes, class_dropout_prob=0.1)
-    try:
-        with torch.device("meta"):  # shapes first: a GPT-7B is not built to learn that the file is a GPT-B
-            check_fits(create_model(config), state, checkpoint)
-        model = create_model(config)
-    except ValueError as error:
-        raise UserError(f"--image-size {image_size}: {error}") from None
+    config.check(flag_key({"image_size": "--image-size", "downsample_size": "the tokenizer's downsampling factor"}))
+    with torch.device("meta"):  # shapes first: a GPT-7B is not built to learn that the file is a GPT-B
+        check_fits(create_model(config), state, checkpoint)
+    model = create_model(config)
     model.load_state_dict(state, strict=True)
     return model.eval(), config
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .config import flatten
 from .data.dataset import PackedBatch, PackedCollate, StepBatches, TokenDataset
-from .data.splits import holdout_split
+from .data.splits import holdout_problem, holdout_split
 from .data.store import TokenStore, file_sha256
 from .errors import UserError
 from .fileio import check_output_dir, lock_folder
@@ -48,7 +48,7 @@ from .flops import count
 from .models import ModelConfig, architecture, create_model, is_dpar
 from .patcher import PatcherConfig
 from .runs import load_entropy_model
-from .validation import choice, ranged
+from .validation import Key, choice, config_key, ranged
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> module it needs
 # Keys a resumed run may change; any other difference from the run's config.yaml is refused.
@@ -72,6 +72,12 @@ class DataConfig:
     split_seed: int = ranged(0, min=0, max=2**31 - 1)
     # DataLoader worker processes per process.
     num_workers: int = ranged(4, min=0)
+
+    def check(self, key: Key = config_key("data")) -> None:
+        """The rule between fields: one source of validation images. ``UserError`` naming both keys."""
+        if self.val_store is not None and self.val_holdout:
+            raise UserError(f"{key('val_store')} {self.val_store} and {key('val_holdout')}={self.val_holdout} are two "
+                            f"validation sets; set one ({key('val_store')}=null or {key('val_holdout')}=0)")
 
 
 @dataclass
@@ -123,13 +129,14 @@ class TrainConfig:
 
 
 def split_global_batch(global_batch: int, processes: int, max_device_batch: int | None) -> tuple[int, int]:
-    """(micro-batch per process, accumulation steps) with processes * micro * accumulation = global batch."""
-    if global_batch < 1 or global_batch % processes:
+    """(micro-batch per process, accumulation steps) with processes * micro * accumulation = global batch.
+    ``UserError`` when the global batch does not split evenly over the processes (both sizes are >= 1 by
+    their fields' rules)."""
+    assert global_batch >= 1 and (max_device_batch is None or max_device_batch >= 1), (global_batch, max_device_batch)
+    if global_batch % processes:
         raise UserError(f"train.global_batch_size={global_batch} is not a positive multiple of {processes} processes")
     per_process = global_batch // processes
     limit = per_process if max_device_batch is None else max_device_batch
-    if limit < 1:
-        raise UserError(f"train.max_device_batch_size must be >= 1, got {max_device_batch}")
     accumulation = next(a for a in range(1, per_process + 1) if per_process % a == 0 and per_process // a <= limit)
     return per_process // accumulation, accumulation
 
@@ -252,13 +259,6 @@ class Trainer:
         data: DataConfig = OmegaConf.to_object(config.data)
         cfg: TrainConfig = OmegaConf.to_object(config.train)
         self.cfg, self.model_config = cfg, model_config
-        try:  # the config alone: e.g. a GPT given DPAR's architecture options
-            architecture(model_config)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        if patcher is not None and patcher.mode == "self_entropy":
-            raise UserError("patcher.mode self_entropy decides boundaries from the model's own predictions while "
-                            "sampling; train with entropy (or static) patching, then sample with --self-entropy")
         self.conditional = model_config.model_type == "c2i"
         _check_trackers(cfg.trackers)
         # trackers log under <experiment>/logs, set once the experiment dir is known
@@ -290,10 +290,7 @@ class Trainer:
         self.num_workers = data.num_workers
 
         torch.manual_seed(cfg.global_seed)
-        try:  # before the run dir is touched: a config the model refuses leaves nothing behind
-            model = create_model(model_config)
-        except ValueError as error:
-            raise UserError(str(error)) from None
+        model = create_model(model_config)
         run = [resolve_run(cfg.results_dir, run_name, prod, resume)] if acc.is_main_process else [None]
         self.experiment, resume_from = broadcast_object_list(run)[0]
         if acc.is_main_process:
@@ -513,17 +510,15 @@ def train(config: DictConfig, *, patcher: PatcherConfig | None, run_name: str, p
 
 def _datasets(store: TokenStore, data: DataConfig, model: ModelConfig, entropies: bool,
               seed: int) -> tuple[TokenDataset, TokenDataset | None]:
-    if data.val_store is not None:
-        if data.val_holdout:
-            raise UserError(f"data.val_store {data.val_store} and data.val_holdout={data.val_holdout} are two validation "
-                            "sets; set one (data.val_store=null or data.val_holdout=0)")
+    if data.val_store is not None:  # then data.val_holdout is 0 (DataConfig.check)
         val_store = open_store(data.val_store, model, "data.val_store")
         if entropies and not val_store.has_entropies:
             raise UserError(f"data.val_store {data.val_store} has no entropies for DPAR's validation; run "
                             "preprocess_tokens.py --stage entropies on it with the training store's entropy model")
         return TokenDataset(store, entropies, seed), TokenDataset(val_store, entropies, view=0)
-    if not 0 <= data.val_holdout < len(store):
-        raise UserError(f"data.val_holdout={data.val_holdout} must lie in [0, {len(store)}) for data.store {store.path}")
+    problem = holdout_problem(store.labels, data.val_holdout)
+    if problem is not None:
+        raise UserError(f"data.val_holdout={data.val_holdout} for data.store {store.path}: {problem}")
     train_images, held_out = holdout_split(store.labels, data.val_holdout, data.split_seed)
     val = TokenDataset(store, entropies, images=held_out, view=0) if data.val_holdout else None
     return TokenDataset(store, entropies, seed, images=train_images), val

@@ -7,10 +7,19 @@ A config dataclass field declares its range or its choices in its metadata::
     max_patch_length: int | None = ranged(4, min=1)       # >= 1, or null
     mixed_precision: str = choice("bf16", ("no", "bf16"))
 
-``dpar.config`` checks every field of every loaded config (file, overrides and saved runs alike), and a
-script's flag uses the same rule as its argparse type: ``type=number(int, min=1)``. Every float must be
-finite (no nan, no inf). A value outside its rule is one line naming the key or flag, the value and what is
-allowed, raised before any file is written. Standard library only, so that any script may use it.
+A rule between fields lives in one ``check(self, key)`` method of the schema that holds them (e.g.
+``dpar.models.ModelConfig.check``: ``image_size`` a multiple of ``downsample_size``); ``key`` names a field
+as the user wrote it, a config key (``model.image_size``, :func:`config_key`) or a script's flag
+(``--image-size``, :func:`flag_key`), and a broken rule is a :class:`~dpar.errors.UserError` naming the key,
+the value and what is allowed.
+
+``dpar.config`` checks every field of every loaded config (file, overrides and saved runs alike), then runs
+:func:`check_schema`: the ``check`` of every section that has one, then the schema's own. A script's flag uses
+the same field rule as its argparse type (``type=number(int, min=1)``), and flags that fill a schema are
+checked by its ``check`` too (:func:`check_flags`). Every float must be finite (no nan, no inf). A value
+outside its rule is one line naming the key or flag, the value and what is allowed, raised before any file is
+written. What only a programmer can break (arguments between library functions) is an ``assert``. Standard
+library only, so that any script may use it.
 """
 from __future__ import annotations
 
@@ -149,6 +158,39 @@ def field_type(schema: type, name: str) -> Callable[[str], Any]:
     """The argparse ``type`` of a flag that sets dataclass field ``name``: its kind and its declared range."""
     field = next(f for f in dataclasses.fields(schema) if f.name == name)
     return number(type(field.default), **dataclasses.asdict(field.metadata.get("range", Range())))
+
+
+Key = Callable[[str], str]
+"""How a schema's ``check`` names a field (dotted below a section: ``"data.image_size"``) to the user."""
+
+
+def config_key(section: str = "") -> Key:
+    """Fields named as config keys of ``section``: ``config_key("model")("image_size") == "model.image_size"``."""
+    return lambda name: f"{section}.{name}" if section else name
+
+
+def flag_key(flags: dict[str, str]) -> Key:
+    """Fields named by the flags that set them (``{"image_size": "--image-size"}``); any other by its field name."""
+    return lambda name: flags.get(name, name)
+
+
+def check_schema(config: Any, key: Key = config_key()) -> None:
+    """The rules between fields of a config dataclass instance: ``check(key)`` of every section (a dataclass
+    field) that defines one, innermost first, then ``config.check(key)`` where defined. A section's fields are
+    named ``key("section.field")``. Raises what a ``check`` raises (a one-line ``UserError``)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_schema(value, lambda name, section=field.name: key(f"{section}.{name}"))
+    check = getattr(config, "check", None)
+    if check is not None:
+        check(key)
+
+
+def check_flags(config: Any, flags: dict[str, str]) -> None:
+    """:func:`check_schema` of a config a script filled from its own flags (``{field: flag}``), so that a broken
+    rule names the flags: ``--image-size 30 is not a multiple of --downsample 4``."""
+    check_schema(config, flag_key(flags))
 
 
 def _number(value: float) -> str:

@@ -30,7 +30,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from dpar.data.preprocess import next_token_entropies
-from dpar.data.splits import holdout_split, stratified_sample
+from dpar.data.splits import holdout_problem, holdout_split, stratified_sample
 from dpar.data.store import TokenStore
 from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.fileio import atomic_write_text, check_output_file
@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     labels = train_store.labels.astype(np.int64)
     if args.val_store is None:
         holdout = args.val_holdout if args.val_holdout is not None else max(1, len(labels) // 5)
-        try:
-            train, val = holdout_split(labels, holdout, args.split_seed)
-        except ValueError as error:
-            raise UserError(f"--val-holdout {holdout}: {error}") from None
+        problem = holdout_problem(labels, holdout)
+        if problem is not None:
+            raise UserError(f"--val-holdout {holdout}: {problem}")
+        train, val = holdout_split(labels, holdout, args.split_seed)
         val_store, val_labels = train_store, labels[val]
     else:
         train, val = np.arange(len(labels)), np.arange(len(stores["--val-store"]))

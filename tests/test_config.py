@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from dpar.config import ConfigError, load_config, parse_cli, parse_overrides, save_config, to_dataclass
 from dpar.models import ModelConfig, create_model
 from dpar.patcher import PatcherConfig
+from dpar.validation import ranged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,3 +178,109 @@ def test_shipped_tokenizer_configs_validate():
         with torch.device("meta"):
             vq = create_vq(config.model)
         assert vq.downsample == config.model.downsample
+
+
+# -- one mechanism for the rules between fields: each schema's check(), run by every way a config arrives -------
+
+@dataclass
+class Pair:
+    low: int = ranged(0, min=0)
+    high: int = 1
+
+    def check(self, key=lambda name: name) -> None:
+        from dpar.errors import UserError
+        if self.low >= self.high:
+            raise UserError(f"{key('low')} {self.low} must be below {key('high')} {self.high}")
+
+
+@dataclass
+class Nested:
+    pair: Pair = field(default_factory=Pair)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    limit: int = 10
+
+    def check(self, key=lambda name: name) -> None:  # runs after its sections' own checks
+        from dpar.errors import UserError
+        if self.pair.high > self.limit:
+            raise UserError(f"{key('pair.high')} {self.pair.high} must be at most {key('limit')} {self.limit}")
+
+
+def check_error(*args) -> str:
+    from dpar.errors import UserError
+    with pytest.raises(UserError) as info:
+        load_config(*args)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_section_check_is_reached_through_load_config_with_full_keys(tmp_path):
+    assert check_error(Nested, None, ["pair.low=3", "pair.high=2"]) == "pair.low 3 must be below pair.high 2"
+    assert check_error(Nested, write(tmp_path, "pair:\n  high: 11\n")) == "pair.high 11 must be at most limit 10"
+    assert check_error(Schema, None, ["--model.image_size", "250"]) == \
+        "model.image_size 250 is not a multiple of model.downsample_size 16"
+    assert check_error(Schema, None, ["--model.gpt_model", "GPT-B", "--model.rope", "2d"]) == \
+        "model.rope applies to DGPT-* models only, not GPT-B"
+    load_config(Nested, None, ["pair.high=10"])  # the rules hold: no error
+    with pytest.raises(ConfigError, match="'pair.low' must be >= 0; got -1"):  # each field's own rule first
+        load_config(Nested, None, ["pair.low=-1", "pair.high=-2"])
+
+
+def test_a_check_is_reached_through_script_flags():
+    import argparse
+    from dpar.errors import UserError
+    from dpar.validation import check_flags
+    with pytest.raises(UserError, match="^model.image_size 250 is not a multiple of model.downsample_size 16$"):
+        parse_cli(argparse.ArgumentParser(), Schema, ["--model.image_size", "250"])
+    flags = {"image_size": "--image-size", "downsample_size": "--downsample"}
+    with pytest.raises(UserError, match="^--image-size 30 is not a multiple of --downsample 4$"):
+        check_flags(ModelConfig(image_size=30, downsample_size=4), flags)
+    check_flags(ModelConfig(image_size=32, downsample_size=4), flags)
+
+
+@pytest.mark.parametrize("script,argv,fragment", [
+    ("train_global_model", ["--model.image_size", "30"], "model.image_size 30 is not a multiple of model.downsample_size 4"),
+    ("train_global_model", ["--model.drop_path_rate", "0.1"], "model.drop_path_rate 0.1 applies to GPT-* models only"),
+    ("train_global_model", ["--patcher.mode", "self_entropy"], "patcher.mode self_entropy decides boundaries"),
+    ("train_entropy_model", ["--model.gpt_model", "DGPT-tiny"], "model.gpt_model DGPT-tiny: the entropy model is a "
+                                                                "token-level GPT-* model"),
+    ("train_entropy_model", ["--model.model_type", "c2i"], "model.model_type must be uncond, got 'c2i'"),
+    ("tokenizer.train_vq", ["--model.norm_groups", "3", "data.data_path=x"],
+     "VQ width model.ch=32 and model.z_channels=64 must be multiples of model.norm_groups=3"),
+    ("tokenizer.train_vq", ["--data.image_size", "30", "data.data_path=x"],
+     "data.image_size=30 is not a multiple of the tokenizer's downsampling factor 4"),
+])
+def test_scripts_run_their_schemas_checks_before_any_work(tmp_path, script, argv, fragment):
+    import importlib
+    from dpar.errors import UserError
+    config = {"train_global_model": "configs/tiny/global_model_entropy_row_break.yaml",
+              "train_entropy_model": "configs/tiny/entropy_model.yaml",
+              "tokenizer.train_vq": "configs/tokenizer/vq_tiny.yaml"}[script]
+    out = tmp_path / "runs"
+    with pytest.raises(UserError) as info:
+        importlib.import_module(script).main(["--config", str(ROOT / config), *argv, f"train.results_dir={out}"])
+    assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert not out.exists()
+
+
+def test_a_bad_saved_run_config_is_one_line_naming_the_file(tmp_path):
+    from dpar.config import read_section
+    from dpar.errors import UserError
+    from dpar.runs import load_trained_model
+    run = tmp_path / "run"
+    (run / "checkpoints" / "epoch_00000000").mkdir(parents=True)
+    (run / "checkpoints" / "epoch_00000000" / "model.safetensors").write_bytes(b"")  # never read
+    saved = run / "config.yaml"
+    saved.write_text("model:\n  gpt_model: GPT-tiny\n  image_size: 32\n  downsample_size: 4\n"
+                     "  decoder_injection: every_block\n")
+    expected = f"in {saved}: model.decoder_injection applies to DGPT-* models only, not GPT-tiny"
+    with pytest.raises(ConfigError) as info:
+        read_section(saved, "model", ModelConfig)
+    assert str(info.value) == expected
+    with pytest.raises(UserError) as info:  # before any weights are read
+        load_trained_model(run / "checkpoints" / "epoch_00000000" / "model.safetensors")
+    assert str(info.value) == expected
+    proc = subprocess.run([sys.executable, "sample_c2i.py", "--experiment_dir", str(run),
+                           "--output-dir", str(tmp_path / "samples")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "model.decoder_injection applies to DGPT-* models only" in proc.stderr

@@ -301,6 +301,15 @@ def test_trainers_and_calibration_use_the_stratified_split(store):
     assert len(sample) == classes and set(sample) <= set(train) and len(set(store.labels[sample].tolist())) == classes
 
 
+def test_a_hold_out_that_would_empty_a_class_is_one_line(store):
+    from dpar.training import DataConfig, _datasets
+    classes = len(set(store.labels.tolist()))
+    too_many = len(store) - classes + 1
+    with pytest.raises(UserError, match=f"^data.val_holdout={too_many} for data.store .*: cannot hold out {too_many} "
+                                        f"of {len(store)} images \\(every class keeps one for training\\)$"):
+        _datasets(store, DataConfig(store=str(store.path), val_holdout=too_many), ModelConfig(), False, 0)
+
+
 def test_small_hold_outs_draw_their_classes_and_every_class_keeps_a_training_image():
     from dpar.data.splits import holdout_split
     labels = np.repeat(np.arange(12), 8)

@@ -92,9 +92,9 @@ def test_architecture_options_build_what_they_say():
     every = tiny_dpar(decoder_injection="every_block")  # 2 decoder blocks: one more norm + linear
     extra = set(every.state_dict()) - set(plain.state_dict())
     assert extra == {"decoder.block_injections.0.patch_norm.weight", "decoder.block_injections.0.patch_proj.weight"}
-    with pytest.raises(ValueError, match="decoder_injection must be one of"):
+    with pytest.raises(AssertionError, match="decoder_injection must be one of"):  # a user's: ModelConfig's field
         tiny_dpar(decoder_injection="twice")
-    with pytest.raises(ValueError, match="n_dec_layer >= 1"):
+    with pytest.raises(AssertionError, match="n_dec_layer >= 1"):
         tiny_dpar(n_dec_layer=0)
 
 
@@ -111,9 +111,23 @@ def test_table_10_variants_are_expressible(layers):
 
 
 def test_a_gpt_refuses_dpar_options():
+    from dpar.errors import UserError
     from dpar.models import ModelConfig, create_model
-    with pytest.raises(ValueError, match="model.decoder_injection applies to DGPT-\\* models only"):
-        create_model(ModelConfig(gpt_model="GPT-tiny", decoder_injection="every_block"))
+    config = ModelConfig(gpt_model="GPT-tiny", decoder_injection="every_block")
+    with pytest.raises(UserError, match="model.decoder_injection applies to DGPT-\\* models only"):
+        config.check()
+    with pytest.raises(UserError, match="model.decoder_injection applies to DGPT-\\* models only"):
+        create_model(config)  # checks first, whoever built the config
+
+
+def test_dpar_refuses_stochastic_depth_and_a_partial_token_grid():
+    from dpar.errors import UserError
+    from dpar.models import ModelConfig, create_model
+    with pytest.raises(UserError, match="^model.drop_path_rate 0.1 applies to GPT-\\* models only, not DGPT-tiny"):
+        create_model(ModelConfig(gpt_model="DGPT-tiny", drop_path_rate=0.1))
+    ModelConfig(gpt_model="GPT-tiny", drop_path_rate=0.1).check()  # the GPT baseline has stochastic depth
+    with pytest.raises(UserError, match="^model.image_size 250 is not a multiple of model.downsample_size 16$"):
+        create_model(ModelConfig(image_size=250))
 
 
 def test_token_mode_runs_and_is_causal():
@@ -204,12 +218,12 @@ def test_sizes_and_aliases():
     assert model.config.dim == 1024 and model.config.n_head == 16
 
 
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="rope must be one of"):
+def test_bad_arguments():  # DPARArgs built by hand; a user's config is checked by ModelConfig first
+    with pytest.raises(AssertionError, match="rope must be one of"):
         tiny_dpar(rope="3d")
-    with pytest.raises(ValueError, match="attn_backend must be"):
+    with pytest.raises(AssertionError, match="attn_backend must be"):
         tiny_dpar(attn_backend="flash")
-    with pytest.raises(ValueError, match="drop_path_rate"):
+    with pytest.raises(AssertionError, match="drop_path_rate"):
         tiny_dpar(drop_path_rate=0.1)
     idx, cond, starts = batch()
     with pytest.raises(ValueError, match="needs cond_idx"):

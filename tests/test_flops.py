@@ -25,6 +25,15 @@ def test_cli_rejects_bad_tokens_per_patch():
     assert proc.returncode == 2 and "argument --tokens-per-patch: must be >= 1; got '0.5'" in proc.stderr
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "GPT-B", "--rope", "2d"], "error: --rope applies to DGPT-* models only, not GPT-B\n"),
+    (["--image-size", "250"], "error: --image-size 250 is not a multiple of the VQ-16 downsampling factor 16\n"),
+])
+def test_cli_checks_its_flags_by_the_model_configs_rules(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "dpar.flops", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == message
+
+
 @pytest.mark.parametrize("name", list(PAPER_PARAMS))
 def test_params_match_paper_table_1(name):
     assert count(name, 256)["params"] == pytest.approx(PAPER_PARAMS[name], rel=0.03)

@@ -111,12 +111,12 @@ def test_config_dispatch():
     assert starts(patch_starts(PatcherConfig(mode="static", static_length=4, max_patch_length=None),
                                entropies, 8)) == [0, 4, 8, 12]
     assert patch_starts(PatcherConfig(mode="token"), entropies, 8).all()
-    with pytest.raises(ValueError, match="unknown patcher mode"):
+    with pytest.raises(AssertionError, match="unknown patcher mode"):  # a user's mode: the field's choices
         patch_starts(PatcherConfig(mode="bytes"), entropies, 8)
 
 
 def test_bad_cap_is_rejected():
-    with pytest.raises(ValueError, match="max_patch_length"):
+    with pytest.raises(AssertionError, match="max_patch_length"):  # a user's P: the field's range
         entropy_mask([INF, 0], cap=0)
 
 

@@ -182,7 +182,7 @@ def test_a_llamagen_checkpoint_samples_like_a_run_of_the_same_weights(experiment
     (["--gpt-ckpt", "{ckpt}", "--vq-ckpt", "{vq}", "--gpt-model", "GPT-B", "--image-size", str(SIZE)],
      "does not fit the model"),
     (["--gpt-ckpt", "{ckpt}", "--vq-ckpt", "{vq}", "--gpt-model", "GPT-tiny", "--image-size", "17"],
-     "--image-size 17: model.image_size 17 is not a multiple"),
+     "--image-size 17 is not a multiple of the tokenizer's downsampling factor 4"),
     (["--gpt-ckpt", "{vq}", "--vq-ckpt", "{vq}", "--gpt-model", "GPT-tiny"], "is not a LlamaGen GPT checkpoint"),
     (["--experiment_dir", "{run}", "--epoch", "latest", "--vq-ckpt", "{vq}"], "--epoch latest: "),
     (["--epoch", "newest"], "--epoch: must be an epoch number >= 0 or 'latest'; got 'newest'"),

@@ -225,7 +225,7 @@ def last_start(patch_start: torch.Tensor, i: int) -> torch.Tensor:
 
 
 def test_self_entropy_patching_is_refused_for_training():
-    with pytest.raises(ValueError, match="self_entropy boundaries come from the model being sampled"):
+    with pytest.raises(AssertionError, match="self_entropy boundaries come from the model being sampled"):
         patch_starts(PatcherConfig(mode="self_entropy"), torch.zeros(2, 16), GRID)
 
 

@@ -29,7 +29,7 @@ from dpar.experiment import (STATE_FILE, add_run_arguments, append_metrics, load
                              resolve_run, save_checkpoint, truncate_metrics, write_run_config)
 from dpar.fileio import check_output_dir, lock_folder
 from dpar.launch import make_accelerator
-from dpar.validation import choice, ranged
+from dpar.validation import Key, choice, config_key, ranged
 from dpar.visual import image_grid, save_png
 from tokenizer.lpips import LPIPS
 from tokenizer.transforms import center_crop_arr, open_rgb
@@ -74,6 +74,13 @@ class TrainVQConfig:
     data: VQDataConfig = field(default_factory=VQDataConfig)
     train: VQTrainConfig = field(default_factory=VQTrainConfig)
 
+    def check(self, key: Key = config_key()) -> None:
+        """The rule between sections (each section checks its own): whole token grids. ``UserError``."""
+        if self.data.image_size % self.model.downsample:
+            raise UserError(f"{key('data.image_size')}={self.data.image_size} is not a multiple of the tokenizer's "
+                            f"downsampling factor {self.model.downsample} ({key('model.vq_model')} / "
+                            f"{key('model.ch_mult')})")
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,9 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.train.global_batch_size % world:
         raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by {world} processes")
     per_device_batch = cfg.train.global_batch_size // world
-    if cfg.data.image_size % cfg.model.downsample:
-        raise UserError(f"data.image_size={cfg.data.image_size} is not a multiple of the tokenizer's "
-                        f"downsampling factor {cfg.model.downsample}")
 
     paths, _, _ = list_images(cfg.data.data_path)
     if len(paths) < cfg.train.global_batch_size:
@@ -96,9 +100,9 @@ def main(argv: list[str] | None = None) -> None:
                         f"train.global_batch_size={cfg.train.global_batch_size}")
     config_name = Path(args.config).stem if args.config else "vq"
     torch.manual_seed(cfg.train.global_seed)
-    try:  # every model and loss check before the run dir is touched
+    try:  # built before the run dir is touched (its rules: VQConfig.check, run by parse_cli)
         model = create_vq(cfg.model)
-    except (ValueError, RuntimeError) as error:
+    except RuntimeError as error:  # torch could not allocate it
         raise UserError(f"model: {first_line(error)}") from None
     perceptual = (LPIPS.from_files(cfg.loss.lpips_weights, cfg.loss.vgg16_weights)
                   if cfg.loss.lpips_weights else None)

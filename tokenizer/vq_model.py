@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dpar.config import read_section, read_yaml
 from dpar.errors import UserError
 from dpar.experiment import CONFIG_FILE, experiment_of, load_model_weights
-from dpar.validation import choice, ranged
+from dpar.validation import Key, choice, config_key, ranged
 
 # LlamaGen keeps the last 65,536 code ids in a buffer to report codebook usage; the buffer is part of
 # its checkpoints, so it stays part of ours.
@@ -278,9 +278,8 @@ def codebook_entropy_loss(affinity: torch.Tensor, temperature: float = 0.01) -> 
 class VQModel(nn.Module):
     def __init__(self, config: VQArgs):
         super().__init__()
-        if config.ch % config.norm_groups or config.z_channels % config.norm_groups:
-            raise UserError(f"VQ width ch={config.ch} and z_channels={config.z_channels} must be multiples of "
-                            f"norm_groups={config.norm_groups}")
+        assert config.ch % config.norm_groups == 0 and config.z_channels % config.norm_groups == 0, \
+            (config.ch, config.z_channels, config.norm_groups)  # a user's config: VQConfig.check
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
@@ -382,12 +381,20 @@ class VQConfig:
     commit_loss_beta: float = ranged(0.25, min=0)
     entropy_loss_ratio: float = ranged(0.0, min=0)
 
+    def check(self, key: Key = config_key("model")) -> None:
+        """The rule between fields: GroupNorm splits the widths into ``norm_groups`` groups. ``UserError``."""
+        if self.ch % self.norm_groups or self.z_channels % self.norm_groups:
+            raise UserError(f"VQ width {key('ch')}={self.ch} and {key('z_channels')}={self.z_channels} must be "
+                            f"multiples of {key('norm_groups')}={self.norm_groups}")
+
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult or CHANNEL_MULTIPLIERS[self.vq_model]) - 1)
 
 
 def create_vq(config: VQConfig) -> VQModel:
+    """The tokenizer a :class:`VQConfig` describes (weights freshly initialised); its ``check`` runs first."""
+    config.check()
     kwargs = {name: getattr(config, name) for name in ("codebook_size", "codebook_embed_dim", "ch", "z_channels",
                                                        "num_res_blocks", "norm_groups", "dropout_p",
                                                        "commit_loss_beta", "entropy_loss_ratio")}

@@ -40,18 +40,25 @@ def stratified_sample(labels: np.ndarray, count: int, seed: int, keep: int = 0) 
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
+def holdout_problem(labels: np.ndarray, holdout: int) -> str | None:
+    """Why ``holdout`` images cannot be held out of images labelled ``labels`` (every class keeps one training
+    image), or None. A script states it as one line naming its key or flag, before any work."""
+    if 0 <= holdout <= len(labels) - len(np.unique(labels)):
+        return None
+    return f"cannot hold out {holdout} of {len(labels)} images (every class keeps one for training)"
+
+
 def holdout_split(labels: np.ndarray, holdout: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(training images, held-out images)``: sorted index arrays that partition ``range(len(labels))``.
 
     The ``holdout`` held-out images are :func:`stratified_sample` (seed ``seed``, the config's
     ``data.split_seed``), which leaves every class at least one training image; 0 holds out nothing.
-    ``ValueError`` when ``holdout`` is negative or that many images cannot be held out.
+    ``ValueError`` (:func:`holdout_problem`, which callers check first) when that many cannot be held out.
     """
-    try:
-        held_out = stratified_sample(labels, holdout, seed, keep=1)
-    except ValueError:
-        raise ValueError(f"cannot hold out {holdout} of {len(labels)} images (every class keeps one for "
-                         "training)") from None
+    problem = holdout_problem(labels, holdout)
+    if problem is not None:
+        raise ValueError(problem)
+    held_out = stratified_sample(labels, holdout, seed, keep=1)
     keep = np.ones(len(labels), dtype=bool)
     keep[held_out] = False
     return np.flatnonzero(keep), held_out

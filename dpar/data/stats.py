@@ -19,7 +19,7 @@ from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.patcher import PatcherConfig, calibrate_threshold, patch_start_mask
 from dpar.validation import field_type, number
 
-from .splits import holdout_split, stratified_sample
+from .splits import holdout_problem, holdout_split, stratified_sample
 from .store import TokenStore
 
 
@@ -31,10 +31,10 @@ def calibration_images(store: TokenStore, val_holdout: int = 0, split_seed: int 
     Sorted image indices; ``UserError`` when the store has no images or the hold-out does not fit."""
     if len(store) == 0:
         raise UserError(f"token store {store.path} has no images")
-    try:
-        train, _ = holdout_split(store.labels, val_holdout, split_seed)
-    except ValueError as error:
-        raise UserError(f"val_holdout {val_holdout} for token store {store.path}: {error}") from None
+    problem = holdout_problem(store.labels, val_holdout)
+    if problem is not None:
+        raise UserError(f"val_holdout {val_holdout} for token store {store.path}: {problem}")
+    train, _ = holdout_split(store.labels, val_holdout, split_seed)
     if max_images is None or max_images >= len(train):
         return train
     return train[stratified_sample(store.labels[train], max_images, split_seed)]

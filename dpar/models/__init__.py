@@ -10,9 +10,12 @@ from .dpar import DECODER_INJECTIONS, DPAR, DPAR_models, DPARArgs, PatchLayout
 from .gpt import GPT, GPT_models, Transformer
 from .layers import MODEL_TYPES, ModelArgs
 from .rope import ROPE_MODES
-from ..validation import choice, ranged
+from ..errors import UserError
+from ..validation import Key, choice, config_key, ranged
 
 MODEL_NAMES = tuple(GPT_models) + tuple(DPAR_models)
+# ModelConfig fields that configure DPAR's architecture (DPARArgs keyword arguments); a GPT-* keeps their defaults.
+DPAR_OPTIONS = ("rope", "encoder_pooling_ffn", "decoder_injection", "n_enc_layer", "n_dec_layer")
 
 
 @dataclass
@@ -52,18 +55,34 @@ class ModelConfig:
     # each with its own norm + linear (the paper's text, section 3.3).
     decoder_injection: str = choice("once", DECODER_INJECTIONS)
 
+    def check(self, key: Key = config_key("model")) -> None:
+        """The rules between fields (each field's own range or choices is declared above); ``key`` names a field
+        as the user gave it (a config key or a flag). ``UserError``: the token grid must be whole, DPAR's
+        options are DPAR's only, and stochastic depth is the GPT's only."""
+        if self.image_size % self.downsample_size:
+            raise UserError(f"{key('image_size')} {self.image_size} is not a multiple of {key('downsample_size')} "
+                            f"{self.downsample_size}")
+        if is_dpar(self.gpt_model):
+            if self.drop_path_rate > 0:
+                raise UserError(f"{key('drop_path_rate')} {self.drop_path_rate} applies to GPT-* models only, not "
+                                f"{self.gpt_model}: in DPAR's packed global stream a sample-wise drop would drop "
+                                "the whole batch")
+            return
+        defaults = ModelConfig()
+        changed = [name for name in DPAR_OPTIONS if getattr(self, name) != getattr(defaults, name)]
+        if changed:
+            raise UserError(f"{key(changed[0])} applies to DGPT-* models only, not {self.gpt_model}")
+
 
 def is_dpar(name: str) -> bool:
     return name in DPAR_models
 
 
 def create_model(config: ModelConfig) -> nn.Module:
-    """Build the model a :class:`ModelConfig` describes (weights freshly initialised)."""
-    if config.gpt_model not in MODEL_NAMES:
-        raise ValueError(f"unknown model.gpt_model {config.gpt_model!r}; valid: {', '.join(MODEL_NAMES)}")
-    if config.image_size % config.downsample_size:
-        raise ValueError(f"model.image_size {config.image_size} is not a multiple of "
-                         f"model.downsample_size {config.downsample_size}")
+    """Build the model a :class:`ModelConfig` describes (weights freshly initialised). Its rules are checked
+    first (:meth:`ModelConfig.check`, already run for a config loaded by ``dpar.config``): ``UserError``."""
+    assert config.gpt_model in MODEL_NAMES, config.gpt_model
+    config.check()
     kwargs = dict(
         vocab_size=config.vocab_size,
         block_size=(config.image_size // config.downsample_size) ** 2,
@@ -84,19 +103,12 @@ def create_model(config: ModelConfig) -> nn.Module:
 
 def architecture(config: ModelConfig) -> dict:
     """The DPAR architecture options a :class:`ModelConfig` sets (``DPARArgs`` keyword arguments; empty for a
-    GPT), shared by :func:`create_model` and ``dpar.flops.count``. ``ValueError`` when a GPT sets one."""
-    options = {"rope": config.rope, "encoder_pooling_ffn": config.encoder_pooling_ffn,
-               "decoder_injection": config.decoder_injection, "n_enc_layer": config.n_enc_layer,
-               "n_dec_layer": config.n_dec_layer}
-    options = {key: value for key, value in options.items() if value is not None}
-    if is_dpar(config.gpt_model):
-        return options
-    defaults = ModelConfig()
-    changed = [key for key, value in options.items() if value != getattr(defaults, key)]
-    if changed:
-        raise ValueError(f"model.{changed[0]} applies to DGPT-* models only, not {config.gpt_model}")
-    return {}
+    GPT, which :meth:`ModelConfig.check` allows none), shared by :func:`create_model` and ``dpar.flops.count``."""
+    if not is_dpar(config.gpt_model):
+        return {}
+    options = {name: getattr(config, name) for name in DPAR_OPTIONS}
+    return {name: value for name, value in options.items() if value is not None}
 
 
-__all__ = ["DPAR", "DPARArgs", "DPAR_models", "GPT", "GPT_models", "MODEL_NAMES", "ModelArgs", "ModelConfig", "PatchLayout",
-           "Transformer", "architecture", "create_model", "is_dpar"]
+__all__ = ["DPAR", "DPARArgs", "DPAR_OPTIONS", "DPAR_models", "GPT", "GPT_models", "MODEL_NAMES", "ModelArgs",
+           "ModelConfig", "PatchLayout", "Transformer", "architecture", "create_model", "is_dpar"]

@@ -43,22 +43,17 @@ class DPARArgs(ModelArgs):
     encoder_pooling_ffn: bool = True  # a SwiGLU FFN after each patch cross-attention (not in the paper's text)
     decoder_injection: str = "once"  # the patch vector enters the decoder before its first block, or every block
 
-    def __post_init__(self):
+    def __post_init__(self):  # what a user sets is checked by dpar.models.ModelConfig before it gets here
         super().__post_init__()
-        if self.n_enc_layer < 1 or self.n_dec_layer < 1:
-            raise ValueError(f"DPAR needs n_enc_layer and n_dec_layer >= 1, got {self.n_enc_layer}, {self.n_dec_layer}")
-        if self.decoder_injection not in DECODER_INJECTIONS:
-            raise ValueError(f"decoder_injection must be one of {', '.join(DECODER_INJECTIONS)}, "
-                             f"got {self.decoder_injection!r}")
-        if self.rope not in ROPE_MODES:
-            raise ValueError(f"rope must be one of {', '.join(ROPE_MODES)}, got {self.rope!r}")
-        if self.attn_backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"attn_backend must be auto or one of {', '.join(BACKENDS)}, got {self.attn_backend!r}")
-        if self.cls_token_num != 1:
-            raise ValueError(f"DPAR uses one class token, got cls_token_num={self.cls_token_num}")
-        if self.drop_path_rate > 0:
-            raise ValueError("DPAR does not support drop_path_rate > 0: in the packed global stream "
-                             "a sample-wise drop would drop the whole batch")
+        assert self.n_enc_layer >= 1 and self.n_dec_layer >= 1, \
+            f"DPAR needs n_enc_layer and n_dec_layer >= 1, got {self.n_enc_layer}, {self.n_dec_layer}"
+        assert self.decoder_injection in DECODER_INJECTIONS, \
+            f"decoder_injection must be one of {', '.join(DECODER_INJECTIONS)}, got {self.decoder_injection!r}"
+        assert self.rope in ROPE_MODES, f"rope must be one of {', '.join(ROPE_MODES)}, got {self.rope!r}"
+        assert self.attn_backend in ("auto",) + BACKENDS, \
+            f"attn_backend must be auto or one of {', '.join(BACKENDS)}, got {self.attn_backend!r}"
+        assert self.cls_token_num == 1, f"DPAR uses one class token, got cls_token_num={self.cls_token_num}"
+        assert self.drop_path_rate == 0, f"DPAR has no stochastic depth, got drop_path_rate={self.drop_path_rate}"
 
 
 def patch_lengths(mask: Tensor) -> Tensor:

@@ -46,14 +46,11 @@ class ModelArgs:
     cls_token_num: int = 1
     block_size: int = 256  # image tokens per sample: grid_size ** 2
 
-    def __post_init__(self):
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
-        if self.dim % self.n_head:
-            raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
-        grid = int(round(self.block_size ** 0.5))
-        if grid * grid != self.block_size:
-            raise ValueError(f"block_size must be a square token grid, got {self.block_size}")
+    def __post_init__(self):  # what a user sets is checked by dpar.models.ModelConfig before it gets here
+        assert self.model_type in MODEL_TYPES, \
+            f"model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}"
+        assert self.dim % self.n_head == 0, f"dim {self.dim} is not divisible by n_head {self.n_head}"
+        assert self.grid_size ** 2 == self.block_size, f"block_size must be a square token grid, got {self.block_size}"
 
     @property
     def head_dim(self) -> int:
