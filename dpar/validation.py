@@ -154,6 +154,7 @@ def epoch_choice(text: str) -> int | str:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"must be an epoch number >= 0 or 'latest'; got {text!r}") from None
 
+
 def field_type(schema: type, name: str) -> Callable[[str], Any]:
     """The argparse ``type`` of a flag that sets dataclass field ``name``: its kind and its declared range."""
     field = next(f for f in dataclasses.fields(schema) if f.name == name)
