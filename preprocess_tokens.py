@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from dpar.data.images import list_images
+from tokenizer.images import list_images
 from dpar.data.preprocess import (TokenJob, entropy_shards, finish_entropies, finish_tokens, listing_hash,
                                   next_token_entropies, start_entropies, start_store, tokenize_shards,
                                   trained_tokenizer_sha256)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 import preprocess_tokens
 from dpar.data import preprocess
 from dpar.data.dataset import PackedCollate, TokenDataset
-from dpar.data.images import list_images
+from tokenizer.images import list_images
 from dpar.data.stats import main as stats_main
 from dpar.data.stats import store_patch_stats
 from dpar.data.store import TokenStore

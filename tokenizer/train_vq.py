@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dpar.config import parse_cli, to_dataclass
-from dpar.data.images import EpochPermutation, RandomCropImages, list_images
 from dpar.errors import ArgumentParser, UserError, first_line, run_main
 from dpar.experiment import (STATE_FILE, add_run_arguments, append_metrics, load_model_weights, load_torch_file,
                              resolve_run, save_checkpoint, truncate_metrics, write_run_config)
@@ -31,6 +30,7 @@ from dpar.fileio import check_output_dir, lock_folder
 from dpar.launch import make_accelerator
 from dpar.validation import Key, choice, config_key, ranged
 from dpar.visual import image_grid, save_png
+from tokenizer.images import EpochPermutation, RandomCropImages, list_images
 from tokenizer.lpips import LPIPS
 from tokenizer.transforms import center_crop_arr, open_rgb
 from tokenizer.vq_loss import VQLoss, VQLossConfig

@@ -12,8 +12,8 @@ from torch.utils.data import Dataset, Sampler
 from dpar.errors import UserError
 from dpar.models.dpar import PatchLayout
 from dpar.patcher import PatcherConfig, patch_starts
+from tokenizer.images import epoch_order
 
-from .images import epoch_order
 from .store import TokenStore
 
 

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from dpar.errors import UserError
-from tokenizer.transforms import open_rgb, random_crop_arr
+from .transforms import open_rgb, random_crop_arr
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
