@@ -51,9 +51,9 @@ from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_
 from dpar.models import ModelConfig, is_dpar  # noqa: E402
 from dpar.runs import load_trained_model  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
-from dpar.training import RESUMABLE_KEYS, DataConfig, TrainConfig, check_entropy_source, nll_totals  # noqa: E402
+from dpar.training import (RESUMABLE_KEYS, DataConfig, TrainConfig, TrainGlobalConfig,  # noqa: E402
+                           check_entropy_source, nll_totals)
 from dpar.validation import field_type, number, path as path_flag  # noqa: E402
-from train_global_model import TrainGlobalConfig  # noqa: E402
 
 DPAR_CONFIG = "configs/tiny/global_model_entropy_row_break.yaml"
 # name -> (section of the report, config, overrides); static's K is appended once it is known

@@ -109,12 +109,18 @@ def config_sections_help(schema: type) -> str:
         section_type = hints[section.name]
         if section.name in plain:
             continue
-        source = Path(inspect.getsourcefile(section_type)).resolve()
-        where = source.relative_to(REPO) if source.is_relative_to(REPO) else source
-        lines.append(f"  {section.name}: {section_type.__name__} in {where}")
+        shared = [f"{base.__name__} in {_source(base)}" for base in section_type.__mro__[1:]
+                  if dataclasses.is_dataclass(base)]  # a base schema's keys are commented where it is defined
+        lines.append(f"  {section.name}: {section_type.__name__} in {_source(section_type)}"
+                     + (f" (shared keys: {', '.join(shared)})" if shared else ""))
         lines.append(textwrap.fill(", ".join(f.name for f in dataclasses.fields(section_type)), width=100,
                                    initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
+
+
+def _source(schema: type) -> Path:
+    source = Path(inspect.getsourcefile(schema)).resolve()
+    return source.relative_to(REPO) if source.is_relative_to(REPO) else source
 
 
 def save_config(config: DictConfig, path: str | Path) -> None:

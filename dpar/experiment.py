@@ -18,6 +18,9 @@ replaces an older copy first moves that aside as ``<name>.old``, which counts as
 new one is in place. So at every instant of a killed write a complete checkpoint can be found. Resuming takes whichever of the
 newest epoch checkpoint and ``latest/`` is further along (the ``step`` in the weights' metadata). Weights are read with
 ``torch.load(weights_only=True)`` or safetensors; nothing unpickles arbitrary objects.
+
+:class:`Run` is that directory as every trainer uses it (``dpar.training.Trainer``, ``tokenizer.train_vq``), and
+:class:`BaseTrainConfig` the ``train`` keys they share; :func:`parse_trainer_cli` their scripts' command line.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,9 +39,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import flatten, load_config, save_config
-from .errors import UserError, first_line
-from .fileio import atomic_write_text, umask
+from .config import flatten, load_config, parse_cli, save_config
+from .errors import ArgumentParser, UserError, first_line
+from .fileio import atomic_write_text, check_output_dir, lock_folder, umask
+from .validation import choice, ranged
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -51,12 +56,150 @@ _CHECKPOINT_NAME = re.compile(r"^epoch_(\d{8})$")
 _REPLACED = ".old"  # a checkpoint moved aside while its replacement is renamed into place
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every trainer's ``--prod`` and ``--resume [DIR]`` (see :func:`resolve_run`)."""
+@dataclass
+class BaseTrainConfig:
+    """The ``train`` keys of every trainer; ``dpar.training.TrainConfig`` and ``tokenizer.train_vq.VQTrainConfig``
+    add their own (and the tokenizer's schema other defaults)."""
+    # runs go to <results_dir>/<experiment_name>/<YYYYMMDD_HH> (--prod) or <results_dir>/scratch/...
+    results_dir: str = "results"
+    # default: the config file's name, e.g. global_model_entropy_row_break.
+    experiment_name: str | None = None
+    # passes over the training images (the paper: 300).
+    epochs: int = ranged(300, min=1)
+    # images per optimizer step over all processes (the paper: 256).
+    global_batch_size: int = ranged(256, min=1)
+    # Adam / AdamW (paper section 4.1).
+    lr: float = ranged(1e-4, gt=0)
+    beta1: float = ranged(0.9, min=0, lt=1)
+    beta2: float = ranged(0.95, min=0, lt=1)
+    # gradient clipping by global norm.
+    max_grad_norm: float = ranged(1.0, gt=0)
+    # bf16: autocast to bfloat16, weights and optimizer in fp32; no: fp32 throughout.
+    mixed_precision: str = choice("bf16", ("no", "bf16"))
+    # seeds the initial weights, the data order, augmentation and dropout.
+    global_seed: int = ranged(0, min=0, max=2**31 - 1)
+    # log every N steps (metrics.jsonl, progress bar, trackers).
+    log_every: int = ranged(100, min=1)
+    # checkpoint every N epochs (and after the last).
+    ckpt_every: int = ranged(1, min=1)
+    # keep the newest K epoch checkpoints (0: all) and every epoch divisible by M.
+    keep_last: int = ranged(0, min=0)
+    keep_every: int = ranged(0, min=0)
+
+
+# The BaseTrainConfig keys a resumed run may change (each trainer adds its own); any other difference from the
+# run's config.yaml is refused.
+RESUMABLE_TRAIN_KEYS = frozenset({"train.results_dir", "train.epochs", "train.log_every", "train.ckpt_every",
+                                  "train.keep_last", "train.keep_every"})
+
+
+def parse_trainer_cli(schema: type, description: str, argv: list[str] | None,
+                      default_name: str) -> tuple[argparse.Namespace, DictConfig, str]:
+    """A training script's command line: ``--config``, overrides of ``schema`` (which has a ``train`` section of
+    :class:`BaseTrainConfig`), ``--prod`` and ``--resume [DIR]``. Returns (flags, validated config, run name:
+    ``train.experiment_name``, else the config file's stem, else ``default_name``). ``UserError`` for a bad key
+    or value."""
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prod", action="store_true",
                         help="write to <results_dir>/<name>/<YYYYMMDD_HH>/ instead of <results_dir>/scratch/")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                         help="continue DIR, or without DIR the newest run of this config")
+    args, config = parse_cli(parser, schema, argv)
+    name = config.train.experiment_name or (Path(args.config).stem if args.config else default_name)
+    return args, config, name
+
+
+class Run:
+    """One training run's experiment directory (the layout above): its name, lock, config, metrics and checkpoints.
+
+    ``Run(...)`` checks the results root and the name and writes nothing; :meth:`find` resolves the directory and
+    the checkpoint a resumed run continues from (:func:`resolve_run`); :meth:`start` locks the directory and writes
+    the resolved config (a resumed run's must match outside the resumable keys); :meth:`load` reads the
+    checkpoint, :meth:`truncate_metrics` cuts ``metrics.jsonl`` back to it, :meth:`log` appends a record and
+    :meth:`save` writes a checkpoint and prunes old ones.
+
+    Every process of a multi-process run holds one: the main process (rank 0) resolves the directory and
+    broadcasts it, and only it writes (config, metrics, checkpoints: :meth:`start`, :meth:`log`,
+    :meth:`truncate_metrics` and :meth:`save` do nothing on the other ranks); every process reads the checkpoint
+    it resumes from. ``accelerator`` is an ``accelerate.Accelerator`` (its rank, its barrier).
+    """
+
+    def __init__(self, accelerator, train: BaseTrainConfig | DictConfig, name: str, *, prod: bool,
+                 resume: str | None, what: str = "a training run"):
+        self.root = check_output_dir(train.results_dir, "train.results_dir")
+        _check_run_name(name)
+        self.accelerator, self.name, self.prod, self.resume, self.what = accelerator, name, prod, resume, what
+        self.keep_last, self.keep_every = train.keep_last, train.keep_every
+        self.main = accelerator.is_main_process
+        self.dir: Path | None = None  # set by find()
+        self.resume_from: Path | None = None
+
+    def find(self) -> Run:
+        """Resolve the directory and the resume point on the main process; every process gets them."""
+        from accelerate.utils import broadcast_object_list  # imported when used, as dpar.launch imports accelerate
+
+        found = [resolve_run(self.root, self.name, self.prod, self.resume)] if self.main else [None]
+        self.dir, self.resume_from = broadcast_object_list(found)[0]
+        return self
+
+    @property
+    def resume_step(self) -> int:
+        """The optimizer step of the resume point; -1 for a new run (or a checkpoint that does not say)."""
+        return -1 if self.resume_from is None else checkpoint_step(self.resume_from)
+
+    def start(self, config: DictConfig, resumable_keys: set[str] | frozenset[str]) -> Run:
+        """Create and lock the directory and write ``config.yaml`` (main process), then wait for every process.
+        ``UserError`` when another process holds the lock, or when a resumed run's saved config differs outside
+        ``resumable_keys`` (dotted keys)."""
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            lock_folder(self.dir, self.what)
+            path = self.dir / CONFIG_FILE
+            if self.resume_from is not None and path.is_file():
+                differs = config_difference(config, path, set(resumable_keys))
+                if differs:
+                    key, saved, value = differs
+                    raise UserError(f"{path} was started with {key}={saved!r}, this run has {value!r}; resume with "
+                                    "the same settings or start a new run (e.g. another --train.experiment_name)")
+            save_config(config, path)
+        self.accelerator.wait_for_everyone()
+        return self
+
+    def load(self, model: torch.nn.Module, ema: torch.nn.Module | None = None) -> dict[str, Any]:
+        """Load the resume point's weights into ``model`` (and its EMA weights into ``ema``); returns the training
+        state saved with them. Every process reads. ``UserError`` for weights that do not fit, or no EMA file."""
+        state = _load_torch_file(self.resume_from / STATE_FILE)
+        load_model_weights(model, self.resume_from / MODEL_FILE)
+        if ema is not None:
+            if not (self.resume_from / EMA_FILE).is_file():
+                raise UserError(f"train.ema is on but {self.resume_from} has no {EMA_FILE}")
+            load_model_weights(ema, self.resume_from / EMA_FILE)
+        return state
+
+    def truncate_metrics(self, step: int) -> None:
+        """:func:`truncate_metrics` of this run (main process): called once the run knows its first step."""
+        if self.main:
+            truncate_metrics(self.dir, step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON record to ``metrics.jsonl`` (main process)."""
+        if self.main:
+            with open(self.dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self, epoch: int, model_state: dict[str, torch.Tensor], training_state: dict[str, Any], *,
+             ema_state: dict[str, torch.Tensor] | None = None, step: int | None = None,
+             end_of_epoch: bool = True) -> None:
+        """Write the checkpoint of the end of ``epoch`` and prune per ``train.keep_last`` / ``keep_every``
+        (:func:`save_checkpoint`), or with ``end_of_epoch=False`` the mid-epoch ``checkpoints/latest/`` at ``step``
+        (:func:`save_step_checkpoint`). Main process only (the others return at once)."""
+        if not self.main:
+            return
+        if end_of_epoch:
+            save_checkpoint(self.dir, epoch, model_state, training_state, self.keep_last, self.keep_every,
+                            ema_state=ema_state, step=step)
+        else:
+            save_step_checkpoint(self.dir, epoch, step, model_state, training_state, ema_state=ema_state)
 
 
 def new_experiment_dir(root: str | Path, config_name: str, prod: bool, now: datetime | None = None) -> Path:
@@ -67,7 +210,7 @@ def new_experiment_dir(root: str | Path, config_name: str, prod: bool, now: date
     return Path(root) / SCRATCH / config_name / now.strftime("%Y%m%d_%H%M%S")
 
 
-def latest_experiment_dir(root: str | Path, config_name: str, prod: bool) -> Path | None:
+def _latest_experiment_dir(root: str | Path, config_name: str, prod: bool) -> Path | None:
     """The most recent run of ``config_name`` (prod or scratch) that has a checkpoint, if any (older runs are
     not opened: a damaged one blocks nothing)."""
     parent = Path(root) / config_name if prod else Path(root) / SCRATCH / config_name
@@ -85,13 +228,11 @@ def resolve_run(root: str | Path, config_name: str, prod: bool, resume: str | No
     ``resume`` is None (a new run; a same-hour ``--prod`` dir that already has checkpoints continues),
     ``"latest"`` (the newest run of this config) or an experiment dir.
     """
-    if not config_name or Path(config_name).name != config_name or config_name in (".", ".."):
-        raise UserError(f"train.experiment_name {config_name!r} must be a plain folder name (no '/', not '.' or "
-                        "'..'): runs stay inside train.results_dir")
+    _check_run_name(config_name)
     if resume is None:
         experiment = new_experiment_dir(root, config_name, prod)
     elif resume == "latest":
-        experiment = latest_experiment_dir(root, config_name, prod)
+        experiment = _latest_experiment_dir(root, config_name, prod)
         if experiment is None:
             kind = "--prod" if prod else "scratch"
             raise UserError(f"--resume: no {kind} run of {config_name!r} with a checkpoint under {root}")
@@ -100,6 +241,12 @@ def resolve_run(root: str | Path, config_name: str, prod: bool, resume: str | No
         if resume_checkpoint(experiment) is None:
             raise UserError(f"--resume {experiment}: no {CHECKPOINTS}/epoch_*/{MODEL_FILE} there")
     return experiment, resume_checkpoint(experiment)
+
+
+def _check_run_name(name: str) -> None:
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise UserError(f"train.experiment_name {name!r} must be a plain folder name (no '/', not '.' or "
+                        "'..'): runs stay inside train.results_dir")
 
 
 def checkpoint_dir(experiment_dir: str | Path, epoch: int) -> Path:
@@ -141,11 +288,11 @@ def latest_checkpoint(experiment_dir: str | Path) -> Path | None:
 def save_checkpoint(experiment_dir: str | Path, epoch: int, model_state: dict[str, torch.Tensor],
                     training_state: dict[str, Any] | None = None, keep_last: int = 0, keep_every: int = 0, *,
                     ema_state: dict[str, torch.Tensor] | None = None, step: int | None = None) -> Path:
-    """Write the checkpoint of the end of ``epoch`` atomically, then prune (see :func:`prune_checkpoints`)."""
+    """Write the checkpoint of the end of ``epoch`` atomically, then prune (see :func:`_prune_checkpoints`)."""
     final = _write_checkpoint(checkpoint_dir(experiment_dir, epoch), model_state, training_state, ema_state,
                               {"epoch": epoch, "step": step})
     shutil.rmtree(step_checkpoint_dir(experiment_dir), ignore_errors=True)
-    prune_checkpoints(experiment_dir, keep_last, keep_every)
+    _prune_checkpoints(experiment_dir, keep_last, keep_every)
     return final
 
 
@@ -206,7 +353,7 @@ def _write_checkpoint(final: Path, model_state: dict[str, torch.Tensor], trainin
     return final
 
 
-def prune_checkpoints(experiment_dir: str | Path, keep_last: int, keep_every: int) -> None:
+def _prune_checkpoints(experiment_dir: str | Path, keep_last: int, keep_every: int) -> None:
     """Keep the newest ``keep_last`` checkpoints and every epoch divisible by ``keep_every``.
 
     ``keep_last=0`` keeps everything. The newest checkpoint is never removed.
@@ -236,7 +383,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(path)
         except (SafetensorError, OSError) as error:
             raise UserError(f"cannot read {path}: {error}") from None
-    checkpoint = load_torch_file(path)
+    checkpoint = _load_torch_file(path)
     if isinstance(checkpoint, dict):
         key = next((key for key in STATE_DICT_KEYS if isinstance(checkpoint.get(key), dict)), None)
         checkpoint = checkpoint if key is None else checkpoint[key]
@@ -247,7 +394,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
-def load_torch_file(path: str | Path) -> Any:
+def _load_torch_file(path: str | Path) -> Any:
     """``torch.load(weights_only=True)``; also admits the argparse.Namespace LlamaGen stores as ``args``."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -284,11 +431,6 @@ def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str
         raise UserError(f"{path} does not fit the model: " + "; ".join(details))
 
 
-def append_metrics(experiment_dir: str | Path, record: dict[str, Any]) -> None:
-    with open(Path(experiment_dir) / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def truncate_metrics(experiment_dir: str | Path, step: int) -> None:
     """Drop the records logged after ``step`` (by a killed run, past its last checkpoint) and any line a kill
     cut short, so that a resumed run's ``metrics.jsonl`` reads as one uninterrupted run. Every trainer calls
@@ -304,18 +446,6 @@ def truncate_metrics(experiment_dir: str | Path, step: int) -> None:
             if isinstance(record, dict) and record.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
         atomic_write_text(path, "".join(kept))
-
-
-def write_run_config(config: DictConfig, experiment: Path, resuming: bool, resumable_keys: set[str]) -> None:
-    """Save a run's resolved ``config.yaml``; a resumed run may change only ``resumable_keys`` (dotted)."""
-    path = experiment / CONFIG_FILE
-    if resuming and path.is_file():
-        differs = config_difference(config, path, resumable_keys)
-        if differs:
-            key, saved, value = differs
-            raise UserError(f"{path} was started with {key}={saved!r}, this run has {value!r}; resume "
-                            "with the same settings or start a new run (e.g. another --train.experiment_name)")
-    save_config(config, path)
 
 
 def config_difference(config: DictConfig, saved_path: Path, ignored_keys: set[str]) -> tuple[str, Any, Any] | None:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
-from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -39,22 +38,19 @@ from .data.dataset import PackedBatch, PackedCollate, StepBatches, TokenDataset
 from .data.splits import holdout_problem, holdout_split
 from .data.store import TokenStore, file_sha256
 from .errors import UserError
-from .fileio import check_output_dir, lock_folder
+from .experiment import CONFIG_FILE, RESUMABLE_TRAIN_KEYS, BaseTrainConfig, Run, experiment_of
 from .launch import make_accelerator
-from .experiment import (CONFIG_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, append_metrics, checkpoint_step,
-                         experiment_of, load_model_weights, load_torch_file, resolve_run,
-                         save_checkpoint, save_step_checkpoint, truncate_metrics, write_run_config)
 from .flops import count
 from .models import ModelConfig, architecture, create_model, is_dpar
 from .patcher import PatcherConfig
 from .runs import load_entropy_model
-from .validation import Key, choice, config_key, ranged
+from .validation import Key, config_key, ranged
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> module it needs
 # Keys a resumed run may change; any other difference from the run's config.yaml is refused.
-RESUMABLE_KEYS = {"train.epochs", "train.max_steps", "train.log_every", "train.val_every", "train.ckpt_every",
-                  "train.ckpt_every_steps", "train.keep_last", "train.keep_every", "train.trackers",
-                  "train.compile", "train.max_device_batch_size", "data.num_workers", "train.results_dir"}
+RESUMABLE_KEYS = RESUMABLE_TRAIN_KEYS | {"train.max_steps", "train.val_every", "train.ckpt_every_steps",
+                                        "train.trackers", "train.compile", "train.max_device_batch_size",
+                                        "data.num_workers"}
 
 
 @dataclass
@@ -81,51 +77,64 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    # runs go to <results_dir>/<experiment_name>/<YYYYMMDD_HH> (--prod) or <results_dir>/scratch/...
-    results_dir: str = "results"
-    # default: the config file's name, e.g. global_model_entropy_row_break.
-    experiment_name: str | None = None
-    # passes over the training images (the paper: 300).
-    epochs: int = ranged(300, min=1)
+class TrainConfig(BaseTrainConfig):
+    """The trainer's ``train`` keys: those of every trainer (:class:`dpar.experiment.BaseTrainConfig`: where runs go,
+    epochs, batch, Adam, precision, seed, logging, checkpoints) and these."""
     # stop after this many optimizer steps (smoke tests, benchmarks); null: run all epochs.
     max_steps: int | None = ranged(None, min=1)
-    # images per optimizer step over all processes (the paper: 256).
-    global_batch_size: int = ranged(256, min=1)
     # largest micro-batch a device holds; gradient accumulation makes up the rest. null: no accumulation.
     max_device_batch_size: int | None = ranged(None, min=1)
-    # AdamW (paper section 4.1).
-    lr: float = ranged(1e-4, gt=0)
+    # AdamW's weight decay (paper section 4.1).
     weight_decay: float = ranged(0.05, min=0)
-    beta1: float = ranged(0.9, min=0, lt=1)
-    beta2: float = ranged(0.95, min=0, lt=1)
     # LlamaGen decays every weight with >= 2 dims, embedding tables included; false exempts embeddings too.
     decay_embeddings: bool = True
     # linear warm-up from 0 over this many steps, then constant (the paper: 0, constant throughout).
     warmup_steps: int = ranged(0, min=0)
-    # gradient clipping by global norm.
-    max_grad_norm: float = ranged(1.0, gt=0)
-    # bf16: autocast to bfloat16, weights and optimizer in fp32; no: fp32 throughout.
-    mixed_precision: str = choice("bf16", ("no", "bf16"))
     # keep an exponential moving average of the weights (saved as ema.safetensors).
     ema: bool = False
     ema_decay: float = ranged(0.9999, min=0, lt=1)
     # torch.compile the model (CUDA; the first steps are slow while it compiles).
     compile: bool = False
-    global_seed: int = ranged(0, min=0, max=2**31 - 1)
-    # log loss and throughput every N steps (metrics.jsonl, progress bar, trackers).
-    log_every: int = ranged(100, min=1)
     # validation NLL every N epochs (needs data.val_store or data.val_holdout).
     val_every: int = ranged(1, min=1)
-    # checkpoint every N epochs (and after the last).
-    ckpt_every: int = ranged(1, min=1)
     # rewrite checkpoints/latest/ every N steps, so a killed run loses at most N steps (0: off).
     ckpt_every_steps: int = ranged(5000, min=0)
-    # keep the newest K epoch checkpoints (0: all) and every epoch divisible by M.
-    keep_last: int = ranged(0, min=0)
-    keep_every: int = ranged(0, min=0)
     # accelerate trackers, if installed: [tensorboard], [wandb] or both.
     trackers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainGlobalConfig:
+    """train_global_model.py's config: DPAR (DGPT-*) or the LlamaGen token-level baseline (GPT-*)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    patcher: PatcherConfig = field(default_factory=PatcherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self, key: Key = config_key()) -> None:
+        """The rule between sections (each section checks its own): DPAR trains on entropy, static or token
+        patches; self_entropy patching exists only while sampling. ``UserError``."""
+        if is_dpar(self.model.gpt_model) and self.patcher.mode == "self_entropy":
+            raise UserError(f"{key('patcher.mode')} self_entropy decides boundaries from the model's own predictions "
+                            "while sampling; train with entropy (or static) patching, then sample with --self-entropy")
+
+
+@dataclass
+class TrainEntropyConfig:
+    """train_entropy_model.py's config: an unconditional token-level GPT (GPT-B by default)."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(gpt_model="GPT-B", model_type="uncond",
+                                                                   class_dropout_prob=0.0))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self, key: Key = config_key()) -> None:
+        """The entropy model is an unconditional token-level GPT (each section checks its own rules). ``UserError``."""
+        if is_dpar(self.model.gpt_model):
+            raise UserError(f"{key('model.gpt_model')} {self.model.gpt_model}: the entropy model is a token-level "
+                            "GPT-* model")
+        if self.model.model_type != "uncond":
+            raise UserError(f"{key('model.model_type')} must be uncond, got {self.model.model_type!r}: entropies are "
+                            "computed without a class")
 
 
 def split_global_batch(global_batch: int, processes: int, max_device_batch: int | None) -> tuple[int, int]:
@@ -251,7 +260,8 @@ def check_entropy_source(config: DictConfig, store: TokenStore, key: str = "data
 
 
 class Trainer:
-    """Sets up a run (experiment dir, data, model, optimizer, resume) and trains it with :meth:`fit`."""
+    """Sets up a run (data, model, optimizer; its experiment dir and resume point: :class:`dpar.experiment.Run`)
+    and trains it with :meth:`fit`."""
 
     def __init__(self, config: DictConfig, *, patcher: PatcherConfig | None, run_name: str, prod: bool,
                  resume: str | None):
@@ -267,8 +277,8 @@ class Trainer:
         self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
         self.micro_batch, self.accumulation = split_global_batch(cfg.global_batch_size, self.world,
                                                                  cfg.max_device_batch_size)
+        self.run = Run(acc, cfg, run_name, prod=prod, resume=resume)
 
-        check_output_dir(cfg.results_dir, "train.results_dir")
         store = open_store(data.store, model_config, "data.store")
         if config.data.tokenizer_checkpoint is None:
             config.data.tokenizer_checkpoint = store.meta["tokenizer"]["checkpoint"]
@@ -291,18 +301,13 @@ class Trainer:
 
         torch.manual_seed(cfg.global_seed)
         model = create_model(model_config)
-        run = [resolve_run(cfg.results_dir, run_name, prod, resume)] if acc.is_main_process else [None]
-        self.experiment, resume_from = broadcast_object_list(run)[0]
-        if acc.is_main_process:
-            done = -1 if resume_from is None else checkpoint_step(resume_from)
-            if done >= self.total_steps:
-                raise UserError(f"{self.experiment} is already at step {done}; train.epochs "
-                                f"{cfg.epochs} / train.max_steps {cfg.max_steps} end at step {self.total_steps}: "
-                                "raise them to train on")
-            self.experiment.mkdir(parents=True, exist_ok=True)
-            lock_folder(self.experiment, "a training run")
-            write_run_config(config, self.experiment, resume_from is not None, RESUMABLE_KEYS)
-        acc.wait_for_everyone()
+        self.run.find()
+        done = self.run.resume_step if acc.is_main_process else -1
+        if done >= self.total_steps:
+            raise UserError(f"{self.run.dir} is already at step {done}; train.epochs "
+                            f"{cfg.epochs} / train.max_steps {cfg.max_steps} end at step {self.total_steps}: "
+                            "raise them to train on")
+        self.run.start(config, RESUMABLE_KEYS)
         model = model.to(self.device)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema else None
         optimizer = build_optimizer(model, cfg)
@@ -310,16 +315,15 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
         self.step, self.images_seen, self.positions_seen, self.epoch_loss = 0, 0, 0, [0.0, 0]
-        if resume_from is not None:
-            self._load(resume_from, model, optimizer)
-        if acc.is_main_process:  # a killed run may have logged past its checkpoint, or before any checkpoint
-            truncate_metrics(self.experiment, self.step)
+        if self.run.resume_from is not None:
+            self._load(model, optimizer)
+        self.run.truncate_metrics(self.step)  # a killed run may have logged past its checkpoint (or before one)
         self.raw_model = model
         if cfg.compile:
             model = torch.compile(model, dynamic=is_dpar(model_config.gpt_model))
         self.model, self.optimizer = acc.prepare(model, optimizer)
         if cfg.trackers:
-            acc.project_configuration.logging_dir = str(self.experiment / "logs")
+            acc.project_configuration.logging_dir = str(self.run.dir / "logs")
             flat = flatten(OmegaConf.to_container(config, resolve=True))
             acc.init_trackers(run_name, config={k: v if isinstance(v, (bool, int, float, str)) else str(v)
                                                 for k, v in flat.items()})
@@ -336,7 +340,7 @@ class Trainer:
         acc.print(f"{self.model_config.gpt_model}: {params:,} parameters; {len(self.train_set):,} training images, {held_out}"
                   f"{self.steps_per_epoch} steps per epoch; global batch {cfg.global_batch_size} = {self.world} "
                   f"process(es) x micro-batch {self.micro_batch} x {self.accumulation} accumulation step(s); "
-                  f"writing to {self.experiment}")
+                  f"writing to {self.run.dir}")
         while self.step < self.total_steps:
             epoch, first_step = divmod(self.step, self.steps_per_epoch)
             self._train_epoch(epoch, first_step)
@@ -345,8 +349,8 @@ class Trainer:
                 break
             self._end_epoch(epoch)
         acc.end_training()
-        acc.print(f"done: {self.experiment}")
-        return self.experiment
+        acc.print(f"done: {self.run.dir}")
+        return self.run.dir
 
     def _train_epoch(self, epoch: int, first_step: int) -> None:
         cfg = self.cfg
@@ -402,7 +406,7 @@ class Trainer:
             summary["val_nll"] = self.validation_nll()
         if acc.is_main_process:
             summary["forward_linear_gmacs_per_sample"] = self._forward_gmacs()
-            append_metrics(self.experiment, summary)
+            self.run.log(summary)
             acc.log({k: v for k, v in summary.items() if k != "epoch_summary"}, step=self.step)
             val = f", val NLL {summary['val_nll']:.4f}" if "val_nll" in summary else ""
             acc.print(f"epoch {epoch}: train loss {summary['train_loss']:.4f}{val}, "
@@ -429,7 +433,7 @@ class Trainer:
         grad_norm = float(totals[1]) / (steps * self.world)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # NaN gradients poison the weights a step later
             raise UserError(f"training loss is {loss} (gradient norm {grad_norm}) at step {self.step}; stopped, the "
-                            f"last good checkpoint in {self.experiment / 'checkpoints'} is intact")
+                            f"last good checkpoint in {self.run.dir / 'checkpoints'} is intact")
         seconds = time.perf_counter() - self.interval_start
         images = steps * self.cfg.global_batch_size
         tokens, positions = images * self.train_set.store.num_tokens, int(totals[2])
@@ -444,7 +448,7 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
                             patch_s=f"{record['patches_per_s']:,.0f}", tok_patch=f"{record['tokens_per_patch']:.2f}")
         if acc.is_main_process:
-            append_metrics(self.experiment, record)
+            self.run.log(record)
             acc.log(record, step=self.step)
         self._reset_interval()
 
@@ -476,30 +480,22 @@ class Trainer:
             state = {"step": self.step, "steps_per_epoch": self.steps_per_epoch, "images_seen": self.images_seen,
                      "positions_seen": self.positions_seen, "epoch_loss": self.epoch_loss, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict()}
-            weights = self.raw_model.state_dict()
             ema = None if self.ema is None else self.ema.model.state_dict()
-            if end_of_epoch:
-                save_checkpoint(self.experiment, epoch, weights, state, self.cfg.keep_last, self.cfg.keep_every,
-                                ema_state=ema, step=self.step)
-            else:
-                save_step_checkpoint(self.experiment, epoch, self.step, weights, state, ema_state=ema)
+            self.run.save(epoch, self.raw_model.state_dict(), state, ema_state=ema, step=self.step,
+                          end_of_epoch=end_of_epoch)
         acc.wait_for_everyone()
 
-    def _load(self, checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        state = load_torch_file(checkpoint / STATE_FILE)
+    def _load(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        checkpoint = self.run.resume_from
+        state = self.run.load(model, None if self.ema is None else self.ema.model)
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise UserError(f"{checkpoint} was trained with {state['steps_per_epoch']} steps per epoch, this run has "
                             f"{self.steps_per_epoch}: the training images or train.global_batch_size changed")
-        load_model_weights(model, checkpoint / MODEL_FILE)
-        if self.ema is not None:
-            if not (checkpoint / EMA_FILE).is_file():
-                raise UserError(f"train.ema is on but {checkpoint} has no {EMA_FILE}")
-            load_model_weights(self.ema.model, checkpoint / EMA_FILE)
         optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.images_seen, self.positions_seen = state["step"], state["images_seen"], state["positions_seen"]
         self.epoch_loss = state["epoch_loss"]
-        self.accelerator.print(f"resuming {self.experiment} from {checkpoint.name} at step {self.step}")
+        self.accelerator.print(f"resuming {self.run.dir} from {checkpoint.name} at step {self.step}")
 
 
 def train(config: DictConfig, *, patcher: PatcherConfig | None, run_name: str, prod: bool,

@@ -207,7 +207,7 @@ def test_scripts_exit_2_with_one_line_and_no_traceback(tmp_path, script, argv, f
 @pytest.mark.parametrize("where", ["override", "file"])
 def test_yaml_booleans_keep_their_documented_spelling(tmp_path, where):
     from dpar.config import load_config
-    from train_global_model import TrainGlobalConfig
+    from dpar.training import TrainGlobalConfig
     if where == "file":
         path = tmp_path / "run.yaml"
         path.write_text("base: " + str(ROOT / "configs/tiny/global_model_entropy_row_break.yaml") +
@@ -220,7 +220,7 @@ def test_yaml_booleans_keep_their_documented_spelling(tmp_path, where):
 
 def test_text_given_on_the_command_line_stays_text():
     from dpar.config import load_config
-    from train_global_model import TrainGlobalConfig
+    from dpar.training import TrainGlobalConfig
     config = load_config(TrainGlobalConfig, None, ["--data.store", "0777", "--train.experiment_name", "no",
                                                    "--data.tokenizer_checkpoint", "1e3", "--data.val_store", "null"])
     assert (config.data.store, config.train.experiment_name) == ("0777", "no")  # not YAML's 511 and False

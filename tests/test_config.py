@@ -113,8 +113,7 @@ ENTROPY_CONFIGS = sorted(str(p.relative_to(ROOT)) for pattern in ("entropy_model
 
 @pytest.mark.parametrize("config", GLOBAL_CONFIGS + ENTROPY_CONFIGS)
 def test_shipped_training_configs_validate_and_build(config):
-    from train_entropy_model import TrainEntropyConfig
-    from train_global_model import TrainGlobalConfig
+    from dpar.training import TrainEntropyConfig, TrainGlobalConfig
 
     schema = TrainEntropyConfig if config in ENTROPY_CONFIGS else TrainGlobalConfig
     cfg = to_dataclass(load_config(schema, ROOT / config))

@@ -10,25 +10,21 @@ PatchGAN hinge loss from ``loss.disc_start`` on. Writes the experiment-dir layou
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list
 from omegaconf import MISSING
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dpar.config import parse_cli, to_dataclass
-from dpar.errors import ArgumentParser, UserError, first_line, run_main
-from dpar.experiment import (STATE_FILE, add_run_arguments, append_metrics, load_model_weights, load_torch_file,
-                             resolve_run, save_checkpoint, truncate_metrics, write_run_config)
-from dpar.fileio import check_output_dir, lock_folder
+from dpar.config import to_dataclass
+from dpar.errors import UserError, first_line, run_main
+from dpar.experiment import RESUMABLE_TRAIN_KEYS, BaseTrainConfig, Run, parse_trainer_cli
 from dpar.launch import make_accelerator
-from dpar.validation import Key, choice, config_key, ranged
+from dpar.validation import Key, config_key, ranged
 from dpar.visual import image_grid, save_png
 from tokenizer.images import EpochPermutation, RandomCropImages, list_images
 from tokenizer.lpips import LPIPS
@@ -38,8 +34,7 @@ from tokenizer.vq_model import VQConfig, create_vq, uint8_to_unit, unit_to_uint8
 
 
 # what a resumed run may change; anything else (architecture, data, batch, optimizer) it must keep
-RESUMABLE_KEYS = {"train.epochs", "train.log_every", "train.recon_every", "train.ckpt_every", "train.keep_last",
-                  "train.keep_every", "data.num_workers", "train.results_dir"}
+RESUMABLE_KEYS = RESUMABLE_TRAIN_KEYS | {"train.recon_every", "data.num_workers"}
 
 
 @dataclass
@@ -50,21 +45,10 @@ class VQDataConfig:
 
 
 @dataclass
-class VQTrainConfig:
-    results_dir: str = "results_tokenizer"
-    epochs: int = ranged(40, min=1)
-    global_batch_size: int = ranged(128, min=1)
-    lr: float = ranged(1e-4, gt=0)
-    beta1: float = ranged(0.9, min=0, lt=1)
-    beta2: float = ranged(0.95, min=0, lt=1)
-    max_grad_norm: float = ranged(1.0, gt=0)
-    mixed_precision: str = choice("bf16", ("no", "bf16"))
-    global_seed: int = ranged(0, min=0, max=2**31 - 1)
-    log_every: int = ranged(100, min=1)
+class VQTrainConfig(BaseTrainConfig):
+    """The shared ``train`` keys (:class:`dpar.experiment.BaseTrainConfig`; Adam, no weight decay) and this one."""
+    # save a grid of originals above their reconstructions every N epochs (and after the last).
     recon_every: int = ranged(1, min=1)
-    ckpt_every: int = ranged(1, min=1)
-    keep_last: int = ranged(0, min=0)
-    keep_every: int = ranged(0, min=0)
 
 
 @dataclass
@@ -72,7 +56,9 @@ class TrainVQConfig:
     model: VQConfig = field(default_factory=VQConfig)
     loss: VQLossConfig = field(default_factory=VQLossConfig)
     data: VQDataConfig = field(default_factory=VQDataConfig)
-    train: VQTrainConfig = field(default_factory=VQTrainConfig)
+    # LlamaGen's VQ recipe (tokenizer/tokenizer_image/vq_train.py): 40 epochs of batch 128, runs apart from the GPTs'.
+    train: VQTrainConfig = field(default_factory=lambda: VQTrainConfig(results_dir="results_tokenizer", epochs=40,
+                                                                       global_batch_size=128))
 
     def check(self, key: Key = config_key()) -> None:
         """The rule between sections (each section checks its own): whole token grids. ``UserError``."""
@@ -83,12 +69,10 @@ class TrainVQConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(parser)
-    args, config = parse_cli(parser, TrainVQConfig, argv)
+    args, config, name = parse_trainer_cli(TrainVQConfig, __doc__, argv, "vq")
     cfg: TrainVQConfig = to_dataclass(config)
-    check_output_dir(cfg.train.results_dir, "train.results_dir")
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
+    run = Run(accelerator, cfg.train, name, prod=args.prod, resume=args.resume, what="a tokenizer training run")
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.train.global_batch_size % world:
         raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by {world} processes")
@@ -98,7 +82,6 @@ def main(argv: list[str] | None = None) -> None:
     if len(paths) < cfg.train.global_batch_size:
         raise UserError(f"{cfg.data.data_path} has {len(paths)} images, fewer than "
                         f"train.global_batch_size={cfg.train.global_batch_size}")
-    config_name = Path(args.config).stem if args.config else "vq"
     torch.manual_seed(cfg.train.global_seed)
     try:  # built before the run dir is touched (its rules: VQConfig.check, run by parse_cli)
         model = create_vq(cfg.model)
@@ -107,13 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     perceptual = (LPIPS.from_files(cfg.loss.lpips_weights, cfg.loss.vgg16_weights)
                   if cfg.loss.lpips_weights else None)
     loss_fn = VQLoss(cfg.loss, perceptual)
-    run = [resolve_run(cfg.train.results_dir, config_name, args.prod, args.resume)] if accelerator.is_main_process \
-        else [None]
-    experiment, resume_from = broadcast_object_list(run)[0]
-    if accelerator.is_main_process:
-        experiment.mkdir(parents=True, exist_ok=True)
-        lock_folder(experiment, "a tokenizer training run")
-        write_run_config(config, experiment, resume_from is not None, RESUMABLE_KEYS)
+    experiment = run.find().start(config, RESUMABLE_KEYS).dir
     betas = (cfg.train.beta1, cfg.train.beta2)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=betas)
     disc_optimizer = (torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.train.lr, betas=betas)
@@ -124,17 +101,15 @@ def main(argv: list[str] | None = None) -> None:
                         num_workers=cfg.data.num_workers, persistent_workers=False)
 
     start_epoch, step = 0, 0
-    if resume_from is not None:
-        load_model_weights(model, resume_from / "model.safetensors")
-        state = load_torch_file(resume_from / STATE_FILE)
+    if run.resume_from is not None:
+        state = run.load(model)
         optimizer.load_state_dict(state["optimizer"])
         if disc_optimizer is not None:
             loss_fn.discriminator.load_state_dict(state["discriminator"])
             disc_optimizer.load_state_dict(state["disc_optimizer"])
         start_epoch, step = state["epoch"] + 1, state["step"]
         accelerator.print(f"resuming {experiment} after epoch {state['epoch']} (step {step})")
-    if accelerator.is_main_process:  # a killed run may have logged past its checkpoint
-        truncate_metrics(experiment, step)
+    run.truncate_metrics(step)  # a killed run may have logged past its checkpoint
 
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if loss_fn.discriminator is not None:
@@ -183,8 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                 record["codebook_usage"] = codebook_losses[3]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", rec=f"{record['rec_loss']:.4f}",
                                 usage=f"{record['codebook_usage']:.3f}")
-                if accelerator.is_main_process:
-                    append_metrics(experiment, {"step": step, "epoch": epoch, **record})
+                run.log({"step": step, "epoch": epoch, **record})
 
         summary = {k: float(v) / max(1, len(loader)) for k, v in totals.items()}
         summary.update(epoch=epoch, step=step, codebook_usage=codebook_losses[3],
@@ -197,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             last = epoch == cfg.train.epochs - 1
             if (epoch + 1) % cfg.train.recon_every == 0 or last:
                 summary["preview_rec_mse"] = _save_reconstructions(vq, preview, experiment, epoch)
-            append_metrics(experiment, {"epoch_summary": True, **summary})
+            run.log({"epoch_summary": True, **summary})
             accelerator.print(f"epoch {epoch}: loss {summary['loss']:.4f}, rec_loss {summary['rec_loss']:.4f}, "
                               f"codebook usage {summary['codebook_usage']:.3f}, "
                               f"{summary['images_per_s']:.1f} images/s")
@@ -206,8 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                 if disc_optimizer is not None:
                     state["discriminator"] = accelerator.unwrap_model(loss_fn).discriminator.state_dict()
                     state["disc_optimizer"] = disc_optimizer.state_dict()
-                save_checkpoint(experiment, epoch, vq.state_dict(), state,
-                                cfg.train.keep_last, cfg.train.keep_every)
+                run.save(epoch, vq.state_dict(), state)
         accelerator.wait_for_everyone()
     accelerator.print(f"done: {experiment}")
 
