@@ -155,10 +155,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
     Fused, as LlamaGen's ``configure_optimizers`` asks wherever torch has the kernel (CUDA and, since torch
     2.4, CPU): one pass over the parameters instead of torch's default on a CPU, several passes parameter by
-    parameter. On 2 CPU threads, clipping plus the optimizer step of a DGPT-L took 0.54 s instead of 1.44 s,
-    its step at batch 2 0.88x (benchmarks/results/cpu-2026-12-03-training.md). A run resumed from a
-    checkpoint keeps the implementation saved in its optimizer state (``param_groups[i]["fused"]``), so a run
-    started before this change resumes as it began.
+    parameter, which is slower (benchmarks/results/cpu-2026-12-03-training.md). A run resumed from a
+    checkpoint keeps the implementation saved in its optimizer state (``param_groups[i]["fused"]``), so it
+    resumes with the implementation it began with.
     """
     embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     decay, no_decay = [], []

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from benchmarks import attention_backends, environment, sample_throughput, self_entropy, train_throughput
+from benchmarks import attention_backends, sample_throughput, self_entropy, train_throughput
 from benchmarks.workloads import realistic_patch_starts
 from dpar.patcher import patch_start_mask
 
@@ -108,10 +108,6 @@ def test_sample_throughput_counts_work_and_times_the_two_hypothesis_step(capsys)
     (train_throughput, ["--models", "GPT-Z"], "--models"),
     (attention_backends, ["--batch-size", "-1"], "--batch-size"),
     (attention_backends, ["--device", "tpu"], "--device"),
-    (environment, ["--device", "tpu"], "--device"),
-    (environment, ["--json", ""], "--json is empty"),
-    (environment, ["--json", "/"], "--json / must be a file, but it is a folder"),
-    (environment, ["--json", "/tmp/" + "j" * 300], "--json .* bytes, the file system allows"),
 ])
 def test_benchmark_flags_are_checked_before_anything_runs(script, argv, named, capsys):
     from dpar.errors import UserError

@@ -1,4 +1,5 @@
-"""benchmarks/gpu_suite.sh: the one prepared command for a lent GPU, proven here by its CPU smoke run."""
+"""tools/gpu/gpu_suite.sh: the one prepared command for a lent GPU, proven here by its CPU smoke run, and
+tools/gpu/environment.py, its probe of the machine."""
 import os
 import re
 import shutil
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_suite import SMOKE
+from tools.gpu import environment
+from tools.gpu.gpu_suite import SMOKE
 from tests.helpers import ROOT
 
 SECTIONS = ["Environment", "CUDA tests", "Packed attention backends", "Training throughput", "Sampling throughput",
@@ -18,13 +20,13 @@ SECTIONS = ["Environment", "CUDA tests", "Packed attention backends", "Training 
 
 
 ENV = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": "/tmp"}
-# This checks that every step runs and reports, not how fast (benchmarks/README.md has the timings): generous
+# This checks that every step runs and reports, not how fast (tools/gpu/README.md has the timings): generous
 # time boxes, so a machine busy with other work does not fail it.
 GENEROUS = ["--budget", "900", *(arg for key, box in SMOKE.timeouts.items() for arg in ("--timeout", f"{key}={4 * box}"))]
 
 
 def suite(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "benchmarks/gpu_suite.sh", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run(["bash", "tools/gpu/gpu_suite.sh", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=ENV)
 
 
@@ -78,8 +80,9 @@ def check_smoke_report(run: subprocess.CompletedProcess, report_path: Path, comp
     assert "train_global_model.py" in log and ("--train.compile true" in log) == compiled
 
 
+@pytest.mark.slow  # runs the suite's steps
 def test_smoke_run_fills_every_section(tmp_path):
-    """Without the torch.compile commands: on a CPU they are most of the run (the slow test below has them)."""
+    """Without the torch.compile commands: on a CPU they are most of the run (the next test has them)."""
     check_smoke_report(*smoke_run(tmp_path, "--no-compile"), compiled=False)
 
 
@@ -88,6 +91,7 @@ def test_full_smoke_run_fills_every_section(tmp_path):
     check_smoke_report(*smoke_run(tmp_path), compiled=True)
 
 
+@pytest.mark.slow  # runs the suite's steps
 def test_a_command_past_its_time_box_is_killed_and_the_suite_goes_on(tmp_path):
     run = suite("--smoke", "--out", str(tmp_path), "--only", "sample", "env", "--timeout", "sample=1")
     report = next(tmp_path.glob("cpu-smoke-*-env-sample.md")).read_text()  # a rerun's own file
@@ -118,6 +122,19 @@ def test_bad_arguments_stop_with_one_line_before_any_report(tmp_path, args, mess
     assert not (tmp_path / "out").exists() and not list((ROOT / "benchmarks" / "results").glob("cpu-smoke-*"))
 
 
+@pytest.mark.parametrize("argv,named", [
+    (["--device", "tpu"], "--device"),
+    (["--json", ""], "--json is empty"),
+    (["--json", "/"], "--json / must be a file, but it is a folder"),
+    (["--json", "/tmp/" + "j" * 300], "--json .* bytes, the file system allows"),
+])
+def test_environment_flags_are_checked_before_anything_runs(argv, named, capsys):
+    from dpar.errors import UserError
+    with pytest.raises(UserError, match=named):
+        environment.main(argv)
+    assert capsys.readouterr().out == ""  # nothing measured or printed first
+
+
 def test_an_output_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     run = suite("--smoke", "--out", str(tmp_path / "file"))
@@ -142,10 +159,11 @@ def _running(marker: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # runs the suite's train step
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_a_killed_suite_takes_its_running_command_along_and_the_report_says_so(tmp_path, signum):
-    process = subprocess.Popen(["bash", "benchmarks/gpu_suite.sh", "--smoke", "--only", "train", "--out", str(tmp_path),
+    process = subprocess.Popen(["bash", "tools/gpu/gpu_suite.sh", "--smoke", "--only", "train", "--out", str(tmp_path),
                                 "--timeout", "train=300"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:

@@ -118,8 +118,8 @@ class KVCache(nn.Module):
         position read on the host. Otherwise (reading positions syncs a GPU: meant for the CPU) each row
         reads only its filled prefix, all rows at once when they share positions and row by row when not:
         no cache row is gathered, and no row's result depends on another row's length, so an image does not
-        depend on its batch. Measured on 2 CPU threads at 256 slots: 16 rows at position 100, 4.5x faster
-        than the masked whole cache; 9 of 16 rows at positions 40-100, 13x faster than gathering them.
+        depend on its batch. On a CPU this is faster than reading the whole cache under a mask, and than
+        gathering the rows a step advances (benchmarks/results/cpu-2026-12-03-sampling.md).
         """
         batch, groups = k.shape[0], q.shape[1] // k.shape[1]
         shared = rows is None and input_pos.dim() == 1  # all rows at the same positions

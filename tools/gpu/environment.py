@@ -1,16 +1,16 @@
 r"""The machine a benchmark runs on, and its two measured ceilings.
 
-    python benchmarks/environment.py                         # this machine (CUDA when present)
-    python benchmarks/environment.py --json env.json         # also write the figures as JSON
+    python tools/gpu/environment.py                         # this machine (CUDA when present)
+    python tools/gpu/environment.py --json env.json         # also write the figures as JSON
 
 Prints a markdown table: Python, torch, CUDA and cuDNN versions, the device (name, compute capability,
 multiprocessors, memory), the NVIDIA driver (``nvidia-smi``), the packages the project needs and which
 packed-attention backends import (xformers, ``torch.nn.attention.varlen``, FlexAttention). Then the two
-ceilings every speed figure is read against (benchmarks/README.md):
+ceilings every speed figure is read against (tools/gpu/README.md):
 
 - matmul: an ``n x n x n`` product of random normal matrices (bf16 on CUDA, fp32 on a CPU; random data,
   since zeros run faster), the mean of ``--repeats`` products after 3 warm-ups: TFLOP/s = 2 n^3 / time.
-  On CUDA this is the peak that benchmarks/gpu_suite.py gives train_throughput.py for MFU;
+  On CUDA this is the peak that tools/gpu/gpu_suite.py gives train_throughput.py for MFU;
 - copy: a device-to-device copy of ``--copy-gib`` GiB, bytes read + written over time (CUDA only).
 
 It needs only torch: a package that is missing or fails to import is reported as such (the table names
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dpar.errors import ArgumentParser, run_main  # noqa: E402  (these three: standard library only)
 from dpar.fileio import atomic_write_text, check_output_file  # noqa: E402

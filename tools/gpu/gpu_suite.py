@@ -1,15 +1,15 @@
 r"""Every CUDA check and GPU benchmark of the project in one time-boxed run, written up as one markdown report.
 
-    bash benchmarks/gpu_suite.sh                        # on a GPU machine: no arguments, <= 8 minutes on an H200
-    bash benchmarks/gpu_suite.sh --smoke --out /tmp/x   # the same steps at tiny sizes on a CPU, < 3 minutes
-    bash benchmarks/gpu_suite.sh --only cli --budget 240 --timeout cli_compile=200   # rerun a step, more time
+    bash tools/gpu/gpu_suite.sh                        # on a GPU machine: no arguments, <= 8 minutes on an H200
+    bash tools/gpu/gpu_suite.sh --smoke --out /tmp/x   # the same steps at tiny sizes on a CPU, < 3 minutes
+    bash tools/gpu/gpu_suite.sh --only cli --budget 240 --timeout cli_compile=200   # rerun a step, more time
 
 The steps, in order. Each command runs in its own process group (killed with its workers at its time
 box, and with the suite if the suite is killed); a step always gets its reserved share of ``--budget``
 and never the shares of the steps after it; a failing step never stops the next one:
 
 1. ``env``: GPU, driver, torch / CUDA, packages, attention backends that import, and the measured bf16
-   matmul rate and copy bandwidth (benchmarks/environment.py);
+   matmul rate and copy bandwidth (tools/gpu/environment.py);
 2. ``cuda_tests``: ``pytest -m cuda`` (every packed backend against the reference in bf16/fp16 forward +
    backward, DGPT-B bf16 forward/backward per backend, KV-cached sampling == full forward);
 3. ``attention``: benchmarks/attention_backends.py at DGPT-L shapes (256 px, batch 64);
@@ -52,7 +52,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402  (standard library only, like this file)
@@ -62,7 +62,9 @@ from dpar.validation import number  # noqa: E402  (and this)
 
 WHEELS = REPO / ".whl"
 PAPER_TOKENS_PER_PATCH = 1.81  # ImageNet-256 (paper Table 6); the cli step calibrates θ to it
-H200_KINDS_MATMUL_TFLOPS = 788.0  # bf16 8192^3 on random data, measured on this workplace's H200 (2026-10-28)
+# an H200's bf16 8192^3 matmul rate as quoted to this project, not measured by it: the MFU peak only where the
+# suite's env step measured none (the report says so)
+H200_KINDS_MATMUL_TFLOPS = 788.0
 TAIL_LINES = 30  # lines of each output stream kept in the report for a failed command
 KILL_GRACE = 3  # seconds between SIGTERM and SIGKILL for a command past its time
 
@@ -256,7 +258,7 @@ class Suite:
         lines = [f"# {'Smoke run (CPU, tiny sizes)' if self.smoke else 'GPU suite'}: {probe['device_name']}, "
                  f"{date.today().isoformat()}", "",
                  f"- state: **{self.state}**",
-                 f"- command: `{shlex.join(['bash', 'benchmarks/gpu_suite.sh', *self.argv])}`",
+                 f"- command: `{shlex.join(['bash', 'tools/gpu/gpu_suite.sh', *self.argv])}`",
                  f"- commit: {_commit()}",
                  f"- python {probe['python']}, torch {torch_version}",
                  f"- wheels installed from `.whl/`: {', '.join(self.wheels) if self.wheels else 'none'}",
@@ -357,7 +359,7 @@ def _commit() -> str:
 
 def step_env(suite: Suite, step: StepReport) -> None:
     env_json = suite.work / "env.json"
-    suite.run(step, suite.python("benchmarks/environment.py", "--device", suite.sizes.device, "--json", str(env_json)),
+    suite.run(step, suite.python("tools/gpu/environment.py", "--device", suite.sizes.device, "--json", str(env_json)),
               "env")
     if env_json.is_file() and suite.sizes.device == "cuda":
         suite.facts["peak_tflops"] = json.loads(env_json.read_text())["matmul_tflops"]
@@ -580,10 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sizes = SMOKE if args.smoke else GPU
-    timeouts = parse_timeouts(args.timeout, sizes.timeouts)
-    probe = probe_python(sizes.device)
     default_out = os.environ.get("OUT") or REPO / "benchmarks" / "results"
     out = check_output_dir(args.out if args.out is not None else default_out, "--out").absolute()
+    timeouts = parse_timeouts(args.timeout, sizes.timeouts)  # after the flags: asking torch takes a child process
+    probe = probe_python(sizes.device)
     if not args.smoke and not probe["cuda_available"]:
         parser.error("no CUDA device here: run on the GPU machine, or add --smoke for the CPU run")
     try:

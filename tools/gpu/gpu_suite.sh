@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU (benchmarks/README.md): runs benchmarks/gpu_suite.py, which installs the wheels
+# The one command for a lent GPU (tools/gpu/README.md): runs tools/gpu/gpu_suite.py, which installs the wheels
 # carried in .whl/ and writes the report.
 #
-#   bash benchmarks/gpu_suite.sh [--smoke] [--out DIR] [--only STEP ...] [--timeout NAME=SECONDS] [--budget SECONDS]
-#   bash benchmarks/gpu_suite.sh --wheels [xformers]   # here, where pip reaches PyPI: wheels the GPU machine lacks -> .whl/
+#   bash tools/gpu/gpu_suite.sh [--smoke] [--out DIR] [--only STEP ...] [--timeout NAME=SECONDS] [--budget SECONDS]
+#   bash tools/gpu/gpu_suite.sh --wheels [xformers]   # here, where pip reaches PyPI: wheels the GPU machine lacks -> .whl/
 #
 # PYTHON picks the interpreter (default python3).
 set -uo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
+repo=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
 command -v "$PYTHON" > /dev/null || { echo "error: PYTHON=$PYTHON is not a command" >&2; exit 2; }
 
@@ -26,4 +26,4 @@ if [[ "${1:-}" == "--wheels" ]]; then
     exec "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$repo/.whl" "${wheels[@]}"
 fi
-exec "$PYTHON" "$repo/benchmarks/gpu_suite.py" "$@"
+exec "$PYTHON" "$repo/tools/gpu/gpu_suite.py" "$@"
