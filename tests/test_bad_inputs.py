@@ -368,15 +368,16 @@ def test_a_second_writer_of_the_same_output_is_refused_while_the_first_lives(tmp
 def test_a_launched_worker_dies_with_its_launcher(tmp_path):
     code = ("import os, subprocess, sys, time\n"
             "child = subprocess.Popen([sys.executable, '-c', 'from dpar.launch import set_parent_death_signal; "
-            "set_parent_death_signal(); import time; time.sleep(60)'])\n"
+            "set_parent_death_signal(); print(\"armed\", flush=True); import time; time.sleep(60)'])\n"
             "print(child.pid, flush=True); time.sleep(60)\n")
     launcher = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
-    worker = int(launcher.stdout.readline())
-    time.sleep(1.5)  # the worker has set its signal
+    lines = sorted(launcher.stdout.readline().strip() for _ in range(2))  # the worker's pid; "armed", its signal set
+    assert lines[1] == "armed", lines
+    worker = int(lines[0])
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
-    for _ in range(50):
+    for _ in range(300):  # up to 30 s for the kernel's signal to land, well inside the worker's 60 s of sleep
         if not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]:
             break
         time.sleep(0.1)

@@ -2,11 +2,31 @@
 import pytest
 import torch
 
-from benchmarks import attention_backends, sample_throughput, self_entropy, train_throughput
+from benchmarks import attention_backends, sample_throughput, self_entropy, train_throughput, workloads
 from benchmarks.workloads import realistic_patch_starts
 from dpar.patcher import patch_start_mask
 
 TINY = ["--image-size", "32", "--downsample", "4", "--vocab", "64", "--num-classes", "4"]
+
+
+class Clock:
+    """A stand-in for the ``time`` module of a benchmark, so that no verdict depends on the machine's load:
+    ``perf_counter()`` reads ``now``, which moves only by ``tick`` per reading and by what a test adds."""
+
+    def __init__(self, tick: float = 0.0):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+@pytest.fixture
+def counted_stages(monkeypatch):
+    """``sample_throughput``'s stage timers on a clock that moves one second per reading: each call of a stage
+    then costs it exactly one second, so the "%" columns count the stages' calls (over all the clock's readings
+    in the run: they sum to about 50), the same on any machine."""
+    monkeypatch.setattr(sample_throughput, "time", Clock(tick=1.0))
 
 
 def table(out: str) -> list[dict[str, str]]:
@@ -53,7 +73,7 @@ def test_attention_backends_agree_with_the_reference(capsys):
     assert float(rows["padded"]["max abs error (gradients)"]) < 1e-5 and rows["flex"]["max abs error (gradients)"] == "no backward here"
 
 
-def test_sample_throughput_splits_the_time_by_stage(capsys):
+def test_sample_throughput_splits_the_time_by_stage(capsys, counted_stages):
     sample_throughput.main([*TINY, "--batch-sizes", "2", "--repeats", "1", "--patching", "entropy", "self_entropy"])
     rows = {(row["model"], row["patching"]): row for row in table(capsys.readouterr().out)}
     dpar, gpt, own = rows["DGPT-tiny", "entropy"], rows["GPT-tiny", ""], rows["DGPT-tiny", "self_entropy"]
@@ -66,18 +86,24 @@ def test_sample_throughput_splits_the_time_by_stage(capsys):
     assert float(gpt["global steps/image"]) == 64 and float(dpar["global steps/image"]) < 64
 
 
-def test_interleaved_timing_measures_each_side_and_their_ratio():
-    import time
+def test_interleaved_timing_measures_each_side_and_their_ratio(monkeypatch):
     from benchmarks.workloads import interleaved
+    clock = Clock()  # A takes 20 ms, B 10 ms of a clock that nothing else moves
+    monkeypatch.setattr(workloads, "time", clock)
     calls = []
-    timing = interleaved(lambda: (calls.append("a"), time.sleep(0.02)), lambda: (calls.append("b"), time.sleep(0.01)),
-                         "cpu", pairs=3, warmup=1)
+
+    def run(name: str, seconds: float) -> None:
+        calls.append(name)
+        clock.now += seconds
+
+    timing = interleaved(lambda: run("a", 0.02), lambda: run("b", 0.01), "cpu", pairs=3, warmup=1)
     assert calls == ["a", "b"] * 4  # A B A B: both under the same load
     assert timing["ratio_min"] <= timing["ratio"] <= timing["ratio_max"] and 1.3 < timing["ratio"] < 3
     assert timing["a"] > timing["b"] > 0.009
 
 
-def test_sample_throughput_counts_work_and_times_the_two_hypothesis_step(capsys):
+@pytest.mark.slow  # about 4 s on 2 CPU cores: the splits-by-stage test runs the same benchmark
+def test_sample_throughput_counts_work_and_times_the_two_hypothesis_step(capsys, counted_stages):
     sample_throughput.main([*TINY, "--batch-sizes", "2", "--repeats", "1", "--patching", "self_entropy",
                             "--static-shapes", "--count-work"])
     rows = {row["model"]: row for row in table(capsys.readouterr().out)}
