@@ -1,5 +1,5 @@
 """The embedded demo's pipeline end to end at toy size (python -m dpar.demo --tiny), sampling from it, and
-the small-scale study on its token store."""
+the small-scale study on its token store. ``tiny_demo`` (tests/conftest.py) is built once per session."""
 import json
 import sys
 from pathlib import Path
@@ -15,13 +15,6 @@ from dpar import demo
 from dpar.errors import UserError
 from dpar.flops import count
 from tests.helpers import ROOT, finish, labelled_grid, run_script
-
-
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    demo.main(["--tiny", "--output", str(root / "demo"), "--work-dir", str(root / "work")])
-    return root
 
 
 def test_tiny_demo_build_then_sample(tiny_demo, tmp_path, capsys):
@@ -46,6 +39,7 @@ def test_tiny_demo_build_then_sample(tiny_demo, tmp_path, capsys):
     labelled_grid(grid, 3, 1, demo.image_size())  # three rows of one image, each labelled
 
 
+@pytest.mark.slow  # about 23 s on 2 CPU cores: two seeds of four variants trained, then rerun
 def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     out = tmp_path / "study"
     argv = ["--store", str(tiny_demo / "work" / "tokens"), "--entropy-model", str(tiny_demo / "demo" / "entropy_model"),

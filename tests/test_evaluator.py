@@ -178,6 +178,7 @@ def batches(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # about 16 s on 2 CPU cores: Inception features and two 2048x2048 sqrtm
 def test_evaluator_end_to_end_with_random_weights(batches, capsys):
     args = [str(batches / "ref.npz"), str(batches / "sample.npz"), "--inception-weights", str(batches / "inception.pth"),
             "--batch-size", "4"]

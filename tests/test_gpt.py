@@ -192,6 +192,7 @@ def test_unconditional_model_needs_no_class():
         tiny_gpt()(idx, None)
 
 
+@pytest.mark.slow  # about 24 s on 2 CPU cores, nearly all of it inductor compiling
 def test_compiled_training_forward_and_backward_equal_eager():
     """``train.compile``: inductor's CPU code for the position table once failed to build (a clamp before // and %)."""
     model = tiny_gpt(class_dropout_prob=0.0).train()  # no random ops: inductor draws its own random numbers

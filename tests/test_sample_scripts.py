@@ -91,6 +91,7 @@ def ddp_command(run: Path, vq_ckpt: Path, output: Path, *extra: str) -> list[str
 NPZ = "epoch-3-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz"
 
 
+@pytest.mark.slow  # about 5 s on 2 CPU cores: a one- and a two-process run
 def test_ddp_sampling_gives_the_same_npz_on_one_and_two_processes(experiment, tmp_path):
     run, vq_ckpt = experiment
     finish(run_script([sys.executable] + ddp_command(run, vq_ckpt, tmp_path / "one")))
@@ -103,6 +104,7 @@ def test_ddp_sampling_gives_the_same_npz_on_one_and_two_processes(experiment, tm
     assert not (tmp_path / "one" / NPZ.replace(".npz", ".parts")).exists()
 
 
+@pytest.mark.slow  # about 8 s on 2 CPU cores: three sampling runs
 def test_killed_ddp_sampling_resumes_to_the_same_npz(experiment, tmp_path):
     run, vq_ckpt = experiment
     extra = ["--num-fid-samples", "60", "--per-proc-batch-size", "2"]
@@ -154,7 +156,9 @@ def llamagen_checkpoint(path: Path, key: str | None, seed: int = 2) -> tuple[Pat
     return path, model
 
 
-@pytest.mark.parametrize("key", ["model", "module", "state_dict", None])
+# one key in the fast tier; the other three (about 4 s each on 2 CPU cores: two sampling runs) are slow
+@pytest.mark.parametrize("key", ["model", *(pytest.param(key, marks=pytest.mark.slow)
+                                            for key in ("module", "state_dict", None))])
 def test_a_llamagen_checkpoint_samples_like_a_run_of_the_same_weights(experiment, tmp_path, key):
     run, vq_ckpt = experiment
     checkpoint, model = llamagen_checkpoint(tmp_path / "c2i_tiny.pt", key)
@@ -204,6 +208,7 @@ def test_bad_sampling_sources_are_one_line_before_any_output(experiment, tmp_pat
     assert not (tmp_path / "samples").exists()
 
 
+@pytest.mark.slow  # about 4 s on 2 CPU cores: three sampling runs
 def test_epoch_latest_samples_a_run_shorter_than_one_epoch(experiment, tmp_path):
     run, vq_ckpt = experiment
     young = tmp_path / "young"
@@ -259,6 +264,7 @@ def test_self_entropy_sampling_needs_no_entropy_model_and_a_threshold(experiment
     assert (tmp_path / f"{STEM}-self-entropy-threshold-2.0.png").is_file()
 
 
+@pytest.mark.slow  # about 12 s on 2 CPU cores: a θ calibration and sampling runs
 def test_self_entropy_benchmark_on_the_demo(tmp_path):
     out = finish(run_script([sys.executable, "benchmarks/self_entropy.py", "--calibration-images", "48",
                              "--pairs", "1", "--timing-batch", "4", "--per-class", "1", "--output",

@@ -221,6 +221,7 @@ def test_trainer_help_lists_every_config_key_and_where_it_is_documented(script):
         assert key in flat
 
 
+@pytest.mark.slow  # about 5 s on 2 CPU cores: a virtual environment and an install
 def test_editable_install_runs_the_tools_from_any_directory(tmp_path):
     """``pip install -e .`` into a fresh environment (that sees this one's packages), then the demo's sampler
     and a library import from another directory."""

@@ -190,6 +190,7 @@ def test_optimizer_is_fused_and_steps_like_torchs_plain_adamw():
     assert resumed.param_groups[0]["fused"] is None
 
 
+@pytest.mark.slow  # about 10 s on 2 CPU cores: three training runs
 def test_killed_run_resumes_to_identical_weights(setup, tmp_path):
     # dropout, class dropout and EMA on: resume must restore the RNG stream and the EMA, not only weights
     extra = ["train.epochs=4", "train.global_batch_size=4", "train.ckpt_every_steps=5", "train.ema=true",
@@ -224,6 +225,7 @@ def test_killed_run_resumes_to_identical_weights(setup, tmp_path):
     assert not (run / "checkpoints" / "latest").exists()
 
 
+@pytest.mark.slow  # about 8 s on 2 CPU cores: a one- and a two-process run
 def test_two_process_ddp_matches_one_process(setup, tmp_path):
     # no dropout: two processes draw different dropout masks than one would
     extra = ["train.epochs=1", "train.max_device_batch_size=4", "model.dropout_p=0", "model.token_dropout_p=0",
