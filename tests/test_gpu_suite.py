@@ -178,7 +178,9 @@ def test_a_killed_suite_takes_its_running_command_along_and_the_report_says_so(t
     finally:
         if process.poll() is None:
             process.kill()
-    time.sleep(2)  # the kernel delivers the child's parent-death signal
+    deadline = time.monotonic() + 30  # the kernel delivers the child's parent-death signal
+    while _running("benchmarks/train_throughput.py") and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not _running("benchmarks/train_throughput.py")
     work = Path(re.search(r"work (\S+)", process.stdout.read()).group(1))
     assert work.exists() == (signum == signal.SIGKILL)  # only a SIGKILL leaves the scratch folder
