@@ -1,5 +1,6 @@
 """sample_c2i.py (grid + patch map) and sample_c2i_ddp.py (sharded, resumable, ADM .npz) on a tiny run."""
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -12,16 +13,18 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
+from PIL import Image, ImageFont
 from safetensors.torch import load_file
 
 import sample_c2i
+import sample_c2i_ddp
 from dpar.data.preprocess import next_token_entropies
 from dpar.experiment import save_checkpoint, save_step_checkpoint
 from dpar.models import ModelConfig, create_model
 from dpar.patcher import PatcherConfig
 from dpar.runs import Sampler
 from dpar.sampling import SamplingConfig
+from dpar.visual import with_row_labels
 from tests.helpers import finish, labelled_grid, randomize, run_script
 from tokenizer.transforms import load_center_crop
 from tokenizer.vq_model import VQConfig, create_vq
@@ -70,6 +73,60 @@ def test_sample_c2i_writes_a_grid_and_a_patch_map(experiment, tmp_path, capsys):
     out = capsys.readouterr().out
     tokens_per_patch = float(out.split(" tokens per patch")[0].split()[-1])
     assert 1.0 < tokens_per_patch <= 3.0 and "s/image" in out
+
+
+def bitmap_font(monkeypatch):
+    """Pillow's default font as Pillow 10.0 gives it (requirements allow it): the bitmap font, latin-1 only."""
+    monkeypatch.setattr("PIL.ImageFont.load_default", lambda *a, **k: ImageFont.load_default_imagefont())
+
+
+@pytest.mark.parametrize("font", ["default", "bitmap"])
+def test_any_text_can_label_a_grid(font, monkeypatch):
+    if font == "bitmap":
+        bitmap_font(monkeypatch)
+    picture = np.zeros((2 * (8 + 2) + 2, 3 * (8 + 2) + 2, 3), np.uint8)
+    labelled = with_row_labels(picture, ["café 東京 🙂", "two\nlines"], 8)
+    assert np.array_equal(labelled_grid(labelled, 2, 3, 8), picture)
+    # what the font cannot draw is replaced, the rest drawn as it is
+    assert np.array_equal(labelled, with_row_labels(picture, ["café ?? ?", "two lines"], 8))
+    assert not np.array_equal(labelled, with_row_labels(picture, ["cafe ?? ?", "two lines"], 8))
+
+
+def test_text_is_drawn_in_one_place():
+    """Labels, legends and any later annotation go through dpar/visual.py, which makes any text drawable."""
+    listing = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
+                             capture_output=True, text=True)
+    if listing.returncode != 0:
+        pytest.skip("not a git checkout")
+    drawing = [path for path in sorted(set(listing.stdout.split())) if not path.startswith("tests/")
+               and (ROOT / path).is_file() and re.search(r"\bImage(Draw|Font)\b", (ROOT / path).read_text())]
+    assert drawing == ["dpar/visual.py"]
+
+
+@pytest.mark.parametrize("font", ["default", "bitmap"])
+def test_class_names_outside_latin_1_cannot_lose_the_samples(experiment, tmp_path, font, monkeypatch):
+    """Issue 30: a class name Pillow 10.0's default bitmap font cannot encode raised UnicodeEncodeError after
+    all sampling; a line break in one fails to measure on any Pillow. "bitmap" stands for Pillow 10.0."""
+    run, vq_ckpt = experiment
+    named = tmp_path / "run"
+    shutil.copytree(run, named)
+    names = ["café 東京 🙂", "two\nlines", "tab\tand\x00nul", "x" * 500]
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "meta.json").write_text(json.dumps({
+        "tokens": {"shard_images": []}, "grid": SIZE // 4, "views": 1, "codebook_size": VOCAB, "image_size": SIZE,
+        "class_names": names}))
+    config = OmegaConf.load(named / "config.yaml")
+    config.data.store = str(tmp_path / "store")
+    OmegaConf.save(config, named / "config.yaml")
+    if font == "bitmap":
+        bitmap_font(monkeypatch)
+    sample_c2i.main(["--experiment_dir", str(named), "--output-dir", str(tmp_path / "out"), "--vq-ckpt",
+                     str(vq_ckpt), "--per-class", "2"])
+    pictures = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(pictures) == 2 and pictures[0].endswith(".png"), pictures
+    grid = np.asarray(Image.open(tmp_path / "out" / pictures[0]))
+    labelled_grid(grid, CLASSES, 2, SIZE)  # every row labelled
+    assert grid.shape[1] < 1000  # the 500-character name is cut
 
 
 def test_missing_epoch_and_tokenizer_are_one_line_errors(experiment, tmp_path):
