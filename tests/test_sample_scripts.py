@@ -153,9 +153,15 @@ def test_ddp_sampling_gives_the_same_npz_on_one_and_two_processes(experiment, tm
     finish(run_script([sys.executable] + ddp_command(run, vq_ckpt, tmp_path / "one")))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     finish(run_script(torchrun + ddp_command(run, vq_ckpt, tmp_path / "two"), ACCELERATE_USE_CPU="1"))
-    one, two = (np.load(tmp_path / d / NPZ)["arr_0"] for d in ("one", "two"))
+    one, two = (dict(np.load(tmp_path / d / NPZ)) for d in ("one", "two"))
+    assert one.keys() == two.keys() == {"arr_0", "arr_1", "dpar_job"}
+    assert all(np.array_equal(one[key], two[key]) for key in one)
+    # labels (ADM's arr_1): class-balanced, in a seeded random order, not sorted by class (issue 30)
+    assert np.array_equal(one["arr_1"], sample_c2i_ddp.fid_labels(20, CLASSES, seed=0))
+    assert (np.bincount(one["arr_1"]) == 20 // CLASSES).all() and (np.diff(one["arr_1"]) < 0).any()
+    assert json.loads(str(one["dpar_job"]))["label_order"] == sample_c2i_ddp.LABEL_ORDER
+    one = one["arr_0"]
     assert one.shape == (20, SIZE, SIZE, 3) and one.dtype == np.uint8
-    assert np.array_equal(one, two)
     assert len({image.tobytes() for image in one}) == 20  # no image twice
     assert not (tmp_path / "one" / NPZ.replace(".npz", ".parts")).exists()
 
