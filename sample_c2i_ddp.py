@@ -6,16 +6,21 @@ r"""Sample N images (50,000 by default) across processes and pack them into an A
         --image-size 256 --cfg-scale 2.0     # a released LlamaGen checkpoint, same sampler and file format
     -> samples/GPT-L-c2i_L_256-size-256-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz
 
-Images come in class order (N / classes per class); image n uses seed ``seed * 1000003 + n``, so its tokens
-are the same on any number of processes (its pixels too where the tokenizer's decoder runs the same kernels:
-the same batch size and thread count on CPUs). Chunks of ``--per-proc-batch-size`` images are saved as they
-finish: rerun the same command after a kill and only missing chunks are sampled. The .npz records the job
-that made it (sample count, weights, tokenizer, every sampling flag): rerunning the same command finds it
-done, another job's file under the same name is refused. 384 px samples can be resized for FID with
-``--image-size-eval 256`` (the decoder's output, bicubic, before quantisation, as LlamaGen does).
+Every class gets N / classes images, in a random order drawn from ``--seed`` (``fid_labels``; the labels are
+stored as ``arr_1``): the Inception Score is averaged over splits of 5,000 consecutive images, which then hold
+all classes, as in LlamaGen's and DiT's files (labels drawn at random); in class order each split would hold
+100 of 1,000 classes and IS would come out far too low. Image n uses seed
+``seed * 1000003 + n``, so its label and tokens are the same on any number of processes (its pixels too
+where the tokenizer's decoder runs the same kernels: the same batch size and thread count on CPUs). Chunks
+of ``--per-proc-batch-size`` images are saved as they finish: rerun the same command after a kill and only
+missing chunks are sampled. The .npz records the job that made it (sample count, weights, tokenizer, every
+sampling flag, the label order): rerunning the same command finds it done, another job's file under the same
+name is refused. 384 px samples can be resized for FID with ``--image-size-eval 256`` (the decoder's output,
+bicubic, before quantisation, as LlamaGen does).
 """
 import argparse
 import fcntl
+import hashlib
 import json
 import shutil
 import time
@@ -36,9 +41,22 @@ from dpar.validation import number
 from sample_cli import add_sampling_arguments, sample_file_stem, sampler_from_args, sampling_from_args
 
 
-def class_order_labels(num_samples: int, num_classes: int) -> Tensor:
-    """Labels of samples 0..N-1 in class order, N/num_classes per class (50 per class for 50K on ImageNet)."""
-    return torch.arange(num_samples) * num_classes // num_samples
+# what the job record says of fid_labels (a file of an older version, in class order, recorded "class_order")
+LABEL_ORDER = ("class-balanced (class n * classes // N, n < N), permuted by numpy.random.default_rng(seed)"
+               ".permutation(N); labels in arr_1")
+
+
+def fid_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
+    """int64 labels of samples 0..N-1: each class N / num_classes times (50 for 50K on ImageNet; rounded
+    down or up when it does not divide), in a random order drawn from ``seed``.
+
+    Not in class order: ADM's evaluator averages the Inception Score over splits of 5,000 consecutive samples,
+    and a split of a class-sorted file holds 100 of 1,000 classes, which makes IS far too low. In a
+    random order every split sees all classes, as in LlamaGen's and DiT's files, whose labels are drawn at
+    random. FID, sFID, precision and recall do not depend on the order.
+    """
+    balanced = np.arange(num_samples, dtype=np.int64) * num_classes // num_samples
+    return balanced[np.random.default_rng(seed).permutation(num_samples)]
 
 
 class SampleChunks:
@@ -54,10 +72,12 @@ class SampleChunks:
 
     JOB_KEY = "dpar_job"
 
-    def __init__(self, npz_path: str | Path, num_samples: int, chunk: int, job: dict):
-        self.npz_path, self.num_samples, self.chunk = Path(npz_path), num_samples, chunk
+    def __init__(self, npz_path: str | Path, num_samples: int, chunk: int, job: dict,
+                 labels: np.ndarray | None = None):
+        assert labels is None or len(labels) == num_samples
+        self.npz_path, self.num_samples, self.chunk, self.labels = Path(npz_path), num_samples, chunk, labels
         self.parts = self.npz_path.with_suffix(".parts")
-        self.job = {**job, "num_samples": num_samples}
+        self.job = {"num_samples": num_samples, **job}  # the likeliest difference is named first
         self.count = -(-num_samples // chunk)
         self._lock: int | None = None
 
@@ -125,14 +145,15 @@ class SampleChunks:
             np.save(f, images)
 
     def pack(self) -> Path:
-        """All chunks -> ``arr_0 uint8 [N, H, W, 3]`` in sample order and the job, written atomically; parts
-        removed."""
+        """All chunks -> ``arr_0 uint8 [N, H, W, 3]`` in sample order, ``arr_1`` their labels (as ADM's class-
+        conditional samples; when given) and the job, written atomically; parts removed."""
         missing = [k for k in range(self.count) if not self.file(k).is_file()]
         if missing:
             raise UserError(f"{self.parts} lacks chunk {missing[0]}; rerun the same command to finish it")
         images = np.concatenate([self._chunk(k) for k in range(self.count)])
         with atomic_path(self.npz_path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, arr_0=images, **{self.JOB_KEY: np.array(json.dumps(self.job, sort_keys=True))})
+            labels = {} if self.labels is None else {"arr_1": np.asarray(self.labels, dtype=np.int64)}
+            np.savez(f, arr_0=images, **labels, **{self.JOB_KEY: np.array(json.dumps(self.job, sort_keys=True))})
         shutil.rmtree(self.parts)
         return self.npz_path
 
@@ -167,11 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     stem = sample_file_stem(sampler.name, sampling, args.seed, args.threshold, args.max_patch_length,
                             sampler.patcher is not None and sampler.patcher.mode == "self_entropy")
     npz = Path(args.output_dir) / f"{stem}.npz"
-    num_classes = sampler.model_config.num_classes
+    labels = fid_labels(args.num_fid_samples, sampler.model_config.num_classes, args.seed)
     job = {**sampler.identity(), "epoch": sampler.epoch, "ema": args.ema, "seed": args.seed,
-           "class_order": f"sample n has class n * {num_classes} // N", "sampling": asdict(sampling),
-           "image_size_eval": args.image_size_eval}
-    chunks = SampleChunks(npz, args.num_fid_samples, args.per_proc_batch_size, job)
+           "label_order": LABEL_ORDER, "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+           "sampling": asdict(sampling), "image_size_eval": args.image_size_eval}
+    chunks = SampleChunks(npz, args.num_fid_samples, args.per_proc_batch_size, job, labels)
     if chunks.finished():
         accelerator.print(f"{npz} exists with these {args.num_fid_samples} samples; nothing to do")
         return
@@ -181,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     if not accelerator.is_main_process:
         chunks.start(main_process=False)
 
-    labels = class_order_labels(args.num_fid_samples, num_classes)
+    labels = torch.from_numpy(labels)
     todo = chunks.todo(accelerator.process_index, accelerator.num_processes)
     started, done, steps, tokens = time.perf_counter(), 0, 0, 0
     bar = tqdm(todo, desc="sampling", unit="chunk", disable=not accelerator.is_local_main_process)

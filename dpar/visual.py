@@ -1,6 +1,7 @@
 """Pictures: image grids as PNG (samples, reconstructions, patch maps)."""
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -35,40 +36,64 @@ PATCH_COLOURS = np.array([[220, 40, 40], [245, 140, 30], [240, 220, 40], [60, 19
                           [40, 200, 220], [50, 90, 230]], dtype=np.float32)
 PATCH_LEGEND = (("1", 0), ("2", 1), ("3", 2), ("4", 3), ("5-6", 4), ("7+", 6))  # label, row of PATCH_COLOURS
 TEXT = (20, 20, 20)
+MAX_LABEL = 64  # characters of a label drawn; a longer one is cut, ending in "..."
 
 
-def _text_panel(height: int, width: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    panel = Image.new("RGB", (width, height), (255, 255, 255))
-    return panel, ImageDraw.Draw(panel)
+def drawable(text: str) -> str:
+    """``text`` as every Pillow >= 10.0 draws it with its default font: one line of latin-1 of at most
+    :data:`MAX_LABEL` characters. Pillow 10.0's default (bitmap) font encodes text as latin-1 and raises
+    ``UnicodeEncodeError`` on anything else, and no Pillow measures or anchors text holding a line break: so
+    control and line-break characters become spaces, the rest outside latin-1 "?" (the later default fonts
+    draw most of them as empty boxes anyway)."""
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c if ord(c) < 256 else "?"
+                   for c in str(text))
+    return text if len(text) <= MAX_LABEL else text[:MAX_LABEL - 3] + "..."
+
+
+class _Text:
+    """Where every annotation is drawn, so that none can fail on what it writes: Pillow's default font, and
+    text through :func:`drawable`."""
+
+    def __init__(self):
+        self.font = ImageFont.load_default()
+        self._measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def length(self, text: str) -> int:
+        return int(self._measure.textlength(drawable(text), font=self.font))
+
+    def panel(self, height: int, width: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+        panel = Image.new("RGB", (width, height), (255, 255, 255))
+        return panel, ImageDraw.Draw(panel)
+
+    def write(self, draw: ImageDraw.ImageDraw, left_middle: tuple[int, int], text: str) -> None:
+        draw.text(left_middle, drawable(text), fill=TEXT, font=self.font, anchor="lm")
 
 
 def with_row_labels(picture: np.ndarray, labels: list[str], row_height: int, pad: int = 2) -> np.ndarray:
     """A grid picture with a white margin on its left naming each row (e.g. its class): ``labels[r]`` is
-    written beside grid row r of ``row_height`` pixels (an :func:`image_grid` row without its padding)."""
-    font = ImageFont.load_default()
-    width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label, font=font)) for label in labels) + 8
-    panel, draw = _text_panel(picture.shape[0], width)
+    written beside grid row r of ``row_height`` pixels (an :func:`image_grid` row without its padding). Any
+    text can be a label: what the font cannot draw is replaced (:func:`drawable`)."""
+    text = _Text()
+    panel, draw = text.panel(picture.shape[0], max((text.length(label) for label in labels), default=0) + 8)
     for row, label in enumerate(labels):
-        draw.text((4, pad + row * (row_height + pad) + row_height // 2), label, fill=TEXT, font=font, anchor="lm")
+        text.write(draw, (4, pad + row * (row_height + pad) + row_height // 2), label)
     return np.concatenate([np.asarray(panel), picture], axis=1)
 
 
 def with_patch_legend(picture: np.ndarray) -> np.ndarray:
     """A patch map with a strip below it giving the colour of each patch length (tokens per patch), as
     :func:`patch_map` tints them; a map narrower than the legend is padded white on the right."""
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text = _Text()
     title = "tokens per patch:"
-    needed = 12 + int(measure.textlength(title, font=font)) + sum(
-        24 + int(measure.textlength(label, font=font)) for label, _ in PATCH_LEGEND)
+    needed = 12 + text.length(title) + sum(24 + text.length(label) for label, _ in PATCH_LEGEND)
     width = max(picture.shape[1], needed)
-    panel, draw = _text_panel(20, width)
-    draw.text((4, 10), title, fill=TEXT, font=font, anchor="lm")
-    x = 8 + int(draw.textlength(title, font=font))
+    panel, draw = text.panel(20, width)
+    text.write(draw, (4, 10), title)
+    x = 8 + text.length(title)
     for label, row in PATCH_LEGEND:
         draw.rectangle((x, 4, x + 12, 16), fill=tuple(int(c) for c in PATCH_COLOURS[row]), outline=TEXT)
-        draw.text((x + 16, 10), label, fill=TEXT, font=font, anchor="lm")
-        x += 24 + int(draw.textlength(label, font=font))
+        text.write(draw, (x + 16, 10), label)
+        x += 24 + text.length(label)
     padded = np.full((picture.shape[0], width, 3), 255, dtype=np.uint8)
     padded[:, :picture.shape[1]] = picture
     return np.concatenate([padded, np.asarray(panel)], axis=0)

@@ -2,7 +2,7 @@ r"""Linear probe of a trained model's global features (arXiv 2512.21867, Table 7
 
     python -m evaluations.linear_probe --experiment_dir RUN --store data/imagenet256_tokens \
         --val-store data/imagenet256_val_tokens --max-images 128000
-    python -m evaluations.linear_probe --experiment_dir assets/demo/dpar --store assets/demo.work/tokens
+    python -m evaluations.linear_probe --experiment_dir assets/demo/dpar --store assets/demo/tokens --val-holdout 200
 
 Features, as the paper describes them: the last hidden layer of the global transformer (DPAR: its outputs
 at the patch positions, with the boundaries the run's patcher gives, entropy model included; the GPT: its

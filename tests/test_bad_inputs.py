@@ -331,6 +331,21 @@ def test_an_npz_of_another_sampling_job_is_refused(tmp_path):
         assert data["arr_0"].shape[0] == 4 and json.loads(str(data["dpar_job"]))["num_samples"] == 4
 
 
+def test_a_class_ordered_npz_of_an_older_version_is_not_taken_as_done(tmp_path):
+    """Its Inception Score is far too low (issue 30): rerunning the same command must not keep it."""
+    out = tmp_path / "samples"
+    common = ["--output-dir", str(out), "--per-proc-batch-size", "4", "--cfg-scale", "1.0", "--num-fid-samples", "4"]
+    sample_c2i_ddp.main(common)
+    npz = next(out.glob("*.npz"))
+    with np.load(npz) as data:
+        job = json.loads(str(data["dpar_job"]))
+        images = data["arr_0"]
+    del job["label_order"], job["labels_sha256"]
+    np.savez(npz, arr_0=images, dpar_job=np.array(json.dumps({**job, "class_order": "sample n has class n * 12 // N"})))
+    with pytest.raises(UserError, match="from another sampling job \\(label_order None, this run 'class-balanced"):
+        sample_c2i_ddp.main(common)
+
+
 def test_finished_samples_clean_up_the_parts_a_kill_left(tmp_path):
     npz = tmp_path / "s.npz"
     chunks = SampleChunks(npz, 2, 1, {"seed": 0})

@@ -1,4 +1,5 @@
 """Evaluator: metric functions against formulas written out here, the FID Inception's structure, the CLI."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from evaluations.c2i import evaluator
 from evaluations.c2i.evaluator import (frechet_distance, inception_score, manifold_radii, precision_recall,
                                        statistics)
 from evaluations.c2i.inception import FIDInceptionV3, tf_resize_bilinear
+from sample_c2i_ddp import SampleChunks, fid_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +56,73 @@ def test_inception_score_follows_its_definition():
     assert inception_score(probs) == pytest.approx(np.mean(scores), rel=1e-10)
     assert inception_score(np.full((100, 10), 0.1)) == pytest.approx(1.0)
     assert inception_score(np.eye(10).repeat(5, axis=0) * (1 - 1e-12) + 1e-13) == pytest.approx(10.0, rel=1e-6)
+
+
+class ClassPeakedInception(torch.nn.Module):
+    """A stand-in for the FID Inception whose prediction peaks at the class an image's first pixel encodes
+    (a well-classified sample), with noise; pool_3 and spatial features are 0."""
+
+    def forward(self, images):
+        classes = images[:, 0, 0, 0].long()
+        noise = torch.randn(len(images), 1008, generator=torch.Generator().manual_seed(int(classes.sum())))
+        logits = noise + 10 * torch.nn.functional.one_hot(classes, 1008)
+        return torch.zeros(len(images), 2048), torch.zeros(len(images), 17, 17, 192), logits
+
+
+def sampler_style_file(path: Path, num_samples: int, num_classes: int, chunk: int = 64) -> np.ndarray:
+    """An .npz written as sample_c2i_ddp.py writes one (its labels, chunks, packing); image n is filled with
+    its label. Returns the labels."""
+    labels = fid_labels(num_samples, num_classes, seed=0)
+    chunks = SampleChunks(path, num_samples, chunk, {"seed": 0}, labels)
+    chunks.start(main_process=True)
+    for k in range(chunks.count):
+        chunks.write(k, np.broadcast_to(labels[chunks.indices(k).numpy()].astype(np.uint8)[:, None, None, None],
+                                        (len(chunks.indices(k)), 4, 4, 3)).copy())
+    chunks.pack()
+    return labels
+
+
+def test_the_inception_score_of_a_sample_file_does_not_depend_on_its_order(tmp_path):
+    """Issue 30: in class order (as the sampler wrote them), ADM's consecutive splits saw few classes each and
+    IS came out far too low (99.4 instead of 897.3 for 1,000 classes). Scaled down: 100 classes x 50 samples,
+    splits of 500, so that a split of a class-sorted file holds 10 of the 100 classes."""
+    labels = sampler_style_file(tmp_path / "samples.npz", 5000, 100)
+    with np.load(tmp_path / "samples.npz") as data:
+        assert np.array_equal(data["arr_1"], labels)  # ADM's place for the labels of class-conditional samples
+        assert np.array_equal(data["arr_0"][:, 0, 0, 0], labels)
+    assert (np.bincount(labels, minlength=100) == 50).all()  # class-balanced
+    probs = evaluator.batch_features(evaluator.ImageBatch(tmp_path / "samples.npz", 2), ClassPeakedInception,
+                                     "fake", 256, "cpu").probs
+    assert (probs.argmax(1) == labels).mean() > 0.9  # mostly classified as their class
+    in_file = inception_score(probs, split_size=500)
+    shuffled = inception_score(probs[np.random.default_rng(1).permutation(5000)], split_size=500)
+    one_split = inception_score(probs, split_size=5000)
+    class_sorted = inception_score(probs[np.argsort(labels, kind="stable")], split_size=500)
+    # one split sees p(y) from 50 samples a class, a split of 500 from 5 (as ADM's 5,000 of 1,000 classes
+    # do): a few % apart, the same way in published numbers
+    assert in_file == pytest.approx(shuffled, rel=0.02) and in_file == pytest.approx(one_split, rel=0.1)
+    assert class_sorted < in_file / 5  # the order the sampler used to write: far off
+    assert in_file > 30, (in_file, shuffled, one_split, class_sorted)
+
+
+def test_fid_and_precision_recall_do_not_depend_on_the_order():
+    features = random_features(300, 8, 0).astype(np.float32)
+    ref = random_features(200, 8, 1, shift=0.4).astype(np.float32)
+    order = np.random.default_rng(2).permutation(300)
+    (mu, sigma), (mu_p, sigma_p) = statistics(features), statistics(features[order])
+    assert np.allclose(mu, mu_p) and np.allclose(sigma, sigma_p)
+    assert precision_recall(ref, features, batch=64) == precision_recall(ref, features[order], batch=64)
+
+
+def test_a_file_in_class_order_is_named(tmp_path):
+    labels = sampler_style_file(tmp_path / "new.npz", 600, 6)
+    assert evaluator.class_order_warning(tmp_path / "new.npz", 600, split_size=500) is None
+    np.savez(tmp_path / "sorted.npz", arr_0=np.zeros((600, 4, 4, 3), np.uint8), arr_1=np.sort(labels))
+    old_job = json.dumps({"num_samples": 600, "class_order": "sample n has class n * 6 // N"})
+    np.savez(tmp_path / "old.npz", arr_0=np.zeros((600, 4, 4, 3), np.uint8), dpar_job=np.array(old_job))
+    for name in ("sorted.npz", "old.npz"):
+        assert "in class order: the Inception Score" in evaluator.class_order_warning(tmp_path / name, 600, 500)
+        assert evaluator.class_order_warning(tmp_path / name, 500, 500) is None  # one split: no harm
 
 
 def brute_force_precision_recall(ref: np.ndarray, sample: np.ndarray, k: int = 3) -> tuple[float, float]:
@@ -209,10 +278,23 @@ def test_reference_statistics_stored_in_the_file_are_used(batches):
     assert (stats.mu == 0).all() and (stats.mu_s == 1).all() and stats.pool is features.pool
 
 
+def test_the_evaluator_warns_in_one_line_of_a_file_in_class_order(batches, tmp_path, monkeypatch, capsys):
+    old_job = json.dumps({"num_samples": 5001, "class_order": "sample n has class n * 1000 // N"})
+    np.savez(tmp_path / "old.npz", arr_0=np.zeros((5001, 4, 4, 3), np.uint8), dpar_job=np.array(old_job))
+    monkeypatch.setattr(evaluator, "batch_features", lambda *args: None)  # the metrics are tested above
+    monkeypatch.setattr(evaluator, "with_reference_statistics", lambda features, stored: features)
+    monkeypatch.setattr(evaluator, "evaluate", lambda ref, sample: {"Inception Score": 1.0})
+    evaluator.main([str(batches / "ref.npz"), str(tmp_path / "old.npz"), "--inception-weights",
+                    str(batches / "inception.pth")])
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {tmp_path / 'old.npz'} holds its samples in class order") and err.count("\n") == 1
+
+
 def one_line_error(*args: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "evaluations.c2i.evaluator", *args], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stdout == ""  # every input checked before any work or output
     return proc.stderr
 
 
@@ -224,8 +306,10 @@ def test_bad_inputs_are_one_line_errors(batches, tmp_path):
     assert "arr_0 must be uint8 [N, H, W, 3]" in one_line_error(str(tmp_path / "float.npz"), "x.npz", *weights)
     assert "has no 'arr_0' (keys: images)" in one_line_error(str(tmp_path / "nokey.npz"), "x.npz", *weights)
     assert "1 images, but the statistics need at least 2" in one_line_error(str(tmp_path / "one.npz"), "x", *weights)
-    assert "pt_inception-2015-12-05-6726825d.pth" in one_line_error(
-        str(batches / "ref.npz"), str(batches / "sample.npz"), "--inception-weights", str(tmp_path / "none.pth"))
+    np.savez(tmp_path / "sample.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    assert "Inception weights not found at" in one_line_error(
+        str(batches / "ref.npz"), str(tmp_path / "sample.npz"), "--inception-weights", str(tmp_path / "none.pth"))
+    assert not (tmp_path / "sample.txt").exists() and not (tmp_path / "sample.npz.inception.npz").exists()
     torch.save({"w": torch.zeros(1)}, tmp_path / "other.pth")
     assert "is not pt_inception-2015-12-05-6726825d.pth: 472 missing keys" in one_line_error(
         str(batches / "ref.npz"), str(batches / "sample.npz"), "--inception-weights", str(tmp_path / "other.pth"))

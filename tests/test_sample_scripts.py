@@ -1,5 +1,6 @@
 """sample_c2i.py (grid + patch map) and sample_c2i_ddp.py (sharded, resumable, ADM .npz) on a tiny run."""
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -12,16 +13,18 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
+from PIL import Image, ImageFont
 from safetensors.torch import load_file
 
 import sample_c2i
+import sample_c2i_ddp
 from dpar.data.preprocess import next_token_entropies
 from dpar.experiment import save_checkpoint, save_step_checkpoint
 from dpar.models import ModelConfig, create_model
 from dpar.patcher import PatcherConfig
 from dpar.runs import Sampler
 from dpar.sampling import SamplingConfig
+from dpar.visual import with_row_labels
 from tests.helpers import finish, labelled_grid, randomize, run_script
 from tokenizer.transforms import load_center_crop
 from tokenizer.vq_model import VQConfig, create_vq
@@ -72,6 +75,60 @@ def test_sample_c2i_writes_a_grid_and_a_patch_map(experiment, tmp_path, capsys):
     assert 1.0 < tokens_per_patch <= 3.0 and "s/image" in out
 
 
+def bitmap_font(monkeypatch):
+    """Pillow's default font as Pillow 10.0 gives it (requirements allow it): the bitmap font, latin-1 only."""
+    monkeypatch.setattr("PIL.ImageFont.load_default", lambda *a, **k: ImageFont.load_default_imagefont())
+
+
+@pytest.mark.parametrize("font", ["default", "bitmap"])
+def test_any_text_can_label_a_grid(font, monkeypatch):
+    if font == "bitmap":
+        bitmap_font(monkeypatch)
+    picture = np.zeros((2 * (8 + 2) + 2, 3 * (8 + 2) + 2, 3), np.uint8)
+    labelled = with_row_labels(picture, ["café 東京 🙂", "two\nlines"], 8)
+    assert np.array_equal(labelled_grid(labelled, 2, 3, 8), picture)
+    # what the font cannot draw is replaced, the rest drawn as it is
+    assert np.array_equal(labelled, with_row_labels(picture, ["café ?? ?", "two lines"], 8))
+    assert not np.array_equal(labelled, with_row_labels(picture, ["cafe ?? ?", "two lines"], 8))
+
+
+def test_text_is_drawn_in_one_place():
+    """Labels, legends and any later annotation go through dpar/visual.py, which makes any text drawable."""
+    listing = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
+                             capture_output=True, text=True)
+    if listing.returncode != 0:
+        pytest.skip("not a git checkout")
+    drawing = [path for path in sorted(set(listing.stdout.split())) if not path.startswith("tests/")
+               and (ROOT / path).is_file() and re.search(r"\bImage(Draw|Font)\b", (ROOT / path).read_text())]
+    assert drawing == ["dpar/visual.py"]
+
+
+@pytest.mark.parametrize("font", ["default", "bitmap"])
+def test_class_names_outside_latin_1_cannot_lose_the_samples(experiment, tmp_path, font, monkeypatch):
+    """Issue 30: a class name Pillow 10.0's default bitmap font cannot encode raised UnicodeEncodeError after
+    all sampling; a line break in one fails to measure on any Pillow. "bitmap" stands for Pillow 10.0."""
+    run, vq_ckpt = experiment
+    named = tmp_path / "run"
+    shutil.copytree(run, named)
+    names = ["café 東京 🙂", "two\nlines", "tab\tand\x00nul", "x" * 500]
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "meta.json").write_text(json.dumps({
+        "tokens": {"shard_images": []}, "grid": SIZE // 4, "views": 1, "codebook_size": VOCAB, "image_size": SIZE,
+        "class_names": names}))
+    config = OmegaConf.load(named / "config.yaml")
+    config.data.store = str(tmp_path / "store")
+    OmegaConf.save(config, named / "config.yaml")
+    if font == "bitmap":
+        bitmap_font(monkeypatch)
+    sample_c2i.main(["--experiment_dir", str(named), "--output-dir", str(tmp_path / "out"), "--vq-ckpt",
+                     str(vq_ckpt), "--per-class", "2"])
+    pictures = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(pictures) == 2 and pictures[0].endswith(".png"), pictures
+    grid = np.asarray(Image.open(tmp_path / "out" / pictures[0]))
+    labelled_grid(grid, CLASSES, 2, SIZE)  # every row labelled
+    assert grid.shape[1] < 1000  # the 500-character name is cut
+
+
 def test_missing_epoch_and_tokenizer_are_one_line_errors(experiment, tmp_path):
     run, vq_ckpt = experiment
     for extra, message in ((["--epoch", "7", "--vq-ckpt", str(vq_ckpt)], "has no checkpoint of epoch 7; it has epochs 3"),
@@ -97,9 +154,15 @@ def test_ddp_sampling_gives_the_same_npz_on_one_and_two_processes(experiment, tm
     finish(run_script([sys.executable] + ddp_command(run, vq_ckpt, tmp_path / "one")))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     finish(run_script(torchrun + ddp_command(run, vq_ckpt, tmp_path / "two"), ACCELERATE_USE_CPU="1"))
-    one, two = (np.load(tmp_path / d / NPZ)["arr_0"] for d in ("one", "two"))
+    one, two = (dict(np.load(tmp_path / d / NPZ)) for d in ("one", "two"))
+    assert one.keys() == two.keys() == {"arr_0", "arr_1", "dpar_job"}
+    assert all(np.array_equal(one[key], two[key]) for key in one)
+    # labels (ADM's arr_1): class-balanced, in a seeded random order, not sorted by class (issue 30)
+    assert np.array_equal(one["arr_1"], sample_c2i_ddp.fid_labels(20, CLASSES, seed=0))
+    assert (np.bincount(one["arr_1"]) == 20 // CLASSES).all() and (np.diff(one["arr_1"]) < 0).any()
+    assert json.loads(str(one["dpar_job"]))["label_order"] == sample_c2i_ddp.LABEL_ORDER
+    one = one["arr_0"]
     assert one.shape == (20, SIZE, SIZE, 3) and one.dtype == np.uint8
-    assert np.array_equal(one, two)
     assert len({image.tobytes() for image in one}) == 20  # no image twice
     assert not (tmp_path / "one" / NPZ.replace(".npz", ".parts")).exists()
 

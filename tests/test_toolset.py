@@ -1,6 +1,7 @@
 """After training: a LlamaGen GPT as the entropy model, the linear probe, patch maps of any image, the trainers'
 --help and an editable install that runs from any directory."""
 import json
+import re
 import subprocess
 import sys
 import sysconfig
@@ -158,6 +159,26 @@ def test_dpar_features_of_an_image_do_not_depend_on_its_batch(probe_runs):
     alone = torch.cat([linear_probe.pooled_features(sampler, tokens[i:i + 1]) for i in range(5)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(together[0], together[1])
+
+
+def test_example_commands_name_only_files_of_a_fresh_clone():
+    """Issue 30: linear_probe's --help named assets/demo.work/tokens, which only a rebuilt demo has. Every
+    assets/ path in a command example (a line running python, accelerate or torchrun) of an app's or a
+    module's text is in the repository as committed."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = set(tracked.stdout.split())
+    folders = {str(Path(f).parents[k]) for f in files for k in range(len(Path(f).parents) - 1)}
+    named = {}
+    for source in sorted(f for f in files if f.endswith(".py") and not f.startswith("tests/")):
+        for line in (ROOT / source).read_text().splitlines():
+            if re.search(r"\b(python|accelerate launch|torchrun)\b", line):
+                for path in re.findall(r"\bassets/[\w./-]*\w", line):
+                    named.setdefault(path, source)
+    assert named and "evaluations/linear_probe.py" in named.values()
+    missing = {path: source for path, source in named.items() if path not in files | folders}
+    assert not missing, f"example commands name paths a fresh clone lacks: {missing}"
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -14,6 +14,8 @@ reference .npz when present, as ADM does; features computed for a file are cache
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import warnings
 import zipfile
 import zlib
@@ -35,6 +37,7 @@ from .inception import FIDInceptionV3
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023 features
 # the statistics a reference batch may carry, and their shapes (pool_3: 2048 features; spatial: 2023)
 STATS_SIZES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
+IS_SPLIT = 5000  # ADM: the Inception Score is the mean over consecutive splits of 5,000 samples
 
 
 # -- the metrics (each a plain function of features, as ADM computes it) -------------------------------------
@@ -59,7 +62,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
+def inception_score(probs: np.ndarray, split_size: int = IS_SPLIT) -> float:
     """Mean over consecutive splits of ``split_size`` of exp(E KL(p(y|x) || p(y))) (ADM: 10 splits for 50K)."""
     scores = []
     for start in range(0, len(probs), split_size):
@@ -254,6 +257,30 @@ def with_reference_statistics(features: BatchFeatures, stored: dict[str, np.ndar
     return features if stored is None else BatchFeatures(features.pool, features.probs, **stored)
 
 
+def class_order_warning(path: Path, count: int, split_size: int = IS_SPLIT) -> str | None:
+    """What to tell about a sample file of ``count`` samples in class order, or None. The Inception Score
+    averages over splits of ``split_size`` consecutive samples (as ADM's evaluator does), which in class order
+    see a few classes each: a far too low IS. Class order is known from the labels a file carries (``arr_1``,
+    sorted) or its sampling job's record (an older ``sample_c2i_ddp.py`` wrote ``class_order``); a file that
+    says neither, or holds one split, is taken as it is."""
+    if count <= split_size:
+        return None
+    try:
+        with np.load(path) as data:
+            job = json.loads(str(data["dpar_job"])) if "dpar_job" in data.files else {}
+            labels = data["arr_1"] if "arr_1" in data.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+    sorted_labels = (labels is not None and labels.ndim == 1 and len(np.unique(labels)) > 1
+                     and bool((np.diff(labels) >= 0).all()))
+    if not (isinstance(job, dict) and "class_order" in job) and not sorted_labels:
+        return None
+    return (f"{path} holds its samples in class order: the Inception Score, averaged over splits of {split_size} "
+            "consecutive samples as ADM's evaluator does, comes out far too low (FID, sFID, precision and recall "
+            "are unaffected); sample again with this version of sample_c2i_ddp.py (random label order) for an IS "
+            "to compare with published ones")
+
+
 def evaluate(ref: BatchFeatures, sample: BatchFeatures) -> dict[str, float]:
     precision, recall = precision_recall(ref.pool, sample.pool)
     return {"Inception Score": inception_score(sample.probs),
@@ -272,18 +299,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     report_path = check_output_file(Path(args.sample_batch).with_suffix(".txt"), "the report of sample_batch")
 
+    # every input (both batches, the reference's statistics, the weights) checked before any work or output
+    ref_images, sample_images = ImageBatch(Path(args.ref_batch), 2), ImageBatch(Path(args.sample_batch), 2)
+    stored = reference_statistics(ref_images.path)
     weights = Path(args.inception_weights)
-    network = None
+    network = FIDInceptionV3.from_file(weights)  # a missing or foreign file: one line, now
+    weights_id = file_sha256(weights)
 
     def network_factory() -> FIDInceptionV3:
-        nonlocal network
-        if network is None:
-            network = FIDInceptionV3.from_file(weights).to(args.device)
-        return network
+        return network.to(args.device)
 
-    weights_id = file_sha256(weights) if weights.is_file() else "missing"
-    ref_images, sample_images = ImageBatch(Path(args.ref_batch), 2), ImageBatch(Path(args.sample_batch), 2)
-    stored = reference_statistics(ref_images.path)  # every input checked before any Inception work
+    warning = class_order_warning(sample_images.path, len(sample_images))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print("computing reference batch activations...")
     ref = with_reference_statistics(batch_features(ref_images, network_factory, weights_id, args.batch_size,
                                                    args.device), stored)
