@@ -25,7 +25,8 @@ from dpar.fileio import atomic_write_text
 from dpar.patcher import logits_entropy
 from tokenizer.transforms import ImageError, image_views, open_rgb
 
-from .store import META_FILE, SHARDS, SKIPPED_FILE, file_sha256, read_meta, shard_file, write_array, write_json
+from .store import (ENTROPY_DTYPE, META_FILE, SHARDS, SKIPPED_FILE, file_sha256, read_meta, shard_file, write_array,
+                    write_json)
 
 
 @dataclass
@@ -155,9 +156,9 @@ def entropy_shards(store: Path, shards: list[int], token_shard: Callable[[int], 
         tokens = np.asarray(token_shard(k))
         images, views, length = tokens.shape
         flat = torch.from_numpy(tokens.reshape(-1, length).astype(np.int64))
-        out = np.empty((images * views, length), dtype=np.float16)
+        out = np.empty((images * views, length), dtype=ENTROPY_DTYPE)
         for lo in range(0, len(flat), batch_size):
-            out[lo:lo + batch_size] = entropies_of(flat[lo:lo + batch_size]).cpu().numpy().astype(np.float16)
+            out[lo:lo + batch_size] = entropies_of(flat[lo:lo + batch_size]).cpu().numpy().astype(ENTROPY_DTYPE)
             bar.update(min(lo + batch_size, len(flat)) - lo)
         write_array(shard_file(store, "entropies", k), out.reshape(images, views, length))
     bar.close()

@@ -29,6 +29,10 @@ from dpar.fileio import atomic_path, atomic_write_text
 META_FILE = "meta.json"
 SKIPPED_FILE = "skipped.txt"
 SHARDS = "shards"
+# The entropies' dtype on disk, and the precision of every boundary decision: dpar.patcher rounds a live entropy
+# to it before comparing it with θ (dpar.patcher.BOUNDARY_DTYPE is this dtype), so that sampling, patch maps and
+# calibration cut the patches training cuts from the store.
+ENTROPY_DTYPE = np.float16
 
 
 def shard_file(store: str | Path, kind: str, shard: int, suffix: str = ".npy") -> Path:
@@ -149,7 +153,7 @@ class TokenStore:
         if key not in self._open:
             path = shard_file(self.path, kind, shard)
             dtype, tail = {"labels": (np.int16, ()), "tokens": (np.uint16, (self.views, self.num_tokens)),
-                           "entropies": (np.float16, (self.views, self.num_tokens))}[kind]
+                           "entropies": (ENTROPY_DTYPE, (self.views, self.num_tokens))}[kind]
             expected = (self.shard_images[shard], *tail)
             try:
                 array = np.load(path, mmap_mode=None if kind == "labels" else "r", allow_pickle=False)
