@@ -374,13 +374,14 @@ STATE_DICT_KEYS = ("model", "module", "state_dict")
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a ``.safetensors`` file or a torch checkpoint: ``checkpoint[key]`` for the first of
     :data:`STATE_DICT_KEYS` it has (LlamaGen's ``{"model": ...}``, DeepSpeed's ``"module"``, Lightning's
-    ``"state_dict"``), else the checkpoint itself. ``UserError`` for a missing or unreadable file."""
+    ``"state_dict"``), else the checkpoint itself. ``UserError`` for a missing or unreadable file, and for
+    weights no model can use (:func:`check_weights`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         try:
-            return load_file(path)
+            return check_weights(load_file(path), path)
         except (SafetensorError, OSError) as error:
             raise UserError(f"cannot read {path}: {error}") from None
     checkpoint = _load_torch_file(path)
@@ -391,7 +392,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             or not all(isinstance(v, torch.Tensor) for v in checkpoint.values())):
         raise UserError(f"{path} holds no state dict (expected tensors, or a dict with one under "
                         f"{' / '.join(map(repr, STATE_DICT_KEYS))})")
-    return checkpoint
+    return check_weights(checkpoint, path)
+
+
+def check_weights(state: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """``state`` when every tensor is floating point and finite; else ``UserError`` naming ``path`` and the
+    first bad tensor. Every weight file goes through it (trained runs, LlamaGen checkpoints, tokenizers, LPIPS):
+    a NaN or inf weight samples "successfully" (every token the last code), and integer weights would be cast
+    silently. None of these models holds an integer buffer (LlamaGen's VQ ``codebook_used`` is float)."""
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise UserError(f"{path}: weight {key!r} is {str(tensor.dtype).removeprefix('torch.')}; model weights "
+                            "are floating point (a damaged or foreign file)")
+        # min and max: one read and no mask allocated, far faster than isfinite().all(); NaN propagates into both
+        if tensor.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
+            finite = torch.isfinite(tensor)
+            kind = "NaN" if bool(tensor.isnan().any()) else "inf"
+            raise UserError(f"{path}: weight {key!r} holds {kind} ({int((~finite).sum())} of {tensor.numel()} "
+                            "values not finite); the weights are unusable (a run that diverged, or a damaged file)")
+    return state
 
 
 def _load_torch_file(path: str | Path) -> Any:

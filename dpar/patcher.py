@@ -10,16 +10,26 @@ Token i (0-based, raster order) starts a patch iff
 H_i depends on x_<i only, so the sampler can decide a boundary before sampling x_i. The same
 rule serves training (vectorised over whole sequences) and sampling (one position at a time):
 both go through :func:`forced_starts`, and the cap is the count since the last forced start.
+
+Rule 2 reads H_i at one precision everywhere: rounded to the token store's float16
+(:data:`BOUNDARY_DTYPE`), as training reads it from the store. Sampling, patch maps, calibration and
+statistics compute H_i in float32 and round it the same way, so a token whose entropy and its
+rounding fall on either side of θ (θ = 7.8: every H_i in (7.79883, 7.8] is stored as 7.80078) starts
+a patch in all of them or in none.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from .data.store import ENTROPY_DTYPE
 from .models.gpt import GPT_models
 from .validation import choice, ranged
+
+BOUNDARY_DTYPE = torch.from_numpy(np.empty(0, ENTROPY_DTYPE)).dtype  # torch.float16: the store's entropies
 
 PATCH_MODES = ("entropy", "static", "token", "self_entropy")
 
@@ -48,14 +58,21 @@ class PatcherConfig:
     entropy_model_gpt: str | None = choice(None, tuple(GPT_models))
 
 
+def boundary_entropies(entropies: Tensor) -> Tensor:
+    """``entropies`` (any float dtype) at the precision of every boundary decision: rounded to the token
+    store's dtype (:data:`BOUNDARY_DTYPE`, round to nearest even as the store's writer rounds), as float32."""
+    return entropies.to(BOUNDARY_DTYPE).float()
+
+
 def forced_starts(entropies: Tensor | None, positions: Tensor, *, grid_width: int,
                   threshold: float = float("inf"), row_break: bool = True) -> Tensor:
-    """Rules 1, 2 and 4 (every rule but the cap), elementwise for tokens at ``positions``."""
+    """Rules 1, 2 and 4 (every rule but the cap), elementwise for tokens at ``positions``; rule 2 compares
+    :func:`boundary_entropies` with θ."""
     forced = positions == 0
     if row_break:
         forced = forced | (positions % grid_width == 0)
     if entropies is not None:
-        forced = forced | (entropies.float() > threshold)
+        forced = forced | (boundary_entropies(entropies) > threshold)
     return forced
 
 
@@ -131,11 +148,13 @@ def calibrate_threshold(entropies: Tensor, grid_width: int, target: float, *, ma
     ``target``; the two patchings on either side of e* are then compared and the closer one kept. The θ
     returned lies midway between e* and its neighbouring stored entropy (0.5 nats beyond e* where it has
     none), never on a stored value, so a rounded θ patches alike. Entropies that take few distinct values
-    may leave the target far away: compare :func:`patch_stats` at the θ returned. Non-finite entries (a
-    store marks position 0, which always starts a patch, with inf) are ignored; ``ValueError`` if none is
-    finite.
+    may leave the target far away: compare :func:`patch_stats` at the θ returned. The stored entropies are
+    :func:`boundary_entropies`, the values the rule compares, so θ lies between two of them as the rule sees
+    them (live float32 entropies too). Non-finite entries (a store marks position 0, which always starts a
+    patch, with inf) are ignored; ``ValueError`` if none is finite.
     """
-    finite = entropies[torch.isfinite(entropies)]
+    rounded = boundary_entropies(entropies)
+    finite = rounded[torch.isfinite(rounded)]
     if finite.numel() == 0:
         raise ValueError("no finite entropies to calibrate a threshold on")
 
@@ -149,7 +168,7 @@ def calibrate_threshold(entropies: Tensor, grid_width: int, target: float, *, ma
         theta = (low + high) / 2
         low, high = (theta, high) if tokens_per_patch(theta) < target else (low, theta)
     values = torch.unique(finite)
-    # the last stored value <= high, compared in the entropies' dtype as patch_start_mask compares
+    # the last stored value <= high, compared in float32 as forced_starts compares
     cut = max(int(torch.searchsorted(values, torch.tensor(high, dtype=values.dtype), right=True)) - 1, 0)
     cut_value = float(values[cut])  # e*: θ below it splits more, θ at or above it merges more
     below = (float(values[cut - 1]) + cut_value) / 2 if cut > 0 else cut_value - 0.5

@@ -3,6 +3,7 @@ allowed; exit status 2 and no traceback (the subprocess rows); nothing written w
 Then the kill windows (faults injected at the exact step) and the correctness fixes found with them."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -596,3 +597,158 @@ def test_a_reference_in_a_read_only_folder_is_evaluated_without_its_cache(places
         patch.setattr(evaluator, "atomic_path", read_only)
         assert evaluator.batch_features(evaluator.ImageBatch(places["batch"], 2), lambda: None, "w", 4, "cpu") \
             is computed
+
+
+# -- non-finite numbers: weights and entropies are refused where they are read, the file named ------------------
+
+TOKENIZER_CKPT = DEMO / "tokenizer" / "checkpoints" / "epoch_00000019" / "model.safetensors"
+WEIGHT_DAMAGE = {"nan": "holds NaN", "inf": "holds inf", "int64": "is int64; model weights are floating point"}
+
+
+def damage_weights(path: Path, damage: str) -> Path:
+    """Rewrite a weights file with one tensor holding a NaN / an inf, or cast to int64 (in the file's format)."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)["model"]
+    key = sorted(state)[len(state) // 2]
+    if damage == "int64":
+        state[key] = state[key].round().to(torch.int64)
+    else:
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = float(damage)
+    save_file(state, path) if path.suffix == ".safetensors" else torch.save({"model": state}, path)
+    return path
+
+
+def copied_run(run: Path, to: Path) -> tuple[Path, Path]:
+    """(a copy of a demo run, its model.safetensors)."""
+    import shutil
+    copy = Path(shutil.copytree(run, to))
+    return copy, next(copy.glob("checkpoints/epoch_*/model.safetensors"))
+
+
+@pytest.mark.parametrize("damage", WEIGHT_DAMAGE)
+@pytest.mark.parametrize("which", ["dpar", "entropy_model", "tokenizer", "llamagen"])
+def test_non_finite_or_integer_weights_are_refused_before_sampling(tmp_path, which, damage):
+    """Before: NaN / inf weights sampled with exit 0 (every token the last code), int64 ones were cast silently."""
+    out = tmp_path / "samples"
+    if which == "dpar":
+        run, weights = copied_run(DEMO / "dpar", tmp_path / "run")
+        argv = ["--experiment_dir", str(run)]
+    elif which == "entropy_model":  # the run's entropy model, named in its config
+        _, weights = copied_run(DEMO / "entropy_model", tmp_path / "entropy_model")
+        run, _ = copied_run(DEMO / "dpar", tmp_path / "run")
+        config = (run / "config.yaml").read_text()
+        config = config.replace(str(ENTROPY_CKPT.relative_to(ROOT)), str(weights))
+        (run / "config.yaml").write_text(config.replace("assets/demo/entropy_model/config.yaml",
+                                                        str(tmp_path / "entropy_model" / "config.yaml")))
+        argv = ["--experiment_dir", str(run)]
+    elif which == "tokenizer":
+        _, weights = copied_run(DEMO / "tokenizer", tmp_path / "tokenizer")
+        argv = ["--vq-ckpt", str(weights)]
+    else:  # a released LlamaGen c2i checkpoint: {"model": state_dict} in a .pt
+        from dpar.models import ModelConfig, create_model
+        config = ModelConfig(gpt_model="GPT-tiny", image_size=32, downsample_size=4, vocab_size=128, num_classes=12,
+                             class_dropout_prob=0.1)
+        weights = tmp_path / "c2i_tiny.pt"
+        torch.save({"model": create_model(config).state_dict()}, weights)
+        argv = ["--gpt-model", "GPT-tiny", "--gpt-ckpt", str(weights), "--vq-ckpt", str(TOKENIZER_CKPT),
+                "--image-size", "32"]
+    damage_weights(weights, damage)
+    with pytest.raises(UserError) as raised:
+        sample_c2i.main([*argv, "--output-dir", str(out)])
+    message = one_line(raised.value)
+    assert message.startswith(f"{weights}: weight '") and WEIGHT_DAMAGE[damage] in message, message
+    assert not out.exists()
+
+
+def demo_store_without_entropies(to: Path) -> Path:
+    """A copy of the demo's token store (made with the demo tokenizer) whose entropies stage has not run."""
+    import shutil
+    store = Path(shutil.copytree(DEMO / "tokens", to))
+    for path in (store / "shards").glob("entropies_*.npy"):
+        path.unlink()
+    meta = json.loads((store / "meta.json").read_text())
+    meta.pop("entropies", None)
+    (store / "meta.json").write_text(json.dumps(meta))
+    return store
+
+
+@pytest.mark.parametrize("damage", WEIGHT_DAMAGE)
+def test_an_entropy_model_with_non_finite_or_integer_weights_writes_no_entropies(tmp_path, damage):
+    """Before: an all-NaN store, marked complete."""
+    store = demo_store_without_entropies(tmp_path / "store")
+    _, weights = copied_run(DEMO / "entropy_model", tmp_path / "entropy_model")
+    damage_weights(weights, damage)
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
+    with pytest.raises(UserError) as raised:
+        preprocess_tokens.main(["--stage", "entropies", "--store", str(store), "--entropy-model-checkpoint",
+                                str(weights)])
+    message = one_line(raised.value)
+    assert message.startswith(f"{weights}: weight '") and WEIGHT_DAMAGE[damage] in message, message
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
+
+
+def test_entropies_that_come_out_nan_are_never_written_or_marked_complete(tmp_path):
+    """Finite weights whose logits overflow (±1e38): the entropies stage computes NaN and must stop there."""
+    from safetensors.torch import load_file, save_file
+    store = demo_store_without_entropies(tmp_path / "store")
+    _, weights = copied_run(DEMO / "entropy_model", tmp_path / "entropy_model")
+    state = load_file(weights)
+    state["output.weight"] = torch.sign(torch.randn(state["output.weight"].shape)) * 1e38
+    save_file(state, weights)
+    with pytest.raises(UserError) as raised:
+        preprocess_tokens.main(["--stage", "entropies", "--store", str(store), "--entropy-model-checkpoint",
+                                str(weights)])
+    message = one_line(raised.value)
+    assert message.startswith(f"entropy model {weights} gives entropy nan at image 0, view 0, token 1 of shard ") \
+        and "its weights are unusable" in message, message
+    assert not list((store / "shards").glob("entropies_*.npy"))
+    assert not TokenStore(store).has_entropies
+    with pytest.raises(UserError, match="has no entropies"):
+        TokenStore(store).require_entropies()
+
+
+def test_lpips_weights_with_nan_are_named(tmp_path):
+    from tokenizer.lpips import LPIPS
+    heads = {f"lin{i}.model.1.weight": torch.rand_like(LPIPS().lins[i].model[1].weight) for i in range(5)}
+    heads["lin2.model.1.weight"][0, 0] = float("nan")
+    torch.save(heads, tmp_path / "vgg.pth")
+    with pytest.raises(UserError, match=f"^{tmp_path / 'vgg.pth'}: weight 'lin2.model.1.weight' holds NaN"):
+        LPIPS.from_files(tmp_path / "vgg.pth")
+
+
+ENTROPY_DAMAGE = {"nan": float("nan"), "inf": float("inf"), "minus_inf": float("-inf"), "negative": -0.5}
+
+
+def damaged_entropy_store(places, tmp_path, value: float) -> Path:
+    """A copy of the 24-image store with ``value`` as token 5's entropy in every image (position 0's +inf, the
+    store's own mark, stays allowed)."""
+    store = _copy_store(places, tmp_path)
+    for path in sorted((store / "shards").glob("entropies_*.npy")):
+        entropies = np.load(path)
+        entropies[:, 0, 0] = np.inf
+        entropies[:, 0, 5] = value
+        np.save(path, entropies)
+    return store
+
+
+@pytest.mark.parametrize("value", ENTROPY_DAMAGE.values(), ids=ENTROPY_DAMAGE.keys())
+@pytest.mark.parametrize("reader", ["stats", "calibration", "training"])
+def test_a_store_with_nan_infinite_or_negative_entropies_is_refused(places, tmp_path, reader, value):
+    """Before: stats and calibration (θ = -0.082 on negative entropies) and training read them silently."""
+    store = damaged_entropy_store(places, tmp_path, value)
+    out = tmp_path / "out"
+    if reader == "training":
+        module, argv = train_global_model, [*TINY_GLOBAL, "--data.store", str(store), "--train.results_dir", str(out),
+                                            "--data.val_holdout", "0", "--train.global_batch_size", "8",
+                                            "--patcher.entropy_model_checkpoint", str(ENTROPY_CKPT)]
+    else:
+        module, argv = stats, ["--store", str(store)] + (["--target-tokens-per-patch", "1.8"]
+                                                         if reader == "calibration" else ["--threshold", "1.5"])
+    with pytest.raises(UserError) as raised:
+        module.main(argv)
+    message = one_line(raised.value)
+    shown = str(np.float16(value))
+    assert re.fullmatch(rf"token store file {store}/shards/entropies_0000\d\.npy holds entropy {re.escape(shown)} "
+                        r"at view 0, token 5 of image \d+; it is damaged: delete it and rerun preprocess_tokens\.py "
+                        r"--stage entropies", message), message

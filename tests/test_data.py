@@ -15,7 +15,7 @@ from dpar.data.dataset import PackedCollate, TokenDataset
 from tokenizer.images import list_images
 from dpar.data.stats import main as stats_main
 from dpar.data.stats import store_patch_stats
-from dpar.data.store import TokenStore
+from dpar.data.store import ENTROPY_DTYPE, TokenStore, entropy_problem
 from dpar.data.synthetic import CLASSES, class_folder, synthetic_image, write_image_folder
 from dpar.errors import UserError
 from dpar.experiment import save_checkpoint
@@ -125,6 +125,20 @@ def test_entropies_are_the_entropy_of_the_softmax():
     expected = -(probs * probs.log()).sum(-1)
     got = preprocess.next_token_entropies(Fixed(), torch.zeros(2, 6, dtype=torch.long))
     assert torch.isinf(got[:, 0]).all() and torch.allclose(got[:, 1:], expected[:, 1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("values,problem", [
+    ([np.inf, 0.0, -0.0, 7.8, 65504], None),                   # the store's +inf at token 0; 0, -0 and the largest
+    ([1.5, 2.0, 3.0], None),                                   # a finite first entropy is no damage either
+    ([np.inf, 1.0, np.nan], "entropy nan at token 2"),
+    ([np.inf, np.inf, 1.0], "entropy inf at token 1"),         # +inf only at the first token
+    ([-np.inf, 1.0, 1.0], "entropy -inf at token 0"),
+    ([np.nan, 1.0, 1.0], "entropy nan at token 0"),
+    ([np.inf, 1.0, -0.5], "entropy -0.5 at token 2"),
+    ([[[np.inf, 1.0], [np.inf, -2.0]]], "entropy -2.0 at image 0, view 1, token 1"),
+])
+def test_entropies_are_finite_and_not_negative_but_the_first_tokens_mark(values, problem):
+    assert entropy_problem(np.array(values, dtype=ENTROPY_DTYPE)) == problem
 
 
 def test_interrupted_runs_resume_byte_identical(setup, store, monkeypatch):

@@ -1,11 +1,14 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from dpar.data.store import ENTROPY_DTYPE
 from dpar.models.dpar import patch_lengths
-from dpar.patcher import (PatcherConfig, calibrate_threshold, patch_ids, patch_start_mask, patch_starts, patch_stats,
-                          static_patch_start_mask, token_patch_start_mask)
+from dpar.patcher import (BOUNDARY_DTYPE, PatcherConfig, boundary_entropies, calibrate_threshold, next_patch_start,
+                          patch_ids, patch_start_mask, patch_starts, patch_stats, static_patch_start_mask,
+                          token_patch_start_mask)
 
 INF = math.inf
 
@@ -151,3 +154,49 @@ def test_calibration_keeps_the_closer_patching_when_the_target_falls_between_two
         theta = calibrate_threshold(one_value, 8, target, max_patch_length=4, row_break=True)
         mask = patch_start_mask(one_value, grid_width=8, threshold=float(f"{theta:.6g}"), max_patch_length=4)
         assert abs(one_value.numel() / mask.sum().item() - target) < 0.2
+
+
+# -- one precision: every boundary decision reads H_i as the token store holds it (float16) ---------------------
+
+def stored(entropies: torch.Tensor) -> torch.Tensor:
+    """What the store's writer keeps of float32 entropies (numpy's cast, as dpar.data.preprocess writes them)."""
+    with np.errstate(over="ignore"):  # random bit patterns beyond float16's range become inf, as torch's cast
+        return torch.from_numpy(entropies.numpy().astype(ENTROPY_DTYPE))
+
+
+def test_the_boundary_precision_is_the_stores_and_rounds_as_its_writer():
+    assert BOUNDARY_DTYPE == torch.from_numpy(np.zeros(1, ENTROPY_DTYPE)).dtype == torch.float16
+    generator = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (200_000,), generator=generator, dtype=torch.int64).to(torch.int32)
+    halves = torch.arange(0, 2**15 - 1024, dtype=torch.int16).view(torch.float16).float()  # every finite >= 0 float16
+    ties = (halves[:-1] + halves[1:]) / 2  # exactly halfway: round to nearest even decides
+    values = torch.cat([bits.view(torch.float32), ties, ties.nextafter(torch.tensor(0.0)), halves])
+    torch.testing.assert_close(boundary_entropies(values), stored(values).float(), rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_papers_theta_cuts_alike_from_live_and_stored_entropies():
+    """θ = 7.8: every float32 H_i in (7.79883, 7.8] is stored as 7.80078 > θ, so training starts a patch there;
+    sampling (next_patch_start), patch maps and --threshold (patch_starts on live entropies) and statistics must too."""
+    live = torch.tensor([[INF, 7.7990, 7.7995, 7.8, 7.7980, 7.81, 7.0]])
+    assert stored(live)[0, 1:4].tolist() == [7.80078125] * 3 and (live[0, 1:4] <= 7.8).all()
+    patcher = PatcherConfig(threshold=7.8, max_patch_length=None, row_break=False)
+    training = patch_starts(patcher, stored(live).float(), grid_width=7)
+    assert starts(training) == [0, 1, 2, 3, 5]
+    sampling = torch.stack([next_patch_start(patcher, live[:, i], i, torch.tensor([1]), 7) for i in range(7)], 1)
+    assert torch.equal(sampling, training)
+    assert torch.equal(patch_starts(patcher, live, grid_width=7), training)
+    assert patch_stats(live, grid_width=7, threshold=7.8, max_patch_length=None) == \
+        patch_stats(stored(live), grid_width=7, threshold=7.8, max_patch_length=None)
+
+
+@pytest.mark.parametrize("target,cap", [(1.81, 4), (2.5, None), (1.3, 4)])
+def test_calibration_on_live_entropies_gives_the_theta_of_their_stored_values(target, cap):
+    """Calibrated on float32 entropies (a benchmark's, a sampler's), θ lies between two stored values, never
+    inside one float16 step: the store-precision rule then reaches the target, as on the store itself."""
+    live = torch.rand(64, 64, generator=torch.Generator().manual_seed(1)) * 8
+    live[:, 0] = INF
+    theta = calibrate_threshold(live, 8, target, max_patch_length=cap)
+    assert theta == calibrate_threshold(stored(live), 8, target, max_patch_length=cap)
+    mask = patch_start_mask(stored(live).float(), grid_width=8, threshold=theta, max_patch_length=cap)
+    assert abs(live.numel() / mask.sum().item() - target) < 0.02
+    assert torch.equal(patch_start_mask(live, grid_width=8, threshold=theta, max_patch_length=cap), mask)

@@ -1,11 +1,15 @@
 """Sampling: the KV-cached, patch-by-patch generator equals full forwards of what it generated."""
+import numpy as np
 import pytest
 import torch
 
+from dpar.data import preprocess
+from dpar.data.dataset import PackedCollate, TokenDataset
 from dpar.data.preprocess import next_token_entropies
+from dpar.data.store import ENTROPY_DTYPE, TokenStore
 from dpar.patcher import PatcherConfig, logits_entropy, next_patch_start, patch_starts
 from dpar.sampling import SamplingConfig, cached_steps, generate, guidance_scale, sample_from_logits
-from tests.helpers import TINY, tiny_dpar, tiny_gpt
+from tests.helpers import TINY, tiny_dpar, tiny_gpt, write_token_store
 
 GRID = 4
 SEEDS = torch.tensor([11, 12, 13, 14, 15])
@@ -239,3 +243,71 @@ def test_the_static_shape_path_samples_what_the_default_path_samples(mode):
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].patch_start, runs[1].patch_start)
     torch.testing.assert_close(runs[0].logits, runs[1].logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(runs[0].global_steps, runs[1].global_steps)
+
+
+# -- one precision: the sampler decides boundaries on H_i as the token store holds it (float16) ------------------
+
+def store_rounded(entropies: torch.Tensor) -> torch.Tensor:
+    """What the token store keeps of float32 entropies (numpy's cast to its dtype, as preprocess writes them)."""
+    return torch.from_numpy(entropies.numpy().astype(ENTROPY_DTYPE)).float()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_boundaries_are_the_rule_on_store_rounded_entropies(seed):
+    """θ placed between a token's float32 entropy and its float16 rounding: the sampler (a full prefix, so every
+    H_i is known in advance) must cut the patches training cuts from the store's entropies of the same tokens."""
+    model, ent = tiny_dpar(), entropy_model()
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, TINY["vocab_size"], (len(SEEDS), GRID * GRID), generator=generator)
+    live = next_token_entropies(ent, tokens)
+    rounded = store_rounded(live)
+    ulp = torch.from_numpy(np.spacing(rounded[:, 1:].numpy().astype(ENTROPY_DTYPE)).astype(np.float32))
+    gap = (live[:, 1:] - rounded[:, 1:]).abs()
+    far_from_ties = (gap > 1e-4) & (gap < ulp / 2 - 1e-4)  # the sampler's cached H_i rounds as the full forward's
+    tried = 0
+    for b, i in far_from_ties.nonzero()[:6].tolist():
+        theta = float(live[b, i + 1] + rounded[b, i + 1]) / 2
+        patcher = PatcherConfig(threshold=theta, max_patch_length=None, row_break=False)
+        out = generate(cached_steps(model, patcher, ent), LABELS, SEEDS, SamplingConfig(), prefix=tokens)
+        assert torch.equal(out.tokens, tokens)
+        training = patch_starts(patcher, rounded, GRID)
+        assert (live[b, i + 1] > theta) != bool(training[b, i + 1])  # live float32 and the store disagree here
+        assert torch.equal(out.patch_start, training), (b, i + 1, theta)
+        tried += 1
+    assert tried >= 4
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_sampled_boundaries_at_a_hand_set_theta_are_the_rule_on_store_rounded_entropies(cfg_scale):
+    """Free sampling, with and without guidance: the boundaries are the rule on the stored entropies."""
+    model, ent = tiny_dpar(), entropy_model()
+    for theta in (threshold_for(ent, 0.3), threshold_for(ent, 0.6), 3.5, 3.7):
+        patcher = PatcherConfig(threshold=theta, max_patch_length=3)
+        out = generate(cached_steps(model, patcher, ent), LABELS, SEEDS, SamplingConfig(cfg_scale=cfg_scale))
+        assert torch.equal(out.patch_start, patch_starts(patcher, store_rounded(next_token_entropies(ent, out.tokens)),
+                                                         GRID))
+
+
+def test_the_papers_theta_cuts_alike_in_sampling_and_in_training_from_the_store(tmp_path):
+    """θ = 7.8 with an entropy model whose every H_i is ln 2440 = 7.79976 (uniform over 2440 codes), stored as
+    7.80078 > θ: training (store -> TokenDataset -> PackedCollate) starts a patch at every token; sampling must."""
+    vocab = 2440
+    ent = tiny_gpt(model_type="uncond", num_classes=0, vocab_size=vocab)
+    with torch.no_grad():
+        ent.output.weight.zero_()  # every logit 0: H_i = ln 2440 at every position
+    model = tiny_dpar(vocab_size=vocab)
+    patcher = PatcherConfig(threshold=7.8, max_patch_length=None, row_break=False)
+    out = generate(cached_steps(model, patcher, ent), LABELS, SEEDS, SamplingConfig())
+    assert (7.79883 < out.entropies[:, 1:]).all() and (out.entropies[:, 1:] <= 7.8).all()
+
+    write_token_store(tmp_path / "store", out.tokens[:, None].numpy(), LABELS.numpy(), codebook_size=vocab,
+                      num_classes=TINY["num_classes"])
+    store = TokenStore(tmp_path / "store")
+    meta = preprocess.start_entropies(store.path, store.meta, {"checkpoint": "zero-head GPT", "sha256": "0"}, False)
+    preprocess.entropy_shards(store.path, [0], store.shard_tokens, lambda t: next_token_entropies(ent, t),
+                              batch_size=64, show_progress=False)
+    preprocess.finish_entropies(store.path, meta)
+    dataset = TokenDataset(TokenStore(store.path), entropies=True, view=0)
+    training = PackedCollate(patcher, GRID)([dataset[i] for i in range(len(dataset))])
+    assert training.patch_start.all()
+    assert torch.equal(out.patch_start, training.patch_start)

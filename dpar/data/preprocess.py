@@ -25,7 +25,8 @@ from dpar.fileio import atomic_write_text
 from dpar.patcher import logits_entropy
 from tokenizer.transforms import ImageError, image_views, open_rgb
 
-from .store import META_FILE, SHARDS, SKIPPED_FILE, file_sha256, read_meta, shard_file, write_array, write_json
+from .store import (ENTROPY_DTYPE, META_FILE, SHARDS, SKIPPED_FILE, entropy_problem, file_sha256, read_meta, shard_file,
+                    write_array, write_json)
 
 
 @dataclass
@@ -147,7 +148,10 @@ def start_entropies(store: Path, meta: dict[str, Any], identity: dict[str, Any],
 def entropy_shards(store: Path, shards: list[int], token_shard: Callable[[int], np.ndarray],
                    entropies_of: Callable[[torch.Tensor], torch.Tensor], *, batch_size: int,
                    show_progress: bool) -> None:
-    """Write ``entropies_k.npy`` for the unfinished ``shards``; ``entropies_of`` maps [B, N] tokens to [B, N]."""
+    """Write ``entropies_k.npy`` for the unfinished ``shards``; ``entropies_of`` maps [B, N] tokens to [B, N].
+    ``UserError`` naming the entropy model (from ``meta.json``) when a shard's entropies are not usable (see
+    :func:`~dpar.data.store.entropy_problem`, e.g. NaN from weights that overflow): that shard is not written,
+    so the store is never marked complete with them."""
     todo = [k for k in shards if not shard_file(store, "entropies", k).exists()]
     bar = tqdm(total=sum(token_shard(k).shape[0] * token_shard(k).shape[1] for k in todo), desc="entropies",
                unit="seq", disable=not show_progress)
@@ -155,11 +159,17 @@ def entropy_shards(store: Path, shards: list[int], token_shard: Callable[[int], 
         tokens = np.asarray(token_shard(k))
         images, views, length = tokens.shape
         flat = torch.from_numpy(tokens.reshape(-1, length).astype(np.int64))
-        out = np.empty((images * views, length), dtype=np.float16)
+        out = np.empty((images * views, length), dtype=ENTROPY_DTYPE)
         for lo in range(0, len(flat), batch_size):
-            out[lo:lo + batch_size] = entropies_of(flat[lo:lo + batch_size]).cpu().numpy().astype(np.float16)
+            out[lo:lo + batch_size] = entropies_of(flat[lo:lo + batch_size]).cpu().numpy().astype(ENTROPY_DTYPE)
             bar.update(min(lo + batch_size, len(flat)) - lo)
-        write_array(shard_file(store, "entropies", k), out.reshape(images, views, length))
+        out = out.reshape(images, views, length)
+        problem = entropy_problem(out)
+        if problem is not None:
+            model = ((read_meta(store) or {}).get("entropies") or {}).get("model", {}).get("checkpoint", "?")
+            raise UserError(f"entropy model {model} gives {problem} of shard {k} of token store {store} (entropies "
+                            f"are finite and >= 0): its weights are unusable; nothing written for the shard")
+        write_array(shard_file(store, "entropies", k), out)
     bar.close()
 
 

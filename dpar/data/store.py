@@ -29,6 +29,12 @@ from dpar.fileio import atomic_path, atomic_write_text
 META_FILE = "meta.json"
 SKIPPED_FILE = "skipped.txt"
 SHARDS = "shards"
+# The entropies' dtype on disk, and the precision of every boundary decision: dpar.patcher rounds a live entropy
+# to it before comparing it with θ (dpar.patcher.BOUNDARY_DTYPE is this dtype), so that sampling, patch maps and
+# calibration cut the patches training cuts from the store.
+ENTROPY_DTYPE = np.float16
+_FLOAT16_EXPONENT, _FLOAT16_INF, _FLOAT16_NEGATIVE_ZERO = 0x7C00, 0x7C00, 0x8000  # entropy_problem reads the bits
+assert np.dtype(ENTROPY_DTYPE) == np.float16, "entropy_problem reads float16 bit fields"
 
 
 def shard_file(store: str | Path, kind: str, shard: int, suffix: str = ".npy") -> Path:
@@ -80,6 +86,22 @@ def file_sha256(path: str | Path, length: int = 16) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:length]
+
+
+def entropy_problem(entropies: np.ndarray) -> str | None:
+    """What makes ``entropies [..., N]`` (nats, :data:`ENTROPY_DTYPE`) unusable, e.g. "entropy nan at view 0,
+    token 17", or None when every entropy is finite and >= 0 but the first token's, which the store marks +inf
+    (it always starts a patch). Checked where a store's entropies are read and before the entropies stage
+    writes them; on the bit patterns, several times faster than float16 comparisons in numpy."""
+    entropies = np.asarray(entropies, dtype=ENTROPY_DTYPE)
+    bits = entropies.view(np.uint16)
+    bad = ((bits & _FLOAT16_EXPONENT) == _FLOAT16_EXPONENT) | (bits > _FLOAT16_NEGATIVE_ZERO)  # inf/NaN, < 0
+    bad[..., :1] &= bits[..., :1] != _FLOAT16_INF  # the first token's +inf is the store's mark
+    if not bad.any():
+        return None
+    where = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    names = ("image", "view", "token")[-len(where):] if len(where) <= 3 else [f"axis {d}" for d in range(len(where))]
+    return f"entropy {entropies[where]} at " + ", ".join(f"{name} {int(i)}" for name, i in zip(names, where))
 
 
 class TokenStore:
@@ -149,7 +171,7 @@ class TokenStore:
         if key not in self._open:
             path = shard_file(self.path, kind, shard)
             dtype, tail = {"labels": (np.int16, ()), "tokens": (np.uint16, (self.views, self.num_tokens)),
-                           "entropies": (np.float16, (self.views, self.num_tokens))}[kind]
+                           "entropies": (ENTROPY_DTYPE, (self.views, self.num_tokens))}[kind]
             expected = (self.shard_images[shard], *tail)
             try:
                 array = np.load(path, mmap_mode=None if kind == "labels" else "r", allow_pickle=False)
@@ -184,10 +206,16 @@ class TokenStore:
             raise UserError(f"token store {self.path} has no entropies; run preprocess_tokens.py --stage entropies")
 
     def entropies(self, index: int) -> np.ndarray:
-        """float16 [views, N]."""
+        """float16 [views, N]; :class:`UserError` naming the shard for an entropy that is NaN, negative or
+        infinite (but the first token's +inf): a damaged shard."""
         self.require_entropies()
         shard, row = self.locate(index)
-        return self._array("entropies", shard)[row]
+        entropies = self._array("entropies", shard)[row]
+        problem = entropy_problem(entropies)
+        if problem is not None:
+            raise UserError(f"token store file {shard_file(self.path, 'entropies', shard)} holds {problem} of image "
+                            f"{index}; it is damaged: delete it and rerun preprocess_tokens.py --stage entropies")
+        return entropies
 
     def shard_tokens(self, shard: int) -> np.ndarray:
         """uint16 [images, views, N] of one shard, checked as :meth:`tokens`."""
