@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import flatten
+from .config import flatten, literal
+from .data.config import DataConfig
 from .data.dataset import PackedBatch, PackedCollate, StepBatches, TokenDataset
 from .data.splits import holdout_problem, holdout_split
 from .data.store import TokenStore, file_sha256
@@ -51,29 +52,6 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> module
 RESUMABLE_KEYS = RESUMABLE_TRAIN_KEYS | {"train.max_steps", "train.val_every", "train.ckpt_every_steps",
                                         "train.trackers", "train.compile", "train.max_device_batch_size",
                                         "data.num_workers"}
-
-
-@dataclass
-class DataConfig:
-    # token store written by preprocess_tokens.py (with entropies for patcher.mode entropy).
-    store: str = "data/imagenet256_tokens"
-    # the VQ tokenizer that made data.store (null: filled in from the store's meta.json); sampling decodes with it.
-    tokenizer_checkpoint: str | None = None
-    # optional second store for validation NLL (e.g. ImageNet val tokenized with --views 1); view 0 is used.
-    val_store: str | None = None
-    # without val_store: hold out N images of data.store for validation (0: no validation), drawn per class in
-    # proportion to its size (seeded by split_seed; dpar/data/splits.py), never "the last N" of a class-sorted store.
-    val_holdout: int = ranged(0, min=0)
-    # seed of the val_holdout draw: the same split for every run and seed of a study, and for θ calibration.
-    split_seed: int = ranged(0, min=0, max=2**31 - 1)
-    # DataLoader worker processes per process.
-    num_workers: int = ranged(4, min=0)
-
-    def check(self, key: Key = config_key("data")) -> None:
-        """The rule between fields: one source of validation images. ``UserError`` naming both keys."""
-        if self.val_store is not None and self.val_holdout:
-            raise UserError(f"{key('val_store')} {self.val_store} and {key('val_holdout')}={self.val_holdout} are two "
-                            f"validation sets; set one ({key('val_store')}=null or {key('val_holdout')}=0)")
 
 
 @dataclass
@@ -243,7 +221,7 @@ def check_entropy_source(config: DictConfig, store: TokenStore, key: str = "data
             raise UserError(f"patcher.entropy_model_checkpoint {checkpoint} is not inside an experiment dir; "
                             "also set patcher.entropy_model_checkpoint_config (or, for a LlamaGen c2i .pt, "
                             "patcher.entropy_model_gpt to its size)")
-        patcher.entropy_model_checkpoint_config = str(experiment / CONFIG_FILE)
+        patcher.entropy_model_checkpoint_config = literal(str(experiment / CONFIG_FILE))
     if patcher.entropy_model_checkpoint_config and not Path(patcher.entropy_model_checkpoint_config).is_file():
         raise UserError(f"patcher.entropy_model_checkpoint_config not found: {patcher.entropy_model_checkpoint_config}")
     if key == "data.store":  # once per run: it loads as the config describes it, as sampling will load it
@@ -280,7 +258,7 @@ class Trainer:
 
         store = open_store(data.store, model_config, "data.store")
         if config.data.tokenizer_checkpoint is None:
-            config.data.tokenizer_checkpoint = store.meta["tokenizer"]["checkpoint"]
+            config.data.tokenizer_checkpoint = literal(store.meta["tokenizer"]["checkpoint"])
         entropies = patcher is not None and patcher.mode == "entropy"
         if entropies:
             check_entropy_source(config, store)

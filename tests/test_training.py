@@ -306,3 +306,31 @@ def test_compiled_model_trains_like_the_eager_one(setup, tmp_path):
                                             "train.max_steps=3", f"train.compile={compiled}", *no_dropout))
         losses[compiled] = [r["loss"] for r in metrics(only_run(results))[0]]
     assert len(losses[True]) == 3 and np.allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_the_weights_record_their_model_config_and_an_edited_config_is_refused(setup, tmp_path):
+    from dpar.experiment import recorded_model_config
+    from dpar.runs import Sampler
+    train_global_model.main(global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                                        "train.epochs=1", "train.ema=true"))
+    run = only_run(tmp_path)
+    saved = OmegaConf.load(run / "config.yaml")
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert recorded_model_config(run / "checkpoints" / "epoch_00000000" / name) == \
+            OmegaConf.to_container(saved.model)
+    Sampler.from_experiment(run, tokenizer=False)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("attn_backend: sdpa", "attn_backend: padded"))
+    Sampler.from_experiment(run, tokenizer=False)  # how attention is computed may change, not what
+    assert "rope: dynamic" in text
+    (run / "config.yaml").write_text(text.replace("rope: dynamic", "rope: 2d"))
+    for ema in (False, True):
+        with pytest.raises(UserError) as info:
+            Sampler.from_experiment(run, tokenizer=False, ema=ema)
+        assert "model.rope='2d'" in str(info.value) and "model.rope='dynamic'" in str(info.value), info.value
+    with pytest.raises(UserError, match="model.rope='2d', but the weights"):  # resumed with the edited config
+        train_global_model.main(global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                                            "train.epochs=2", "train.ema=true", "model.rope=2d") + ["--resume", str(run)])
+    demo = ROOT / "assets" / "demo" / "dpar"  # weights written before the record: loaded as before
+    assert recorded_model_config(demo / "checkpoints" / "epoch_00000009" / "model.safetensors") is None
+    Sampler.from_experiment(demo, tokenizer=False)
