@@ -91,7 +91,8 @@ class BaseTrainConfig:
     keep_every: int = ranged(0, min=0)
 
 
-# The BaseTrainConfig keys a resumed run may change (each trainer adds its own); any other difference from the
+# The BaseTrainConfig keys a resumed run may change (each trainer adds its own): where it writes, how long it
+# trains, how often it logs and checkpoints; none changes what a step computes. Any other difference from the
 # run's config.yaml is refused.
 RESUMABLE_TRAIN_KEYS = frozenset({"train.results_dir", "train.epochs", "train.log_every", "train.ckpt_every",
                                   "train.keep_last", "train.keep_every"})

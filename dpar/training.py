@@ -14,13 +14,22 @@ A run resumes exactly because everything random is a function of the step:
   ``train.ckpt_every_steps`` steps in between (``checkpoints/latest/``).
 
 So a run continued from step s computes what an uninterrupted run computes from step s on: bit for
-bit on a CPU, and up to kernel nondeterminism on GPUs.
+bit on a CPU, and up to kernel nondeterminism on GPUs, when it continues with the same split of the
+global batch (processes x micro-batch) and the same ``train.compile``.
+
+What the split changes: with every dropout 0 (``model.dropout_p``, ``token_dropout_p``,
+``class_dropout_prob``, ``drop_path_rate``), nothing but float rounding. With dropout on, the random
+masks: they are drawn per process and per micro-batch (torch's generator, reseeded per step and rank;
+inductor draws its own when compiled), so another split or compile draws other masks, a different but
+equally valid run. A resume whose split or compile differs from the one the checkpoint was written with
+says so in one warning line. The figures: docs/training.md.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -48,7 +57,10 @@ from .runs import load_entropy_model
 from .validation import Key, config_key, ranged
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> module it needs
-# Keys a resumed run may change; any other difference from the run's config.yaml is refused.
+# Keys a resumed run may change; any other difference from the run's config.yaml is refused. None of them changes
+# which images a step trains on or its step size. compile, max_device_batch_size (and the process count, which no
+# key holds) change how a step is split and so, with dropout on, the random masks it draws: a resume that changes
+# them is warned (Trainer._load), and its results then differ from an uninterrupted run's (see the module's doc).
 RESUMABLE_KEYS = RESUMABLE_TRAIN_KEYS | {"train.max_steps", "train.val_every", "train.ckpt_every_steps",
                                         "train.trackers", "train.compile", "train.max_device_batch_size",
                                         "data.num_workers"}
@@ -456,7 +468,7 @@ class Trainer:
         if acc.is_main_process:
             state = {"step": self.step, "steps_per_epoch": self.steps_per_epoch, "images_seen": self.images_seen,
                      "positions_seen": self.positions_seen, "epoch_loss": self.epoch_loss, "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict()}
+                     "scheduler": self.scheduler.state_dict(), "split": self._split()}
             ema = None if self.ema is None else self.ema.model.state_dict()
             self.run.save(epoch, self.raw_model.state_dict(), state, ema_state=ema, step=self.step,
                           end_of_epoch=end_of_epoch)
@@ -473,6 +485,35 @@ class Trainer:
         self.step, self.images_seen, self.positions_seen = state["step"], state["images_seen"], state["positions_seen"]
         self.epoch_loss = state["epoch_loss"]
         self.accelerator.print(f"resuming {self.run.dir} from {checkpoint.name} at step {self.step}")
+        self._warn_if_masks_change(state.get("split"))  # checkpoints written before the split was saved: silent
+
+    def _split(self) -> dict[str, int | bool]:
+        """How a step is computed beyond its images: processes, micro-batch, compiled or not."""
+        return {"processes": self.world, "micro_batch": self.micro_batch, "compile": self.cfg.compile}
+
+    def _warn_if_masks_change(self, saved: dict | None) -> None:
+        """One warning line when this resume splits steps or compiles otherwise than the checkpoint's run, while
+        dropout is on: the random masks, so the results, then differ from an uninterrupted run's."""
+        dropouts = random_draws(self.model_config)
+        if saved is None or saved == self._split() or not dropouts or not self.accelerator.is_main_process:
+            return
+
+        def described(split: dict) -> str:
+            return (f"{split['processes']} process(es) x micro-batch {split['micro_batch']}"
+                    f"{', compiled' if split['compile'] else ''}")
+
+        print(f"warning: {self.run.dir} trained as {described(saved)} and resumes as {described(self._split())}; "
+              f"with {', '.join(f'{key} {value}' for key, value in dropouts.items())} the random masks differ "
+              "from here on, so the run will not equal an uninterrupted one (with every dropout 0 it would)",
+              file=sys.stderr)
+
+
+def random_draws(model: ModelConfig) -> dict[str, float]:
+    """The dropouts of ``model`` that draw random masks in training (``model.<key>``: rate); empty when none
+    does, and only then does the batch split leave results unchanged (see the module's doc)."""
+    keys = ["dropout_p", "token_dropout_p", "drop_path_rate"] + (["class_dropout_prob"] if model.model_type == "c2i"
+                                                                 else [])  # uncond: no class to drop
+    return {f"model.{key}": getattr(model, key) for key in keys if getattr(model, key) > 0}
 
 
 def train(config: DictConfig, *, patcher: PatcherConfig | None, run_name: str, prod: bool,
