@@ -12,19 +12,27 @@ message names the key, the value and what is valid; then every section's ``check
 fields, :func:`dpar.validation.check_schema`) runs, its one line naming the full key (``model.image_size``).
 A YAML file may begin with ``base: other.yaml`` to start from another file and change only some keys.
 ``save_config`` writes the fully resolved config atomically.
+
+One reading for every config file, a training config or a run's saved ``config.yaml``
+(:func:`read_config_file`, :func:`read_section`): YAML aliases (``*name``) are refused (a few hundred bytes
+of nested aliases would expand to billions of nodes), every ``${...}`` is resolved (an error is one line
+naming the file and the key) and the values are then literal: OmegaConf's escape ``\\${`` stands for a
+literal ``${``, and ``save_config`` writes such a value escaped, so a saved run reads back as it was. Text
+typed on the command line for a text field (a path, a name) is taken as typed, ``${`` included.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import inspect
+import re
 import textwrap
 import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import UserError, first_line
@@ -68,18 +76,13 @@ def load_config(schema: type, path: str | Path | None = None, overrides: Sequenc
     config = OmegaConf.structured(schema)
     if path is not None:
         config = _merge(config, read_yaml(path), f"in {path}: ")
-    if overrides:
-        dotlist = [_keep_text(schema, item) for item in parse_overrides(overrides)]
-        config = _merge(config, OmegaConf.from_dotlist(dotlist), "")
-    try:
-        OmegaConf.resolve(config)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"cannot resolve config: {first_line(error)}") from None
-    _check_values(config, schema, "")
-    missing = sorted(OmegaConf.missing_keys(config))
-    if missing:
-        raise ConfigError(f"config key {missing[0]!r} needs a value (set it in the YAML or with --{missing[0]} ...)")
-    check_schema(to_dataclass(config))
+    dotlist = [_keep_text(schema, item) for item in parse_overrides(overrides)]
+    if dotlist:
+        config = _merge(config, _create(lambda: OmegaConf.from_dotlist(dotlist), "on the command line: "), "")
+    where = f"in {path}: " if path is not None else ""
+    overridden = {item.partition("=")[0] for item in dotlist}  # their errors are the command line's, not the file's
+    config = _merge(OmegaConf.structured(schema), _resolved(config, where, overridden), where)
+    _validate(config, schema, "", "set it in the YAML or with --{key} ...")
     return config
 
 
@@ -124,24 +127,46 @@ def _source(schema: type) -> Path:
 
 
 def save_config(config: DictConfig, path: str | Path) -> None:
-    """Write the fully resolved config as YAML, atomically."""
-    atomic_write_text(path, OmegaConf.to_yaml(config, resolve=True))
+    """Write the fully resolved config as YAML, atomically; a literal ``${`` in a value is written escaped
+    (``\\${``), so that the file reads back as the same values."""
+    atomic_write_text(path, OmegaConf.to_yaml(_resolved(config, f"writing {path}: ")))
 
 
-def read_section(path: str | Path, key: str, schema: type) -> Any:
-    """One section of a saved config (e.g. a run's ``model``) validated against ``schema`` (its fields' rules,
-    then its ``check``), as a dataclass. :class:`ConfigError` naming the file and the key."""
-    node = read_yaml(path).get(key)
-    if not isinstance(node, DictConfig):
+def read_config_file(path: str | Path) -> DictConfig:
+    """A config file (a run's ``config.yaml``) as it stands, without a schema: :func:`read_yaml`, then every
+    interpolation resolved; its values are literal from here on. :class:`ConfigError`, one line naming the file
+    and the key, for an interpolation that does not resolve (a missing key, an unset ``oc.env``, a cycle, an
+    unknown resolver)."""
+    return _resolved(read_yaml(path), f"in {path}: ")
+
+
+def read_section(path: str | Path, key: str, schema: type, *, required: bool = True) -> Any:
+    """One section of a saved config (e.g. a run's ``model``), read as :func:`read_config_file` reads the file
+    and validated against ``schema`` as :func:`load_config` validates (its fields' rules, values that are
+    missing, then its ``check``), as a dataclass; None for an absent section unless ``required``.
+    :class:`ConfigError` naming the file and the key."""
+    node = read_config_file(path).get(key)
+    if node is None and not required:
+        return None
+    if node is None:
         raise ConfigError(f"{path} has no {key!r} section")
-    config = _merge(OmegaConf.structured(schema), node, f"in {path}, section {key!r}: ")
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"in {path}: {key!r} must be a section of keys (a mapping), got {_short(node)}")
+    missing = sorted(OmegaConf.missing_keys(node))  # full keys; merged into the schema, ??? would keep the default
+    if missing:
+        raise ConfigError(f"in {path}: config key {missing[0]!r} needs a value (set it in the file)")
+    config = _merge(OmegaConf.structured(schema), node, f"in {path}: ", key + ".")
     try:
-        _check_values(config, schema, key + ".")
-        section = to_dataclass(config)
-        check_schema(section, config_key(key))
+        return to_dataclass(_validate(config, schema, key + ".", "set it in the file"))
     except UserError as error:  # the one line gains the file it is about
         raise ConfigError(f"in {path}: {error}") from None
-    return section
+
+
+def literal(text: str) -> str:
+    """``text`` as a config value that reads back as ``text``: each ``${`` escaped as OmegaConf reads escapes
+    (``\\${`` is a literal ``${``; backslashes just before it are doubled). For a path or a name put into a
+    config by code or typed on the command line."""
+    return _INTERPOLATION.sub(lambda match: match.group(1) * 2 + "\\${", text)
 
 
 def recorded_path(value: str | Path) -> Path:
@@ -171,15 +196,19 @@ def to_dataclass(config: DictConfig) -> Any:
 
 
 def read_yaml(path: str | Path, _children: tuple[Path, ...] = ()) -> DictConfig:
-    """A YAML mapping; ``base: other.yaml`` (relative to this file) starts it from another config file."""
+    """A YAML mapping, interpolations left as written; ``base: other.yaml`` (relative to this file) starts it
+    from another config file. YAML aliases are refused (:class:`ConfigError` naming the file and the line)."""
     path = Path(path)
     if not path.is_file():
         where = f" (the base of {_children[-1]})" if _children else ""
         raise ConfigError(f"config file not found: {path}{where}")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.load(path.read_text(), Loader=_NoAliasLoader)
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path} is not a UTF-8 text file ({error.reason})") from None
+    except _AliasFound as error:
+        raise ConfigError(f"{path}, line {error.line}: YAML aliases ({error.alias}) are not allowed in config "
+                          f"files; write the values out (or start from another file with {BASE_KEY}: ...)") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {first_line(error)}") from None
     if loaded is None:
@@ -187,7 +216,7 @@ def read_yaml(path: str | Path, _children: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
     base = loaded.pop(BASE_KEY, None)
-    node = OmegaConf.create(loaded)
+    node = _create(lambda: OmegaConf.create(loaded), f"in {path}: ")
     if base is None:
         return node
     if not isinstance(base, str):
@@ -198,7 +227,82 @@ def read_yaml(path: str | Path, _children: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(read_yaml(base_path, (*_children, path)), node)
 
 
-def _merge(config: DictConfig, update: DictConfig, where: str) -> DictConfig:
+class _AliasFound(yaml.YAMLError):
+    def __init__(self, alias: str, line: int):
+        super().__init__(alias)
+        self.alias, self.line = alias, line
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases (``*name``, also in ``<<: *name``) as it meets them: no node is
+    shared, so nothing can expand (OmegaConf copies every shared node)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasFound(f"*{event.anchor}", event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+_INTERPOLATION = re.compile(r"(\\*)\$\{")
+
+
+def _escaped(value: Any) -> Any:
+    """A plain (resolved) config tree with every string :func:`literal`."""
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escaped(item) for item in value]
+    return literal(value) if isinstance(value, str) else value
+
+
+def _resolved(config: DictConfig, where: str, overridden: set[str] | frozenset[str] = frozenset()) -> DictConfig:
+    """``config`` with every interpolation resolved and every value literal (a ``${`` the resolving produced,
+    from OmegaConf's escape ``\\${``, escaped again: OmegaConf's own ``resolve`` would read it as a new
+    interpolation). :class:`ConfigError` naming ``where`` (not for the ``overridden`` keys) and the key."""
+    try:
+        tree = OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException as error:
+        full_key = getattr(error, "full_key", None)
+        where = "" if full_key in overridden else where
+        key = f" key {full_key!r}" if full_key else ""
+        raise ConfigError(f"{where}cannot resolve config{key}: {first_line(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}cannot resolve config: interpolations nest too deeply") from None
+    return _create(lambda: OmegaConf.create(_escaped(tree)), where)
+
+
+def _create(make, where: str) -> DictConfig:
+    """``make()`` (an OmegaConf constructor); an interpolation that cannot be parsed is a :class:`ConfigError`."""
+    try:
+        return make()
+    except OmegaConfBaseException as error:
+        key = f" key {error.full_key!r}" if getattr(error, "full_key", None) else ""
+        raise ConfigError(f"{where}invalid config{key}: {first_line(error)}") from None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _validate(config: DictConfig, schema: type, prefix: str, hint: str) -> DictConfig:
+    """Every field's rule (:func:`_check_values`), then values that are missing (``???``; ``hint`` tells where
+    to set one, ``{key}`` standing for the key), then the schema's ``check`` with full keys. Returns
+    ``config``."""
+    _check_values(config, schema, prefix)
+    missing = sorted(OmegaConf.missing_keys(config))
+    if missing:
+        key = prefix + missing[0]
+        raise ConfigError(f"config key {key!r} needs a value ({hint.format(key=key)})")
+    check_schema(to_dataclass(config), config_key(prefix.rstrip(".")))
+    return config
+
+
+def _merge(config: DictConfig, update: DictConfig, where: str, prefix: str = "") -> DictConfig:
+    """``config`` updated by ``update``; an unknown key, a value of the wrong type or a section given something
+    other than keys is a :class:`ConfigError` (keys named with ``prefix``, the section ``config`` is)."""
+    _check_sections(config, update, where, prefix)
     try:
         return OmegaConf.merge(config, update)
     except ConfigKeyError as error:
@@ -206,27 +310,46 @@ def _merge(config: DictConfig, update: DictConfig, where: str) -> DictConfig:
         parent = key.rpartition(".")[0]
         node = OmegaConf.select(config, parent) if parent else config
         valid = ", ".join(node.keys()) if isinstance(node, DictConfig) else "none"
-        raise ConfigError(f"{where}unknown config key {key!r}; valid keys"
-                          f"{f' under {parent!r}' if parent else ''}: {valid}") from None
+        raise ConfigError(f"{where}unknown config key {prefix + key!r}; valid keys"
+                          f"{f' under {prefix + parent!r}' if parent else ''}: {valid}") from None
     except ValidationError as error:
-        key = f"config key {error.full_key!r}: " if error.full_key else ""
+        key = f"config key {prefix + error.full_key!r}: " if error.full_key else ""
         raise ConfigError(f"{where}{key}{first_line(error)}") from None
     except OmegaConfBaseException as error:
         raise ConfigError(f"{where}invalid config: {first_line(error)}") from None
 
 
+def _check_sections(config: DictConfig, update: DictConfig, where: str, prefix: str) -> None:
+    """A section of the schema (``model``) given something other than keys (``model: 5``): one line."""
+    for key in update.keys() if isinstance(update, DictConfig) else ():
+        node = config._get_node(key) if key in config else None
+        if not isinstance(node, DictConfig) or OmegaConf.is_interpolation(update, key):
+            continue
+        value = update._get_node(key)
+        if not isinstance(value, DictConfig):
+            got = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value._value()
+            raise ConfigError(f"{where}{prefix + str(key)!r} must be a section of keys (a mapping), got {_short(got)}")
+        _check_sections(node, value, where, f"{prefix}{key}.")
+
+
 def _keep_text(schema: type, item: str) -> str:
     """``key=value`` with the value quoted when ``key`` is a text field: on the command line a path or a name
-    is the text typed (``--data.store 0777`` stays ``"0777"``, not YAML's 511), ``null`` aside."""
+    is the text typed (``--data.store 0777`` stays ``"0777"``, not YAML's 511; ``tok${x}`` stays ``tok${x}``, not
+    an interpolation), ``null`` aside."""
     key, _, value = item.partition("=")
     kind: Any = schema
     for part in key.split("."):
         hints = typing.get_type_hints(kind) if dataclasses.is_dataclass(kind) else {}
         kind = hints.get(part)
     text_field = kind is str or (typing.get_args(kind) and set(typing.get_args(kind)) == {str, type(None)})
-    if not text_field or value in ("null", "~") or (value[:1] in "'\"" and value[-1:] == value[:1] and len(value) > 1):
+    if not text_field or value in ("null", "~"):
         return item
-    return f"{key}='" + value.replace("'", "''") + "'"
+    if value[:1] in "'\"" and value[-1:] == value[:1] and len(value) > 1:  # quoted on the command line: the
+        try:                                                               # text within YAML's quotes
+            value = str(yaml.safe_load(value))
+        except yaml.YAMLError:
+            pass
+    return f"{key}='" + literal(value).replace("'", "''") + "'"
 
 
 def _check_values(config: DictConfig, schema: type, prefix: str) -> None:

@@ -7,7 +7,8 @@
         config.yaml                                 the fully resolved config
         metrics.jsonl                               one JSON object per logged step / epoch
         checkpoints/epoch_{epoch:08d}/              the end of an epoch (0-based), kept per keep_last / keep_every
-            model.safetensors                       the model weights (what sampling loads)
+            model.safetensors                       the model weights (what sampling loads); their metadata
+                                                    records epoch, step and the resolved ``model`` section
             ema.safetensors                         the EMA weights, when the run keeps an EMA
             training_state.pt                       optimizers, counters, data order (what resume loads)
         checkpoints/latest/                         the mid-epoch resume point, replaced every few steps
@@ -17,7 +18,9 @@ A checkpoint directory is written under a temporary name (``<name>.tmp``) and re
 replaces an older copy first moves that aside as ``<name>.old``, which counts as the checkpoint until the
 new one is in place. So at every instant of a killed write a complete checkpoint can be found. Resuming takes whichever of the
 newest epoch checkpoint and ``latest/`` is further along (the ``step`` in the weights' metadata). Weights are read with
-``torch.load(weights_only=True)`` or safetensors; nothing unpickles arbitrary objects.
+``torch.load(weights_only=True)`` or safetensors; nothing unpickles arbitrary objects. The weights also record
+the model config they were trained with (``model_config``: the run's resolved ``model`` section as JSON), and
+:func:`check_model_record` refuses a config whose ``model`` section disagrees with it.
 
 :class:`Run` is that directory as every trainer uses it (``dpar.training.Trainer``, ``tokenizer.train_vq``), and
 :class:`BaseTrainConfig` the ``train`` keys they share; :func:`parse_trainer_cli` their scripts' command line.
@@ -51,6 +54,7 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STEP_CHECKPOINT = "latest"
 STATE_FILE = "training_state.pt"
+MODEL_RECORD = "model_config"  # the weights' metadata key of the model config they were trained with
 SCRATCH = "scratch"
 _CHECKPOINT_NAME = re.compile(r"^epoch_(\d{8})$")
 _REPLACED = ".old"  # a checkpoint moved aside while its replacement is renamed into place
@@ -87,7 +91,8 @@ class BaseTrainConfig:
     keep_every: int = ranged(0, min=0)
 
 
-# The BaseTrainConfig keys a resumed run may change (each trainer adds its own); any other difference from the
+# The BaseTrainConfig keys a resumed run may change (each trainer adds its own): where it writes, how long it
+# trains, how often it logs and checkpoints; none changes what a step computes. Any other difference from the
 # run's config.yaml is refused.
 RESUMABLE_TRAIN_KEYS = frozenset({"train.results_dir", "train.epochs", "train.log_every", "train.ckpt_every",
                                   "train.keep_last", "train.keep_every"})
@@ -133,6 +138,7 @@ class Run:
         self.main = accelerator.is_main_process
         self.dir: Path | None = None  # set by find()
         self.resume_from: Path | None = None
+        self.model_config: dict[str, Any] | None = None  # the resolved model section, set by start()
 
     def find(self) -> Run:
         """Resolve the directory and the resume point on the main process; every process gets them."""
@@ -150,7 +156,9 @@ class Run:
     def start(self, config: DictConfig, resumable_keys: set[str] | frozenset[str]) -> Run:
         """Create and lock the directory and write ``config.yaml`` (main process), then wait for every process.
         ``UserError`` when another process holds the lock, or when a resumed run's saved config differs outside
-        ``resumable_keys`` (dotted keys)."""
+        ``resumable_keys`` (dotted keys). Its ``model`` section is recorded with every checkpoint's weights."""
+        if "model" in config:
+            self.model_config = OmegaConf.to_container(config.model, resolve=True)
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             lock_folder(self.dir, self.what)
@@ -167,7 +175,10 @@ class Run:
 
     def load(self, model: torch.nn.Module, ema: torch.nn.Module | None = None) -> dict[str, Any]:
         """Load the resume point's weights into ``model`` (and its EMA weights into ``ema``); returns the training
-        state saved with them. Every process reads. ``UserError`` for weights that do not fit, or no EMA file."""
+        state saved with them. Every process reads. ``UserError`` for weights that do not fit or that record
+        another model config than this run's, or no EMA file."""
+        if self.model_config is not None:  # the config.yaml (edited?) and the command agree; and the weights?
+            check_model_record(self.resume_from / MODEL_FILE, self.model_config, self.dir / CONFIG_FILE)
         state = _load_torch_file(self.resume_from / STATE_FILE)
         load_model_weights(model, self.resume_from / MODEL_FILE)
         if ema is not None:
@@ -197,9 +208,10 @@ class Run:
             return
         if end_of_epoch:
             save_checkpoint(self.dir, epoch, model_state, training_state, self.keep_last, self.keep_every,
-                            ema_state=ema_state, step=step)
+                            ema_state=ema_state, step=step, model_config=self.model_config)
         else:
-            save_step_checkpoint(self.dir, epoch, step, model_state, training_state, ema_state=ema_state)
+            save_step_checkpoint(self.dir, epoch, step, model_state, training_state, ema_state=ema_state,
+                                 model_config=self.model_config)
 
 
 def new_experiment_dir(root: str | Path, config_name: str, prod: bool, now: datetime | None = None) -> Path:
@@ -287,20 +299,60 @@ def latest_checkpoint(experiment_dir: str | Path) -> Path | None:
 
 def save_checkpoint(experiment_dir: str | Path, epoch: int, model_state: dict[str, torch.Tensor],
                     training_state: dict[str, Any] | None = None, keep_last: int = 0, keep_every: int = 0, *,
-                    ema_state: dict[str, torch.Tensor] | None = None, step: int | None = None) -> Path:
-    """Write the checkpoint of the end of ``epoch`` atomically, then prune (see :func:`_prune_checkpoints`)."""
+                    ema_state: dict[str, torch.Tensor] | None = None, step: int | None = None,
+                    model_config: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint of the end of ``epoch`` atomically, then prune (see :func:`_prune_checkpoints`).
+    ``model_config`` (the run's resolved ``model`` section) is recorded in the weights' metadata."""
     final = _write_checkpoint(checkpoint_dir(experiment_dir, epoch), model_state, training_state, ema_state,
-                              {"epoch": epoch, "step": step})
+                              {"epoch": epoch, "step": step, MODEL_RECORD: _record(model_config)})
     shutil.rmtree(step_checkpoint_dir(experiment_dir), ignore_errors=True)
     _prune_checkpoints(experiment_dir, keep_last, keep_every)
     return final
 
 
 def save_step_checkpoint(experiment_dir: str | Path, epoch: int, step: int, model_state: dict[str, torch.Tensor],
-                         training_state: dict[str, Any], *, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Replace the mid-epoch resume point ``checkpoints/latest/`` atomically."""
+                         training_state: dict[str, Any], *, ema_state: dict[str, torch.Tensor] | None = None,
+                         model_config: dict[str, Any] | None = None) -> Path:
+    """Replace the mid-epoch resume point ``checkpoints/latest/`` atomically (``model_config`` as for
+    :func:`save_checkpoint`)."""
     return _write_checkpoint(step_checkpoint_dir(experiment_dir), model_state, training_state, ema_state,
-                             {"epoch": epoch, "step": step})
+                             {"epoch": epoch, "step": step, MODEL_RECORD: _record(model_config)})
+
+
+def _record(model_config: dict[str, Any] | None) -> str | None:
+    return None if model_config is None else json.dumps(model_config, sort_keys=True)
+
+
+def recorded_model_config(weights: str | Path) -> dict[str, Any] | None:
+    """The model config a ``.safetensors`` weights file records (written by :func:`save_checkpoint` since it
+    records one); None for weights that record none (older checkpoints, LlamaGen's ``.pt``). ``UserError`` for
+    a file that cannot be read or a record that is not a JSON mapping."""
+    path = Path(weights)
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get(MODEL_RECORD)
+        record = None if text is None else json.loads(text)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"cannot read the model config recorded in {path}: {first_line(error)}") from None
+    if record is not None and not isinstance(record, dict):
+        raise UserError(f"{path} records a model config that is not a mapping of keys ({str(text)[:60]})")
+    return record
+
+
+def check_model_record(weights: str | Path, model_config: dict[str, Any], config_path: str | Path,
+                       ignore: frozenset[str] | set[str] = frozenset()) -> None:
+    """``UserError`` (one line naming the key and both values) when the ``model`` section of ``config_path``
+    (``model_config``, resolved) gives a key another value than the model config ``weights`` record. Keys only
+    one side has (a key added to the schema since) and ``ignore`` are not compared; weights that record no
+    config pass."""
+    recorded = recorded_model_config(weights)
+    for key, value in (recorded or {}).items():
+        if key in model_config and key not in ignore and json.loads(json.dumps(model_config[key])) != value:
+            raise UserError(f"{config_path} has model.{key}={model_config[key]!r}, but the weights {weights} were "
+                            f"trained with model.{key}={value!r} (the config they record); put {value!r} back: a "
+                            "run's config.yaml must describe its weights")
 
 
 def step_checkpoint_dir(experiment_dir: str | Path) -> Path:
@@ -332,7 +384,7 @@ def checkpoint_metadata(checkpoint: str | Path) -> dict[str, str]:
 
 
 def _write_checkpoint(final: Path, model_state: dict[str, torch.Tensor], training_state: dict[str, Any] | None,
-                      ema_state: dict[str, torch.Tensor] | None, metadata: dict[str, int | None]) -> Path:
+                      ema_state: dict[str, torch.Tensor] | None, metadata: dict[str, int | str | None]) -> Path:
     staging = final.with_name(final.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -6,6 +6,11 @@ A run is an experiment directory of ``train_global_model.py`` (``dpar.experiment
 model's checkpoint) and the token store (``data.store``), whose ``meta.json`` records the tokenizer and the class
 names. :class:`Sampler` bundles them on one device; :func:`dpar.sampling.generate` does the sampling.
 ``UserError`` (one line) for anything the user named that is missing or does not fit.
+
+A run's ``config.yaml`` is read as a training config is (``dpar.config.read_section``: resolved, each section
+validated against the schema that wrote it), and its ``model`` section must agree with the model config its
+weights record (:func:`dpar.experiment.check_model_record`), so an edited config cannot silently change the
+architecture the weights are run with.
 """
 from __future__ import annotations
 
@@ -13,16 +18,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from tokenizer.vq_model import load_vq
 
-from .config import read_section, read_yaml, recorded_path
+from .config import read_config_file, read_section, recorded_path
+from .data.config import DataConfig
 from .data.store import file_sha256, read_meta
 from .errors import UserError
 from .experiment import (CHECKPOINTS, CONFIG_FILE, EMA_FILE, MODEL_FILE, STEP_CHECKPOINT, check_fits,
-                         checkpoint_metadata, experiment_of, list_checkpoints, load_model_weights, read_state_dict,
-                         step_checkpoint_dir)
+                         check_model_record, checkpoint_metadata, experiment_of, list_checkpoints,
+                         load_model_weights, read_state_dict, step_checkpoint_dir)
 from .models import GPT_models, ModelConfig, create_model, is_dpar
 from .patcher import PatcherConfig
 from .sampling import Generation, SamplingConfig, cached_steps, generate
@@ -125,11 +132,12 @@ def run_config(experiment: Path) -> Path:
     config_path = experiment / CONFIG_FILE
     if not config_path.is_file():
         raise UserError(f"{experiment} is not an experiment dir (no {CONFIG_FILE})")
-    model = read_yaml(config_path).get("model") or {}
-    if "gpt_model" not in model:
+    model = read_config_file(config_path).get("model")
+    if isinstance(model, DictConfig) and "gpt_model" not in model:
         raise UserError(f"{experiment} is not a training run of train_global_model.py (its config has no "
                         "model.gpt_model; a tokenizer run?)")
-    if model.get("model_type", "c2i") != "c2i":
+    model = read_section(config_path, "model", ModelConfig)
+    if model.model_type != "c2i":
         raise UserError(f"{experiment} is an unconditional model ({model.gpt_model}, e.g. an entropy model); "
                         "class-conditional sampling needs a c2i run")
     return config_path
@@ -207,12 +215,12 @@ def run_tokenizer(config_path: Path | None, model_config: ModelConfig, vq_checkp
     its codebook and downsampling do not fit the model. ``vq``: the tokenizer already loaded from
     ``vq_checkpoint``."""
     if vq_checkpoint is None:
-        data = read_yaml(config_path).get("data") or {}
-        vq_checkpoint = data.get("tokenizer_checkpoint") or \
-            ((_store_meta(config_path) or {}).get("tokenizer", {}).get("checkpoint"))
+        data = read_section(config_path, "data", DataConfig, required=False)
+        vq_checkpoint = (data and data.tokenizer_checkpoint) or \
+            ((_meta_of(data and data.store) or {}).get("tokenizer", {}).get("checkpoint"))
         if not vq_checkpoint or not recorded_path(vq_checkpoint).is_file():
             raise UserError(f"cannot find the tokenizer of {config_path} (data.tokenizer_checkpoint / its token "
-                            f"store {data.get('store')!r} name {vq_checkpoint!r}); give --vq-ckpt")
+                            f"store {data and data.store!r} name {vq_checkpoint!r}); give --vq-ckpt")
         vq_checkpoint = recorded_path(vq_checkpoint)
     vq = vq or load_vq(vq_checkpoint)
     if vq.config.codebook_size != model_config.vocab_size or vq.downsample != model_config.downsample_size:
@@ -222,25 +230,32 @@ def run_tokenizer(config_path: Path | None, model_config: ModelConfig, vq_checkp
     return vq, Path(vq_checkpoint)
 
 
-def _store_meta(config_path: Path) -> dict | None:
-    """The ``meta.json`` of the run's token store (``data.store``), if that store is here."""
-    store = (read_yaml(config_path).get("data") or {}).get("store")
+def _meta_of(store: str | None) -> dict | None:
+    """The ``meta.json`` of a run's token store (its ``data.store``), if that store is here."""
     return read_meta(recorded_path(store)) if store and recorded_path(store).is_dir() else None
 
 
 def run_class_names(config_path: Path) -> list[str] | None:
     """The class names the run's token store records, if that store is here (a damaged store: None, and the
-    grid is labelled with class ids)."""
+    grid is labelled with class ids; a config that does not read: ``UserError``)."""
+    data = read_section(config_path, "data", DataConfig, required=False)
     try:
-        meta = _store_meta(config_path)
+        meta = _meta_of(data and data.store)
     except UserError:
         return None
     return list(meta["class_names"]) if meta and meta.get("class_names") else None
 
 
+# The model keys a run's config.yaml may change after training: how attention is computed, not what (every
+# backend computes the same function; the one the weights were trained with may not exist where they are used).
+RUN_TIME_MODEL_KEYS = frozenset({"attn_backend"})
+
+
 def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = None):
     """(model in eval mode, its ModelConfig) from a run's ``model.safetensors`` and the ``model`` section of
-    its ``config.yaml`` (found next to the checkpoint's experiment dir unless ``config_path`` is given)."""
+    its ``config.yaml`` (found next to the checkpoint's experiment dir unless ``config_path`` is given).
+    ``UserError`` when that section differs from the model config the weights record (outside
+    :data:`RUN_TIME_MODEL_KEYS`; weights written before the record existed load as before)."""
     if config_path is None:
         experiment = experiment_of(checkpoint)
         if experiment is None:
@@ -248,6 +263,7 @@ def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = 
                             "also give the run's config.yaml")
         config_path = experiment / CONFIG_FILE
     config = read_section(config_path, "model", ModelConfig)  # checked, as dpar.config checks every config
+    check_model_record(checkpoint, asdict(config), config_path, ignore=RUN_TIME_MODEL_KEYS)
     model = create_model(config)
     load_model_weights(model, checkpoint)
     return model.eval(), config

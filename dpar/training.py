@@ -14,13 +14,22 @@ A run resumes exactly because everything random is a function of the step:
   ``train.ckpt_every_steps`` steps in between (``checkpoints/latest/``).
 
 So a run continued from step s computes what an uninterrupted run computes from step s on: bit for
-bit on a CPU, and up to kernel nondeterminism on GPUs.
+bit on a CPU, and up to kernel nondeterminism on GPUs, when it continues with the same split of the
+global batch (processes x micro-batch) and the same ``train.compile``.
+
+What the split changes: with every dropout 0 (``model.dropout_p``, ``token_dropout_p``,
+``class_dropout_prob``, ``drop_path_rate``), nothing but float rounding. With dropout on, the random
+masks: they are drawn per process and per micro-batch (torch's generator, reseeded per step and rank;
+inductor draws its own when compiled), so another split or compile draws other masks, a different but
+equally valid run. A resume whose split or compile differs from the one the checkpoint was written with
+says so in one warning line. The figures: docs/training.md.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,7 +42,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import flatten
+from .config import flatten, literal
+from .data.config import DataConfig
 from .data.dataset import PackedBatch, PackedCollate, StepBatches, TokenDataset
 from .data.splits import holdout_problem, holdout_split
 from .data.store import TokenStore, file_sha256
@@ -47,33 +57,13 @@ from .runs import load_entropy_model
 from .validation import Key, config_key, ranged
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> module it needs
-# Keys a resumed run may change; any other difference from the run's config.yaml is refused.
+# Keys a resumed run may change; any other difference from the run's config.yaml is refused. None of them changes
+# which images a step trains on or its step size. compile, max_device_batch_size (and the process count, which no
+# key holds) change how a step is split and so, with dropout on, the random masks it draws: a resume that changes
+# them is warned (Trainer._load), and its results then differ from an uninterrupted run's (see the module's doc).
 RESUMABLE_KEYS = RESUMABLE_TRAIN_KEYS | {"train.max_steps", "train.val_every", "train.ckpt_every_steps",
                                         "train.trackers", "train.compile", "train.max_device_batch_size",
                                         "data.num_workers"}
-
-
-@dataclass
-class DataConfig:
-    # token store written by preprocess_tokens.py (with entropies for patcher.mode entropy).
-    store: str = "data/imagenet256_tokens"
-    # the VQ tokenizer that made data.store (null: filled in from the store's meta.json); sampling decodes with it.
-    tokenizer_checkpoint: str | None = None
-    # optional second store for validation NLL (e.g. ImageNet val tokenized with --views 1); view 0 is used.
-    val_store: str | None = None
-    # without val_store: hold out N images of data.store for validation (0: no validation), drawn per class in
-    # proportion to its size (seeded by split_seed; dpar/data/splits.py), never "the last N" of a class-sorted store.
-    val_holdout: int = ranged(0, min=0)
-    # seed of the val_holdout draw: the same split for every run and seed of a study, and for θ calibration.
-    split_seed: int = ranged(0, min=0, max=2**31 - 1)
-    # DataLoader worker processes per process.
-    num_workers: int = ranged(4, min=0)
-
-    def check(self, key: Key = config_key("data")) -> None:
-        """The rule between fields: one source of validation images. ``UserError`` naming both keys."""
-        if self.val_store is not None and self.val_holdout:
-            raise UserError(f"{key('val_store')} {self.val_store} and {key('val_holdout')}={self.val_holdout} are two "
-                            f"validation sets; set one ({key('val_store')}=null or {key('val_holdout')}=0)")
 
 
 @dataclass
@@ -243,7 +233,7 @@ def check_entropy_source(config: DictConfig, store: TokenStore, key: str = "data
             raise UserError(f"patcher.entropy_model_checkpoint {checkpoint} is not inside an experiment dir; "
                             "also set patcher.entropy_model_checkpoint_config (or, for a LlamaGen c2i .pt, "
                             "patcher.entropy_model_gpt to its size)")
-        patcher.entropy_model_checkpoint_config = str(experiment / CONFIG_FILE)
+        patcher.entropy_model_checkpoint_config = literal(str(experiment / CONFIG_FILE))
     if patcher.entropy_model_checkpoint_config and not Path(patcher.entropy_model_checkpoint_config).is_file():
         raise UserError(f"patcher.entropy_model_checkpoint_config not found: {patcher.entropy_model_checkpoint_config}")
     if key == "data.store":  # once per run: it loads as the config describes it, as sampling will load it
@@ -280,7 +270,7 @@ class Trainer:
 
         store = open_store(data.store, model_config, "data.store")
         if config.data.tokenizer_checkpoint is None:
-            config.data.tokenizer_checkpoint = store.meta["tokenizer"]["checkpoint"]
+            config.data.tokenizer_checkpoint = literal(store.meta["tokenizer"]["checkpoint"])
         entropies = patcher is not None and patcher.mode == "entropy"
         if entropies:
             check_entropy_source(config, store)
@@ -478,7 +468,7 @@ class Trainer:
         if acc.is_main_process:
             state = {"step": self.step, "steps_per_epoch": self.steps_per_epoch, "images_seen": self.images_seen,
                      "positions_seen": self.positions_seen, "epoch_loss": self.epoch_loss, "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict()}
+                     "scheduler": self.scheduler.state_dict(), "split": self._split()}
             ema = None if self.ema is None else self.ema.model.state_dict()
             self.run.save(epoch, self.raw_model.state_dict(), state, ema_state=ema, step=self.step,
                           end_of_epoch=end_of_epoch)
@@ -495,6 +485,35 @@ class Trainer:
         self.step, self.images_seen, self.positions_seen = state["step"], state["images_seen"], state["positions_seen"]
         self.epoch_loss = state["epoch_loss"]
         self.accelerator.print(f"resuming {self.run.dir} from {checkpoint.name} at step {self.step}")
+        self._warn_if_masks_change(state.get("split"))  # checkpoints written before the split was saved: silent
+
+    def _split(self) -> dict[str, int | bool]:
+        """How a step is computed beyond its images: processes, micro-batch, compiled or not."""
+        return {"processes": self.world, "micro_batch": self.micro_batch, "compile": self.cfg.compile}
+
+    def _warn_if_masks_change(self, saved: dict | None) -> None:
+        """One warning line when this resume splits steps or compiles otherwise than the checkpoint's run, while
+        dropout is on: the random masks, so the results, then differ from an uninterrupted run's."""
+        dropouts = random_draws(self.model_config)
+        if saved is None or saved == self._split() or not dropouts or not self.accelerator.is_main_process:
+            return
+
+        def described(split: dict) -> str:
+            return (f"{split['processes']} process(es) x micro-batch {split['micro_batch']}"
+                    f"{', compiled' if split['compile'] else ''}")
+
+        print(f"warning: {self.run.dir} trained as {described(saved)} and resumes as {described(self._split())}; "
+              f"with {', '.join(f'{key} {value}' for key, value in dropouts.items())} the random masks differ "
+              "from here on, so the run will not equal an uninterrupted one (with every dropout 0 it would)",
+              file=sys.stderr)
+
+
+def random_draws(model: ModelConfig) -> dict[str, float]:
+    """The dropouts of ``model`` that draw random masks in training (``model.<key>``: rate); empty when none
+    does, and only then does the batch split leave results unchanged (see the module's doc)."""
+    keys = ["dropout_p", "token_dropout_p", "drop_path_rate"] + (["class_dropout_prob"] if model.model_type == "c2i"
+                                                                 else [])  # uncond: no class to drop
+    return {f"model.{key}": getattr(model, key) for key in keys if getattr(model, key) > 0}
 
 
 def train(config: DictConfig, *, patcher: PatcherConfig | None, run_name: str, prod: bool,

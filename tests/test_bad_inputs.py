@@ -164,7 +164,7 @@ CASES = [
     ("seed_flag", sample_c2i, ["--seed", "99999999999999999999", "--output-dir", "{out}"],
      "argument --seed: must be in [0, 2147483647]"),
     ("interpolation", train_global_model, [*TINY_GLOBAL, "--train.lr", "${{train.foo}}"],
-     "cannot resolve config: Interpolation key 'train.foo' not found"),
+     "cannot resolve config key 'train.lr': Interpolation key 'train.foo' not found"),
     ("vq_ckpt_gpt", sample_c2i, ["--vq-ckpt", str(GPT_CKPT), "--output-dir", "{out}"],
      "is a GPT-tiny run's checkpoint, not a tokenizer's"),
     ("entropy_other_tokenizer", preprocess_tokens, ["--stage", "entropies", "--store", "{store}",
@@ -752,3 +752,63 @@ def test_a_store_with_nan_infinite_or_negative_entropies_is_refused(places, tmp_
     assert re.fullmatch(rf"token store file {store}/shards/entropies_0000\d\.npy holds entropy {re.escape(shown)} "
                         r"at view 0, token 5 of image \d+; it is damaged: delete it and rerun preprocess_tokens\.py "
                         r"--stage entropies", message), message
+
+
+# A run's config.yaml edited by hand, read by sampling, patch maps and the store look-up: (id, {dotted key: the
+# YAML text that replaces its value}, fragment of the one line). The same cases in a training config: test_config.
+RUN_CONFIG_EDITS = [
+    ("missing_key", {"data.store": "${data.nope}"}, "'data.store'"),
+    ("unset_env", {"patcher.threshold": "${oc.env:DPAR_TEST_NEVER_SET}"}, "DPAR_TEST_NEVER_SET"),
+    ("cycle", {"model.vocab_size": "${train.epochs}", "train.epochs": "${model.vocab_size}"}, "Recursive"),
+    ("unknown_resolver", {"model.rope": "${nope:dynamic}"}, "Unsupported interpolation type nope"),
+    ("bad_grammar", {"model.rope": "${model."}, "'model.rope'"),
+    ("model_5", {"model": 5}, "'model' must be a section of keys (a mapping), got 5"),
+    ("data_a_list", {"data": ["a", "b"]}, "'data' must be a section of keys (a mapping), got ['a', 'b']"),
+    ("missing_value", {"model.image_size": "???"}, "'model.image_size' needs a value"),
+    ("wrong_type", {"model.image_size": "${model.gpt_model}"}, "'model.image_size'"),
+]
+
+
+def edited_demo_run(tmp_path: Path, edits: dict) -> Path:
+    import shutil
+
+    import yaml
+    run = tmp_path / "run"
+    shutil.copytree(DEMO / "dpar", run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for key, value in edits.items():
+        *sections, last = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[last] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return run
+
+
+@pytest.mark.parametrize("edits,fragment", [c[1:] for c in RUN_CONFIG_EDITS], ids=[c[0] for c in RUN_CONFIG_EDITS])
+def test_a_run_config_that_does_not_read_is_one_line_naming_it(tmp_path, edits, fragment):
+    from dpar import patchmap
+    from PIL import Image
+    run = edited_demo_run(tmp_path, edits)
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    out = tmp_path / "out"
+    for command in (lambda: sample_c2i.main(["--experiment_dir", str(run), "--output-dir", str(out)]),
+                    lambda: patchmap.main([str(image), "--experiment_dir", str(run), "--output-dir", str(out)])):
+        with pytest.raises(UserError) as raised:
+            command()
+        message = one_line(raised.value)
+        assert str(run / "config.yaml") in message and fragment in message, message
+        assert not out.exists()
+
+
+def test_nested_yaml_aliases_in_a_run_config_stop_at_once(tmp_path):
+    from tests.test_config import BILLION_LAUGHS
+    run = edited_demo_run(tmp_path, {})
+    (run / "config.yaml").write_text(BILLION_LAUGHS + (run / "config.yaml").read_text())
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "sample_c2i.py", "--experiment_dir", str(run), "--output-dir",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "YAML aliases (*a)" in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 60  # before the fix: days, OmegaConf copying 9^9 nodes

@@ -283,3 +283,74 @@ def test_a_bad_saved_run_config_is_one_line_naming_the_file(tmp_path):
                            "--output-dir", str(tmp_path / "samples")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "model.decoder_injection applies to DGPT-* models only" in proc.stderr
+
+
+# What the YAML in a file says (text of one value), and what reading it must do: a one-line ConfigError naming the
+# file and the key, never a traceback. Each reads the way a training config and a run's config.yaml are read.
+UNRESOLVED = [
+    ("missing_key", "model:\n  gpt_model: ${model.nope}\n", "'model.gpt_model'"),
+    ("unset_env", "model:\n  gpt_model: ${oc.env:DPAR_TEST_NEVER_SET}\n", "DPAR_TEST_NEVER_SET"),
+    ("cycle", "model:\n  vocab_size: ${model.num_classes}\n  num_classes: ${model.vocab_size}\n", "Recursive"),
+    ("self_cycle", "model:\n  image_size: ${model.image_size}\n", "Recursive"),
+    ("unknown_resolver", "model:\n  rope: ${nope:dynamic}\n", "nope"),
+    ("bad_grammar", "model:\n  rope: ${model.\n", "'model.rope'"),
+    ("not_a_section", "model: 5\n", "'model' must be a section of keys"),
+    ("resolves_to_a_wrong_type", "model:\n  gpt_model: DGPT-L\n  image_size: ${model.gpt_model}\n", "'model.image_size'"),
+    ("missing_value", "model:\n  image_size: ???\n", "'model.image_size' needs a value"),
+]
+
+
+@pytest.mark.parametrize("text,fragment", [c[1:] for c in UNRESOLVED], ids=[c[0] for c in UNRESOLVED])
+def test_a_config_that_does_not_resolve_is_one_line_in_every_reader(tmp_path, text, fragment):
+    from dpar.config import read_config_file, read_section
+    path = write(tmp_path, text)
+    readers = [lambda: read_section(path, "model", ModelConfig)]  # a run's config.yaml
+    if "???" not in text:  # in a training config, ??? leaves the schema's default (OmegaConf's merge)
+        readers.append(lambda: load_config(Schema, path))
+    if "model: 5" not in text and "???" not in text and "${model.gpt_model}" not in text:
+        readers.append(lambda: read_config_file(path))  # the raw reader: these fail before any schema
+    for read in readers:
+        with pytest.raises(ConfigError) as info:
+            read()
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message and fragment in message, message
+
+
+def test_the_escaped_literal_survives_resolving_saving_and_reading_back(tmp_path):
+    from dpar.config import read_config_file, read_section
+    path = write(tmp_path, "model:\n  gpt_model: DGPT-L\nname: costs \\${x} and \\\\${seed}\n")
+    config = load_config(Schema, path)
+    assert config.name == "costs ${x} and \\0"  # OmegaConf's escape: \${ is a literal ${, \\ before ${ a backslash
+    saved = tmp_path / "run" / "config.yaml"
+    save_config(config, saved)
+    assert load_config(Schema, saved).name == config.name  # a run's config.yaml reads back as it was
+    assert read_config_file(saved).name == config.name
+    assert to_dataclass(load_config(Schema, saved)).name == config.name
+    assert read_section(saved, "model", ModelConfig).gpt_model == "DGPT-L"
+
+
+def test_text_typed_on_the_command_line_is_not_interpolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPAR_TEST_FOLDER", "elsewhere")
+    typed = "tok${oc.env:DPAR_TEST_FOLDER}"
+    config = load_config(Schema, None, ["--name", typed, "--model.gpt_model", "DGPT-L"])
+    assert config.name == typed and to_dataclass(config).name == typed  # the folder named, not another one
+    saved = tmp_path / "config.yaml"
+    save_config(config, saved)
+    assert load_config(Schema, saved).name == typed
+    assert load_config(Schema, None, ["seed=${model.image_size}"]).seed == 256  # a number's ${...} still resolves
+
+
+BILLION_LAUGHS = "".join(  # under 400 bytes; OmegaConf would copy every shared node: 9^9 strings
+    [f"a: &a [{', '.join(['lol'] * 9)}]\n"] +
+    [f"{k}: &{k} [{', '.join([f'*{p}'] * 9)}]\n" for p, k in zip("abcdefgh", "bcdefghi")])
+
+
+def test_yaml_aliases_are_refused_at_once(tmp_path):
+    path = write(tmp_path, BILLION_LAUGHS)
+    assert len(BILLION_LAUGHS) < 400
+    code = ("import sys; from dpar.config import ConfigError, read_config_file\n"
+            f"try: read_config_file({str(path)!r})\nexcept ConfigError as e: print(e); sys.exit(2)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "YAML aliases" in proc.stdout and str(path) in proc.stdout, proc.stderr[-2000:]
+    message = one_line_error(write(tmp_path, "model: &m\n  gpt_model: DGPT-L\npatcher: *m\n"))
+    assert "line 3" in message and "*m" in message

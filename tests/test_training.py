@@ -308,3 +308,74 @@ def test_compiled_model_trains_like_the_eager_one(setup, tmp_path):
                                             "train.max_steps=3", f"train.compile={compiled}", *no_dropout))
         losses[compiled] = [r["loss"] for r in metrics(only_run(results))[0]]
     assert len(losses[True]) == 3 and np.allclose(losses[True], losses[False], rtol=1e-4)
+
+
+DROPOUTS = ("dropout_p", "token_dropout_p", "class_dropout_prob")
+
+
+def test_only_dropout_makes_the_batch_split_matter(setup, tmp_path):
+    """One process's step of 8 images as 1 x 8 or as 2 micro-batches x 4: with every dropout 0 the same weights up
+    to float rounding (which Adam amplifies in its first steps); with dropout on, other random masks (drawn per
+    micro-batch), so other weights, 100 times further apart: the limit docs/training.md states (the DDP test
+    above covers 2 processes, the slow compile test compiling)."""
+    apart = {}
+    for p in (0.0, 0.1):
+        weights = []
+        for micro in ("null", "4"):
+            results = tmp_path / f"{p}-{micro}"
+            train_global_model.main(global_args(setup, results, "configs/tiny/global_model_entropy_row_break.yaml",
+                                                "train.epochs=1", f"train.max_device_batch_size={micro}",
+                                                *(f"model.{key}={p}" for key in DROPOUTS)))
+            weights.append(load_file(only_run(results) / "checkpoints" / "epoch_00000000" / "model.safetensors"))
+        apart[p] = max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
+    assert apart[0.0] < 1e-4 and apart[0.1] > 1e-3, apart
+
+
+@pytest.mark.parametrize("p", [0.1, 0.0])
+def test_a_resume_that_changes_the_random_masks_says_so_in_one_line(setup, tmp_path, capsys, p):
+    args = global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                       *(f"model.{key}={p}" for key in DROPOUTS))
+    train_global_model.main(args + ["train.epochs=1"])
+    run = only_run(tmp_path)
+    capsys.readouterr()
+    train_global_model.main(args + ["train.epochs=2", "train.max_device_batch_size=4", "--resume", str(run)])
+    warned = capsys.readouterr().err.count("warning:")
+    train_global_model.main(args + ["train.epochs=3", "train.max_device_batch_size=4", "--resume", str(run)])
+    again = capsys.readouterr().err
+    assert again.count("warning:") == 0  # resumed as it was trained since
+    if p == 0:
+        assert warned == 0  # nothing random: the split changes float rounding only
+        return
+    train_global_model.main(args + ["train.epochs=4", "--resume", str(run)])
+    line = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(line) == 1 and warned == 1, line
+    assert ("trained as 1 process(es) x micro-batch 4 and resumes as 1 process(es) x micro-batch 8; with "
+            "model.dropout_p 0.1, model.token_dropout_p 0.1, model.class_dropout_prob 0.1") in line[0]
+
+
+def test_the_weights_record_their_model_config_and_an_edited_config_is_refused(setup, tmp_path):
+    from dpar.experiment import recorded_model_config
+    from dpar.runs import Sampler
+    train_global_model.main(global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                                        "train.epochs=1", "train.ema=true"))
+    run = only_run(tmp_path)
+    saved = OmegaConf.load(run / "config.yaml")
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert recorded_model_config(run / "checkpoints" / "epoch_00000000" / name) == \
+            OmegaConf.to_container(saved.model)
+    Sampler.from_experiment(run, tokenizer=False)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("attn_backend: sdpa", "attn_backend: padded"))
+    Sampler.from_experiment(run, tokenizer=False)  # how attention is computed may change, not what
+    assert "rope: dynamic" in text
+    (run / "config.yaml").write_text(text.replace("rope: dynamic", "rope: 2d"))
+    for ema in (False, True):
+        with pytest.raises(UserError) as info:
+            Sampler.from_experiment(run, tokenizer=False, ema=ema)
+        assert "model.rope='2d'" in str(info.value) and "model.rope='dynamic'" in str(info.value), info.value
+    with pytest.raises(UserError, match="model.rope='2d', but the weights"):  # resumed with the edited config
+        train_global_model.main(global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                                            "train.epochs=2", "train.ema=true", "model.rope=2d") + ["--resume", str(run)])
+    demo = ROOT / "assets" / "demo" / "dpar"  # weights written before the record: loaded as before
+    assert recorded_model_config(demo / "checkpoints" / "epoch_00000009" / "model.safetensors") is None
+    Sampler.from_experiment(demo, tokenizer=False)

@@ -19,8 +19,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
-from dpar.config import read_section, read_yaml
+from dpar.config import read_config_file, read_section
 from dpar.errors import UserError
 from dpar.experiment import CONFIG_FILE, experiment_of, load_model_weights
 from dpar.validation import Key, choice, config_key, ranged
@@ -413,9 +414,9 @@ def load_vq(checkpoint: str | Path, config: VQConfig | None = None) -> VQModel:
     if config is None:
         experiment = experiment_of(checkpoint)
         run_config = experiment / CONFIG_FILE if experiment else None
-        if run_config and run_config.is_file() and "gpt_model" in (read_yaml(run_config).get("model") or {}):
-            raise UserError(f"{checkpoint} is a {read_yaml(run_config).model.gpt_model} run's checkpoint, not a "
-                            "tokenizer's")
+        section = read_config_file(run_config).get("model") if run_config and run_config.is_file() else None
+        if isinstance(section, DictConfig) and "gpt_model" in section:
+            raise UserError(f"{checkpoint} is a {section.gpt_model} run's checkpoint, not a tokenizer's")
         config = read_section(run_config, "model", VQConfig) if run_config and run_config.is_file() else VQConfig()
     model = create_vq(config)
     load_model_weights(model, checkpoint)

@@ -18,13 +18,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dpar.config import read_yaml
+from dpar.config import read_section
 from dpar.errors import UserError
 from dpar.experiment import CONFIG_FILE, experiment_of
 from dpar.fileio import atomic_write_text
 from dpar.patcher import logits_entropy
 from tokenizer.transforms import ImageError, image_views, open_rgb
 
+from .config import DataConfig
 from .store import (ENTROPY_DTYPE, META_FILE, SHARDS, SKIPPED_FILE, entropy_problem, file_sha256, read_meta, shard_file,
                     write_array, write_json)
 
@@ -180,10 +181,12 @@ def trained_tokenizer_sha256(checkpoint: str | Path, config_path: str | Path | N
     path = Path(config_path) if config_path else (experiment / CONFIG_FILE if experiment else None)
     if path is None or not path.is_file():
         return None
-    data = read_yaml(path).get("data") or {}
-    if data.get("tokenizer_checkpoint") and Path(data["tokenizer_checkpoint"]).is_file():
-        return file_sha256(data["tokenizer_checkpoint"])
-    meta = read_meta(data["store"]) if data.get("store") and Path(data["store"]).is_dir() else None
+    data = read_section(path, "data", DataConfig, required=False)  # validated, as the trainer wrote it
+    if data is None:
+        return None
+    if data.tokenizer_checkpoint and Path(data.tokenizer_checkpoint).is_file():
+        return file_sha256(data.tokenizer_checkpoint)
+    meta = read_meta(data.store) if data.store and Path(data.store).is_dir() else None
     return meta["tokenizer"]["sha256"] if meta else None
 
 
