@@ -14,14 +14,14 @@ from dpar.models import GPT_models
 from dpar.patcher import PatcherConfig
 from dpar.runs import Sampler
 from dpar.sampling import CFG_SCHEDULES, SamplingConfig
-from dpar.validation import epoch_choice, field_type, number
+from dpar.validation import epoch_choice, field_type, number, path
 
 DEMO_RUN = REPO / "assets" / "demo" / "dpar"  # the default --experiment_dir: the embedded demo's DPAR (python -m dpar.demo)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_scale: float = 1.0) -> None:
     """The flags sample_c2i.py and sample_c2i_ddp.py share (LlamaGen's names; ``cfg_scale`` its default)."""
-    parser.add_argument("--experiment_dir", "--experiment-dir", default=None,
+    parser.add_argument("--experiment_dir", "--experiment-dir", type=path, default=None,
                         help="a training run's directory (default: the embedded demo's DPAR, assets/demo/dpar)")
     parser.add_argument("--epoch", type=epoch_choice, default=None,
                         help="checkpoint epoch, or 'latest' for the mid-epoch checkpoints/latest (default: the "

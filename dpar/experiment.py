@@ -139,6 +139,7 @@ class Run:
         self.dir: Path | None = None  # set by find()
         self.resume_from: Path | None = None
         self.model_config: dict[str, Any] | None = None  # the resolved model section, set by start()
+        self._state: dict[str, Any] | None = None  # the resume point's training state, read by start() (main process)
 
     def find(self) -> Run:
         """Resolve the directory and the resume point on the main process; every process gets them."""
@@ -163,7 +164,8 @@ class Run:
             self.dir.mkdir(parents=True, exist_ok=True)
             lock_folder(self.dir, self.what)
             path = self.dir / CONFIG_FILE
-            if self.resume_from is not None and path.is_file():
+            if self.resume_from is not None:
+                self._check_resume_point(path, bool(OmegaConf.select(config, "train.ema", default=False)))
                 differs = config_difference(config, path, set(resumable_keys))
                 if differs:
                     key, saved, value = differs
@@ -173,13 +175,28 @@ class Run:
         self.accelerator.wait_for_everyone()
         return self
 
+    def _check_resume_point(self, config_path: Path, ema: bool) -> None:
+        """Before anything is written: a resumed run has its ``config.yaml`` (to compare settings with) and a
+        complete resume point (weights, a readable training state, EMA weights when ``train.ema`` is on)."""
+        if not config_path.is_file():
+            raise UserError(f"--resume {self.dir}: it has no {CONFIG_FILE} to compare this run's settings with; "
+                            "start a new run")
+        for name in (MODEL_FILE, STATE_FILE) + ((EMA_FILE,) if ema else ()):
+            if not (self.resume_from / name).is_file():
+                raise UserError(f"--resume {self.dir}: its checkpoint {self.resume_from} has no {name}"
+                                f"{' (train.ema is on)' if name == EMA_FILE else ''}")
+        self._state = _load_torch_file(self.resume_from / STATE_FILE)  # read once: load() returns it
+        if not isinstance(self._state, dict):
+            raise UserError(f"{self.resume_from / STATE_FILE} is not a training state (a dict); it cannot be resumed")
+
     def load(self, model: torch.nn.Module, ema: torch.nn.Module | None = None) -> dict[str, Any]:
         """Load the resume point's weights into ``model`` (and its EMA weights into ``ema``); returns the training
         state saved with them. Every process reads. ``UserError`` for weights that do not fit or that record
         another model config than this run's, or no EMA file."""
         if self.model_config is not None:  # the config.yaml (edited?) and the command agree; and the weights?
             check_model_record(self.resume_from / MODEL_FILE, self.model_config, self.dir / CONFIG_FILE)
-        state = _load_torch_file(self.resume_from / STATE_FILE)
+        state = self._state if self._state is not None else _load_torch_file(self.resume_from / STATE_FILE)
+        self._state = None
         load_model_weights(model, self.resume_from / MODEL_FILE)
         if ema is not None:
             if not (self.resume_from / EMA_FILE).is_file():

@@ -52,6 +52,7 @@ from .experiment import CONFIG_FILE, RESUMABLE_TRAIN_KEYS, BaseTrainConfig, Run,
 from .launch import make_accelerator
 from .flops import count
 from .models import ModelConfig, architecture, create_model, is_dpar
+from .models.attention import available_backends
 from .patcher import PatcherConfig
 from .runs import load_entropy_model
 from .validation import Key, config_key, ranged
@@ -290,6 +291,7 @@ class Trainer:
 
         torch.manual_seed(cfg.global_seed)
         model = create_model(model_config)
+        _check_backend(model_config.attn_backend, self.device, cfg.mixed_precision)
         self.run.find()
         done = self.run.resume_step if acc.is_main_process else -1
         if done >= self.total_steps:
@@ -536,6 +538,18 @@ def _datasets(store: TokenStore, data: DataConfig, model: ModelConfig, entropies
     train_images, held_out = holdout_split(store.labels, data.val_holdout, data.split_seed)
     val = TokenDataset(store, entropies, images=held_out, view=0) if data.val_holdout else None
     return TokenDataset(store, entropies, seed, images=train_images), val
+
+
+def _check_backend(backend: str, device: torch.device, mixed_precision: str) -> None:
+    """A packed attention backend named in the config must run training on this device (else it would fail at
+    the first step, after the run folder is written)."""
+    if backend == "auto":
+        return
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    usable = available_backends(device, dtype, grad=True)
+    if backend not in usable:
+        raise UserError(f"model.attn_backend {backend!r} cannot train on {device.type} with {dtype} (no backward "
+                        f"there); available: auto, {', '.join(usable)}")
 
 
 def _check_trackers(trackers: list[str]) -> None:

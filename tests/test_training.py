@@ -1,5 +1,6 @@
 """Training: every patching mode and the GPT baseline learn, resume is exact, DDP equals one process."""
 import copy
+import re
 import json
 import signal
 import subprocess
@@ -280,6 +281,44 @@ def test_resume_refuses_changed_settings(setup, tmp_path):
     train_global_model.main(global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
                                         "train.epochs=2") + ["--resume", str(run)])
     assert [epoch for epoch, _ in list_checkpoints(run)] == [0, 1]
+
+
+def test_a_broken_resume_point_is_refused_before_the_config_is_rewritten(setup, tmp_path):
+    """Found by a breaking pass: a resume without the run's config.yaml took any settings, and one whose
+    training state (or EMA weights) was missing rewrote config.yaml before failing."""
+    config = "configs/tiny/global_model_entropy_row_break.yaml"
+    train_global_model.main(global_args(setup, tmp_path, config, "train.epochs=1", "train.ema=true"))
+    run = only_run(tmp_path)
+    checkpoint = run / "checkpoints" / "epoch_00000000"
+    saved = (run / "config.yaml").read_text()
+    resume = ["--resume", str(run)]
+    for remove, expected in (("training_state.pt", "has no training_state.pt"),
+                             ("ema.safetensors", "has no ema.safetensors (train.ema is on)")):
+        (checkpoint / remove).rename(tmp_path / remove)
+        with pytest.raises(UserError, match=re.escape(expected)):
+            train_global_model.main(global_args(setup, tmp_path, config, "train.epochs=2", "train.ema=true") + resume)
+        assert (run / "config.yaml").read_text() == saved
+        (tmp_path / remove).rename(checkpoint / remove)
+    torch.save([1, 2], checkpoint / "training_state.pt")
+    with pytest.raises(UserError, match="is not a training state"):
+        train_global_model.main(global_args(setup, tmp_path, config, "train.epochs=2", "train.ema=true") + resume)
+    assert (run / "config.yaml").read_text() == saved
+    (run / "config.yaml").unlink()
+    with pytest.raises(UserError, match="has no config.yaml to compare"):
+        train_global_model.main(global_args(setup, tmp_path, config, "train.epochs=2", "train.ema=true",
+                                            "train.lr=5e-3") + resume)
+
+
+def test_an_attention_backend_that_cannot_train_here_is_refused_before_the_run_folder(setup, tmp_path):
+    from dpar.models.attention import BACKENDS, available_backends
+    missing = [name for name in BACKENDS if name not in available_backends("cpu", torch.float32, grad=True)]
+    assert missing  # on a CPU: xformers and varlen need CUDA, flex has no CPU backward
+    for backend in missing:
+        with pytest.raises(UserError, match=f"model.attn_backend '{backend}' cannot train on cpu"):
+            train_global_model.main(global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                                                "train.max_steps=1", "train.mixed_precision=no",
+                                                f"model.attn_backend={backend}"))
+    assert not (tmp_path / "scratch").exists()
 
 
 def test_tensorboard_tracker_logs_into_the_run(setup, tmp_path):
