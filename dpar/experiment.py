@@ -154,10 +154,16 @@ class Run:
         """The optimizer step of the resume point; -1 for a new run (or a checkpoint that does not say)."""
         return -1 if self.resume_from is None else checkpoint_step(self.resume_from)
 
-    def start(self, config: DictConfig, resumable_keys: set[str] | frozenset[str]) -> Run:
+    def start(self, config: DictConfig, resumable_keys: set[str] | frozenset[str], total_steps: int) -> Run:
         """Create and lock the directory and write ``config.yaml`` (main process), then wait for every process.
-        ``UserError`` when another process holds the lock, or when a resumed run's saved config differs outside
-        ``resumable_keys`` (dotted keys). Its ``model`` section is recorded with every checkpoint's weights."""
+        ``UserError`` when a resumed run is already at ``total_steps`` (the step its config ends at), when another
+        process holds the lock, or when a resumed run's saved config differs outside ``resumable_keys`` (dotted
+        keys). Its ``model`` section is recorded with every checkpoint's weights."""
+        if self.main and self.resume_step >= total_steps:
+            train = config.train
+            raise UserError(f"{self.dir} is already at step {self.resume_step}; train.epochs {train.epochs} / "
+                            f"train.max_steps {train.get('max_steps')} end at step {total_steps}: raise them to "
+                            "train on")
         if "model" in config:
             self.model_config = OmegaConf.to_container(config.model, resolve=True)
         if self.main:

@@ -292,13 +292,7 @@ class Trainer:
         torch.manual_seed(cfg.global_seed)
         model = create_model(model_config)
         _check_backend(model_config.attn_backend, self.device, cfg.mixed_precision)
-        self.run.find()
-        done = self.run.resume_step if acc.is_main_process else -1
-        if done >= self.total_steps:
-            raise UserError(f"{self.run.dir} is already at step {done}; train.epochs "
-                            f"{cfg.epochs} / train.max_steps {cfg.max_steps} end at step {self.total_steps}: "
-                            "raise them to train on")
-        self.run.start(config, RESUMABLE_KEYS)
+        self.run.find().start(config, RESUMABLE_KEYS, self.total_steps)
         model = model.to(self.device)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema else None
         optimizer = build_optimizer(model, cfg)

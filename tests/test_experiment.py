@@ -110,7 +110,7 @@ def test_run_owns_its_experiment_dir(tmp_path):
         Run(one_process(), config.train, "../escape", prod=False, resume=None)
     run = Run(one_process(), config.train, "cfg", prod=False, resume=None)
     assert not any(tmp_path.iterdir())  # nothing written before start()
-    run.find().start(config, RESUMABLE_TRAIN_KEYS)
+    run.find().start(config, RESUMABLE_TRAIN_KEYS, total_steps=100)
     assert run.resume_from is None and run.resume_step == -1 and run.dir.parent == tmp_path / "scratch" / "cfg"
     assert OmegaConf.load(run.dir / "config.yaml").train.keep_last == 1
     for step in (1, 2, 3):
@@ -130,8 +130,10 @@ def test_run_owns_its_experiment_dir(tmp_path):
     assert [json.loads(line)["step"] for line in (run.dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     changed = OmegaConf.structured(RunSchema(BaseTrainConfig(results_dir=str(tmp_path), keep_last=1, lr=1.0)))
     with pytest.raises(UserError, match="was started with train.lr=0.0001, this run has 1.0"):
-        resumed.start(changed, RESUMABLE_TRAIN_KEYS)
-    resumed.start(OmegaConf.merge(config, {"train": {"epochs": 9}}), RESUMABLE_TRAIN_KEYS)  # a resumable key
+        resumed.start(changed, RESUMABLE_TRAIN_KEYS, total_steps=100)
+    with pytest.raises(UserError, match="is already at step 5; train.epochs 300 / train.max_steps None end at step 5"):
+        resumed.start(config, RESUMABLE_TRAIN_KEYS, total_steps=5)  # every trainer: nothing left to train
+    resumed.start(OmegaConf.merge(config, {"train": {"epochs": 9}}), RESUMABLE_TRAIN_KEYS, 100)  # a resumable key
 
 
 def test_run_on_another_rank_reads_and_never_writes(tmp_path, monkeypatch):
@@ -145,7 +147,7 @@ def test_run_on_another_rank_reads_and_never_writes(tmp_path, monkeypatch):
     config = OmegaConf.structured(RunSchema(BaseTrainConfig(results_dir=str(tmp_path))))
     run = Run(one_process(main=False), config.train, "cfg", prod=False, resume=str(experiment)).find()
     assert broadcast == [[None]] and run.dir == experiment and run.resume_step == 3  # resolved by rank 0 only
-    run.start(config, RESUMABLE_TRAIN_KEYS)
+    run.start(config, RESUMABLE_TRAIN_KEYS, total_steps=100)
     run.log({"step": 4})
     run.save(1, WEIGHTS, {"epoch": 1}, step=6)
     run.truncate_metrics(0)

@@ -65,6 +65,16 @@ def test_resume_refuses_another_architecture(images, tmp_path):
                               "model.norm_groups=4", "--resume", str(run)])
 
 
+def test_resume_of_a_finished_run_is_refused(images, tmp_path):
+    """Found by a breaking pass: the tokenizer trainer resumed a finished run, rewrote its config and exited 0."""
+    run = train(images, tmp_path, "train.epochs=1")
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(UserError, match="is already at step .*; train.epochs 1 .* raise them to train on"):
+        train_vq.main(TINY + [f"data.data_path={images}", f"train.results_dir={tmp_path}", "train.epochs=1",
+                              "--resume", str(run)])
+    assert (run / "config.yaml").read_text() == saved
+
+
 def test_input_errors_are_one_line(images, tmp_path):
     with pytest.raises(UserError, match="image folder not found"):
         train(tmp_path / "nowhere", tmp_path)

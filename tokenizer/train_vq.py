@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     perceptual = (LPIPS.from_files(cfg.loss.lpips_weights, cfg.loss.vgg16_weights)
                   if cfg.loss.lpips_weights else None)
     loss_fn = VQLoss(cfg.loss, perceptual)
-    experiment = run.find().start(config, RESUMABLE_KEYS).dir
+    steps_per_epoch = len(paths) // cfg.train.global_batch_size
+    experiment = run.find().start(config, RESUMABLE_KEYS, cfg.train.epochs * steps_per_epoch).dir
     betas = (cfg.train.beta1, cfg.train.beta2)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=betas)
     disc_optimizer = (torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.train.lr, betas=betas)
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                 if disc_optimizer is not None:
                     state["discriminator"] = accelerator.unwrap_model(loss_fn).discriminator.state_dict()
                     state["disc_optimizer"] = disc_optimizer.state_dict()
-                run.save(epoch, vq.state_dict(), state)
+                run.save(epoch, vq.state_dict(), state, step=step)
         accelerator.wait_for_everyone()
     accelerator.print(f"done: {experiment}")
 
