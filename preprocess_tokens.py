@@ -144,4 +144,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="the shards finished so far are kept: rerun the same command to continue")

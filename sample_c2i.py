@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dpar.errors import ArgumentParser, UserError, run_main
-from dpar.fileio import check_output_dir, check_output_file
+from dpar.fileio import check_output_dir, check_output_file, claim_outputs
 from dpar.validation import device, number
 from dpar.visual import image_grid, patch_map, save_png, with_patch_legend, with_row_labels
 from sample_cli import add_sampling_arguments, sample_file_stem, sampler_from_args, sampling_from_args
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         original = torch.from_numpy(load_center_crop(args.prefix_image, sampler.model_config.image_size))
         codes = sampler.vq.images_to_codes(original[None].to(args.device))
         prefix = codes[:, :args.prefix_rows * sampler.grid].repeat(len(classes) * args.per_class, 1)
+    claim_outputs({grid_path: "the sample grid",  # once every input is checked: a second writer stops here
+                   **({map_path: "the patch map"} if sampler.patcher is not None else {})})
 
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     seeds = args.seed * 1_000_003 + torch.arange(len(labels))

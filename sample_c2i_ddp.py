@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dpar.errors import ArgumentParser, UserError, first_line, run_main
-from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file, lock_folder
+from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file, claim_output, lock_folder
 from dpar.launch import make_accelerator
 from dpar.validation import number
 from sample_cli import add_sampling_arguments, sample_file_stem, sampler_from_args, sampling_from_args
@@ -67,7 +67,9 @@ class SampleChunks:
     exactly ``num_samples`` images in sample order. The ``.npz`` also records ``job`` (key ``dpar_job``,
     JSON): everything that decides its images. An existing ``.npz`` is reused only by the same job; another
     job's is refused, never silently kept. While a run writes, every process holds a lock on the parts
-    folder, so a second run on the same output is refused while any process of the first lives.
+    folder, so a second run on the same output is refused while any process of the first lives, and the main
+    process claims the ``.npz`` (:func:`dpar.fileio.claim_output`), so no other writer of it runs meanwhile.
+    The parts folder must be a folder, not a link: it is removed once packed.
     """
 
     JOB_KEY = "dpar_job"
@@ -85,7 +87,7 @@ class SampleChunks:
         """Whether this job's ``.npz`` exists (parts a killed run left next to it are removed). Raises
         :class:`UserError` for an ``.npz`` of another job, or one that does not say which job made it."""
         check_output_file(self.npz_path, "the samples file")
-        check_output_dir(self.parts, "the samples' parts folder")
+        check_output_dir(self.parts, "the samples' parts folder", removed=True)
         if not self.npz_path.exists():
             return False
         recorded = _recorded_job(self.npz_path, self.JOB_KEY)
@@ -118,6 +120,7 @@ class SampleChunks:
             self.parts.mkdir(parents=True, exist_ok=True)
         self._lock = lock_folder(self.parts, "a sampling run", shared=not main_process)
         if main_process:
+            claim_output(self.npz_path, "the samples file")
             fcntl.flock(self._lock, fcntl.LOCK_SH)  # others of this run may now join
             if not job_file.is_file() or not any(self.parts.glob("chunk_*.npy")):
                 atomic_write_text(job_file, json.dumps(job, indent=1) + "\n")
@@ -221,4 +224,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="the chunks sampled so far are kept: rerun the same command to continue")

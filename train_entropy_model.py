@@ -7,7 +7,7 @@ Reports validation NLL per token when the config names validation images. Same e
 layout, ``--prod`` and ``--resume`` as train_global_model.py.
 """
 from dpar.errors import run_main
-from dpar.experiment import parse_trainer_cli
+from dpar.experiment import RESUME_HINT, parse_trainer_cli
 from dpar.training import TrainEntropyConfig, train
 
 
@@ -17,4 +17,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted=RESUME_HINT)

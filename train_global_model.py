@@ -13,7 +13,7 @@ continues a run (a ``--prod`` run started in the same hour continues by itself).
 """
 from dpar.config import to_dataclass
 from dpar.errors import run_main
-from dpar.experiment import parse_trainer_cli
+from dpar.experiment import RESUME_HINT, parse_trainer_cli
 from dpar.models import is_dpar
 from dpar.training import TrainGlobalConfig, train
 
@@ -25,4 +25,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted=RESUME_HINT)

@@ -145,7 +145,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
 def check_replaceable(folder: Path, marker: str, what: str) -> None:
     """The build replaces ``folder`` only if it is absent, empty, or an earlier build's (it holds ``marker``):
     a mistyped path never deletes anyone's files. One line otherwise."""
-    check_output_dir(folder, what)
+    check_output_dir(folder, what, removed=True)
     if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
         raise UserError(f"{what} {folder} holds files that are not an earlier demo build's (no {marker}); give an "
                         "empty or new folder")

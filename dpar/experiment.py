@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import flatten, load_config, parse_cli, save_config
 from .errors import ArgumentParser, UserError, first_line
-from .fileio import atomic_write_text, check_output_dir, lock_folder, umask
+from .fileio import atomic_write_text, check_output_dir, lock_folder, umask, writing
 from .validation import choice, ranged
 
 CONFIG_FILE = "config.yaml"
@@ -90,6 +90,9 @@ class BaseTrainConfig:
     keep_last: int = ranged(0, min=0)
     keep_every: int = ranged(0, min=0)
 
+
+# What a trainer says when Ctrl-C stops it (dpar.errors.run_main): checkpoints are written whole or not at all.
+RESUME_HINT = "add --resume to the same command to continue from the run's last checkpoint, if it saved one"
 
 # The BaseTrainConfig keys a resumed run may change (each trainer adds its own): where it writes, how long it
 # trains, how often it logs and checkpoints; none changes what a step computes. Any other difference from the
@@ -218,7 +221,7 @@ class Run:
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON record to ``metrics.jsonl`` (main process)."""
         if self.main:
-            with open(self.dir / METRICS_FILE, "a") as f:
+            with writing(self.dir / METRICS_FILE), open(self.dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, epoch: int, model_state: dict[str, torch.Tensor], training_state: dict[str, Any], *,
@@ -412,13 +415,19 @@ def _write_checkpoint(final: Path, model_state: dict[str, torch.Tensor], trainin
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     metadata = {key: str(value) for key, value in metadata.items() if value is not None}
-    for name, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
-        if state is not None:
-            tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}
-            save_file(tensors, staging / name, metadata=metadata)
-            os.chmod(staging / name, 0o666 & ~umask())  # safetensors creates its files 0600
-    if training_state is not None:
-        torch.save(training_state, staging / STATE_FILE)
+    try:
+        for name, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
+            if state is not None:
+                tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}
+                with writing(staging / name, shown=final / name):
+                    save_file(tensors, staging / name, metadata=metadata)
+                os.chmod(staging / name, 0o666 & ~umask())  # safetensors creates its files 0600
+        if training_state is not None:
+            with writing(staging / STATE_FILE, shown=final / STATE_FILE):
+                torch.save(training_state, staging / STATE_FILE)
+    except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint is left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     replaced = final.with_name(final.name + _REPLACED)
     if final.exists():
         shutil.rmtree(replaced, ignore_errors=True)

@@ -23,7 +23,7 @@ import torch
 from .config import read_section
 from .data.preprocess import next_token_entropies
 from .errors import ArgumentParser, UserError, run_main
-from .fileio import check_output_dir, check_output_file
+from .fileio import check_output_dir, check_output_file, claim_outputs
 from .models import GPT_models, ModelConfig
 from .patcher import PatcherConfig, patch_starts
 from .runs import load_entropy_model, run_config, run_patching, run_tokenizer
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                         "give images of different names")
 
     vq, entropy_model, patcher = _models(args)
+    claim_outputs({out: f"the patch map of {path}" for path, out in zip(args.images, outputs)})
     grid = int(np.sqrt(entropy_model.block_size))
     crops = torch.stack([torch.from_numpy(load_center_crop(path, grid * vq.downsample)) for path in args.images])
     with torch.no_grad():

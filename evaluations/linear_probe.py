@@ -33,7 +33,7 @@ from dpar.data.preprocess import next_token_entropies
 from dpar.data.splits import holdout_problem, holdout_split, stratified_sample
 from dpar.data.store import TokenStore
 from dpar.errors import ArgumentParser, UserError, run_main
-from dpar.fileio import atomic_write_text, check_output_file
+from dpar.fileio import atomic_write_text, check_output_file, claim_output
 from dpar.patcher import patch_starts
 from dpar.runs import Sampler
 from dpar.validation import device, epoch_choice, number
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{source}: the training images hold {len(np.unique(labels[train]))} class; a classifier "
                         "needs two or more")
 
+    if args.output is not None:
+        claim_output(args.output, "--output")
     train_tokens, val_tokens = center_tokens(train_store, train), center_tokens(val_store, val)
     train_x = features(sampler, train_tokens, args.batch_size, "train features")
     val_x = features(sampler, val_tokens, args.batch_size, "held-out features")

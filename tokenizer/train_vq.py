@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dpar.config import to_dataclass
 from dpar.errors import UserError, first_line, run_main
-from dpar.experiment import RESUMABLE_TRAIN_KEYS, BaseTrainConfig, Run, parse_trainer_cli
+from dpar.experiment import RESUMABLE_TRAIN_KEYS, RESUME_HINT, BaseTrainConfig, Run, parse_trainer_cli
 from dpar.launch import make_accelerator
 from dpar.validation import Key, config_key, ranged
 from dpar.visual import image_grid, save_png
@@ -206,4 +206,4 @@ def _save_reconstructions(vq, images: torch.Tensor, experiment: Path, epoch: int
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted=RESUME_HINT)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from dpar.config import read_section
 from dpar.errors import UserError
 from dpar.experiment import CONFIG_FILE, experiment_of
-from dpar.fileio import atomic_write_text
+from dpar.fileio import atomic_write_text, remove_stale_temporaries
 from dpar.patcher import logits_entropy
 from tokenizer.transforms import ImageError, image_views, open_rgb
 
@@ -214,9 +214,8 @@ def next_token_entropies(model: torch.nn.Module, tokens: torch.Tensor) -> torch.
 
 
 def _remove_stale_temporaries(store: Path) -> None:
-    """Half-written files of a killed run (a clean exit removes its own)."""
-    for path in (store / SHARDS).glob(".*.tmp"):
-        path.unlink()
+    """Half-written files of a killed run (a clean exit removes its own; a live writer's stay)."""
+    remove_stale_temporaries(store / SHARDS)
 
 
 def _tokens_done(store: Path, shard: int) -> bool:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from dpar.data.store import file_sha256
 from dpar.errors import ArgumentParser, UserError, run_main
-from dpar.fileio import atomic_path, atomic_write_text, check_output_file
+from dpar.fileio import OutputBusy, atomic_path, atomic_write_text, check_output_file, claim_output
 from dpar.validation import device, number
 
 from .inception import FIDInceptionV3
@@ -214,9 +214,9 @@ def batch_features(images: ImageBatch, network_factory, weights_id: str, batch_s
     try:
         with atomic_path(cache) as tmp, open(tmp, "wb") as f:
             np.savez(f, key=key, **features.__dict__)
-    except OSError as error:
-        warnings.warn(f"cannot cache the features of {path} next to it ({error.strerror}); computing them again "
-                      "next time")
+    except (OSError, OutputBusy) as error:  # a read-only folder; another evaluation writing the same cache
+        reason = error.strerror if isinstance(error, OSError) else "another process is writing it"
+        warnings.warn(f"cannot cache the features of {path} next to it ({reason}); computing them again next time")
     return features
 
 
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     def network_factory() -> FIDInceptionV3:
         return network.to(args.device)
 
+    claim_output(report_path, "the report of sample_batch")
     warning = class_order_warning(sample_images.path, len(sample_images))
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
