@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                   if cfg.loss.lpips_weights else None)
     loss_fn = VQLoss(cfg.loss, perceptual)
     steps_per_epoch = len(paths) // cfg.train.global_batch_size
-    experiment = run.find().start(config, RESUMABLE_KEYS, cfg.train.epochs * steps_per_epoch).dir
+    state_keys = ("epoch", "step", "optimizer") + (("discriminator", "disc_optimizer") if loss_fn.discriminator is not None else ())
+    experiment = run.find().start(config, RESUMABLE_KEYS, cfg.train.epochs * steps_per_epoch, state_keys).dir
     betas = (cfg.train.beta1, cfg.train.beta2)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=betas)
     disc_optimizer = (torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.train.lr, betas=betas)
