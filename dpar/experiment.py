@@ -157,36 +157,39 @@ class Run:
         """The optimizer step of the resume point; -1 for a new run (or a checkpoint that does not say)."""
         return -1 if self.resume_from is None else checkpoint_step(self.resume_from)
 
-    def start(self, config: DictConfig, resumable_keys: set[str] | frozenset[str], total_steps: int) -> Run:
+    def start(self, config: DictConfig, resumable_keys: set[str] | frozenset[str], total_steps: int,
+              state_keys: tuple[str, ...] = ()) -> Run:
         """Create and lock the directory and write ``config.yaml`` (main process), then wait for every process.
-        ``UserError`` when a resumed run is already at ``total_steps`` (the step its config ends at), when another
-        process holds the lock, or when a resumed run's saved config differs outside ``resumable_keys`` (dotted
-        keys). Its ``model`` section is recorded with every checkpoint's weights."""
+        ``UserError`` when a resumed run's saved config differs outside ``resumable_keys`` (dotted keys) or its
+        training state lacks one of ``state_keys`` (what the trainer reads back), when it is already at
+        ``total_steps`` (the step its config ends at), or when another process holds the lock. Its ``model``
+        section is recorded with every checkpoint's weights."""
+        if "model" in config:
+            self.model_config = OmegaConf.to_container(config.model, resolve=True)
+        path = self.dir / CONFIG_FILE
+        if self.main and self.resume_from is not None:  # what the run is, before how far it got
+            self._check_resume_point(path, bool(OmegaConf.select(config, "train.ema", default=False)), state_keys)
+            differs = config_difference(config, path, set(resumable_keys))
+            if differs:
+                key, saved, value = differs
+                raise UserError(f"{path} was started with {key}={saved!r}, this run has {value!r}; resume with "
+                                "the same settings or start a new run (e.g. another --train.experiment_name)")
         if self.main and self.resume_step >= total_steps:
             train = config.train
             raise UserError(f"{self.dir} is already at step {self.resume_step}; train.epochs {train.epochs} / "
                             f"train.max_steps {train.get('max_steps')} end at step {total_steps}: raise them to "
                             "train on")
-        if "model" in config:
-            self.model_config = OmegaConf.to_container(config.model, resolve=True)
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             lock_folder(self.dir, self.what)
-            path = self.dir / CONFIG_FILE
-            if self.resume_from is not None:
-                self._check_resume_point(path, bool(OmegaConf.select(config, "train.ema", default=False)))
-                differs = config_difference(config, path, set(resumable_keys))
-                if differs:
-                    key, saved, value = differs
-                    raise UserError(f"{path} was started with {key}={saved!r}, this run has {value!r}; resume with "
-                                    "the same settings or start a new run (e.g. another --train.experiment_name)")
             save_config(config, path)
         self.accelerator.wait_for_everyone()
         return self
 
-    def _check_resume_point(self, config_path: Path, ema: bool) -> None:
+    def _check_resume_point(self, config_path: Path, ema: bool, state_keys: tuple[str, ...]) -> None:
         """Before anything is written: a resumed run has its ``config.yaml`` (to compare settings with) and a
-        complete resume point (weights, a readable training state, EMA weights when ``train.ema`` is on)."""
+        complete resume point (weights, a readable training state holding ``state_keys``, EMA weights when
+        ``train.ema`` is on)."""
         if not config_path.is_file():
             raise UserError(f"--resume {self.dir}: it has no {CONFIG_FILE} to compare this run's settings with; "
                             "start a new run")
@@ -197,6 +200,10 @@ class Run:
         self._state = _load_torch_file(self.resume_from / STATE_FILE)  # read once: load() returns it
         if not isinstance(self._state, dict):
             raise UserError(f"{self.resume_from / STATE_FILE} is not a training state (a dict); it cannot be resumed")
+        missing = [key for key in state_keys if key not in self._state]
+        if missing:
+            raise UserError(f"{self.resume_from / STATE_FILE} lacks {', '.join(missing)} (not a training state of "
+                            f"this trainer); it cannot be resumed")
 
     def load(self, model: torch.nn.Module, ema: torch.nn.Module | None = None) -> dict[str, Any]:
         """Load the resume point's weights into ``model`` (and its EMA weights into ``ema``); returns the training

@@ -253,6 +253,9 @@ class Trainer:
     """Sets up a run (data, model, optimizer; its experiment dir and resume point: :class:`dpar.experiment.Run`)
     and trains it with :meth:`fit`."""
 
+    # what _save writes to the training state and _load reads back ("split" is optional: older checkpoints)
+    STATE_KEYS = ("step", "steps_per_epoch", "images_seen", "positions_seen", "epoch_loss", "optimizer", "scheduler")
+
     def __init__(self, config: DictConfig, *, patcher: PatcherConfig | None, run_name: str, prod: bool,
                  resume: str | None):
         model_config: ModelConfig = OmegaConf.to_object(config.model)
@@ -292,7 +295,7 @@ class Trainer:
         torch.manual_seed(cfg.global_seed)
         model = create_model(model_config)
         _check_backend(model_config.attn_backend, self.device, cfg.mixed_precision)
-        self.run.find().start(config, RESUMABLE_KEYS, self.total_steps)
+        self.run.find().start(config, RESUMABLE_KEYS, self.total_steps, state_keys=self.STATE_KEYS)
         model = model.to(self.device)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema else None
         optimizer = build_optimizer(model, cfg)

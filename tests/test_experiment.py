@@ -133,6 +133,10 @@ def test_run_owns_its_experiment_dir(tmp_path):
         resumed.start(changed, RESUMABLE_TRAIN_KEYS, total_steps=100)
     with pytest.raises(UserError, match="is already at step 5; train.epochs 300 / train.max_steps None end at step 5"):
         resumed.start(config, RESUMABLE_TRAIN_KEYS, total_steps=5)  # every trainer: nothing left to train
+    with pytest.raises(UserError, match="was started with train.lr"):  # another run's settings: named first
+        resumed.start(changed, RESUMABLE_TRAIN_KEYS, total_steps=5)
+    with pytest.raises(UserError, match="training_state.pt lacks scheduler"):
+        resumed.start(config, RESUMABLE_TRAIN_KEYS, total_steps=100, state_keys=("epoch", "scheduler"))
     resumed.start(OmegaConf.merge(config, {"train": {"epochs": 9}}), RESUMABLE_TRAIN_KEYS, 100)  # a resumable key
 
 

@@ -126,3 +126,22 @@ def test_training_with_perceptual_loss(images, tmp_path):
                 f"loss.vgg16_weights={trunk_path}")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["perceptual_loss"] > 0 for r in records if "step" in r and not r.get("epoch_summary"))
+
+
+def test_a_collapsed_codebook_is_warned_in_one_line(images, tmp_path, capsys, monkeypatch):
+    """A run whose tokens use 1 code says so once (found on real photos with the entropy loss off: 1 of 128
+    codes in use from step 50, everything decoded to grey, and nothing said). The collapse is simulated: the
+    quantizer reports one code in use."""
+    from tokenizer.vq_model import VectorQuantizer
+    monkeypatch.setattr(VectorQuantizer, "record_usage", lambda self, indices: 1 / self.n_e)
+    train(images, tmp_path, "train.epochs=2")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: codebook")]
+    assert len(warnings) == 1 and "collapse: 1 of 32 codes in use at the end of epoch 0" in warnings[0]
+    monkeypatch.undo()
+    train(images, tmp_path / "healthy", "train.epochs=1")
+    assert "warning: codebook" not in capsys.readouterr().err
+
+
+def test_collapse_warning_threshold():
+    assert train_vq.collapse_warning(0.75, 128, 3) is None
+    assert "1 of 128 codes" in train_vq.collapse_warning(1 / 128, 128, 3)

@@ -303,6 +303,10 @@ def test_a_broken_resume_point_is_refused_before_the_config_is_rewritten(setup, 
     with pytest.raises(UserError, match="is not a training state"):
         train_global_model.main(global_args(setup, tmp_path, config, "train.epochs=2", "train.ema=true") + resume)
     assert (run / "config.yaml").read_text() == saved
+    torch.save({"epoch": 0, "step": 3, "optimizer": {}}, checkpoint / "training_state.pt")  # the tokenizer's
+    with pytest.raises(UserError, match=r"lacks steps_per_epoch, images_seen, .* \(not a training state of this"):
+        train_global_model.main(global_args(setup, tmp_path, config, "train.epochs=2", "train.ema=true") + resume)
+    assert (run / "config.yaml").read_text() == saved
     (run / "config.yaml").unlink()
     with pytest.raises(UserError, match="has no config.yaml to compare"):
         train_global_model.main(global_args(setup, tmp_path, config, "train.epochs=2", "train.ema=true",

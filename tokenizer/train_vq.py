@@ -10,6 +10,7 @@ PatchGAN hinge loss from ``loss.disc_start`` on. Writes the experiment-dir layou
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                   if cfg.loss.lpips_weights else None)
     loss_fn = VQLoss(cfg.loss, perceptual)
     steps_per_epoch = len(paths) // cfg.train.global_batch_size
-    experiment = run.find().start(config, RESUMABLE_KEYS, cfg.train.epochs * steps_per_epoch).dir
+    state_keys = ("epoch", "step", "optimizer") + (("discriminator", "disc_optimizer") if loss_fn.discriminator is not None else ())
+    experiment = run.find().start(config, RESUMABLE_KEYS, cfg.train.epochs * steps_per_epoch, state_keys).dir
     betas = (cfg.train.beta1, cfg.train.beta2)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=betas)
     disc_optimizer = (torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.train.lr, betas=betas)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     loader = DataLoader(dataset, batch_size=per_device_batch, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers, persistent_workers=False)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, warned_collapse = 0, 0, False
     if run.resume_from is not None:
         state = run.load(model)
         optimizer.load_state_dict(state["optimizer"])
@@ -176,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.print(f"epoch {epoch}: loss {summary['loss']:.4f}, rec_loss {summary['rec_loss']:.4f}, "
                               f"codebook usage {summary['codebook_usage']:.3f}, "
                               f"{summary['images_per_s']:.1f} images/s")
+            collapse = collapse_warning(summary["codebook_usage"], cfg.model.codebook_size, epoch)
+            if collapse and not warned_collapse:
+                print(f"warning: {collapse}", file=sys.stderr)
+                warned_collapse = True
             if (epoch + 1) % cfg.train.ckpt_every == 0 or last:
                 state = {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict()}
                 if disc_optimizer is not None:
@@ -184,6 +190,21 @@ def main(argv: list[str] | None = None) -> None:
                 run.save(epoch, vq.state_dict(), state, step=step)
         accelerator.wait_for_everyone()
     accelerator.print(f"done: {experiment}")
+
+
+COLLAPSED_USAGE = 0.05  # a codebook of which fewer codes are in use has collapsed (a healthy run: most codes)
+
+
+def collapse_warning(usage: float, codebook_size: int, epoch: int) -> str | None:
+    """One line when the codes in use (``usage``: the fraction of the codebook seen over the quantizer's window
+    of recent tokens) fall under :data:`COLLAPSED_USAGE`; None otherwise. A collapsed codebook decodes many
+    images to the same few codes (flat colours): its tokens cannot carry shapes."""
+    if usage >= COLLAPSED_USAGE:
+        return None
+    used = round(usage * codebook_size)
+    return (f"codebook collapse: {used} of {codebook_size} codes in use at the end of epoch {epoch}; the tokens "
+            "cannot carry the images' shapes. Turn the codebook entropy loss on (--model.entropy_loss_ratio 0.1) "
+            "or lower --train.lr, and start again")
 
 
 def _preview_images(paths: list[Path], image_size: int, count: int = 8) -> torch.Tensor:
