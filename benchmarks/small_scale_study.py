@@ -65,7 +65,11 @@ VARIANTS = {
     "token": ("Table 3", DPAR_CONFIG, ["patcher.mode=token"]),
     "gpt": ("Table 3", "configs/tiny/gpt_baseline.yaml", []),
     "rope_no_redundancy": ("Table 9", DPAR_CONFIG, ["model.rope=dynamic_no_redundancy"]),
+    "rope_complementary": ("Table 9", DPAR_CONFIG, ["model.rope=dynamic_complementary"]),
     "rope_2d": ("Table 9", DPAR_CONFIG, ["model.rope=2d"]),
+    "token_rope_complementary": ("Table 9", DPAR_CONFIG, ["patcher.mode=token", "model.rope=dynamic_complementary"]),
+    "token_rope_no_redundancy": ("Table 9", DPAR_CONFIG, ["patcher.mode=token", "model.rope=dynamic_no_redundancy"]),
+    "token_rope_2d": ("Table 9", DPAR_CONFIG, ["patcher.mode=token", "model.rope=2d"]),
     "E2D1": ("Table 10", DPAR_CONFIG, ["model.n_enc_layer=2", "model.n_dec_layer=1"]),
     "no_pooling_ffn": ("Deviations", DPAR_CONFIG, ["model.encoder_pooling_ffn=false"]),
     "inject_every_block": ("Deviations", DPAR_CONFIG, ["model.decoder_injection=every_block"]),
@@ -76,8 +80,10 @@ SECTIONS = {
                 "dpar: θ + P = 4 + row break (the paper's method); token: DPAR's architecture with one token per "
                 "patch; gpt: LlamaGen's GPT of equal depth (6 layers)."),
     "Table 9": ("Table 9: RoPE of the global transformer (all with dpar's patching)",
-                "dpar is Dynamic RoPE (row, start | row, end); rope_no_redundancy encodes the row once; rope_2d is "
-                "the 2D RoPE of each patch's first token."),
+                "dpar is Dynamic RoPE (row, start | row, end); rope_complementary gives the (row, end) half the "
+                "frequencies between the first half's (together 2D RoPE's set); rope_no_redundancy encodes the row "
+                "once; rope_2d is the 2D RoPE of each patch's first token. token_rope_*: the same options with one "
+                "token per patch (compare with token, which is `dynamic`)."),
     "Table 10": ("Table 10: encoder / decoder depth at a fixed sum (E1D2 is dpar)",
                  "The toy model has 3 token-level blocks (paper: 5 for DGPT-L, E1D4 ... E4D1)."),
     "Deviations": ("Deviations from the paper's text (all with dpar's patching)",

@@ -25,9 +25,9 @@ def test_logits_shape_and_loss():
 
 
 # the architecture options of DPARArgs (paper Tables 9 and 10 and the paper's text), each alone
-ARCHITECTURES = [{}, {"rope": "dynamic_no_redundancy"}, {"rope": "2d"}, {"n_enc_layer": 2, "n_dec_layer": 1},
-                 {"encoder_pooling_ffn": False}, {"decoder_injection": "every_block"}]
-ARCH_IDS = ["default", "rope_no_redundancy", "rope_2d", "E2D1", "no_pooling_ffn", "inject_every_block"]
+ARCHITECTURES = [{}, {"rope": "dynamic_complementary"}, {"rope": "dynamic_no_redundancy"}, {"rope": "2d"},
+                 {"n_enc_layer": 2, "n_dec_layer": 1}, {"encoder_pooling_ffn": False}, {"decoder_injection": "every_block"}]
+ARCH_IDS = ["default", "rope_complementary", "rope_no_redundancy", "rope_2d", "E2D1", "no_pooling_ffn", "inject_every_block"]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCH_IDS)

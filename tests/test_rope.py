@@ -59,6 +59,31 @@ def test_dynamic_is_two_half_size_2d_ropes_of_start_and_end():
     assert torch.equal(table[:, half:], grid_rope(row, end, HEAD_DIM // 2, BASE))
 
 
+def test_complementary_one_token_patch_is_the_2d_rope_of_its_token():
+    """start = end: the two halves together rotate by exactly the GPT's 2D RoPE frequencies (pairs reordered),
+    so a one-token patch is placed as finely as a token; ``dynamic`` repeats half of them instead."""
+    row, col = torch.arange(6).repeat_interleave(6), torch.arange(6).repeat(6)
+    eighth, quarter = HEAD_DIM // 8, HEAD_DIM // 4
+    even, odd = torch.arange(0, quarter, 2), torch.arange(1, quarter, 2)
+    order = torch.cat([even, quarter + even, odd, quarter + odd])  # row even | col even | row odd | col odd
+    token = grid_rope(row, col, HEAD_DIM, BASE)
+    table = patch_rope(row, col, col, HEAD_DIM, BASE, "dynamic_complementary")
+    assert torch.allclose(table, token[:, order], atol=1e-6)
+    coarse = patch_rope(row, col, col, HEAD_DIM, BASE, "dynamic")
+    assert torch.equal(coarse[:, :2 * eighth], coarse[:, 2 * eighth:])  # today's layout: the same pairs twice
+    assert not torch.allclose(coarse, token[:, order], atol=1e-3)
+
+
+def test_complementary_end_moves_only_the_second_half():
+    row, start, end = coords([2], [1], [4])
+    table = patch_rope(row, start, end, HEAD_DIM, BASE, "dynamic_complementary")
+    one_token = patch_rope(row, start, start, HEAD_DIM, BASE, "dynamic_complementary")
+    half = HEAD_DIM // 4
+    assert torch.equal(table[:, :half], one_token[:, :half])
+    assert torch.equal(table[:, :half], patch_rope(row, start, end, HEAD_DIM, BASE, "dynamic")[:, :half])
+    assert not torch.allclose(table[:, half:], one_token[:, half:], atol=1e-3)
+
+
 def test_no_redundancy_encodes_the_row_once():
     row, start, end = coords([2], [1], [4])
     table = patch_rope(row, start, end, HEAD_DIM, BASE, "dynamic_no_redundancy")
@@ -75,7 +100,7 @@ def test_2d_mode_ignores_the_end_and_dynamic_modes_do_not():
     plain = patch_rope(row, start, short, HEAD_DIM, BASE, "2d")
     assert torch.equal(plain, patch_rope(row, start, long_, HEAD_DIM, BASE, "2d"))
     assert torch.equal(plain, grid_rope(row, start, HEAD_DIM, BASE))
-    for mode in ("dynamic", "dynamic_no_redundancy"):
+    for mode in ("dynamic", "dynamic_complementary", "dynamic_no_redundancy"):
         assert not torch.equal(patch_rope(row, start, short, HEAD_DIM, BASE, mode),
                                patch_rope(row, start, long_, HEAD_DIM, BASE, mode))
     tables = [patch_rope(row, start, long_, HEAD_DIM, BASE, mode) for mode in ROPE_MODES]

@@ -5,8 +5,9 @@ interleaved pairs ``(x[2k], x[2k+1])`` exactly as LlamaGen does, so LlamaGen che
 LlamaGen's logits. Tables are built from integer coordinates on the fly (always float32), which
 keeps them correct on any device and dtype and for any patch geometry.
 
-Every axis with ``n`` rotary pairs uses LlamaGen's 2D frequencies ``base ** (-k / n)``,
-``k = 0 .. n-1``. Class positions get an all-zero table, as in LlamaGen's
+An axis with ``n`` rotary pairs uses LlamaGen's 2D frequencies ``base ** (-k / n)``, ``k = 0 .. n-1``; a
+``shift`` of one half moves them to ``base ** (-(k + 1/2) / n)``, the frequencies that lie between
+(``dynamic_complementary``). Class positions get an all-zero table, as in LlamaGen's
 ``precompute_freqs_cis_2d`` (which zeroes their queries and keys, not an identity rotation).
 """
 from __future__ import annotations
@@ -14,19 +15,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-ROPE_MODES = ("dynamic", "dynamic_no_redundancy", "2d")
+ROPE_MODES = ("dynamic", "dynamic_complementary", "dynamic_no_redundancy", "2d")
 
 
-def axis_angles(positions: Tensor, n_pairs: int, base: float) -> Tensor:
-    """Rotation angles ``[..., n_pairs]`` that encode one integer coordinate."""
-    exponents = torch.arange(n_pairs, device=positions.device, dtype=torch.float32) / n_pairs
+def axis_angles(positions: Tensor, n_pairs: int, base: float, shift: float = 0.0) -> Tensor:
+    """Rotation angles ``[..., n_pairs]`` that encode one integer coordinate, at frequencies
+    ``base ** (-(k + shift) / n_pairs)``."""
+    exponents = (torch.arange(n_pairs, device=positions.device, dtype=torch.float32) + shift) / n_pairs
     freqs = 1.0 / (base ** exponents)
     return positions.to(torch.float32)[..., None] * freqs
 
 
-def rope_table(axes: list[tuple[Tensor, int]], base: float) -> Tensor:
-    """Concatenate per-axis angles (``(coordinates, n_pairs)`` in head order) into a cos/sin table."""
-    angles = torch.cat([axis_angles(pos, n, base) for pos, n in axes], dim=-1)
+def rope_table(axes: list[tuple], base: float) -> Tensor:
+    """Concatenate per-axis angles (``(coordinates, n_pairs)`` or ``(coordinates, n_pairs, shift)``, in head
+    order) into a cos/sin table."""
+    angles = torch.cat([axis_angles(pos, n, base, *shift) for pos, n, *shift in axes], dim=-1)
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
@@ -42,8 +45,14 @@ def patch_rope(rows: Tensor, start_cols: Tensor, end_cols: Tensor, head_dim: int
                mode: str = "dynamic") -> Tensor:
     """Dynamic RoPE (paper Eq. 9) for patches lying in row ``rows`` over columns ``start..end``.
 
-    - ``dynamic``: first half of the head is a 2D RoPE of (row, start), second half of (row, end);
-      the row is encoded twice (the paper's redundancy, its best variant in Table 9).
+    - ``dynamic``: first half of the head is a 2D RoPE of (row, start), second half of (row, end), each
+      at half the 2D RoPE's frequencies (``base ** (-k / (head_dim/8))``): the row is encoded twice with the
+      same coarse frequencies (one reading of the paper's stripped Eq. 9: "repeating the start and end
+      positional encodings", its best variant in Table 9).
+    - ``dynamic_complementary``: the same layout, but the second half uses the frequencies between the
+      first half's (``base ** (-(k + 1/2) / (head_dim/8))``). Together the halves hold exactly the 2D RoPE
+      frequency set, so a one-token patch (start = end) is encoded as finely as a token by the GPT's 2D RoPE,
+      and start != end adds the span (the reading that keeps 2D RoPE's resolution).
     - ``dynamic_no_redundancy``: head_dim/4 pairs for the row, head_dim/8 for start, head_dim/8 for end.
     - ``2d``: plain 2D RoPE of the patch's first token.
     """
@@ -52,6 +61,8 @@ def patch_rope(rows: Tensor, start_cols: Tensor, end_cols: Tensor, head_dim: int
     eighth, quarter = head_dim // 8, head_dim // 4
     if mode == "dynamic":
         axes = [(rows, eighth), (start_cols, eighth), (rows, eighth), (end_cols, eighth)]
+    elif mode == "dynamic_complementary":
+        axes = [(rows, eighth), (start_cols, eighth), (rows, eighth, 0.5), (end_cols, eighth, 0.5)]
     elif mode == "dynamic_no_redundancy":
         axes = [(rows, quarter), (start_cols, eighth), (end_cols, eighth)]
     elif mode == "2d":
