@@ -170,6 +170,8 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> None:
 
 
 def _temporaries(folder: Path, pattern: re.Pattern) -> list[Path]:
+    if not folder.is_dir():
+        return []
     with os.scandir(folder) as entries:
         return [Path(entry.path) for entry in entries if pattern.fullmatch(entry.name)]
 
