@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--classes {outside[0]}: the model has {num_classes} classes, ids 0 to {num_classes - 1} "
                         f"(id {num_classes} is the null class that guidance uses)")
     stem = sample_file_stem(sampler.name, sampling_from_args(args), args.seed, args.threshold, args.max_patch_length,
-                            sampler.patcher is not None and sampler.patcher.mode == "self_entropy")
+                            sampler.patcher is not None and sampler.patcher.mode == "self_entropy", args.ema)
     if args.prefix_image is not None:
         stem += f"_completion-{Path(args.prefix_image).stem}-rows-{args.prefix_rows}"
     run = run_record(sampler)

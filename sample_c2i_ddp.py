@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     sampler.check(sampling)
     accelerator.print(f"sampling {sampler.weights} ({sampler.name})")
     stem = sample_file_stem(sampler.name, sampling, args.seed, args.threshold, args.max_patch_length,
-                            sampler.patcher is not None and sampler.patcher.mode == "self_entropy")
+                            sampler.patcher is not None and sampler.patcher.mode == "self_entropy", args.ema)
     run = run_record(sampler)
     stem, note = sample_name(args.output_dir, stem, (".npz", ".parts"), run, sampler.weights)
     if note:

@@ -99,9 +99,10 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
 
 
 def sample_file_stem(name: str, sampling: SamplingConfig, seed: int, threshold: float | None = None,
-                     max_patch_length: int | None = None, self_entropy: bool = False) -> str:
+                     max_patch_length: int | None = None, self_entropy: bool = False, ema: bool = False) -> str:
     """ADM-style sample file name, e.g. ``epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0``
-    (``name``: :attr:`Sampler.name`)."""
+    (``name``: :attr:`Sampler.name`); ``-ema`` when the EMA weights are sampled (other weights of the same run,
+    whose grid would otherwise replace the plain weights' one)."""
     stem = (f"{name}-topk-{sampling.top_k}-topp-{sampling.top_p}-temperature-{sampling.temperature}-"
             f"cfg-{sampling.cfg_scale}-seed-{seed}")
     if sampling.cfg_schedule != "constant":
@@ -112,6 +113,8 @@ def sample_file_stem(name: str, sampling: SamplingConfig, seed: int, threshold: 
         stem += f"-threshold-{threshold}"
     if max_patch_length is not None:
         stem += f"-maxlen-{max_patch_length or 'none'}"
+    if ema:
+        stem += "-ema"
     return stem
 
 

@@ -421,6 +421,22 @@ def test_the_reference_command_keeps_the_reference_readme_name(experiment, tmp_p
         "epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz"]
 
 
+def test_the_ema_weights_of_a_run_sample_beside_its_plain_weights(experiment, tmp_path):
+    """--ema samples other weights of the same run: they were refused in one folder (.npz) or replaced the
+    plain weights' grid (PNG); the name says -ema."""
+    run, vq_ckpt = experiment
+    copy = copied_run(run, tmp_path / "exp" / "run")
+    checkpoint = copy / "checkpoints" / "epoch_00000003"
+    shutil.copy(checkpoint / "model.safetensors", checkpoint / "ema.safetensors")
+    common = ["--experiment_dir", str(copy), "--vq-ckpt", str(vq_ckpt), "--output-dir", str(tmp_path / "out")]
+    for ema in ([], ["--ema"]):
+        sample_c2i_ddp.main([*common, "--cfg-scale", "2.0", "--num-fid-samples", "4", *ema])
+        sample_c2i.main([*common, "--per-class", "1", *ema])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([
+        NPZ, NPZ.replace(".npz", "-ema.npz"), f"{STEM}.png", f"{STEM}_patches.png", f"{STEM}-ema.png",
+        f"{STEM}-ema_patches.png"])
+
+
 def test_a_sample_name_belongs_to_the_first_run_that_writes_it(tmp_path):
     """sample_cli.sample_name, case by case: a free name, an unfinished run's parts, an older version's .npz,
     a file that records no run, a run-named variant taken too, and a long or odd run name."""
