@@ -11,9 +11,11 @@ name) and, for DPAR, ``<sample name>_patches.png``: the same images tinted by pa
 with a dark line where each patch starts. With ``--prefix-image``, each row is the image (a red line
 under its kept rows) followed by completions that keep its first ``--prefix-rows`` token rows
 (``<sample name>_completion-<image>-rows-<R>.png`` and its ``_patches.png``). Prints the weights loaded, tokens per patch and
-seconds per image.
+seconds per image. The PNGs record the run that made them (text chunk ``dpar_run``); where another run's
+files hold the name, this run's get the run appended (``sample_cli.sample_name``, printed).
 """
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.fileio import check_output_dir, check_output_file, claim_outputs
 from dpar.validation import device, number
 from dpar.visual import image_grid, patch_map, save_png, with_patch_legend, with_row_labels
-from sample_cli import add_sampling_arguments, sample_file_stem, sampler_from_args, sampling_from_args
+from sample_cli import (RUN_KEY, add_sampling_arguments, run_record, sample_file_stem, sample_name, sampler_from_args,
+                        sampling_from_args)
 from tokenizer.transforms import load_center_crop
 
 IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]  # LlamaGen's sample_c2i.py classes
@@ -59,9 +62,13 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--classes {outside[0]}: the model has {num_classes} classes, ids 0 to {num_classes - 1} "
                         f"(id {num_classes} is the null class that guidance uses)")
     stem = sample_file_stem(sampler.name, sampling_from_args(args), args.seed, args.threshold, args.max_patch_length,
-                            sampler.patcher is not None and sampler.patcher.mode == "self_entropy")
+                            sampler.patcher is not None and sampler.patcher.mode == "self_entropy", args.ema)
     if args.prefix_image is not None:
         stem += f"_completion-{Path(args.prefix_image).stem}-rows-{args.prefix_rows}"
+    run = run_record(sampler)
+    stem, note = sample_name(args.output_dir, stem, (".png", "_patches.png"), run)
+    if note:
+        print(note)
     grid_path = check_output_file(Path(args.output_dir) / f"{stem}.png", "the sample grid")
     map_path = check_output_file(Path(args.output_dir) / f"{stem}_patches.png", "the patch map")
 
@@ -97,13 +104,14 @@ def main(argv: list[str] | None = None) -> None:
         pictures = torch.cat([torch.cat([cut[None], images[k * args.per_class:(k + 1) * args.per_class].cpu()])
                               for k in range(len(classes))])
     columns = args.per_class + (original is not None)
-    save_png(with_row_labels(image_grid(pictures, nrow=columns), row_labels, height), grid_path)
+    record = {RUN_KEY: json.dumps(run)}
+    save_png(with_row_labels(image_grid(pictures, nrow=columns), row_labels, height), grid_path, record)
     print(f"{len(labels)} images of {len(classes)} class{'es' * (len(classes) > 1)} in {seconds:.1f} s "
           f"({seconds / len(labels):.3f} s/image) -> {grid_path}")
     if sampler.patcher is not None:
         maps = patch_map(images, out.patch_start, sampler.grid)
         picture = with_patch_legend(with_row_labels(image_grid(maps, nrow=args.per_class), row_labels, height))
-        save_png(picture, map_path)
+        save_png(picture, map_path, record)
         tokens_per_patch = out.tokens.numel() / float(out.global_steps.sum())
         print(f"{tokens_per_patch:.2f} tokens per patch, {out.global_steps.float().mean():.1f} global steps per image "
               f"-> {map_path}")

@@ -13,9 +13,10 @@ all classes, as in LlamaGen's and DiT's files (labels drawn at random); in class
 ``seed * 1000003 + n``, so its label and tokens are the same on any number of processes (its pixels too
 where the tokenizer's decoder runs the same kernels: the same batch size and thread count on CPUs). Chunks
 of ``--per-proc-batch-size`` images are saved as they finish: rerun the same command after a kill and only
-missing chunks are sampled. The .npz records the job that made it (sample count, weights, tokenizer, every
-sampling flag, the label order): rerunning the same command finds it done, another job's file under the same
-name is refused. 384 px samples can be resized for FID with ``--image-size-eval 256`` (the decoder's output,
+missing chunks are sampled. The .npz records the job that made it (the run, sample count, weights, tokenizer,
+every sampling flag, the label order): rerunning the same command finds it done; another run's file under the
+same name is left alone and this run's name gets the run appended (``sample_cli.sample_name``); another job of
+the same run is refused. 384 px samples can be resized for FID with ``--image-size-eval 256`` (the decoder's output,
 bicubic, before quantisation, as LlamaGen does).
 """
 import argparse
@@ -38,7 +39,8 @@ from dpar.errors import ArgumentParser, UserError, first_line, run_main
 from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file, claim_output, lock_folder
 from dpar.launch import make_accelerator
 from dpar.validation import number
-from sample_cli import add_sampling_arguments, sample_file_stem, sampler_from_args, sampling_from_args
+from sample_cli import (add_sampling_arguments, run_record, sample_file_stem, sample_name, sampler_from_args,
+                        sampling_from_args)
 
 
 # what the job record says of fid_labels (a file of an older version, in class order, recorded "class_order")
@@ -189,10 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     sampler.check(sampling)
     accelerator.print(f"sampling {sampler.weights} ({sampler.name})")
     stem = sample_file_stem(sampler.name, sampling, args.seed, args.threshold, args.max_patch_length,
-                            sampler.patcher is not None and sampler.patcher.mode == "self_entropy")
+                            sampler.patcher is not None and sampler.patcher.mode == "self_entropy", args.ema)
+    run = run_record(sampler)
+    stem, note = sample_name(args.output_dir, stem, (".npz", ".parts"), run, sampler.weights)
+    if note:
+        accelerator.print(note)
     npz = Path(args.output_dir) / f"{stem}.npz"
     labels = fid_labels(args.num_fid_samples, sampler.model_config.num_classes, args.seed)
-    job = {**sampler.identity(), "epoch": sampler.epoch, "ema": args.ema, "seed": args.seed,
+    job = {**sampler.identity(), "run": run, "epoch": sampler.epoch, "ema": args.ema, "seed": args.seed,
            "label_order": LABEL_ORDER, "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
            "sampling": asdict(sampling), "image_size_eval": args.image_size_eval}
     chunks = SampleChunks(npz, args.num_fid_samples, args.per_proc_batch_size, job, labels)

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import re
+import zipfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from dpar.config import REPO
 from dpar.errors import UserError
@@ -92,9 +99,10 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
 
 
 def sample_file_stem(name: str, sampling: SamplingConfig, seed: int, threshold: float | None = None,
-                     max_patch_length: int | None = None, self_entropy: bool = False) -> str:
+                     max_patch_length: int | None = None, self_entropy: bool = False, ema: bool = False) -> str:
     """ADM-style sample file name, e.g. ``epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0``
-    (``name``: :attr:`Sampler.name`)."""
+    (``name``: :attr:`Sampler.name`); ``-ema`` when the EMA weights are sampled (other weights of the same run,
+    whose grid would otherwise replace the plain weights' one)."""
     stem = (f"{name}-topk-{sampling.top_k}-topp-{sampling.top_p}-temperature-{sampling.temperature}-"
             f"cfg-{sampling.cfg_scale}-seed-{seed}")
     if sampling.cfg_schedule != "constant":
@@ -105,4 +113,112 @@ def sample_file_stem(name: str, sampling: SamplingConfig, seed: int, threshold: 
         stem += f"-threshold-{threshold}"
     if max_patch_length is not None:
         stem += f"-maxlen-{max_patch_length or 'none'}"
+    if ema:
+        stem += "-ema"
     return stem
+
+
+# -- whose file a sample name is --------------------------------------------------------------------------------
+
+RUN_KEY = "dpar_run"  # a sample PNG's text chunk naming the run that made it (an .npz records it in its job)
+RUN_SUFFIX_BYTES = 64  # the longest run suffix of a sample file name
+
+
+def run_record(sampler: Sampler) -> dict:
+    """The run a sampler samples, as its sample files record it: ``run`` (``<experiment name>/<run folder>``,
+    or ``<folder>/<checkpoint>`` for a LlamaGen checkpoint; no full path, since sample PNGs get shared) and
+    ``run_id`` (from the resolved path: two runs of one name in different places differ)."""
+    source = (sampler.config_path.parent if sampler.config_path is not None else sampler.weights).resolve()
+    name = source.stem if sampler.config_path is None else source.name
+    return {"run": f"{source.parent.name}/{name}" if source.parent.name else name,
+            "run_id": hashlib.sha256(str(source).encode()).hexdigest()[:16]}
+
+
+def sample_name(folder: str | Path, stem: str, suffixes: tuple[str, ...], record: dict,
+                weights: Path | None = None) -> tuple[str, str | None]:
+    """The stem this run's sample files take in ``folder`` (files ``<stem><suffix>``), and a line to print
+    when it is not the plain ``stem``.
+
+    The plain stem (epoch and sampling flags: the reference README's name) belongs to whichever run first
+    writes it. When another run's file holds it (or a file that records no run), this run appends itself:
+    ``<stem>-<experiment name>-<run folder>``, then, should that be taken too, its id. A name this run
+    already holds is found again first, so a rerun finds its own file (whether it is the same sampling job
+    is :class:`sample_c2i_ddp.SampleChunks`' to decide). ``weights`` recognises an ``.npz`` of an older
+    version, which records its weights but not its run."""
+    folder = Path(folder)
+    suffix = _safe(record["run"].replace("/", "-"))
+    candidates = [stem, f"{stem}-{suffix}", f"{stem}-{suffix}-{record['run_id'][:8]}"]
+    owners = [_owners(folder, candidate, suffixes) for candidate in candidates]
+
+    def ours(recorded: dict) -> bool:
+        if "run_id" in recorded:
+            return recorded["run_id"] == record["run_id"]
+        return weights is not None and recorded.get("weights") == str(weights.resolve())
+
+    chosen = next((c for c, found in zip(candidates, owners) if found and all(map(ours, found))), None)
+    chosen = chosen or next((c for c, found in zip(candidates, owners) if not found), None)
+    if chosen is None:
+        raise UserError(f"{folder / stem}{suffixes[0]} and its run-named variants belong to other runs; choose "
+                        "another --output-dir")
+    if chosen == stem:
+        return stem, None
+    if not owners[0]:
+        return chosen, f"{folder / chosen}{suffixes[0]} is this run's ({record['run']}); writing there again"
+    taken = next(r for r in owners[0] if not ours(r))
+    whose = f"run {taken['run']}'s" if "run" in taken else "a file of no recorded run"
+    return chosen, (f"{folder / stem}{suffixes[0]} is {whose}; this run ({record['run']}) writes "
+                    f"{folder / chosen}{suffixes[0]}")
+
+
+def _safe(text: str) -> str:
+    """``text`` as a file-name part: letters, digits and ``. _ + = , -`` kept, anything else ``_``, at most
+    :data:`RUN_SUFFIX_BYTES` bytes (cut at a character)."""
+    text = re.sub(r"[^\w.+=,-]", "_", text)
+    while len(text.encode()) > RUN_SUFFIX_BYTES:
+        text = text[:-1]
+    return text
+
+
+def _owners(folder: Path, stem: str, suffixes: tuple[str, ...]) -> list[dict]:
+    """The runs the existing files ``<stem><suffix>`` record (``{}``: one that records none); [] when the
+    name is free. A ``.parts`` folder counts while it holds an unfinished run's chunks."""
+    found = []
+    for suffix in suffixes:
+        path = folder / f"{stem}{suffix}"
+        if path.suffix == ".parts":
+            if path.is_dir() and any(path.glob("chunk_*.npy")):
+                try:
+                    found.append(_run_of(json.loads((path / "job.json").read_text())))
+                except (OSError, ValueError):
+                    found.append({})
+        elif path.exists():
+            found.append(_recorded_run(path))
+    return found
+
+
+def _run_of(job) -> dict:
+    """The run fields of a sampling job record (an older one: its weights)."""
+    if not isinstance(job, dict):
+        return {}
+    run = job.get("run")
+    if isinstance(run, dict) and "run_id" in run:
+        return run
+    return {"weights": job["weights"]} if "weights" in job else {}
+
+
+def _recorded_run(path: Path) -> dict:
+    """The run an existing sample file records: an ``.npz``'s job (``dpar_job``), a PNG's :data:`RUN_KEY`
+    text chunk. ``UserError`` for a file that cannot be read (it might be this run's: it is not passed by)."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as data:
+                return _run_of(json.loads(str(data["dpar_job"]))) if "dpar_job" in data.files else {}
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(RUN_KEY)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, UnidentifiedImageError,
+            SyntaxError) as error:
+        raise UserError(f"{path} exists but cannot be read ({type(error).__name__}: {error}); delete it") from None
+    try:
+        return _run_of({"run": json.loads(text)}) if text else {}
+    except ValueError:
+        return {}

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from .fileio import atomic_path
 
@@ -23,10 +24,13 @@ def image_grid(images: np.ndarray | torch.Tensor, nrow: int, pad: int = 2, fill:
     return grid
 
 
-def save_png(picture: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 [H, W, 3] array as PNG, atomically."""
+def save_png(picture: np.ndarray, path: str | Path, text: dict[str, str] | None = None) -> Path:
+    """Write a uint8 [H, W, 3] array as PNG, atomically, with ``text`` as UTF-8 text chunks (iTXt)."""
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)
     with atomic_path(path) as tmp:
-        Image.fromarray(picture).save(tmp, format="PNG")
+        Image.fromarray(picture).save(tmp, format="PNG", pnginfo=info)
     return Path(path)
 
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,13 +33,16 @@ from tqdm import tqdm
 
 from dpar.data.preprocess import next_token_entropies
 from dpar.data.splits import holdout_problem, holdout_split, stratified_sample
-from dpar.data.store import TokenStore
+from dpar.config import REPO
+from dpar.data.store import META_FILE, TokenStore, read_meta
 from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.fileio import atomic_write_text, check_output_file, claim_output
 from dpar.patcher import patch_starts
 from dpar.runs import Sampler
 from dpar.validation import device, epoch_choice, number
 from tokenizer.transforms import center_view
+
+DEMO_STORE = REPO / "assets" / "demo" / "tokens"  # the embedded demo's token store (python -m dpar.demo)
 
 
 @torch.no_grad()
@@ -51,6 +56,17 @@ def pooled_features(sampler: Sampler, tokens: torch.Tensor) -> torch.Tensor:
                  else torch.zeros(tokens.shape, device=tokens.device))
     starts = patch_starts(sampler.patcher, entropies, sampler.grid)
     return model.pooled_features(tokens, null, starts).float()
+
+
+def open_store(flag: str, path: str) -> TokenStore:
+    """The token store ``flag`` names; where there is none, one line saying what makes one (the probe reads
+    only tokens and labels: the tokens stage is enough) and naming the demo's store, which every clone has."""
+    if not Path(path).is_file() and read_meta(Path(path)) is None:
+        demo = os.path.relpath(DEMO_STORE)
+        raise UserError(f"{flag} {path}: no token store there (no {META_FILE}); make one from an image folder with "
+                        f"python preprocess_tokens.py --stage tokens --data-path <images> --store {path} --vq-ckpt "
+                        f"<tokenizer>, or probe the demo's: {flag} {demo}")
+    return TokenStore(path)
 
 
 def center_tokens(store: TokenStore, indices: np.ndarray) -> np.ndarray:
@@ -115,14 +131,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.output is not None:
         check_output_file(args.output, "--output")
 
+    stores = {"--store": open_store("--store", args.store)}
+    if args.val_store is not None:
+        stores["--val-store"] = open_store("--val-store", args.val_store)
     sampler = Sampler.from_experiment(args.experiment_dir, args.epoch, ema=args.ema, device=args.device,
                                       tokenizer=False)
     if sampler.model_config.class_dropout_prob == 0:
         raise UserError(f"--experiment_dir {args.experiment_dir}: the model has no null class (model."
                         "class_dropout_prob 0), and its class input would give the label away")
-    stores = {"--store": TokenStore(args.store)}
-    if args.val_store is not None:
-        stores["--val-store"] = TokenStore(args.val_store)
     for flag, store in stores.items():
         if store.grid != sampler.grid or store.codebook_size != sampler.model_config.vocab_size:
             raise UserError(f"{flag} {store.path} holds {store.grid}x{store.grid} tokens of a {store.codebook_size}-"

@@ -10,6 +10,7 @@ import torch
 from scipy import linalg
 
 from dpar.data.store import file_sha256
+from dpar.errors import UserError
 from evaluations.c2i import evaluator
 from evaluations.c2i.evaluator import (frechet_distance, inception_score, manifold_radii, precision_recall,
                                        statistics)
@@ -313,3 +314,118 @@ def test_bad_inputs_are_one_line_errors(batches, tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "other.pth")
     assert "is not pt_inception-2015-12-05-6726825d.pth: 472 missing keys" in one_line_error(
         str(batches / "ref.npz"), str(batches / "sample.npz"), "--inception-weights", str(tmp_path / "other.pth"))
+
+
+# -- a reference batch from an image folder (issue 30, item 12) -------------------------------------------------
+
+class ProjectionInception(torch.nn.Module):
+    """A cheap stand-in for the FID Inception with features that vary from image to image: fixed random
+    projections of the pixels (pool_3 2048, spatial 17x17x7 of the 192 channels, logits 1008)."""
+
+    def __init__(self, pixels: int, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.pool = torch.randn(pixels, 2048, generator=generator) / pixels
+        self.spatial = torch.randn(pixels, 17 * 17 * 7, generator=generator) / pixels
+        self.logits = torch.randn(pixels, 1008, generator=generator) / pixels
+
+    def forward(self, images):
+        x = images.flatten(1) / 255
+        spatial = torch.nn.functional.pad((x @ self.spatial).reshape(len(x), 17, 17, 7), (0, 192 - 7))
+        return torch.relu(x @ self.pool), spatial, x @ self.logits
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from tests.helpers import write_image_folder
+
+    root = write_image_folder(tmp_path_factory.mktemp("images") / "folder", classes=3, per_class=4, size=24)
+    rng = np.random.default_rng(5)  # a wide image: the crop takes its middle after a bicubic resize
+    from PIL import Image
+    Image.fromarray(rng.integers(0, 256, (37, 70, 3), dtype=np.uint8)).save(root / "class_2" / "wide.png")
+    (root / "class_1" / "broken.png").write_bytes(b"not an image")  # skipped and counted
+    return root
+
+
+def test_a_reference_batch_holds_center_crops_labels_and_the_evaluators_statistics(image_folder, tmp_path):
+    from evaluations.c2i import reference_batch
+    from tokenizer.images import list_images
+    from tokenizer.transforms import load_center_crop
+
+    network = ProjectionInception(16 * 16 * 3)
+    record = reference_batch.build(image_folder, tmp_path / "ref.npz", 16, max_images=100, network=network,
+                                   batch_size=5)
+    paths, labels, classes = list_images(image_folder)
+    crops = {load_center_crop(p, 16).tobytes(): label for p, label in zip(paths, labels) if p.name != "broken.png"}
+    with np.load(tmp_path / "ref.npz") as data:
+        assert {"arr_0", "arr_1", "mu", "sigma", "mu_s", "sigma_s"} <= set(data.files)
+        images, image_labels = data["arr_0"], data["arr_1"]
+    assert images.shape == (13, 16, 16, 3) and images.dtype == np.uint8 and image_labels.dtype == np.int64
+    assert sorted(image.tobytes() for image in images) == sorted(crops)  # every readable image, once, cropped
+    assert [crops[image.tobytes()] for image in images] == image_labels.tolist()
+    assert record["classes"] == classes == ["class_0", "class_1", "class_2"] and record["statistics_images"] == 13
+    assert len(record["skipped"]) == 1 and "class_1/broken.png" in record["skipped"][0]
+    # the evaluator reads the file, and its own features of arr_0 give the statistics stored
+    batch = evaluator.ImageBatch(tmp_path / "ref.npz", 2)
+    stored = evaluator.reference_statistics(batch.path)
+    own = evaluator.batch_features(batch, lambda: network, "projection", 4, "cpu")
+    for key in ("mu", "sigma", "mu_s", "sigma_s"):
+        np.testing.assert_allclose(stored[key], getattr(own, key), rtol=1e-6, atol=1e-9)
+    # statistics pooled over blocks (bounded memory) equal those of one block
+    reference_batch.build(image_folder, tmp_path / "blocks.npz", 16, max_images=4, network=network, block=3)
+    with np.load(tmp_path / "blocks.npz") as blocks:
+        assert blocks["arr_0"].shape[0] == 4  # a draw of 4; the statistics still cover all 13
+        for key in ("mu", "sigma", "mu_s", "sigma_s"):
+            np.testing.assert_allclose(blocks[key], stored[key], rtol=1e-9, atol=1e-12)
+
+
+def test_a_reference_batch_without_statistics_reads_only_what_it_keeps(image_folder, tmp_path, capsys):
+    from evaluations.c2i import reference_batch
+
+    reference_batch.main([str(image_folder), str(tmp_path / "ref.npz"), "--image-size", "8", "--max-images", "3",
+                          "--seed", "1"])
+    assert capsys.readouterr().out.startswith(f"3 images of 14 (8x8), with labels -> {tmp_path / 'ref.npz'}")
+    with np.load(tmp_path / "ref.npz") as data:
+        assert set(data.files) == {"arr_0", "arr_1", "dpar_reference"} and data["arr_0"].shape == (3, 8, 8, 3)
+    assert evaluator.reference_statistics(tmp_path / "ref.npz") is None  # the evaluator computes them from arr_0
+
+
+def test_a_reference_batch_refuses_bad_inputs_in_one_line_before_writing(image_folder, tmp_path):
+    from evaluations.c2i import reference_batch
+
+    def refused(*args: str) -> str:
+        with pytest.raises(UserError) as raised:
+            reference_batch.main(list(args))
+        return str(raised.value)
+
+    (tmp_path / "empty").mkdir()
+    assert "no images" in refused(str(tmp_path / "empty"), str(tmp_path / "a.npz"))
+    (tmp_path / "junk").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "junk" / name).write_bytes(b"junk")
+    assert "0 readable image(s) of 2; a reference batch needs at least 2 (2 unreadable, first: cannot read" in \
+        refused(str(tmp_path / "junk"), str(tmp_path / "a.npz"))
+    assert "name it <name>.npz" in refused(str(image_folder), str(tmp_path / "a.png"))
+    (tmp_path / "taken.npz").write_bytes(b"x")
+    assert "exists; delete it" in refused(str(image_folder), str(tmp_path / "taken.npz"))
+    # the weights are checked before any image is read: one line, nothing printed (the command line, once)
+    proc = subprocess.run([sys.executable, "-m", "evaluations.c2i.reference_batch", str(image_folder),
+                           str(tmp_path / "a.npz"), "--statistics", "--inception-weights", str(tmp_path / "none.pth")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith("error: Inception weights not found at")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "junk", "taken.npz"]  # nothing written
+
+
+@pytest.mark.slow  # about 10 s on 2 CPU cores: the FID Inception (random weights) over 14 images
+def test_a_reference_batch_with_the_fid_inception(image_folder, batches, tmp_path, capsys):
+    from evaluations.c2i import reference_batch
+
+    reference_batch.main([str(image_folder), str(tmp_path / "ref.npz"), "--image-size", "16", "--statistics",
+                          "--inception-weights", str(batches / "inception.pth"), "--batch-size", "7"])
+    out = capsys.readouterr().out
+    assert "Inception statistics over 13 images" in out and "skipped 1 unreadable image(s)" in out
+    stored = evaluator.reference_statistics(tmp_path / "ref.npz")  # ADM's shapes, checked by the evaluator
+    features = evaluator.batch_features(evaluator.ImageBatch(tmp_path / "ref.npz", 2),
+                                        lambda: FIDInceptionV3.from_file(batches / "inception.pth"), "w", 7, "cpu")
+    np.testing.assert_allclose(stored["mu"], features.mu, rtol=1e-5, atol=1e-6)

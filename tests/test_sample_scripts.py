@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 import sample_c2i
 import sample_c2i_ddp
+import sample_cli
 from dpar.data.preprocess import next_token_entropies
+from dpar.errors import UserError
 from dpar.experiment import save_checkpoint, save_step_checkpoint
 from dpar.models import ModelConfig, create_model
 from dpar.patcher import PatcherConfig
@@ -336,3 +338,143 @@ def test_self_entropy_benchmark_on_the_demo(tmp_path):
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report_self_entropy.png").is_file()
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
     assert abs(rows["self-entropy"]["tokens_per_patch"] - rows["entropy model"]["tokens_per_patch"]) < 0.2
+
+
+# -- two runs sampled into one folder (issue 30, item 10) -------------------------------------------------------
+
+def copied_run(run: Path, where: Path, epoch: int | None = None) -> Path:
+    """Another run of the same weights at ``where`` (optionally saved as ``epoch``): its own folder, its own name."""
+    where.parent.mkdir(parents=True, exist_ok=True)
+    if epoch is None:
+        shutil.copytree(run, where)
+    else:
+        where.mkdir()
+        shutil.copy(run / "config.yaml", where / "config.yaml")
+        save_checkpoint(where, epoch, load_file(run / "checkpoints" / "epoch_00000003" / "model.safetensors"))
+    return where
+
+
+def test_two_runs_sample_into_one_folder_without_refusal_or_overwrite(experiment, tmp_path, capsys):
+    """Issue 30: a second run sampled into the README's --output-dir samples was refused (the names carry the
+    epoch and flags, not the run). The first keeps the plain name, the second appends itself; each rerun
+    finds its own file."""
+    run, vq_ckpt = experiment
+    other = copied_run(run, tmp_path / "exp_b" / "run_2")
+    out = tmp_path / "samples"
+
+    def ddp(experiment_dir: Path) -> str:
+        sample_c2i_ddp.main(["--experiment_dir", str(experiment_dir), "--vq-ckpt", str(vq_ckpt), "--output-dir",
+                             str(out), "--cfg-scale", "2.0", "--num-fid-samples", "4", "--per-proc-batch-size", "4"])
+        return capsys.readouterr().out
+
+    ddp(run)
+    assert sorted(p.name for p in out.iterdir()) == [NPZ]
+    first = (out / NPZ).read_bytes()
+    said = ddp(other)
+    second = out / NPZ.replace(".npz", "-exp_b-run_2.npz")
+    assert sorted(p.name for p in out.iterdir()) == sorted([NPZ, second.name])
+    assert f"{out / NPZ} is run {run.parent.name}/{run.name}'s; this run (exp_b/run_2) writes {second}" in said
+    assert (out / NPZ).read_bytes() == first
+    for path, made_by in ((out / NPZ, run), (second, other)):
+        with np.load(path) as data:
+            job = json.loads(str(data["dpar_job"]))
+        assert job["run"]["run"] == f"{made_by.parent.name}/{made_by.name}"
+        assert job["weights"].startswith(str(made_by.resolve()))
+    second_bytes = second.read_bytes()
+    assert "nothing to do" in ddp(run) and "nothing to do" in ddp(other)  # each rerun finds its own file
+    assert (out / NPZ).read_bytes() == first and second.read_bytes() == second_bytes
+    assert len(list(out.iterdir())) == 2
+
+    # sample_c2i.py's PNGs: the same names, the run recorded in a text chunk
+    def grid(experiment_dir: Path) -> str:
+        sample_c2i.main(["--experiment_dir", str(experiment_dir), "--vq-ckpt", str(vq_ckpt), "--output-dir",
+                         str(out), "--per-class", "1"])
+        return capsys.readouterr().out
+
+    grid(run)
+    said = grid(other)
+    pictures = sorted(p.name for p in out.glob("*.png"))
+    assert pictures == sorted([f"{STEM}.png", f"{STEM}_patches.png", f"{STEM}-exp_b-run_2.png",
+                               f"{STEM}-exp_b-run_2_patches.png"])
+    assert f"this run (exp_b/run_2) writes {out / STEM}-exp_b-run_2.png" in said
+    for name, made_by in ((f"{STEM}.png", run), (f"{STEM}-exp_b-run_2_patches.png", other)):
+        with Image.open(out / name) as picture:
+            assert json.loads(picture.text["dpar_run"])["run"] == f"{made_by.parent.name}/{made_by.name}"
+    grid(other)
+    grid(run)  # each rerun writes its own files again, no third name
+    assert len(list(out.glob("*.png"))) == 4
+
+
+def test_the_reference_command_keeps_the_reference_readme_name(experiment, tmp_path, capsys):
+    """The reference README: `accelerate launch sample_c2i_ddp.py --experiment_dir .../20250820_13/ --cfg-scale 2.0
+    --output-dir samples` -> samples/epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz; another run
+    sampled next to it gets ...-seed-0-<experiment name>-<run folder>.npz."""
+    run, vq_ckpt = experiment
+    checkpoints = tmp_path / "data" / "model_checkpoints" / "global_model_entropy_row_break_b"
+    reference = copied_run(run, checkpoints / "20250820_13", epoch=299)
+    later = copied_run(run, checkpoints / "20250901_08", epoch=299)
+    for experiment_dir in (reference, later):
+        sample_c2i_ddp.main(["--experiment_dir", f"{experiment_dir}/", "--cfg-scale", "2.0", "--output-dir",
+                             str(tmp_path / "samples"), "--vq-ckpt", str(vq_ckpt), "--num-fid-samples", "4"])
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0-global_model_entropy_row_break_b-20250901_08.npz",
+        "epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz"]
+
+
+def test_the_ema_weights_of_a_run_sample_beside_its_plain_weights(experiment, tmp_path):
+    """--ema samples other weights of the same run: they were refused in one folder (.npz) or replaced the
+    plain weights' grid (PNG); the name says -ema."""
+    run, vq_ckpt = experiment
+    copy = copied_run(run, tmp_path / "exp" / "run")
+    checkpoint = copy / "checkpoints" / "epoch_00000003"
+    shutil.copy(checkpoint / "model.safetensors", checkpoint / "ema.safetensors")
+    common = ["--experiment_dir", str(copy), "--vq-ckpt", str(vq_ckpt), "--output-dir", str(tmp_path / "out")]
+    for ema in ([], ["--ema"]):
+        sample_c2i_ddp.main([*common, "--cfg-scale", "2.0", "--num-fid-samples", "4", *ema])
+        sample_c2i.main([*common, "--per-class", "1", *ema])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([
+        NPZ, NPZ.replace(".npz", "-ema.npz"), f"{STEM}.png", f"{STEM}_patches.png", f"{STEM}-ema.png",
+        f"{STEM}-ema_patches.png"])
+
+
+def test_a_sample_name_belongs_to_the_first_run_that_writes_it(tmp_path):
+    """sample_cli.sample_name, case by case: a free name, an unfinished run's parts, an older version's .npz,
+    a file that records no run, a run-named variant taken too, and a long or odd run name."""
+    a = {"run": "exp/a", "run_id": "a" * 16}
+    b = {"run": "exp/b", "run_id": "b" * 16}
+    suffixes = (".npz", ".parts")
+    assert sample_cli.sample_name(tmp_path, "s", suffixes, a) == ("s", None)
+    parts = tmp_path / "s.parts"
+    parts.mkdir()
+    (parts / "job.json").write_text(json.dumps({"run": a}))
+    assert sample_cli.sample_name(tmp_path, "s", suffixes, b) == ("s", None)  # parts without a chunk block nothing
+    (parts / "chunk_000000.npy").write_bytes(b"")
+    assert sample_cli.sample_name(tmp_path, "s", suffixes, a) == ("s", None)  # a killed run resumes its parts
+    stem, note = sample_cli.sample_name(tmp_path, "s", suffixes, b)
+    assert stem == "s-exp-b" and note == f"{tmp_path / 's.npz'} is run exp/a's; this run (exp/b) writes " \
+                                         f"{tmp_path / 's-exp-b.npz'}"
+    # an .npz of an older version records its weights, not its run
+    weights = tmp_path / "w.safetensors"
+    np.savez(tmp_path / "old.npz", arr_0=np.zeros((1, 2, 2, 3), np.uint8),
+             dpar_job=np.array(json.dumps({"weights": str(weights.resolve())})))
+    assert sample_cli.sample_name(tmp_path, "old", suffixes, a, weights) == ("old", None)
+    assert sample_cli.sample_name(tmp_path, "old", suffixes, a, tmp_path / "x")[0] == "old-exp-a"
+    np.savez(tmp_path / "bare.npz", arr_0=np.zeros((1, 2, 2, 3), np.uint8))  # another tool's file
+    stem, note = sample_cli.sample_name(tmp_path, "bare", suffixes, a)
+    assert stem == "bare-exp-a" and "is a file of no recorded run" in note
+    # the run-named variant taken by another run of the same name (elsewhere): the run's id is appended
+    np.savez(tmp_path / "bare-exp-a.npz", arr_0=np.zeros((1, 2, 2, 3), np.uint8),
+             dpar_job=np.array(json.dumps({"run": {"run": "exp/a", "run_id": "c" * 16}})))
+    assert sample_cli.sample_name(tmp_path, "bare", suffixes, a)[0] == "bare-exp-a-aaaaaaaa"
+    # a file that cannot be read might be this run's: one line, not passed by
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="bad.npz exists but cannot be read"):
+        sample_cli.sample_name(tmp_path, "bad", suffixes, b)
+    (tmp_path / "p.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="p.png exists but cannot be read"):
+        sample_cli.sample_name(tmp_path, "p", (".png",), b)
+    # the run's part of a name: file-name safe, bounded
+    odd = {"run": "my exp: v2/run #1 " + "é" * 80, "run_id": "d" * 16}
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "q.png")
+    stem = sample_cli.sample_name(tmp_path, "q", (".png",), odd)[0]
+    assert stem.startswith("q-my_exp__v2-run__1_éé") and len(stem[2:].encode()) <= sample_cli.RUN_SUFFIX_BYTES

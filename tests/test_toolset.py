@@ -181,6 +181,23 @@ def test_example_commands_name_only_files_of_a_fresh_clone():
     assert not missing, f"example commands name paths a fresh clone lacks: {missing}"
 
 
+def test_a_missing_store_names_commands_that_exist(tmp_path):
+    """Issue 30: the probe's "no store" error advised preprocess_tokens.py with no command to run. It names the
+    flag, a preprocess_tokens.py command whose flags that script takes, and the demo's store, which a fresh
+    clone has; and it comes before any model is loaded."""
+    absent = tmp_path / "demo.work" / "tokens"
+    with pytest.raises(UserError) as raised:
+        linear_probe.main(["--experiment_dir", str(tmp_path / "no_run"), "--store", str(absent)])
+    message = str(raised.value)
+    assert message.startswith(f"--store {absent}: no token store there") and "\n" not in message
+    command = re.search(r"python (preprocess_tokens\.py [^,]*), or", message).group(1).split()
+    assert (ROOT / command[0]).is_file()
+    args = preprocess_tokens.parse_args([arg.replace("<", "").replace(">", "") for arg in command[1:]])
+    assert args.stage == "tokens" and args.store == str(absent) and args.data_path and args.vq_ckpt
+    demo = message.rsplit("--store ", 1)[1]
+    assert TokenStore(Path(demo).resolve()).num_tokens > 0  # relative to the working folder
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--val-store", "{store}", "--val-holdout", "5"], "with --val-store give one of the two"),
     (["--val-holdout", "96"], "--val-holdout 96: "),
