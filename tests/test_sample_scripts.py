@@ -441,9 +441,11 @@ def test_self_entropy_sampling_needs_no_entropy_model_and_a_threshold(experiment
 
 @pytest.mark.slow  # about 12 s on 2 CPU cores: a θ calibration and sampling runs
 def test_self_entropy_benchmark_on_the_demo(tmp_path):
-    out = finish(run_script([sys.executable, "benchmarks/self_entropy.py", "--calibration-images", "48",
-                             "--pairs", "1", "--timing-batch", "4", "--per-class", "1", "--output",
-                             str(tmp_path / "report")]))
+    """From another folder: its default runs are the repository's demo runs wherever it starts (issue 30)."""
+    (tmp_path / "elsewhere").mkdir()
+    out = finish(run_script([sys.executable, str(ROOT / "benchmarks" / "self_entropy.py"), "--calibration-images",
+                             "48", "--pairs", "1", "--timing-batch", "4", "--per-class", "1", "--output",
+                             str(tmp_path / "report")], cwd=tmp_path / "elsewhere"))
     assert "| self-entropy |" in out and "| entropy model |" in out
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report_self_entropy.png").is_file()
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
