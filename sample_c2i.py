@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                              "else every class)")
     parser.add_argument("--per-class", type=number(int, min=1), default=8, help="images per class")
     parser.add_argument("--batch-size", type=number(int, min=1), default=32,
-                        help="images sampled at once; the tokens do not depend on it (each image has its own seed)")
+                        help="images sampled at once (each image has its own seed: its tokens do not depend on it)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     completion = parser.add_argument_group("image completion (outpainting downward)")
     completion.add_argument("--prefix-image", default=None, help="an image whose top token rows are kept")

@@ -312,7 +312,8 @@ def _complete(path: Path) -> Path | None:
 def experiment_of(checkpoint: str | Path) -> Path | None:
     """The experiment dir a ``checkpoints/epoch_*/model.safetensors`` file belongs to, else None."""
     path = Path(checkpoint).resolve()
-    if len(path.parents) > 2 and path.parents[1].name == CHECKPOINTS and _CHECKPOINT_NAME.fullmatch(path.parent.name):
+    if (len(path.parents) > 2 and path.parents[1].name == CHECKPOINTS
+            and _CHECKPOINT_NAME.fullmatch(path.parent.name)):
         return path.parents[2]
     return None
 
@@ -586,7 +587,7 @@ def build_for_weights(build: Callable[[Any], torch.nn.Module], config: Any, weig
     ``config.yaml`` edited to GPT-7B or a vocabulary of 10^9 -- is refused before anything is allocated.
 
     ``config`` is a config dataclass read from ``config_path`` (its fields named by ``key``): a mismatch is
-    one line naming the field whose other value the weights fit (:func:`_fitting_value`), and that value;
+    one line naming the field whose other value the weights fit (:func:`_fitting_values`), and that value;
     without ``config_path``, or when no single field explains the shapes, one line naming the first weight
     that differs.
     """
@@ -633,8 +634,8 @@ def _fitting_values(build: Callable[[Any], torch.nn.Module], config: Any,
         def shapes_with(name: str, value: Any) -> dict[str, tuple[int, ...]] | None:
             try:
                 return _shapes(build(dataclasses.replace(config, **{name: value})))
-            except (UserError, AssertionError, ValueError, TypeError, KeyError):
-                return None  # a config its schema refuses
+            except Exception:  # a candidate its schema or its model refuses: not the value the weights have
+                return None
 
         for field in dataclasses.fields(config):
             current, default, rule = getattr(config, field.name), field.default, field.metadata.get("range")
@@ -664,8 +665,8 @@ def _fitting_values(build: Callable[[Any], torch.nn.Module], config: Any,
                 if value == current or not (value is None or rule is None or rule.allows(value)):
                     continue
                 changed = shapes_with(field.name, value)
-                if changed == own:
-                    break  # this field changes no shape
+                if changed == own and "choices" not in field.metadata:
+                    break  # this field changes no shape (a choice may change some: try them all)
                 if changed is not None and not _misfit(changed, shapes)[0]:
                     found.append((field.name, value))
                     break
