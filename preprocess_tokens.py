@@ -28,7 +28,7 @@ from dpar.runs import load_entropy_model
 from dpar.models import GPT_models
 from dpar.fileio import check_output_dir
 from dpar.launch import make_accelerator
-from dpar.validation import field_type, number
+from dpar.validation import MAX_IMAGE_SIZE, field_type, number
 from tokenizer.transforms import VIEW_COUNTS
 from tokenizer.vq_model import VQ_models, VQConfig, load_vq
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="for a LlamaGen .pt")
     tokens.add_argument("--codebook-embed-dim", type=field_type(VQConfig, "codebook_embed_dim"), default=8,
                         help="for a LlamaGen .pt")
-    tokens.add_argument("--image-size", type=number(int, min=1), default=256,
+    tokens.add_argument("--image-size", type=number(int, min=1, max=MAX_IMAGE_SIZE), default=256,
                         help="crop size in pixels (256 or 384 in the paper)")
     tokens.add_argument("--views", type=int, choices=VIEW_COUNTS, default=20,
                         help="1 center crop; 2 + flip; 10 ten-crop (flips included); 20 ten-crop at 1.1 and 1.05")

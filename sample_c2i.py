@@ -19,10 +19,13 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.fileio import check_output_dir, check_output_file, claim_outputs
+from dpar.sampling import Generation
 from dpar.validation import device, number
 from dpar.visual import image_grid, patch_map, save_png, with_patch_legend, with_row_labels
 from sample_cli import (RUN_KEY, add_sampling_arguments, run_record, sample_file_stem, sample_name, sampler_from_args,
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="class ids in [0, classes), one grid row each (default: LlamaGen's 8 on ImageNet, "
                              "else every class)")
     parser.add_argument("--per-class", type=number(int, min=1), default=8, help="images per class")
+    parser.add_argument("--batch-size", type=number(int, min=1), default=32,
+                        help="images sampled at once (each image has its own seed: its tokens do not depend on it)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     completion = parser.add_argument_group("image completion (outpainting downward)")
     completion.add_argument("--prefix-image", default=None, help="an image whose top token rows are kept")
@@ -72,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     grid_path = check_output_file(Path(args.output_dir) / f"{stem}.png", "the sample grid")
     map_path = check_output_file(Path(args.output_dir) / f"{stem}_patches.png", "the patch map")
 
+    names = sampler.class_names
+    row_labels = [f"{c} {names[c]}" if names else str(c) for c in classes]
+    check_picture_size(args, len(classes), args.per_class + (args.prefix_image is not None),
+                       sampler.model_config.image_size, row_labels, sampler.patcher is not None)
+
     prefix, original = None, None
     if args.prefix_image is not None:
         if sampler.grid < 2:
@@ -89,12 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     seeds = args.seed * 1_000_003 + torch.arange(len(labels))
     started = time.perf_counter()
-    images, out = sampler.sample(labels.to(args.device), seeds, sampling_from_args(args), progress=True,
-                                 prefix=prefix, static_shapes=args.static_shapes)
+    batches = [sampler.sample(labels[i:i + args.batch_size].to(args.device), seeds[i:i + args.batch_size],
+                              sampling_from_args(args), progress=True,
+                              prefix=None if prefix is None else prefix[i:i + args.batch_size],
+                              static_shapes=args.static_shapes) for i in range(0, len(labels), args.batch_size)]
+    images = torch.cat([batch.cpu() for batch, _ in batches])
+    out = Generation(*(torch.cat([getattr(record, key).cpu() for _, record in batches])
+                       for key in ("tokens", "patch_start", "global_steps")))
     seconds = time.perf_counter() - started
 
-    names = sampler.class_names
-    row_labels = [f"{c} {names[c]}" if names else str(c) for c in classes]
     height = images.shape[1]
     if original is None:
         pictures = images
@@ -115,6 +128,29 @@ def main(argv: list[str] | None = None) -> None:
         tokens_per_patch = out.tokens.numel() / float(out.global_steps.sum())
         print(f"{tokens_per_patch:.2f} tokens per patch, {out.global_steps.float().mean():.1f} global steps per image "
               f"-> {map_path}")
+
+
+def check_picture_size(args: argparse.Namespace, rows: int, columns: int, size: int, row_labels: list[str],
+                       patch_map: bool) -> None:
+    """``UserError`` naming ``--per-class`` and ``--classes``, before any sampling, when the picture of ``rows`` x
+    ``columns`` images of ``size`` px (with its row labels, and the patch map's legend) would hold more pixels than
+    Pillow opens by default (``PIL.Image.MAX_IMAGE_PIXELS``; None: no bound). Each size is the one the pictures
+    are then built with: the grid's formula, the label margin and legend of empty pictures."""
+    if Image.MAX_IMAGE_PIXELS is None:
+        return
+    pad = 2  # image_grid's
+    height, width = rows * (size + pad) + pad, columns * (size + pad) + pad
+    width += with_row_labels(np.zeros((1, 0, 3), np.uint8), row_labels, size).shape[1]
+    sizes = [(height, width)]
+    if patch_map:
+        legend = with_patch_legend(np.zeros((0, 1, 3), np.uint8)).shape  # a strip, widened to the map
+        sizes.append((height + legend[0], max(width, legend[1])))
+    height, width = max(sizes, key=lambda shape: shape[0] * shape[1])
+    if height * width > Image.MAX_IMAGE_PIXELS:
+        raise UserError(f"--per-class {args.per_class} x {rows} classes (--classes) make a {width} x {height} px "
+                        f"picture ({height * width / 1e6:,.0f} Mpx), more than the {Image.MAX_IMAGE_PIXELS / 1e6:,.0f}"
+                        " Mpx Pillow opens (PIL.Image.MAX_IMAGE_PIXELS); sample fewer per picture (sample_c2i_ddp.py "
+                        "samples any number into an .npz)")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ r"""Sample N images (50,000 by default) across processes and pack them into an A
         --image-size 256 --cfg-scale 2.0     # a released LlamaGen checkpoint, same sampler and file format
     -> samples/GPT-L-c2i_L_256-size-256-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz
 
-Every class gets N / classes images, in a random order drawn from ``--seed`` (``fid_labels``; the labels are
-stored as ``arr_1``): the Inception Score is averaged over splits of 5,000 consecutive images, which then hold
-all classes, as in LlamaGen's and DiT's files (labels drawn at random); in class order each split would hold
-100 of 1,000 classes and IS would come out far too low. Image n uses seed
+Every class gets N / classes images, in a random order drawn from ``--seed`` (``FidLabels``: each chunk's
+labels computed alone, never all N at once; they are stored as ``arr_1``): the Inception Score is averaged over
+splits of 5,000 consecutive images, which then hold all classes, as in LlamaGen's and DiT's files (labels drawn
+at random); in class order each split would hold 100 of 1,000 classes and IS would come out far too low. A job
+whose .npz (and its chunks) cannot fit on the output's file system is refused before sampling. Image n uses seed
 ``seed * 1000003 + n``, so its label and tokens are the same on any number of processes (its pixels too
 where the tokenizer's decoder runs the same kernels: the same batch size and thread count on CPUs). Chunks
 of ``--per-proc-batch-size`` images are saved as they finish: rerun the same command after a kill and only
@@ -43,22 +44,106 @@ from sample_cli import (add_sampling_arguments, run_record, sample_file_stem, sa
                         sampling_from_args)
 
 
-# what the job record says of fid_labels (a file of an older version, in class order, recorded "class_order")
-LABEL_ORDER = ("class-balanced (class n * classes // N, n < N), permuted by numpy.random.default_rng(seed)"
-               ".permutation(N); labels in arr_1")
+# what the job record says of the labels (a file of an older version recorded another text, and is not reused)
+LABEL_ORDER = ("class-balanced (class m * classes // N at position m < N); sample n takes position pi(n), pi a "
+               "Feistel permutation of [0, N) (8 rounds of a splitmix64 mix, cycle walking) keyed by "
+               "numpy.random.default_rng(seed); labels in arr_1")
+
+
+class FidLabels:
+    """The labels of samples 0..N-1 of an FID run, computed for any indices without materialising all N (a
+    billion labels would take 8 GB): ``labels[a:b]``, ``labels[indices]``, ``np.asarray(labels)`` (all N).
+
+    Each class gets N / num_classes samples (N // num_classes or one more when it does not divide): position m
+    of the class-sorted list holds class ``m * num_classes // N``, and sample n takes position ``pi(n)``, where
+    ``pi`` is a bijection of [0, N) drawn from ``seed``: a balanced Feistel network on the smallest domain of
+    2^(2h) >= N values, whose round function mixes the right half with a round key (the 64-bit finaliser of
+    splitmix64), walked again while it lands outside [0, N) (cycle walking keeps a bijection). The order is
+    random-looking, so that every split of 5,000 consecutive samples holds (nearly) all classes: ADM's evaluator
+    averages the Inception Score over such splits, and in class order a split holds 100 of 1,000 classes and IS
+    comes out far too low. A label depends on n, N, the class count and the seed alone, not on the process
+    count or the batch. FID, sFID, precision and recall do not depend on the order.
+    """
+
+    ROUNDS = 8
+
+    def __init__(self, num_samples: int, num_classes: int, seed: int):
+        assert num_samples >= 1 and num_classes >= 1 and seed >= 0
+        self.num_samples, self.num_classes, self.seed = num_samples, num_classes, seed
+        bits = max(2, (num_samples - 1).bit_length())
+        self.half = np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        self.keys = np.random.default_rng(seed).integers(0, 2**64 - 1, size=self.ROUNDS, dtype=np.uint64,
+                                                         endpoint=True)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: slice | np.ndarray) -> np.ndarray:
+        """int64 labels of the samples ``index`` (a slice, or indices in [0, N))."""
+        n = np.arange(*index.indices(self.num_samples), dtype=np.int64) if isinstance(index, slice) \
+            else np.asarray(index, dtype=np.int64)
+        assert n.size == 0 or (n.min() >= 0 and n.max() < self.num_samples), "sample index outside [0, N)"
+        position = self.position(n)
+        if self.num_samples * self.num_classes < 2**63:
+            return position * self.num_classes // self.num_samples
+        return (position.astype(object) * self.num_classes // self.num_samples).astype(np.int64)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        labels = self[0:self.num_samples]
+        return labels if dtype is None else labels.astype(dtype)
+
+    def position(self, n: np.ndarray) -> np.ndarray:
+        """``pi(n)``: where samples ``n`` sit in the class-sorted list (a bijection of [0, N))."""
+        x = self._feistel(np.asarray(n, dtype=np.uint64))
+        outside = x >= self.num_samples
+        while outside.any():  # cycle walking: fewer than 4 rounds on average (the domain is < 4 N)
+            x[outside] = self._feistel(x[outside])
+            outside = x >= self.num_samples
+        return x.astype(np.int64)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix64(right ^ key) & self.mask)
+        return (left << self.half) | right
+
+    def sha256(self, chunk: int = 1 << 20) -> str:
+        """sha256 of all N labels as little-endian int64, computed ``chunk`` labels at a time."""
+        digest = hashlib.sha256()
+        for start in range(0, self.num_samples, chunk):
+            digest.update(self[start:start + chunk].astype("<i8").tobytes())
+        return digest.hexdigest()
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """A 64-bit mixing function (splitmix64's finaliser: xor-shifts and two odd multipliers, wrapping)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def fid_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
-    """int64 labels of samples 0..N-1: each class N / num_classes times (50 for 50K on ImageNet; rounded
-    down or up when it does not divide), in a random order drawn from ``seed``.
+    """All int64 labels of :class:`FidLabels` (samples 0..N-1) as one array."""
+    return np.asarray(FidLabels(num_samples, num_classes, seed))
 
-    Not in class order: ADM's evaluator averages the Inception Score over splits of 5,000 consecutive samples,
-    and a split of a class-sorted file holds 100 of 1,000 classes, which makes IS far too low. In a
-    random order every split sees all classes, as in LlamaGen's and DiT's files, whose labels are drawn at
-    random. FID, sFID, precision and recall do not depend on the order.
-    """
-    balanced = np.arange(num_samples, dtype=np.int64) * num_classes // num_samples
-    return balanced[np.random.default_rng(seed).permutation(num_samples)]
+
+def check_disk_space(npz: Path, num_samples: int, size: int, chunk: int) -> None:
+    """``UserError`` naming ``--num-fid-samples``, before any sampling, when the file system of ``npz`` lacks
+    room for what the job writes: the ``.npz`` (``N x size x size x 3`` bytes of images, and the labels) and,
+    until it is packed, the chunks of ``<name>.parts`` not yet written (a resumed run's count as written)."""
+    per_image = size * size * 3
+    parts = npz.with_suffix(".parts")
+    written = len(list(parts.glob("chunk_*.npy"))) if parts.is_dir() else 0
+    needed = num_samples * (per_image + 8) + max(0, num_samples - written * chunk) * per_image + (1 << 20)
+    folder = npz.parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise UserError(f"--num-fid-samples {num_samples}: {size}x{size} samples need {needed / 1e9:,.1f} GB on "
+                        f"{folder} (the .npz, and its chunks until they are packed), which has {free / 1e9:,.1f} GB "
+                        "free; sample fewer or choose another --output-dir")
 
 
 class SampleChunks:
@@ -197,9 +282,12 @@ def main(argv: list[str] | None = None) -> None:
     if note:
         accelerator.print(note)
     npz = Path(args.output_dir) / f"{stem}.npz"
-    labels = fid_labels(args.num_fid_samples, sampler.model_config.num_classes, args.seed)
+    if not npz.exists():  # a finished job's file needs no room; another job's is refused below
+        check_disk_space(npz, args.num_fid_samples, args.image_size_eval or sampler.model_config.image_size,
+                         args.per_proc_batch_size)
+    labels = FidLabels(args.num_fid_samples, sampler.model_config.num_classes, args.seed)
     job = {**sampler.identity(), "run": run, "epoch": sampler.epoch, "ema": args.ema, "seed": args.seed,
-           "label_order": LABEL_ORDER, "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+           "label_order": LABEL_ORDER, "labels_sha256": labels.sha256(),
            "sampling": asdict(sampling), "image_size_eval": args.image_size_eval}
     chunks = SampleChunks(npz, args.num_fid_samples, args.per_proc_batch_size, job, labels)
     if chunks.finished():
@@ -211,13 +299,13 @@ def main(argv: list[str] | None = None) -> None:
     if not accelerator.is_main_process:
         chunks.start(main_process=False)
 
-    labels = torch.from_numpy(labels)
     todo = chunks.todo(accelerator.process_index, accelerator.num_processes)
     started, done, steps, tokens = time.perf_counter(), 0, 0, 0
     bar = tqdm(todo, desc="sampling", unit="chunk", disable=not accelerator.is_local_main_process)
     for k in bar:
         index = chunks.indices(k)
-        images, out = sampler.sample(labels[index].to(accelerator.device), args.seed * 1_000_003 + index, sampling,
+        images, out = sampler.sample(torch.from_numpy(labels[index.numpy()]).to(accelerator.device),
+                                     args.seed * 1_000_003 + index, sampling,
                                      image_size=args.image_size_eval, static_shapes=args.static_shapes)
         chunks.write(k, images.cpu().numpy())
         done, steps, tokens = done + len(index), steps + int(out.global_steps.sum()), tokens + out.tokens.numel()

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from dpar.config import REPO
 from dpar.errors import UserError
 from dpar.experiment import CONFIG_FILE
-from dpar.models import GPT_models
+from dpar.models import GPT_models, ModelConfig
 from dpar.patcher import PatcherConfig
 from dpar.runs import Sampler
 from dpar.sampling import CFG_SCHEDULES, SamplingConfig
@@ -61,7 +61,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_scale: float = 1
     llamagen = parser.add_argument_group("a released LlamaGen checkpoint instead of a run (LlamaGen's flags)")
     llamagen.add_argument("--gpt-ckpt", default=None, help="LlamaGen c2i GPT weights, e.g. c2i_L_256.pt")
     llamagen.add_argument("--gpt-model", choices=tuple(GPT_models), default=None, help="its size (default GPT-B)")
-    llamagen.add_argument("--image-size", type=number(int, min=1), default=None,
+    llamagen.add_argument("--image-size", type=field_type(ModelConfig, "image_size"), default=None,
                           help="the size it was trained at (default 256)")
 
 

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.workloads import interleaved, ratio_cell  # noqa: E402
-from dpar.config import read_section, recorded_path  # noqa: E402
+from dpar.config import REPO, read_section, recorded_path  # noqa: E402
 from dpar.data.preprocess import next_token_entropies  # noqa: E402
 from dpar.data.splits import holdout_split, stratified_sample  # noqa: E402
 from dpar.data.store import TokenStore  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.fileio import atomic_write_text, check_output_file  # noqa: E402
+from dpar.models import is_dpar  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.runs import Sampler  # noqa: E402
 from dpar.sampling import SamplingConfig, cached_steps, generate  # noqa: E402
@@ -83,15 +84,19 @@ def calibrate_self_threshold(sampler: Sampler, patcher: PatcherConfig, tokens: t
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment_dir", default="assets/demo/dpar", help="a DPAR run with entropy patching")
-    parser.add_argument("--gpt", default="assets/demo/gpt", help="the GPT run to time against (or none)")
+    parser.add_argument("--experiment_dir", default=str(REPO / "assets" / "demo" / "dpar"),
+                        help="a DPAR run with entropy patching (default: the embedded demo's)")
+    parser.add_argument("--gpt", default=str(REPO / "assets" / "demo" / "gpt"),
+                        help="the GPT run (a GPT-* of train_global_model.py) to time against, or none (default: the "
+                             "embedded demo's)")
     parser.add_argument("--calibration-images", type=number(int, min=1), default=800,
                         help="training images θ_self is set on")
     parser.add_argument("--per-class", type=number(int, min=1, max=64), default=4,
                         help="sample grid: images per class")
     parser.add_argument("--timing-batch", type=number(int, min=1, max=1024), default=16)
     parser.add_argument("--pairs", type=number(int, min=1), default=5, help="interleaved timing pairs")
-    parser.add_argument("--output", default="benchmarks/results/self_entropy_demo", help="<output>.md and PNGs")
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "self_entropy_demo"),
+                        help="<output>.md, .json and PNGs (default: benchmarks/results/self_entropy_demo)")
     args = parser.parse_args(argv)
     command = " ".join(["python benchmarks/self_entropy.py", *(sys.argv[1:] if argv is None else argv)])
 
@@ -105,7 +110,19 @@ def main(argv: list[str] | None = None) -> None:
     sampler = Sampler.from_experiment(args.experiment_dir)
     if sampler.patcher is None or sampler.patcher.mode != "entropy":
         raise UserError(f"--experiment_dir {args.experiment_dir} is not a DPAR run with entropy patching")
-    gpt = Sampler.from_experiment(args.gpt, tokenizer=False).model if args.gpt and args.gpt != "none" else None
+    cfg = SamplingConfig(cfg_scale=4.0)  # the timing and the sample grids sample with guidance
+    sampler.check(cfg)
+    gpt = None
+    if args.gpt and args.gpt != "none":  # checked before the minutes of calibration
+        baseline = Sampler.from_experiment(args.gpt, tokenizer=False)
+        if is_dpar(baseline.model_config.gpt_model):
+            raise UserError(f"--gpt {args.gpt} is a {baseline.model_config.gpt_model} run; give the token-level "
+                            "GPT run (GPT-*) to time against, or none")
+        if baseline.model_config.num_classes != sampler.model_config.num_classes:
+            raise UserError(f"--gpt {args.gpt} has {baseline.model_config.num_classes} classes, --experiment_dir "
+                            f"{sampler.model_config.num_classes}; the timing samples the same labels with both")
+        baseline.check(cfg)
+        gpt = baseline.model
     config = Path(args.experiment_dir) / "config.yaml"
     data = read_section(config, "data", DataConfig)
     store = TokenStore(recorded_path(data.store))
@@ -134,7 +151,6 @@ def main(argv: list[str] | None = None) -> None:
     classes = torch.arange(sampler.model_config.num_classes)
     batch_labels = classes.repeat(args.timing_batch // len(classes) + 1)[:args.timing_batch]
     seeds = torch.arange(args.timing_batch)
-    cfg = SamplingConfig(cfg_scale=4.0)
 
     def sample_with(patcher):
         return lambda: generate(cached_steps(sampler.model, patcher, sampler.entropy_model), batch_labels, seeds,

@@ -28,6 +28,7 @@ the model config they were trained with (``model_config``: the run's resolved ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -35,7 +36,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -45,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from .config import flatten, load_config, parse_cli, save_config
 from .errors import ArgumentParser, UserError, first_line
 from .fileio import atomic_write_text, check_output_dir, lock_folder, umask, writing
-from .validation import choice, ranged
+from .validation import Key, choice, config_key, ranged
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -56,7 +57,8 @@ STEP_CHECKPOINT = "latest"
 STATE_FILE = "training_state.pt"
 MODEL_RECORD = "model_config"  # the weights' metadata key of the model config they were trained with
 SCRATCH = "scratch"
-_CHECKPOINT_NAME = re.compile(r"^epoch_(\d{8})$")
+_CHECKPOINT_NAME = re.compile(r"epoch_([0-9]{8})")  # fullmatch; [0-9], not \d: \d also takes "٣" and kin
+_COUNT = re.compile(r"0|[1-9][0-9]*")  # a count as this project writes one: ASCII digits, no sign, no leading 0
 _REPLACED = ".old"  # a checkpoint moved aside while its replacement is renamed into place
 
 
@@ -302,7 +304,7 @@ def list_checkpoints(experiment_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints as (epoch, dir), oldest first."""
     found = {}
     for path in (Path(experiment_dir) / CHECKPOINTS).glob("epoch_*"):  # epoch_X, or epoch_X.old mid-swap
-        match = _CHECKPOINT_NAME.match(path.name.removesuffix(_REPLACED))
+        match = _CHECKPOINT_NAME.fullmatch(path.name.removesuffix(_REPLACED))
         complete = _complete(path.with_name(match.group(0))) if match else None
         if complete is not None:
             found[int(match.group(1))] = complete
@@ -320,7 +322,8 @@ def _complete(path: Path) -> Path | None:
 def experiment_of(checkpoint: str | Path) -> Path | None:
     """The experiment dir a ``checkpoints/epoch_*/model.safetensors`` file belongs to, else None."""
     path = Path(checkpoint).resolve()
-    if len(path.parents) > 2 and path.parents[1].name == CHECKPOINTS and _CHECKPOINT_NAME.match(path.parent.name):
+    if (len(path.parents) > 2 and path.parents[1].name == CHECKPOINTS
+            and _CHECKPOINT_NAME.fullmatch(path.parent.name)):
         return path.parents[2]
     return None
 
@@ -401,19 +404,32 @@ def resume_checkpoint(experiment_dir: str | Path) -> Path | None:
 
 def checkpoint_step(checkpoint: str | Path) -> int:
     """The optimizer step a checkpoint was written at (-1 when its metadata does not say)."""
-    return int(checkpoint_metadata(checkpoint).get("step", -1))
+    return checkpoint_metadata(checkpoint).get("step", -1)
 
 
-def checkpoint_metadata(checkpoint: str | Path) -> dict[str, str]:
-    """The ``epoch`` and ``step`` a checkpoint dir's weights record (strings; absent when not recorded)."""
+def checkpoint_metadata(checkpoint: str | Path) -> dict[str, int]:
+    """The ``epoch`` and ``step`` a checkpoint dir's weights record (absent when not recorded), each read with
+    :func:`parse_count`. ``UserError`` naming the file for weights that cannot be read or a value that is not a
+    count as this project writes one."""
     path = Path(checkpoint) / MODEL_FILE
     try:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
-        int(metadata.get("step", -1)), int(metadata.get("epoch", -1))
-        return metadata
-    except (SafetensorError, OSError, ValueError) as error:
+    except (SafetensorError, OSError) as error:
         raise UserError(f"checkpoint {path} is damaged ({error}); delete its folder to use an earlier one") from None
+    return {key: parse_count(metadata[key], f"checkpoint {path}: its metadata {key!r}")
+            for key in ("epoch", "step") if key in metadata}
+
+
+def parse_count(text: str, what: str) -> int:
+    """``text`` as a count this project wrote (an epoch, a step): ASCII digits in canonical form (``"0"``,
+    ``"590"``). Anything else (``"5\\n"``, ``" 5"``, ``"05"``, ``"+5"``, ``"-1"``, ``"5_0"``, ``"٣"``: ``int()``
+    takes them all, and most would be written back otherwise) is a damaged or crafted file: ``UserError`` naming
+    ``what``, before the value reaches a file name or a resume point."""
+    if not isinstance(text, str) or not _COUNT.fullmatch(text):
+        raise UserError(f"{what} is {text!r}, not a count in ASCII digits (a damaged or crafted file); delete "
+                        "the checkpoint's folder to use an earlier one")
+    return int(text)
 
 
 def _write_checkpoint(final: Path, model_state: dict[str, torch.Tensor], training_state: dict[str, Any] | None,
@@ -467,15 +483,42 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     :data:`STATE_DICT_KEYS` it has (LlamaGen's ``{"model": ...}``, DeepSpeed's ``"module"``, Lightning's
     ``"state_dict"``), else the checkpoint itself. ``UserError`` for a missing or unreadable file, and for
     weights no model can use (:func:`check_weights`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+    path = _weights_file(path)
     if path.suffix == ".safetensors":
         try:
             return check_weights(load_file(path), path)
         except (SafetensorError, OSError) as error:
             raise UserError(f"cannot read {path}: {error}") from None
-    checkpoint = _load_torch_file(path)
+    return check_weights(_state_dict_in(_load_torch_file(path), path), path)
+
+
+def weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight in a file :func:`read_state_dict` reads, without reading the weights: a
+    ``.safetensors`` header, or a torch checkpoint memory-mapped (read whole only in torch's legacy format, which
+    cannot be mapped). ``UserError`` as :func:`read_state_dict`."""
+    path = _weights_file(path)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"cannot read {path}: {error}") from None
+    try:
+        checkpoint = _load_torch_file(path, mmap=True)
+    except UserError:  # a legacy (non-zip) torch file cannot be mapped; a damaged one fails again here
+        checkpoint = _load_torch_file(path)
+    return {key: tuple(tensor.shape) for key, tensor in _state_dict_in(checkpoint, path).items()}
+
+
+def _weights_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def _state_dict_in(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict a loaded torch checkpoint holds (see :func:`read_state_dict`); ``UserError`` for none."""
     if isinstance(checkpoint, dict):
         key = next((key for key in STATE_DICT_KEYS if isinstance(checkpoint.get(key), dict)), None)
         checkpoint = checkpoint if key is None else checkpoint[key]
@@ -483,7 +526,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             or not all(isinstance(v, torch.Tensor) for v in checkpoint.values())):
         raise UserError(f"{path} holds no state dict (expected tensors, or a dict with one under "
                         f"{' / '.join(map(repr, STATE_DICT_KEYS))})")
-    return check_weights(checkpoint, path)
+    return checkpoint
 
 
 def check_weights(state: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
@@ -504,11 +547,12 @@ def check_weights(state: dict[str, torch.Tensor], path: str | Path) -> dict[str,
     return state
 
 
-def _load_torch_file(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)``; also admits the argparse.Namespace LlamaGen stores as ``args``."""
+def _load_torch_file(path: str | Path, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``; also admits the argparse.Namespace LlamaGen stores as ``args``.
+    ``mmap``: the tensors mapped from the file, not read (torch's zip format only)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for a bad file; all mean the same to the user
         message = first_line(error)
         raise UserError(f"cannot read {path} as a weights-only torch checkpoint: {message}") from None
@@ -524,21 +568,130 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
 def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """``UserError`` (one line naming the first missing / unexpected / misshapen key) unless ``state`` has
     exactly ``model``'s keys and shapes. ``model`` may live on the meta device (nothing allocated)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    misshapen = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or misshapen:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing (first {missing[0]!r})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected (first {unexpected[0]!r})")
-        if misshapen:
-            k = misshapen[0]
-            details.append(f"{len(misshapen)} with other shapes (first {k!r}: "
-                           f"{list(state[k].shape)} in file, {list(own[k].shape)} in model)")
-        raise UserError(f"{path} does not fit the model: " + "; ".join(details))
+    count, details = _misfit(_shapes(model), {key: tuple(tensor.shape) for key, tensor in state.items()})
+    if count:
+        raise UserError(f"{path} does not fit the model: {details}")
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+
+
+def _misfit(own: dict[str, tuple[int, ...]], file: dict[str, tuple[int, ...]]) -> tuple[int, str]:
+    """(how many keys of a model's state dict and of a file disagree, given their shapes ``own`` and ``file``;
+    the first of each kind in words)."""
+    missing = [k for k in own if k not in file]
+    unexpected = [k for k in file if k not in own]
+    misshapen = [k for k in own if k in file and own[k] != file[k]]
+    details = []
+    if missing:
+        details.append(f"{len(missing)} missing (first {missing[0]!r})")
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected (first {unexpected[0]!r})")
+    if misshapen:
+        k = misshapen[0]
+        details.append(f"{len(misshapen)} with other shapes (first {k!r}: {list(file[k])} in file, {list(own[k])} "
+                       "in model)")
+    return len(missing) + len(unexpected) + len(misshapen), "; ".join(details)
+
+
+def build_for_weights(build: Callable[[Any], torch.nn.Module], config: Any, weights: str | Path,
+                      config_path: str | Path | None = None, key: Key = config_key("model")) -> torch.nn.Module:
+    """``build(config)`` with ``weights`` loaded (:func:`load_model_weights`), the shapes compared first: the
+    model is built on the meta device (nothing allocated) and its every key and shape compared with the file's
+    (:func:`weight_shapes`: no weight read). So a config that does not describe the weights -- a run's
+    ``config.yaml`` edited to GPT-7B or a vocabulary of 10^9 -- is refused before anything is allocated.
+
+    ``config`` is a config dataclass read from ``config_path`` (its fields named by ``key``): a mismatch is
+    one line naming the field whose other value the weights fit (:func:`_fitting_values`), and that value;
+    without ``config_path``, or when no single field explains the shapes, one line naming the first weight
+    that differs.
+    """
+    shapes = weight_shapes(weights)
+    with torch.device("meta"):
+        count, details = _misfit(_shapes(build(config)), shapes)
+    if count:
+        fitting = _fitting_values(build, config, shapes) if config_path is not None else []
+        if not fitting:
+            where = f" {config_path} describes" if config_path is not None else ""
+            raise UserError(f"{weights} does not fit the model{where}: {details}")
+        has = " and ".join(f"{key(name)}={_yaml(getattr(config, name))}" for name, _ in fitting)
+        fits = " or ".join(f"{key(name)}={_yaml(value)}" for name, value in fitting)
+        raise UserError(f"{config_path} has {has}, but the weights {weights} have the shapes of {fits}: a run's "
+                        "config.yaml must describe its weights")
+    model = build(config)
+    load_model_weights(model, weights)
+    return model
+
+
+def _fitting_values(build: Callable[[Any], torch.nn.Module], config: Any,
+                    shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, Any]]:
+    """[(field, value)]: each field of the config dataclass ``config`` whose other value makes ``build`` a model
+    of exactly the file's ``shapes`` (the field an edit changed; two when either explains the shapes, e.g. a
+    class table one row longer: ``num_classes`` or ``class_dropout_prob``), with the first such value.
+
+    Candidates, each built on the meta device: the field's default first, then every choice of a choice field,
+    the other boolean, 0 for a float; for an integer that adds or removes weights (a count of layers or blocks)
+    the counts of the file's numbered modules, and for one that changes shapes the sizes in the file's shapes
+    of the weights it changes (and each less one: a table with a null row), if it changes every weight that
+    differs; all within the field's range. A field that changes nothing is left after one try."""
+    counts: dict[str, int] = {}  # "layers" -> 12 for layers.0 .. layers.11
+    for name in shapes:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                prefix = ".".join(parts[:i])
+                counts[prefix] = max(counts.get(prefix, 0), int(part) + 1)
+    found = []
+    with torch.device("meta"):
+        own = _shapes(build(config))
+        differ = {key for key in own.keys() | shapes.keys() if own.get(key) != shapes.get(key)}
+
+        def shapes_with(name: str, value: Any) -> dict[str, tuple[int, ...]] | None:
+            try:
+                return _shapes(build(dataclasses.replace(config, **{name: value})))
+            except Exception:  # a candidate its schema or its model refuses: not the value the weights have
+                return None
+
+        for field in dataclasses.fields(config):
+            current, default, rule = getattr(config, field.name), field.default, field.metadata.get("range")
+            if "choices" in field.metadata:
+                candidates = [default, *field.metadata["choices"]]
+            elif isinstance(current, bool):
+                candidates = [not current]
+            elif isinstance(default, float):
+                candidates = [default, 0.0]
+            elif isinstance(current, int) or (current is None and rule is not None):
+                base = current or default or 1
+                probe = next((probed for value in (default, base + 1, 2 * base) if value != current
+                              for probed in [shapes_with(field.name, value)] if probed is not None), None)
+                if probe is None or probe == own:
+                    continue
+                if probe.keys() != own.keys():  # a count of modules
+                    candidates = [default, *sorted(set(counts.values()))]
+                else:  # a size: it must change every weight that differs, and the file has the same weights
+                    changes = {key for key in own if own[key] != probe[key]}
+                    if own.keys() != shapes.keys() or not differ <= changes:
+                        continue
+                    sizes = {size for key in differ for size in shapes[key]}
+                    candidates = [default, *sorted(sizes | {size - 1 for size in sizes})]
+            else:
+                continue  # lists and free text: no candidates
+            for value in dict.fromkeys(candidates):
+                if value == current or not (value is None or rule is None or rule.allows(value)):
+                    continue
+                changed = shapes_with(field.name, value)
+                if changed == own and "choices" not in field.metadata:
+                    break  # this field changes no shape (a choice may change some: try them all)
+                if changed is not None and not _misfit(changed, shapes)[0]:
+                    found.append((field.name, value))
+                    break
+    return found
+
+
+def _yaml(value: Any) -> str:
+    """A config value as YAML writes it (``null``, ``true``, ``DGPT-B``, ``0.1``)."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
 
 
 def truncate_metrics(experiment_dir: str | Path, step: int) -> None:

@@ -27,9 +27,9 @@ from .config import read_config_file, read_section, recorded_path
 from .data.config import DataConfig
 from .data.store import file_sha256, read_meta
 from .errors import UserError
-from .experiment import (CHECKPOINTS, CONFIG_FILE, EMA_FILE, MODEL_FILE, STEP_CHECKPOINT, check_fits,
-                         check_model_record, checkpoint_metadata, experiment_of, list_checkpoints,
-                         load_model_weights, read_state_dict, step_checkpoint_dir)
+from .experiment import (CHECKPOINTS, CONFIG_FILE, EMA_FILE, MODEL_FILE, STEP_CHECKPOINT, build_for_weights,
+                         check_fits, check_model_record, checkpoint_metadata, experiment_of, list_checkpoints,
+                         read_state_dict, step_checkpoint_dir)
 from .models import GPT_models, ModelConfig, create_model, is_dpar
 from .patcher import PatcherConfig
 from .sampling import Generation, SamplingConfig, cached_steps, generate
@@ -255,7 +255,9 @@ def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = 
     """(model in eval mode, its ModelConfig) from a run's ``model.safetensors`` and the ``model`` section of
     its ``config.yaml`` (found next to the checkpoint's experiment dir unless ``config_path`` is given).
     ``UserError`` when that section differs from the model config the weights record (outside
-    :data:`RUN_TIME_MODEL_KEYS`; weights written before the record existed load as before)."""
+    :data:`RUN_TIME_MODEL_KEYS`), or describes a model of other shapes than the weights' (compared on the meta
+    device before anything is allocated, :func:`dpar.experiment.build_for_weights`: weights written before the
+    record existed too)."""
     if config_path is None:
         experiment = experiment_of(checkpoint)
         if experiment is None:
@@ -264,8 +266,7 @@ def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = 
         config_path = experiment / CONFIG_FILE
     config = read_section(config_path, "model", ModelConfig)  # checked, as dpar.config checks every config
     check_model_record(checkpoint, asdict(config), config_path, ignore=RUN_TIME_MODEL_KEYS)
-    model = create_model(config)
-    load_model_weights(model, checkpoint)
+    model = build_for_weights(create_model, config, checkpoint, config_path)  # shapes first, on the meta device
     return model.eval(), config
 
 

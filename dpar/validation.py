@@ -31,6 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+# The largest image a config or flag may describe: sides of at most 2048 px and 16,384 tokens (a 128 x 128 token
+# grid). LlamaGen's largest are 512 px and 1,024 tokens at 16x, 4,096 at 8x. Beyond these bounds one image's KV
+# caches or tokenizer activations take many GB (at 65536 px: terabytes), so such a value is refused, not tried.
+MAX_IMAGE_SIZE = 2048
+MAX_IMAGE_TOKENS = 128 * 128
+
 # YAML 1.1 reads these words as booleans; a string choice spelled so gets its spelling back.
 _YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 

@@ -88,7 +88,7 @@ CASES = [
     ("vq_results_dir", train_vq, ["--config", "configs/tokenizer/vq_tiny.yaml", "--data.data_path", "{out}",
                                   "--train.results_dir", "{file}"], "train.results_dir {file} must be a folder"),
     ("image_size", preprocess_tokens, ["--stage", "tokens", "--store", "{out}", "--image-size", "0"],
-     "argument --image-size: must be >= 1; got '0'"),
+     "argument --image-size: must be in [1, 2048]; got '0'"),
     ("batch_size", preprocess_tokens, ["--stage", "tokens", "--store", "{out}", "--batch-size", "0"],
      "argument --batch-size: must be >= 1; got '0'"),
     ("num_workers_flag", preprocess_tokens, ["--stage", "tokens", "--store", "{out}", "--num-workers", "-1"],
@@ -816,3 +816,163 @@ def test_nested_yaml_aliases_in_a_run_config_stop_at_once(tmp_path):
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "YAML aliases (*a)" in proc.stderr, proc.stderr
     assert time.monotonic() - started < 60  # before the fix: days, OmegaConf copying 9^9 nodes
+
+
+# -- sizes checked before allocating: a run's config.yaml edited to a model its weights are not ------------------
+
+def limited_run(args: list[str], memory_gb: int = 6, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A script run on the CPU in an address space of ``memory_gb``: what would allocate tens of GB ends in an
+    allocator error (a traceback) instead of the OOM killer."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory_gb << 30, memory_gb << 30))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit, env=env)
+
+
+def edited_run(tmp_path: Path, run: str, edits: dict) -> Path:
+    """A copy of the demo's ``run`` (dpar, gpt, tokenizer) whose config.yaml has ``edits`` ({dotted key: value})."""
+    import shutil
+
+    import yaml
+    copy = Path(shutil.copytree(DEMO / run, tmp_path / run))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    for key, value in edits.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return copy
+
+
+# (id, demo run, edits, the one line after "error: "; {config} the edited config.yaml, {weights} its weights)
+SIZE_EDITS = [
+    ("gpt_7b", "dpar", {"model.gpt_model": "GPT-7B"},
+     "{config} has model.gpt_model=GPT-7B, but the weights {weights} have the shapes of model.gpt_model=DGPT-tiny"),
+    ("vocab_1e9", "dpar", {"model.vocab_size": 10**9},
+     "{config} has model.vocab_size=1000000000, but the weights {weights} have the shapes of model.vocab_size=128"),
+    ("classes", "gpt", {"model.num_classes": 1000},
+     "{config} has model.num_classes=1000, but the weights {weights} have the shapes of model.num_classes=12"),
+    ("null_class", "dpar", {"model.class_dropout_prob": 0.0},
+     "{config} has model.num_classes=12 and model.class_dropout_prob=0.0, but the weights {weights} have the shapes "
+     "of model.num_classes=13 or model.class_dropout_prob=0.1"),
+    ("decoder_layers", "dpar", {"model.n_dec_layer": 40},
+     "{config} has model.n_dec_layer=40, but the weights {weights} have the shapes of model.n_dec_layer=null"),
+    ("image_65536", "gpt", {"model.image_size": 65536},
+     "in {config}: config key 'model.image_size' must be in [1, 2048]; got 65536"),
+    ("tokens_per_image", "gpt", {"model.image_size": 1024},
+     "in {config}: model.image_size 1024 at model.downsample_size 4 makes 256 x 256 = 65536 tokens per image; at "
+     "most 16384 (a 128 x 128 grid) are allowed"),
+    ("tokenizer_width", "tokenizer", {"model.ch": 100000},
+     "{config} has model.ch=100000, but the weights {weights} have the shapes of model.ch=32"),
+    ("tokenizer_codebook", "tokenizer", {"model.codebook_size": 10**9},
+     "{config} has model.codebook_size=1000000000, but the weights {weights} have the shapes of "
+     "model.codebook_size=128"),
+    ("tokenizer_blocks", "tokenizer", {"model.num_res_blocks": 60},
+     "{config} has model.num_res_blocks=60, but the weights {weights} have the shapes of model.num_res_blocks=1"),
+]
+
+
+@pytest.mark.parametrize("run,edits,expected", [c[1:] for c in SIZE_EDITS], ids=[c[0] for c in SIZE_EDITS])
+def test_a_run_config_edited_to_another_size_is_refused_before_allocating(tmp_path, run, edits, expected):
+    """Before: allocator tracebacks (GPT-7B: 28 GB, a 10^9 vocabulary: 256 GB, 65536 px: KV caches of 2^28
+    tokens) or the OOM killer. Now the model is built on the meta device and compared with the file's header
+    first, and the image size has a bound: one line naming the key, the value and the weights' value."""
+    copy = edited_run(tmp_path, run, edits)
+    weights = next(copy.glob("checkpoints/epoch_*/model.safetensors"))
+    args = ["sample_c2i.py", "--device", "cpu", "--output-dir", str(tmp_path / "out")]
+    args += ["--vq-ckpt", str(weights)] if run == "tokenizer" else ["--experiment_dir", str(copy)]
+    proc = limited_run(args)
+    expected = expected.format(config=copy / "config.yaml", weights=weights)
+    assert proc.returncode == 2 and proc.stderr == f"error: {expected}: a run's config.yaml must describe its " \
+        "weights\n" if "weights" in expected else proc.stderr == f"error: {expected}\n", proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_no_single_key_explains_are_named_by_their_first_difference(tmp_path):
+    copy = edited_run(tmp_path, "gpt", {"model.vocab_size": 1000, "model.num_classes": 1000})
+    weights = next(copy.glob("checkpoints/epoch_*/model.safetensors"))
+    with pytest.raises(UserError) as raised:
+        sample_c2i.main(["--experiment_dir", str(copy), "--output-dir", str(tmp_path / "out")])
+    assert one_line(raised.value) == (
+        f"{weights} does not fit the model {copy / 'config.yaml'} describes: 3 with other shapes (first "
+        "'cls_embedding.embedding_table.weight': [13, 64] in file, [1001, 64] in model)")
+
+
+def test_the_shapes_of_a_torch_checkpoint_are_read_without_its_weights(tmp_path):
+    from dpar.models import ModelConfig, create_model
+    config = ModelConfig(gpt_model="GPT-tiny", image_size=32, downsample_size=4, vocab_size=128, num_classes=12)
+    state = create_model(config).state_dict()
+    torch.save({"model": state, "args": None}, tmp_path / "c2i.pt")
+    torch.save({"model": state}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # cannot be mapped
+    for name in ("c2i.pt", "legacy.pt"):
+        assert experiment.weight_shapes(tmp_path / name) == {key: tuple(t.shape) for key, t in state.items()}
+
+
+# -- counts in a checkpoint's metadata: ASCII digits only, before they reach a file name --------------------------
+
+def crafted_latest(tmp_path: Path, **metadata: str) -> Path:
+    """A copy of the demo's DPAR whose weights sit in checkpoints/latest/ with this ``epoch`` / ``step`` metadata."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    run = Path(shutil.copytree(DEMO / "dpar", tmp_path / "run"))
+    epoch_dir = next((run / "checkpoints").glob("epoch_*"))
+    (run / "checkpoints" / "latest").mkdir()
+    save_file(load_file(epoch_dir / "model.safetensors"), run / "checkpoints" / "latest" / "model.safetensors",
+              metadata={"epoch": "9", "step": "600", **metadata})
+    shutil.rmtree(epoch_dir)
+    return run
+
+
+@pytest.mark.parametrize("value", ["5\n", "٣", "05", " 5", "+5", "-1", "5_0", "5.0", ""])
+@pytest.mark.parametrize("key", ["epoch", "step"])
+def test_crafted_checkpoint_counts_are_refused_naming_the_file(tmp_path, key, value):
+    """Before: "5\\n" and "٣" (int() reads both) went into the sample file name (epoch-5\\n-step-600.png,
+    epoch-٣-step-600.png) and into the resume point."""
+    run = crafted_latest(tmp_path, **{key: value})
+    weights = run / "checkpoints" / "latest" / "model.safetensors"
+    expected = (f"checkpoint {weights}: its metadata {key!r} is {value!r}, not a count in ASCII digits (a damaged "
+                "or crafted file); delete the checkpoint's folder to use an earlier one")
+    with pytest.raises(UserError) as raised:
+        sample_c2i.main(["--experiment_dir", str(run), "--epoch", "latest", "--output-dir", str(tmp_path / "out")])
+    assert one_line(raised.value) == expected
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError) as raised:
+        experiment.resume_checkpoint(run)
+    assert one_line(raised.value) == expected
+
+
+def test_checkpoint_folders_are_named_in_ascii_digits(tmp_path):
+    import shutil
+    for name in ("epoch_00000003\n", "epoch_0000000٣", "epoch_00000003.x"):
+        shutil.copytree(DEMO / "dpar" / "checkpoints" / "epoch_00000009", tmp_path / "checkpoints" / name)
+    assert experiment.list_checkpoints(tmp_path) == []
+    weights = tmp_path / "checkpoints" / "epoch_0000000٣" / "model.safetensors"
+    assert experiment.experiment_of(weights) is None
+
+
+def test_a_sample_grid_larger_than_pillow_opens_is_refused_before_sampling(tmp_path):
+    """Before: --per-class 100000 sampled the demo's 1.2M images in one batch (allocator error, or the OOM
+    killer), then would have written a 1.5-gigapixel PNG no default Pillow opens."""
+    proc = limited_run(["sample_c2i.py", "--device", "cpu", "--per-class", "100000", "--output-dir",
+                        str(tmp_path / "out")], timeout=120)
+    assert proc.returncode == 2 and re.fullmatch(  # the label margin's width depends on Pillow's default font
+        r"error: --per-class 100000 x 12 classes \(--classes\) make a 340\d{4} x 4\d\d px picture \(1,4\d\d Mpx\), "
+        r"more than the 89 Mpx Pillow opens \(PIL\.Image\.MAX_IMAGE_PIXELS\); sample fewer per picture "
+        r"\(sample_c2i_ddp\.py samples any number into an \.npz\)\n", proc.stderr), proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_billion_fid_samples_are_refused_before_any_label_or_image(tmp_path):
+    """Before: all 10^9 labels were built at once (8 GB, an allocator error here), then sampling would start on
+    a 3 TB .npz. Now the labels are computed per chunk and the job's room is checked before any work."""
+    proc = limited_run(["sample_c2i_ddp.py", "--num-fid-samples", "1000000000", "--output-dir",
+                        str(tmp_path / "out")], timeout=120)
+    assert proc.returncode == 2 and re.fullmatch(
+        # 10^9 x (32 x 32 x 3 bytes + an int64 label) in the .npz, 10^9 x 3,072 bytes of chunks, 1 MiB of headers
+        rf"error: --num-fid-samples 1000000000: 32x32 samples need 6,152\.0 GB on {re.escape(str(tmp_path))} "
+        r"\(the \.npz, and its chunks until they are packed\), which has [\d,.]+ GB free; sample fewer or choose "
+        r"another --output-dir\n", proc.stderr), proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()

@@ -197,3 +197,25 @@ def test_report_outputs_are_checked_before_any_work(tmp_path, capsys):
         with pytest.raises(UserError, match=named):
             script.main(argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("folder", ["repository", "elsewhere"])
+def test_self_entropy_checks_its_runs_before_the_calibration_from_any_folder(tmp_path, monkeypatch, folder):
+    """Issue 30: --gpt <a DPAR run> failed after the minutes of calibration (an assertion in the GPT's timing),
+    and the defaults (the demo's runs, the report under benchmarks/results) were relative to the working
+    folder. With the demo's DPAR as --gpt: one line before any calibration, from any folder."""
+    from pathlib import Path
+
+    from dpar.errors import UserError, one_line
+    root = Path(self_entropy.__file__).resolve().parents[1]
+    monkeypatch.chdir(root if folder == "repository" else tmp_path)
+    checked = []
+    monkeypatch.setattr(self_entropy, "check_output_file", lambda path, what: checked.append(Path(path)))
+    monkeypatch.setattr(self_entropy, "teacher_forced", lambda *a, **k: pytest.fail("calibrated first"))
+    dpar_run = root / "assets" / "demo" / "dpar"
+    with pytest.raises(UserError) as raised:
+        self_entropy.main(["--gpt", str(dpar_run)])
+    assert one_line(raised.value) == (f"--gpt {dpar_run} is a DGPT-tiny run; give the token-level GPT run (GPT-*) "
+                                      "to time against, or none")
+    assert checked[0] == root / "benchmarks" / "results" / "self_entropy_demo.md"
+    assert list(tmp_path.iterdir()) == []

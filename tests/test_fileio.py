@@ -24,7 +24,7 @@ import train_global_model
 from dpar import demo, patchmap
 from dpar.data import synthetic
 from dpar.errors import UserError, run_main
-from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file
+from dpar.fileio import atomic_write_text, check_output_dir, check_output_file
 from evaluations import linear_probe
 from evaluations.c2i import evaluator
 from sample_c2i_ddp import SampleChunks

@@ -20,7 +20,7 @@ import sample_c2i
 import sample_c2i_ddp
 import sample_cli
 from dpar.data.preprocess import next_token_entropies
-from dpar.errors import UserError
+from dpar.errors import UserError, one_line
 from dpar.experiment import save_checkpoint, save_step_checkpoint
 from dpar.models import ModelConfig, create_model
 from dpar.patcher import PatcherConfig
@@ -75,6 +75,63 @@ def test_sample_c2i_writes_a_grid_and_a_patch_map(experiment, tmp_path, capsys):
     out = capsys.readouterr().out
     tokens_per_patch = float(out.split(" tokens per patch")[0].split()[-1])
     assert 1.0 < tokens_per_patch <= 3.0 and "s/image" in out
+
+
+def recorded_sampling(monkeypatch) -> list:
+    """Sampler.sample, recording (labels, tokens, patch starts) of each call."""
+    calls, sample = [], Sampler.sample
+
+    def recording(self, labels, *args, **kwargs):
+        images, out = sample(self, labels, *args, **kwargs)
+        calls.append((labels.cpu(), out.tokens.cpu(), out.patch_start.cpu()))
+        return images, out
+    monkeypatch.setattr(Sampler, "sample", recording)
+    return calls
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_sample_c2i_samples_in_batches_that_do_not_change_the_tokens(experiment, tmp_path, monkeypatch, prefix):
+    """Issue 30: --per-class 100000 sampled all 1.2M images in one batch (39 GB). Now in --batch-size batches;
+    image n keeps its seed, so batches of 1 and one batch of all give the same tokens and boundaries."""
+    run, vq_ckpt = experiment
+    png = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(png)
+    common = ["--experiment_dir", str(run), "--vq-ckpt", str(vq_ckpt), "--per-class", "3", "--cfg-scale", "2.0",
+              "--device", "cpu"]  # a GPU may pick other kernels for other batch sizes
+    common += ["--prefix-image", str(png), "--prefix-rows", "2"] if prefix else []
+    results = {}
+    for batch in (1, 5, 12):
+        calls = recorded_sampling(monkeypatch)
+        sample_c2i.main([*common, "--output-dir", str(tmp_path / str(batch)), "--batch-size", str(batch)])
+        assert [len(labels) for labels, _, _ in calls] == [min(batch, 12 - i) for i in range(0, 12, batch)]
+        results[batch] = [torch.cat(parts) for parts in zip(*calls)]
+    labels, tokens, starts = results[12]
+    assert torch.equal(labels, torch.arange(CLASSES).repeat_interleave(3))
+    assert len({row.numpy().tobytes() for row in tokens}) == 12  # twelve different images
+    for batch in (1, 5):
+        assert all(torch.equal(a, b) for a, b in zip(results[batch], results[12])), batch
+
+
+def test_the_picture_bound_is_the_size_of_the_picture(experiment, tmp_path, monkeypatch):
+    """Refused before sampling: a picture (with its label margin and legend) larger than Pillow opens by default.
+    The bound is checked against the pictures written: one pixel fewer is refused, their size passes."""
+    run, vq_ckpt = experiment
+    args = ["--experiment_dir", str(run), "--vq-ckpt", str(vq_ckpt), "--per-class", "3", "--classes", "1", "2"]
+    sample_c2i.main([*args, "--output-dir", str(tmp_path / "a")])
+    sizes = [Image.open(path).size for path in sorted((tmp_path / "a").glob("*.png"))]
+    largest = max(width * height for width, height in sizes)
+    width, height = next(size for size in sizes if size[0] * size[1] == largest)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", largest - 1)
+    calls = recorded_sampling(monkeypatch)
+    with pytest.raises(UserError) as raised:
+        sample_c2i.main([*args, "--output-dir", str(tmp_path / "b")])
+    assert one_line(raised.value) == (
+        f"--per-class 3 x 2 classes (--classes) make a {width} x {height} px picture (0 Mpx), more than the 0 Mpx "
+        "Pillow opens (PIL.Image.MAX_IMAGE_PIXELS); sample fewer per picture (sample_c2i_ddp.py samples any "
+        "number into an .npz)")
+    assert not calls and not (tmp_path / "b").exists()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", largest)
+    sample_c2i.main([*args, "--output-dir", str(tmp_path / "c")])
 
 
 def bitmap_font(monkeypatch):
@@ -167,6 +224,61 @@ def test_ddp_sampling_gives_the_same_npz_on_one_and_two_processes(experiment, tm
     assert one.shape == (20, SIZE, SIZE, 3) and one.dtype == np.uint8
     assert len({image.tobytes() for image in one}) == 20  # no image twice
     assert not (tmp_path / "one" / NPZ.replace(".npz", ".parts")).exists()
+
+
+@pytest.mark.parametrize("num_samples", [1, 2, 3, 7, 12, 1000, 4097, 50_000])
+def test_fid_labels_are_class_balanced_in_a_seeded_order_of_any_range(num_samples):
+    classes = 7
+    labels = sample_c2i_ddp.FidLabels(num_samples, classes, seed=3)
+    positions = labels.position(np.arange(num_samples))
+    assert np.array_equal(np.sort(positions), np.arange(num_samples))  # a bijection of [0, N)
+    every = np.asarray(labels)
+    assert every.dtype == np.int64 and len(every) == num_samples
+    counts = np.bincount(every, minlength=classes)
+    assert counts.sum() == num_samples and counts.min() >= num_samples // classes
+    assert counts.max() <= -(-num_samples // classes)  # N // C or N // C + 1 each
+    cuts = sorted({0, num_samples, *np.random.default_rng(num_samples).integers(0, num_samples, 3).tolist()})
+    assert np.array_equal(np.concatenate([labels[a:b] for a, b in zip(cuts, cuts[1:])]), every)
+    picked = np.random.default_rng(1).integers(0, num_samples, 10)
+    assert np.array_equal(labels[picked], every[picked])
+    assert np.array_equal(np.asarray(sample_c2i_ddp.FidLabels(num_samples, classes, seed=3)), every)
+    if num_samples >= 12:
+        assert not np.array_equal(np.asarray(sample_c2i_ddp.FidLabels(num_samples, classes, seed=4)), every)
+        assert (np.diff(every) < 0).any()  # not in class order
+
+
+def test_fid_label_splits_of_5000_hold_nearly_every_class():
+    """ADM's IS averages over splits of 5,000: in class order each split of 50K ImageNet samples held 100 of the
+    1,000 classes; a uniformly random order holds 995 on average (1000 * (1 - 0.9^50))."""
+    labels = sample_c2i_ddp.fid_labels(50_000, 1000, seed=0)
+    assert (np.bincount(labels) == 50).all()
+    held = [len(np.unique(labels[start:start + 5000])) for start in range(0, 50_000, 5000)]
+    assert min(held) >= 985 and 990 <= np.mean(held) <= 999, held
+    assert max(np.bincount(labels[start:start + 5000]).max() for start in range(0, 50_000, 5000)) <= 20
+
+
+def test_fid_labels_of_a_billion_samples_are_computed_per_range():
+    import tracemalloc
+    tracemalloc.start()
+    labels = sample_c2i_ddp.FidLabels(10**9, 1000, seed=0)
+    last = labels[10**9 - 5000:]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5_000_000 and len(last) == 5000 and 0 <= last.min() and last.max() < 1000
+
+
+def test_a_fid_job_the_disk_cannot_hold_is_refused_before_sampling(experiment, tmp_path, monkeypatch):
+    import shutil as shutil_module
+    run, vq_ckpt = experiment
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(sample_c2i_ddp.shutil, "disk_usage", lambda path: usage._replace(free=1_500_000))
+    monkeypatch.setattr(Sampler, "sample", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(UserError) as raised:
+        sample_c2i_ddp.main(ddp_command(run, vq_ckpt, tmp_path / "out", "--num-fid-samples", "1000")[1:])
+    assert one_line(raised.value) == (
+        f"--num-fid-samples 1000: {SIZE}x{SIZE} samples need 0.0 GB on {tmp_path} (the .npz, and its chunks until "
+        "they are packed), which has 0.0 GB free; sample fewer or choose another --output-dir")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow  # about 8 s on 2 CPU cores: three sampling runs
@@ -331,9 +443,11 @@ def test_self_entropy_sampling_needs_no_entropy_model_and_a_threshold(experiment
 
 @pytest.mark.slow  # about 12 s on 2 CPU cores: a θ calibration and sampling runs
 def test_self_entropy_benchmark_on_the_demo(tmp_path):
-    out = finish(run_script([sys.executable, "benchmarks/self_entropy.py", "--calibration-images", "48",
-                             "--pairs", "1", "--timing-batch", "4", "--per-class", "1", "--output",
-                             str(tmp_path / "report")]))
+    """From another folder: its default runs are the repository's demo runs wherever it starts (issue 30)."""
+    (tmp_path / "elsewhere").mkdir()
+    out = finish(run_script([sys.executable, str(ROOT / "benchmarks" / "self_entropy.py"), "--calibration-images",
+                             "48", "--pairs", "1", "--timing-batch", "4", "--per-class", "1", "--output",
+                             str(tmp_path / "report")], cwd=tmp_path / "elsewhere"))
     assert "| self-entropy |" in out and "| entropy model |" in out
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report_self_entropy.png").is_file()
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]

@@ -25,7 +25,7 @@ from dpar.config import to_dataclass
 from dpar.errors import UserError, first_line, run_main
 from dpar.experiment import RESUMABLE_TRAIN_KEYS, RESUME_HINT, BaseTrainConfig, Run, parse_trainer_cli
 from dpar.launch import make_accelerator
-from dpar.validation import Key, config_key, ranged
+from dpar.validation import MAX_IMAGE_SIZE, Key, config_key, ranged
 from dpar.visual import image_grid, save_png
 from tokenizer.images import EpochPermutation, RandomCropImages, list_images
 from tokenizer.lpips import LPIPS
@@ -41,7 +41,7 @@ RESUMABLE_KEYS = RESUMABLE_TRAIN_KEYS | {"train.recon_every", "data.num_workers"
 @dataclass
 class VQDataConfig:
     data_path: str = MISSING
-    image_size: int = ranged(256, min=1)
+    image_size: int = ranged(256, min=1, max=MAX_IMAGE_SIZE)
     num_workers: int = ranged(4, min=0)
 
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from dpar.config import read_config_file, read_section
 from dpar.errors import UserError
-from dpar.experiment import CONFIG_FILE, experiment_of, load_model_weights
+from dpar.experiment import CONFIG_FILE, build_for_weights, experiment_of
 from dpar.validation import Key, choice, config_key, ranged
 
 # LlamaGen keeps the last 65,536 code ids in a buffer to report codebook usage; the buffer is part of
@@ -408,16 +408,17 @@ def load_vq(checkpoint: str | Path, config: VQConfig | None = None) -> VQModel:
     """A tokenizer in eval mode from LlamaGen's ``.pt`` or this project's ``model.safetensors``.
 
     Without ``config``, a checkpoint inside an experiment dir takes the ``model`` section of that
-    run's ``config.yaml``; anything else is LlamaGen's VQ-16 (codebook 16384, dim 8).
+    run's ``config.yaml``; anything else is LlamaGen's VQ-16 (codebook 16384, dim 8). The shapes are compared
+    before anything is allocated (:func:`dpar.experiment.build_for_weights`): ``UserError`` naming the run's
+    config key that does not describe the weights.
     """
-    checkpoint = Path(checkpoint)
+    checkpoint, config_path = Path(checkpoint), None
     if config is None:
         experiment = experiment_of(checkpoint)
         run_config = experiment / CONFIG_FILE if experiment else None
         section = read_config_file(run_config).get("model") if run_config and run_config.is_file() else None
         if isinstance(section, DictConfig) and "gpt_model" in section:
             raise UserError(f"{checkpoint} is a {section.gpt_model} run's checkpoint, not a tokenizer's")
-        config = read_section(run_config, "model", VQConfig) if run_config and run_config.is_file() else VQConfig()
-    model = create_vq(config)
-    load_model_weights(model, checkpoint)
-    return model.eval()
+        config_path = run_config if run_config and run_config.is_file() else None
+        config = read_section(config_path, "model", VQConfig) if config_path else VQConfig()
+    return build_for_weights(create_vq, config, checkpoint, config_path).eval()  # shapes first, on meta

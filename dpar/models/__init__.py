@@ -1,6 +1,7 @@
 """Model zoo: LlamaGen GPT sizes (``GPT-*``) and DPAR sizes (``DGPT-*`` / ``DPAR-*``), built from one config."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -11,7 +12,7 @@ from .gpt import GPT, GPT_models, Transformer
 from .layers import MODEL_TYPES, ModelArgs
 from .rope import ROPE_MODES
 from ..errors import UserError
-from ..validation import Key, choice, config_key, ranged
+from ..validation import MAX_IMAGE_SIZE, MAX_IMAGE_TOKENS, Key, choice, config_key, ranged
 
 MODEL_NAMES = tuple(GPT_models) + tuple(DPAR_models)
 # ModelConfig fields that configure DPAR's architecture (DPARArgs keyword arguments); a GPT-* keeps their defaults.
@@ -24,8 +25,8 @@ class ModelConfig:
     gpt_model: str = choice("DGPT-B", MODEL_NAMES)
     # c2i: class-conditional; uncond: no class (the entropy model).
     model_type: str = choice("c2i", MODEL_TYPES)
-    # image side in pixels; the token grid is image_size // downsample_size on each side.
-    image_size: int = ranged(256, min=1)
+    # image side in pixels; the token grid is image_size // downsample_size on each side (at most 128 x 128).
+    image_size: int = ranged(256, min=1, max=MAX_IMAGE_SIZE)
     # VQ tokenizer downsampling factor (16 for LlamaGen's VQ-16).
     downsample_size: int = ranged(16, min=1)
     # VQ codebook size.
@@ -57,11 +58,18 @@ class ModelConfig:
 
     def check(self, key: Key = config_key("model")) -> None:
         """The rules between fields (each field's own range or choices is declared above); ``key`` names a field
-        as the user gave it (a config key or a flag). ``UserError``: the token grid must be whole, DPAR's
-        options are DPAR's only, and stochastic depth is the GPT's only."""
+        as the user gave it (a config key or a flag). ``UserError``: the token grid must be whole and hold at
+        most ``MAX_IMAGE_TOKENS`` (``dpar.validation``: what the caches of one image may take is bounded before
+        any is allocated), DPAR's options are DPAR's only, and stochastic depth is the GPT's only."""
         if self.image_size % self.downsample_size:
             raise UserError(f"{key('image_size')} {self.image_size} is not a multiple of {key('downsample_size')} "
                             f"{self.downsample_size}")
+        grid = self.image_size // self.downsample_size
+        if grid * grid > MAX_IMAGE_TOKENS:
+            raise UserError(f"{key('image_size')} {self.image_size} at {key('downsample_size')} "
+                            f"{self.downsample_size} makes {grid} x {grid} = {grid * grid} tokens per image; at most "
+                            f"{MAX_IMAGE_TOKENS} (a {math.isqrt(MAX_IMAGE_TOKENS)} x {math.isqrt(MAX_IMAGE_TOKENS)} "
+                            "grid) are allowed")
         if is_dpar(self.gpt_model):
             if self.drop_path_rate > 0:
                 raise UserError(f"{key('drop_path_rate')} {self.drop_path_rate} applies to GPT-* models only, not "
