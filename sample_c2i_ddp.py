@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         chunks.start(main_process=False)
 
     todo = chunks.todo(accelerator.process_index, accelerator.num_processes)
+    kept = sum(chunks.file(k).is_file() for k in range(chunks.count))
+    if kept:  # a killed run of this job left chunks: only the others are sampled
+        accelerator.print(f"resuming: {kept} of {chunks.count} chunks of {chunks.parts} are done")
     started, done, steps, tokens = time.perf_counter(), 0, 0, 0
     bar = tqdm(todo, desc="sampling", unit="chunk", disable=not accelerator.is_local_main_process)
     for k in bar:

@@ -33,9 +33,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_scale: float = 1
     parser.add_argument("--epoch", type=epoch_choice, default=None,
                         help="checkpoint epoch, or 'latest' for the mid-epoch checkpoints/latest (default: the "
                              "newest epoch)")
-    parser.add_argument("--output-dir", default="samples")
+    parser.add_argument("--output-dir", default="samples", help="where the samples go (default: %(default)s)")
     parser.add_argument("--cfg-scale", type=field_type(SamplingConfig, "cfg_scale"), default=cfg_scale,
-                        help="classifier-free guidance, >= 0 (1.0 = none)")
+                        help="classifier-free guidance, >= 0 (1.0 = none; default: %(default)s)")
     parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant")
     parser.add_argument("--top-k", type=field_type(SamplingConfig, "top_k"), default=0,
                         help="keep the k most likely tokens, >= 0 (0 = all)")

@@ -281,7 +281,7 @@ def test_reference_statistics_stored_in_the_file_are_used(batches):
 
 def test_the_evaluator_warns_in_one_line_of_a_file_in_class_order(batches, tmp_path, monkeypatch, capsys):
     old_job = json.dumps({"num_samples": 5001, "class_order": "sample n has class n * 1000 // N"})
-    np.savez(tmp_path / "old.npz", arr_0=np.zeros((5001, 4, 4, 3), np.uint8), dpar_job=np.array(old_job))
+    np.savez(tmp_path / "old.npz", arr_0=np.zeros((5001, 16, 16, 3), np.uint8), dpar_job=np.array(old_job))
     monkeypatch.setattr(evaluator, "batch_features", lambda *args: None)  # the metrics are tested above
     monkeypatch.setattr(evaluator, "with_reference_statistics", lambda features, stored: features)
     monkeypatch.setattr(evaluator, "evaluate", lambda ref, sample: {"Inception Score": 1.0})
@@ -306,7 +306,8 @@ def test_bad_inputs_are_one_line_errors(batches, tmp_path):
     np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     assert "arr_0 must be uint8 [N, H, W, 3]" in one_line_error(str(tmp_path / "float.npz"), "x.npz", *weights)
     assert "has no 'arr_0' (keys: images)" in one_line_error(str(tmp_path / "nokey.npz"), "x.npz", *weights)
-    assert "1 images, but the statistics need at least 2" in one_line_error(str(tmp_path / "one.npz"), "x", *weights)
+    assert "1 image, but the statistics need at least 2" in one_line_error(str(tmp_path / "one.npz"), "x", *weights)
+    assert "is a folder; give an .npz" in one_line_error(str(tmp_path), "x.npz", *weights)
     np.savez(tmp_path / "sample.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     assert "Inception weights not found at" in one_line_error(
         str(batches / "ref.npz"), str(tmp_path / "sample.npz"), "--inception-weights", str(tmp_path / "none.pth"))
@@ -388,6 +389,26 @@ def test_a_reference_batch_without_statistics_reads_only_what_it_keeps(image_fol
     with np.load(tmp_path / "ref.npz") as data:
         assert set(data.files) == {"arr_0", "arr_1", "dpar_reference"} and data["arr_0"].shape == (3, 8, 8, 3)
     assert evaluator.reference_statistics(tmp_path / "ref.npz") is None  # the evaluator computes them from arr_0
+
+
+def test_batches_of_other_image_sizes_are_warned(tmp_path):
+    """Found by a new user: a 256 px reference (the documented default) against the demo's 32 px samples was
+    evaluated without a word; Inception resizes both, so the metrics also measure the resizing."""
+    for name, size in (("ref", 16), ("same", 16), ("small", 8)):
+        np.savez(tmp_path / f"{name}.npz", arr_0=np.zeros((2, size, size, 3), np.uint8))
+    ref, same, small = (evaluator.ImageBatch(tmp_path / f"{name}.npz", 2) for name in ("ref", "same", "small"))
+    assert evaluator.size_warning(ref, same) is None
+    assert "the reference images are 16x16 px and the samples 8x8 px" in evaluator.size_warning(ref, small)
+    assert "--image-size 8" in evaluator.size_warning(ref, small)
+
+
+def test_a_reference_batch_warns_when_it_enlarges_images(image_folder, tmp_path, capsys):
+    from evaluations.c2i import reference_batch
+
+    reference_batch.main([str(image_folder), str(tmp_path / "ref.npz"), "--image-size", "32", "--max-images", "3"])
+    assert "warning: 3 of the images read are smaller than --image-size 32" in capsys.readouterr().err
+    reference_batch.main([str(image_folder), str(tmp_path / "ok.npz"), "--image-size", "16", "--max-images", "3"])
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_reference_batch_refuses_bad_inputs_in_one_line_before_writing(image_folder, tmp_path):

@@ -296,7 +296,8 @@ def test_killed_ddp_sampling_resumes_to_the_same_npz(experiment, tmp_path):
     proc.wait()
     done = len(list(parts.glob("chunk_*.npy")))
     assert 3 <= done < 30 and not (tmp_path / "killed" / NPZ).exists()
-    finish(run_script([sys.executable] + ddp_command(run, vq_ckpt, tmp_path / "killed", *extra)))
+    out = finish(run_script([sys.executable] + ddp_command(run, vq_ckpt, tmp_path / "killed", *extra)))
+    assert f"resuming: {done} of 30 chunks of {parts} are done" in out  # says what it reuses
     straight, resumed = (np.load(tmp_path / d / NPZ)["arr_0"] for d in ("straight", "killed"))
     assert resumed.shape == (60, SIZE, SIZE, 3) and np.array_equal(straight, resumed)
 

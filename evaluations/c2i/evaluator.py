@@ -141,6 +141,9 @@ class ImageBatch:
     zip member, so a 50K x 256 x 256 x 3 file never has to fit in memory."""
 
     def __init__(self, path: Path, minimum: int):
+        if path.is_dir():
+            raise UserError(f"batch file {path} is a folder; give an .npz (build one from an image folder with "
+                            "python -m evaluations.c2i.reference_batch)")
         if not path.is_file():
             raise UserError(f"batch file not found: {path}")
         try:
@@ -157,7 +160,8 @@ class ImageBatch:
             raise UserError(f"{path}: arr_0 must be uint8 [N, H, W, 3] images in 0..255 (C order), got {dtype} "
                             f"{list(shape)}")
         if shape[0] < minimum:
-            raise UserError(f"{path}: {shape[0]} images, but the statistics need at least {minimum}")
+            raise UserError(f"{path}: {shape[0]} image{'s' * (shape[0] != 1)}, but the statistics need at least "
+                            f"{minimum}")
         self.path, self.shape = path, shape
 
     def __len__(self) -> int:
@@ -281,6 +285,18 @@ def class_order_warning(path: Path, count: int, split_size: int = IS_SPLIT) -> s
             "to compare with published ones")
 
 
+def size_warning(ref: ImageBatch, sample: ImageBatch) -> str | None:
+    """What to tell when the two batches hold images of different sizes, or None. Inception resizes both to
+    299 px, so the metrics compute, but they then also measure the resampling (e.g. a 256 px reference against
+    32 px samples)."""
+    if ref.shape[1:3] == sample.shape[1:3]:
+        return None
+    (rh, rw), (sh, sw) = ref.shape[1:3], sample.shape[1:3]
+    return (f"the reference images are {rh}x{rw} px and the samples {sh}x{sw} px: the metrics then also measure "
+            "the resizing; build the reference at the samples' size (python -m evaluations.c2i.reference_batch "
+            f"... --image-size {sh})")
+
+
 def evaluate(ref: BatchFeatures, sample: BatchFeatures) -> dict[str, float]:
     precision, recall = precision_recall(ref.pool, sample.pool)
     return {"Inception Score": inception_score(sample.probs),
@@ -293,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref_batch", help="reference batch .npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     parser.add_argument("sample_batch", help="sample batch .npz (arr_0: uint8 [N, H, W, 3])")
-    parser.add_argument("--inception-weights", default="pretrained_models/pt_inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--inception-weights", default="pretrained_models/pt_inception-2015-12-05-6726825d.pth",
+                        help="pytorch-fid's FID Inception weights (default: %(default)s, from the working folder)")
     parser.add_argument("--batch-size", type=number(int, min=1), default=64, help="images per Inception forward")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -310,9 +327,10 @@ def main(argv: list[str] | None = None) -> None:
         return network.to(args.device)
 
     claim_output(report_path, "the report of sample_batch")
-    warning = class_order_warning(sample_images.path, len(sample_images))
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    for warning in (class_order_warning(sample_images.path, len(sample_images)),
+                    size_warning(ref_images, sample_images)):
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     print("computing reference batch activations...")
     ref = with_reference_statistics(batch_features(ref_images, network_factory, weights_id, args.batch_size,
                                                    args.device), stored)

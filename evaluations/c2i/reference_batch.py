@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections import deque
@@ -42,7 +43,7 @@ from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.fileio import atomic_path, check_output_file
 from dpar.validation import device, number
 from tokenizer.images import list_images
-from tokenizer.transforms import ImageError, load_center_crop
+from tokenizer.transforms import ImageError, center_crop_arr, open_rgb
 
 from .evaluator import compute_features
 from .inception import FIDInceptionV3
@@ -63,6 +64,7 @@ def build(data_path: str | Path, out: str | Path, image_size: int, max_images: i
     skipped: list[str] = []
     kept_labels: list[int] = []
     read = [0]  # images of ``order`` read so far (a progress bar's estimate of what is left)
+    upscaled = [0]  # crops enlarged: images whose short side is under image_size
     out = Path(out)
     with atomic_path(out) as tmp:
         raw_fd, raw_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -73,7 +75,9 @@ def build(data_path: str | Path, out: str | Path, image_size: int, max_images: i
                     for index in order:
                         read[0] += 1
                         try:
-                            crop = load_center_crop(paths[index], image_size)
+                            image = open_rgb(paths[index])
+                            upscaled[0] += min(image.size) < image_size
+                            crop = np.array(center_crop_arr(image, image_size))
                         except ImageError as error:  # recorded relative to the folder (the file may be shared)
                             skipped.append(str(error).replace(str(paths[index]), _relative(paths[index], data_path)))
                             continue
@@ -95,7 +99,7 @@ def build(data_path: str | Path, out: str | Path, image_size: int, max_images: i
                                              lambda: len(order) - read[0] + stream.buffered)
             record = {"image_size": image_size, "images": len(kept_labels), "listed": len(paths), "seed": seed,
                       "statistics_images": None if statistics is None else statistics.pop("count"),
-                      "classes": classes if labelled else None, "skipped": skipped}
+                      "classes": classes if labelled else None, "skipped": skipped, "upscaled": upscaled[0]}
             arrays = {"arr_1": np.asarray(kept_labels, dtype=np.int64)} if labelled else {}
             arrays.update(statistics or {})
             arrays[RECORD_KEY] = np.array(json.dumps(record))
@@ -207,13 +211,14 @@ def main(argv: list[str] | None = None) -> None:
                                           "list file")
     parser.add_argument("out", help="the reference batch to write, e.g. data/my_images_256.npz")
     parser.add_argument("--image-size", type=number(int, min=1, max=4096), default=256,
-                        help="crop size in pixels (the samples' size)")
+                        help="crop size in pixels: the samples' size (default: %(default)s)")
     parser.add_argument("--max-images", type=number(int, min=2), default=ADM_IMAGES,
                         help="images kept in arr_0, drawn at random (ADM: 10,000)")
     parser.add_argument("--seed", type=number(int, min=0, max=2**32 - 1), default=0, help="of the draw")
     parser.add_argument("--statistics", action="store_true",
                         help="also store the Inception statistics over every image (needs --inception-weights)")
-    parser.add_argument("--inception-weights", default="pretrained_models/pt_inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--inception-weights", default="pretrained_models/pt_inception-2015-12-05-6726825d.pth",
+                        help="with --statistics: pytorch-fid's FID Inception weights (default: %(default)s)")
     parser.add_argument("--batch-size", type=number(int, min=1), default=64, help="images per Inception forward")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -230,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
                   if record["statistics_images"] else "")
     print(f"{record['images']} images of {record['listed']} ({args.image_size}x{args.image_size})"
           f"{', with labels' if record['classes'] else ''}{statistics} -> {out}")
+    if record["upscaled"]:
+        print(f"warning: {record['upscaled']} of the images read are smaller than --image-size {args.image_size} on "
+              "their short side and were enlarged; build the reference at the samples' size", file=sys.stderr)
     if record["skipped"]:
         print(f"skipped {len(record['skipped'])} unreadable image(s), listed in its {RECORD_KEY}; first: "
               f"{record['skipped'][0]}")
