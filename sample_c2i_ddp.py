@@ -185,8 +185,32 @@ class SampleChunks:
             key = changed[0]
             raise UserError(f"{self.npz_path} exists from another sampling job ({key} {recorded.get(key)!r}, this "
                             f"run {self.job[key]!r}); delete it or choose another --output-dir")
+        self._check_contents()
         shutil.rmtree(self.parts, ignore_errors=True)
         return True
+
+    def _check_contents(self) -> None:
+        """The finished ``.npz`` holds what its record says: ``arr_0`` uint8 ``[N, H, W, 3]`` (read from its
+        header) and, when this job has labels, ``arr_1`` equal to them; else one line (it is not reused)."""
+        problem = None
+        with zipfile.ZipFile(self.npz_path) as archive:
+            if "arr_0.npy" not in archive.namelist():
+                problem = "no arr_0"
+            else:
+                with archive.open("arr_0.npy") as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dtype = read_header(member)
+                if dtype != np.uint8 or len(shape) != 4 or shape[0] != self.num_samples or shape[-1] != 3:
+                    problem = f"arr_0 is {dtype} {list(shape)}, not uint8 [{self.num_samples}, H, W, 3]"
+            if problem is None and self.labels is not None:
+                with np.load(self.npz_path) as data:
+                    stored = data["arr_1"] if "arr_1" in data.files else None
+                if stored is None or not np.array_equal(stored, np.asarray(self.labels)):
+                    problem = "its labels (arr_1) are not this job's"
+        if problem:
+            raise UserError(f"{self.npz_path} records this sampling job but {problem}; delete it and rerun")
 
     def start(self, main_process: bool) -> None:
         """Take this run's lock on the parts folder; the main process first checks that an unfinished run
@@ -197,8 +221,10 @@ class SampleChunks:
             if job_file.is_file() and any(self.parts.glob("chunk_*.npy")):  # parts with no chunk block nothing
                 try:
                     previous = json.loads(job_file.read_text())
-                except (OSError, ValueError):
-                    raise UserError(f"{job_file} is damaged; delete {self.parts} to start over") from None
+                except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
+                    previous = None
+                if not isinstance(previous, dict):
+                    raise UserError(f"{job_file} is damaged; delete {self.parts} to start over")
                 changed = [k for k in job if previous.get(k) != job[k]]
                 if changed:
                     raise UserError(f"{self.parts} holds an unfinished run with {changed[0]}="
@@ -221,10 +247,17 @@ class SampleChunks:
     def indices(self, k: int) -> Tensor:
         return torch.arange(k * self.chunk, min((k + 1) * self.chunk, self.num_samples))
 
-    def _chunk(self, k: int) -> np.ndarray:
-        """Chunk ``k``; a damaged one is removed, so that the rerun samples it again."""
+    def _chunk(self, k: int, image_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Chunk ``k``: uint8 ``[images of chunk k, H, W, 3]`` (``H, W, 3`` = ``image_shape`` when given); a damaged
+        or foreign one is removed, so that the rerun samples it again."""
         try:
-            return np.load(self.file(k), allow_pickle=False)
+            images = np.load(self.file(k), allow_pickle=False)
+            rows = len(self.indices(k))
+            if (images.dtype != np.uint8 or images.ndim != 4 or len(images) != rows or images.shape[-1] != 3
+                    or (image_shape is not None and images.shape[1:] != image_shape)):
+                raise ValueError(f"it holds {images.dtype} {list(images.shape)}, not uint8 [{rows}, "
+                                 f"{', '.join(map(str, image_shape or ('H', 'W', 3)))}]")
+            return images
         except (OSError, ValueError, EOFError) as error:
             self.file(k).unlink(missing_ok=True)
             raise UserError(f"{self.file(k)} was damaged ({first_line(error)}) and is removed; rerun the same "
@@ -240,7 +273,8 @@ class SampleChunks:
         missing = [k for k in range(self.count) if not self.file(k).is_file()]
         if missing:
             raise UserError(f"{self.parts} lacks chunk {missing[0]}; rerun the same command to finish it")
-        images = np.concatenate([self._chunk(k) for k in range(self.count)])
+        first = self._chunk(0)
+        images = np.concatenate([first] + [self._chunk(k, first.shape[1:]) for k in range(1, self.count)])
         with atomic_path(self.npz_path) as tmp, open(tmp, "wb") as f:
             labels = {} if self.labels is None else {"arr_1": np.asarray(self.labels, dtype=np.int64)}
             np.savez(f, arr_0=images, **labels, **{self.JOB_KEY: np.array(json.dumps(self.job, sort_keys=True))})
@@ -255,9 +289,12 @@ def _recorded_job(npz_path: Path, key: str) -> dict:
             if key not in data.files:
                 raise UserError(f"{npz_path} exists but does not record the sampling job that made it (an older "
                                 "version or another tool wrote it); delete it or choose another --output-dir")
-            return json.loads(str(data[key]))
-    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError) as error:
+            job = json.loads(str(data[key]))
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, RecursionError) as error:
         raise UserError(f"{npz_path} exists but cannot be read ({type(error).__name__}: {error}); delete it") from None
+    if not isinstance(job, dict):
+        raise UserError(f"{npz_path} records a sampling job that is not a mapping ({str(job)[:60]}); delete it")
+    return job
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     if note:
         accelerator.print(note)
     npz = Path(args.output_dir) / f"{stem}.npz"
-    if not npz.exists():  # a finished job's file needs no room; another job's is refused below
+    if not npz.exists() or _recorded_job(npz, SampleChunks.JOB_KEY).get("num_samples") != args.num_fid_samples:
+        # a finished job's file needs no room; another job's is refused below, after the labels' hash
         check_disk_space(npz, args.num_fid_samples, args.image_size_eval or sampler.model_config.image_size,
                          args.per_proc_batch_size)
     labels = FidLabels(args.num_fid_samples, sampler.model_config.num_classes, args.seed)

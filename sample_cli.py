@@ -165,7 +165,9 @@ def sample_name(folder: str | Path, stem: str, suffixes: tuple[str, ...], record
     if not owners[0]:
         return chosen, f"{folder / chosen}{suffixes[0]} is this run's ({record['run']}); writing there again"
     taken = next(r for r in owners[0] if not ours(r))
-    whose = f"run {taken['run']}'s" if "run" in taken else "a file of no recorded run"
+    # a name read from a file is printed as printable ASCII: a crafted one cannot forge lines or colours
+    whose = (f"run {re.sub(r'[^ -~]', '?', str(taken['run']))[:80]}'s" if "run" in taken
+             else "a file of no recorded run")
     return chosen, (f"{folder / stem}{suffixes[0]} is {whose}; this run ({record['run']}) writes "
                     f"{folder / chosen}{suffixes[0]}")
 
@@ -189,7 +191,7 @@ def _owners(folder: Path, stem: str, suffixes: tuple[str, ...]) -> list[dict]:
             if path.is_dir() and any(path.glob("chunk_*.npy")):
                 try:
                     found.append(_run_of(json.loads((path / "job.json").read_text())))
-                except (OSError, ValueError):
+                except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
                     found.append({})
         elif path.exists():
             found.append(_recorded_run(path))
@@ -216,9 +218,9 @@ def _recorded_run(path: Path) -> dict:
         with Image.open(path) as image:
             text = getattr(image, "text", {}).get(RUN_KEY)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, UnidentifiedImageError,
-            SyntaxError) as error:
+            SyntaxError, RecursionError) as error:
         raise UserError(f"{path} exists but cannot be read ({type(error).__name__}: {error}); delete it") from None
     try:
         return _run_of({"run": json.loads(text)}) if text else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}

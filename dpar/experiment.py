@@ -370,7 +370,7 @@ def recorded_model_config(weights: str | Path) -> dict[str, Any] | None:
         with safe_open(path, framework="pt") as f:
             text = (f.metadata() or {}).get(MODEL_RECORD)
         record = None if text is None else json.loads(text)
-    except (SafetensorError, OSError, ValueError) as error:
+    except (SafetensorError, OSError, ValueError, RecursionError) as error:
         raise UserError(f"cannot read the model config recorded in {path}: {first_line(error)}") from None
     if record is not None and not isinstance(record, dict):
         raise UserError(f"{path} records a model config that is not a mapping of keys ({str(text)[:60]})")
@@ -426,7 +426,7 @@ def parse_count(text: str, what: str) -> int:
     ``"590"``). Anything else (``"5\\n"``, ``" 5"``, ``"05"``, ``"+5"``, ``"-1"``, ``"5_0"``, ``"٣"``: ``int()``
     takes them all, and most would be written back otherwise) is a damaged or crafted file: ``UserError`` naming
     ``what``, before the value reaches a file name or a resume point."""
-    if not isinstance(text, str) or not _COUNT.fullmatch(text):
+    if not isinstance(text, str) or len(text) > 18 or not _COUNT.fullmatch(text):  # 18 digits: any real count
         raise UserError(f"{what} is {text!r}, not a count in ASCII digits (a damaged or crafted file); delete "
                         "the checkpoint's folder to use an earlier one")
     return int(text)

@@ -976,3 +976,77 @@ def test_a_billion_fid_samples_are_refused_before_any_label_or_image(tmp_path):
         r"\(the \.npz, and its chunks until they are packed\), which has [\d,.]+ GB free; sample fewer or choose "
         r"another --output-dir\n", proc.stderr), proc.stderr[-3000:]
     assert not (tmp_path / "out").exists()
+
+
+# -- from a second breaking pass: crafted sample files, chunks and records ----------------------------------------
+
+def packed(tmp_path, labels=None, **overrides) -> SampleChunks:
+    """A finished 4-sample job (chunks of 2), then its .npz rewritten with ``overrides`` of arr_0 / arr_1."""
+    npz = tmp_path / "s.npz"
+    chunks = SampleChunks(npz, 4, 2, {"seed": 0}, labels)
+    chunks.start(main_process=True)
+    for k in range(2):
+        chunks.write(k, np.full((2, 8, 8, 3), k, np.uint8))
+    chunks.pack()
+    with np.load(npz) as data:
+        arrays = {key: data[key] for key in data.files}
+    np.savez(npz, **{**arrays, **overrides})
+    return SampleChunks(npz, 4, 2, {"seed": 0}, labels)
+
+
+@pytest.mark.parametrize("case, overrides, expected", [
+    ("fewer", {"arr_0": np.zeros((3, 8, 8, 3), np.uint8)}, r"arr_0 is uint8 \[3, 8, 8, 3\], not uint8 \[4, H, W, 3\]"),
+    ("float", {"arr_0": np.zeros((4, 8, 8, 3), np.float32)}, r"arr_0 is float32 \[4, 8, 8, 3\], not uint8 \[4, H, W, 3\]"),
+    ("labels", {"arr_1": np.array([3, 2, 1, 0])}, r"its labels \(arr_1\) are not this job's"),
+])
+def test_a_finished_npz_is_reused_only_when_it_holds_what_its_record_says(tmp_path, case, overrides, expected):
+    """A crafted or damaged .npz with this job's record was taken as done: 23 images for 24, floats, other labels."""
+    chunks = packed(tmp_path, np.arange(4), **overrides)
+    with pytest.raises(UserError, match=f"records this sampling job but {expected}; delete it and rerun"):
+        chunks.finished()
+    assert packed(tmp_path / "ok", np.arange(4)).finished()
+
+
+@pytest.mark.parametrize("bad", [np.zeros((1, 8, 8, 3), np.uint8), np.zeros((2, 8, 8, 3), np.float32),
+                                 np.zeros((2, 4, 4, 3), np.uint8)], ids=["short", "float", "other_size"])
+def test_a_chunk_that_is_not_its_images_is_removed_not_packed(tmp_path, bad):
+    """A short chunk gave 399 images beside 400 labels (exit 0); a float one a float arr_0; another size a
+    traceback after all the sampling."""
+    chunks = SampleChunks(tmp_path / "s.npz", 4, 2, {"seed": 0})
+    chunks.start(main_process=True)
+    chunks.write(0, np.zeros((2, 8, 8, 3), np.uint8))
+    chunks.write(1, bad)
+    with pytest.raises(UserError, match="chunk_000001.npy was damaged .* and is removed; rerun"):
+        chunks.pack()
+    assert not chunks.file(1).exists() and chunks.file(0).exists() and not chunks.npz_path.exists()
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "[1, 2]"], ids=["deep", "list"])
+def test_json_records_nested_too_deep_or_of_the_wrong_kind_are_one_line(tmp_path, text):
+    """json.loads raises RecursionError, not ValueError, on deep nesting: a traceback in four readers."""
+    parts = tmp_path / "s.parts"
+    parts.mkdir()
+    (parts / "job.json").write_text(text)
+    np.save(parts / "chunk_000000.npy", np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(UserError, match="job.json is damaged"):
+        SampleChunks(tmp_path / "s.npz", 2, 1, {"seed": 0}).start(main_process=True)
+    np.savez(tmp_path / "t.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), dpar_job=np.array(text))
+    with pytest.raises(UserError, match="t.npz"):
+        SampleChunks(tmp_path / "t.npz", 2, 1, {"seed": 0}).finished()
+    from sample_cli import sample_name
+    assert sample_name(tmp_path, "s", (".parts",), {"run": "a/b", "run_id": "0" * 16})[0] != "s"  # not ours
+
+
+def test_a_count_of_thousands_of_digits_is_refused_in_one_line():
+    with pytest.raises(UserError, match="not a count in ASCII digits"):
+        experiment.parse_count("9" * 5000, "the checkpoint's step")
+    assert experiment.parse_count("590", "step") == 590
+
+
+def test_a_run_name_read_from_a_sample_file_is_printed_as_printable_text(tmp_path):
+    from sample_cli import RUN_KEY, sample_name
+    from dpar.visual import save_png
+    save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "s.png",
+             {RUN_KEY: json.dumps({"run": "evil\nerror: fake line\x1b[31m", "run_id": "abc"})})
+    stem, note = sample_name(tmp_path, "s", (".png",), {"run": "a/b", "run_id": "0" * 16})
+    assert stem != "s" and "\n" not in note and "\x1b" not in note and "evil?error: fake line?[31m" in note

@@ -41,7 +41,7 @@ from torch import nn
 
 from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.fileio import atomic_path, check_output_file
-from dpar.validation import device, number
+from dpar.validation import MAX_IMAGE_SIZE, device, number
 from tokenizer.images import list_images
 from tokenizer.transforms import ImageError, center_crop_arr, open_rgb
 
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("data_path", help="image folder (<class>/<image>, or images directly) or a '<path> <label>' "
                                           "list file")
     parser.add_argument("out", help="the reference batch to write, e.g. data/my_images_256.npz")
-    parser.add_argument("--image-size", type=number(int, min=1, max=4096), default=256,
+    parser.add_argument("--image-size", type=number(int, min=1, max=MAX_IMAGE_SIZE), default=256,
                         help="crop size in pixels: the samples' size (default: %(default)s)")
     parser.add_argument("--max-images", type=number(int, min=2), default=ADM_IMAGES,
                         help="images kept in arr_0, drawn at random (ADM: 10,000)")
