@@ -29,8 +29,25 @@ def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
         os._exit(1)
 
 
+def check_joined_launch(environ: dict[str, str] = os.environ) -> None:
+    """``UserError`` for a process that a launcher started to join others but that has no process group to
+    join, so it would train alone. The case: ``accelerate launch --cpu`` with ``--num_processes`` or
+    ``--num_machines`` above 1 and no MPI hostfile. Accelerate's simple launcher then starts ONE plain
+    process per machine, with ``MASTER_ADDR`` / ``MASTER_PORT`` set (it sets them only for several processes
+    or machines) and ``ACCELERATE_USE_CPU``, but no ``WORLD_SIZE`` / ``RANK`` (torchrun sets those; MPI sets
+    ``PMI_SIZE`` / ``OMPI_COMM_WORLD_SIZE``)."""
+    launched_by_accelerate = "ACCELERATE_USE_CPU" in environ and "MASTER_ADDR" in environ
+    joined = any(key in environ for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if launched_by_accelerate and not joined:
+        raise UserError("accelerate launch started this process to join others (MASTER_ADDR is set) but gave it "
+                        "no process group: with --cpu it runs one plain process per machine, which would train "
+                        "alone; on CPUs launch with ACCELERATE_USE_CPU=1 torchrun --nnodes M --nproc_per_node N "
+                        "... (gloo)")
+
+
 def make_accelerator(**kwargs) -> Accelerator:
-    """An ``Accelerator``, refusing a launch where each process would run alone (all writing the same files).
+    """An ``Accelerator``, refusing a launch where each process would run alone (all writing the same files):
+    :func:`check_joined_launch`, and a launch whose process count accelerate does not see.
 
     A process started by a launcher (``torchrun`` / ``accelerate launch``) ends with it, so a killed launch
     leaves no worker writing behind it. On CPUs ``accelerate launch --cpu`` starts one process; several need
@@ -38,6 +55,7 @@ def make_accelerator(**kwargs) -> Accelerator:
     """
     from accelerate import Accelerator
 
+    check_joined_launch()
     if "LOCAL_RANK" in os.environ:
         set_parent_death_signal()
     accelerator = Accelerator(**kwargs)

@@ -1,0 +1,46 @@
+"""Launches that would leave each process training or sampling alone are refused before any output."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpar.errors import UserError
+from dpar.launch import check_joined_launch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("environ, refused", [
+    ({}, False),                                                              # plain python
+    ({"ACCELERATE_USE_CPU": "True"}, False),                                  # accelerate launch --cpu, 1 process
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, True),  # --num_processes 2
+    ({"ACCELERATE_USE_CPU": "1", "MASTER_ADDR": "h", "WORLD_SIZE": "2", "RANK": "0"}, False),      # torchrun
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "h", "PMI_SIZE": "2"}, False),                 # mpirun
+    ({"MASTER_ADDR": "h", "MASTER_PORT": "1"}, False),                        # a SLURM shell's exports, plain python
+])
+def test_a_process_meant_to_join_others_without_a_group_is_refused(environ, refused):
+    if refused:
+        with pytest.raises(UserError, match="started this process to join others .* would train alone"):
+            check_joined_launch(environ)
+    else:
+        check_joined_launch(environ)
+
+
+@pytest.mark.slow  # about 20 s on 2 CPU cores: two accelerate launches
+@pytest.mark.parametrize("layout", [["--num_processes", "2"],
+                                    ["--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
+                                     "--main_process_port", "29533"]], ids=["2_processes", "2_machines"])
+def test_accelerate_launch_cpu_of_several_processes_is_refused_before_any_output(tmp_path, layout):
+    """It used to run one plain process per machine: each sampled (or trained) alone, with no error."""
+    out = tmp_path / "samples"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", *layout,
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "sample_c2i_ddp.py",
+                           "--num-fid-samples", "4", "--output-dir", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: accelerate launch started this")]
+    assert len(ours) == 1, proc.stderr[-2000:]  # (accelerate then repeats it inside its own traceback)
+    assert not out.exists()
