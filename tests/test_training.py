@@ -249,6 +249,30 @@ def test_two_process_ddp_matches_one_process(setup, tmp_path):
     assert any(not torch.allclose(a[k], v) for k, v in start.state_dict().items())  # training did change the weights
 
 
+@pytest.mark.slow  # about 15 s on 2 CPU cores: a one-process run and two one-process "nodes"
+def test_two_nodes_over_loopback_train_as_one_job(setup, tmp_path):
+    """The per-node torchrun command of docs/training.md, in its CPU form: two "machines" (node ranks 0 and 1,
+    one process each, gloo over 127.0.0.1) write ONE run folder whose weights equal a one-process run's."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    extra = ["train.epochs=1", "train.max_device_batch_size=4", "model.dropout_p=0", "model.token_dropout_p=0",
+             "model.class_dropout_prob=0"]
+    config = "configs/tiny/global_model_entropy_row_break.yaml"
+    single, nodes = tmp_path / "one", tmp_path / "nodes"
+    finish(run_script([sys.executable, "train_global_model.py"] + global_args(setup, single, config, *extra)))
+    launches = [run_script([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                            "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                            "train_global_model.py"] + global_args(setup, nodes, config, *extra),
+                           ACCELERATE_USE_CPU="1") for rank in (0, 1)]
+    outs = [finish(proc) for proc in launches]
+    assert "2 process(es) x micro-batch 4 x 1 accumulation" in outs[0]
+    a = load_file(only_run(single) / "checkpoints" / "epoch_00000000" / "model.safetensors")
+    b = load_file(only_run(nodes) / "checkpoints" / "epoch_00000000" / "model.safetensors")  # one folder
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
 def one_line_error(args: list[str], after_progress: bool = False) -> str:
     proc = subprocess.run([sys.executable, "train_global_model.py", *args], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
