@@ -2,6 +2,8 @@
 import copy
 import re
 import json
+import fcntl
+import os
 import signal
 import subprocess
 import sys
@@ -247,6 +249,48 @@ def test_two_process_ddp_matches_one_process(setup, tmp_path):
     start = create_model(ModelConfig(gpt_model="DGPT-tiny", image_size=16, downsample_size=4, vocab_size=VOCAB,
                                      num_classes=CLASSES, class_dropout_prob=0))
     assert any(not torch.allclose(a[k], v) for k, v in start.state_dict().items())  # training did change the weights
+
+
+@pytest.mark.slow  # about 20 s on 2 CPU cores per case: three training runs, one or two of them on 2 processes
+@pytest.mark.parametrize("before, after", [(1, 2), (2, 1)], ids=["1_to_2", "2_to_1"])
+def test_a_run_killed_mid_epoch_resumes_on_another_process_count(setup, tmp_path, before, after):
+    """Same global batch, dropout off: the resumed run ends where an uninterrupted one-process run does, up to
+    float reassociation (with dropout on it warns in one line: test_a_resume_that_changes_the_random_masks...)."""
+    extra = ["train.epochs=2", "train.global_batch_size=4", "train.ckpt_every_steps=5", "model.dropout_p=0",
+             "model.token_dropout_p=0", "model.class_dropout_prob=0", "train.ema=true", "train.ema_decay=0.9"]
+    config = "configs/tiny/global_model_entropy_row_break.yaml"
+
+    def command(processes: int, results: Path) -> list[str]:
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                    if processes == 2 else [sys.executable])
+        return launcher + ["train_global_model.py"] + global_args(setup, results, config, *extra)
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    finish(run_script(command(1, straight)))
+    proc = run_script(command(before, killed), ACCELERATE_USE_CPU="1")
+    deadline = time.time() + 120
+    while not list(killed.glob("scratch/*/*/checkpoints/latest/model.safetensors")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before a mid-epoch checkpoint"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)  # torchrun's workers follow it (dpar.launch: parent-death signal)
+    proc.wait()
+    run = only_run(killed)
+    folder = os.open(run, os.O_RDONLY)
+    while True:  # until every killed process has let go of the run folder's lock
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            assert time.time() < deadline, "a killed worker still holds the run folder"
+            time.sleep(0.01)
+    os.close(folder)
+    assert checkpoint_step(resume_checkpoint(run)) % 12 != 0  # killed inside an epoch (12 steps each)
+    out = finish(run_script(command(after, killed) + ["--resume", str(run)], ACCELERATE_USE_CPU="1"))
+    assert f"{after} process(es)" in out
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(only_run(straight) / "checkpoints" / "epoch_00000001" / name)
+        b = load_file(run / "checkpoints" / "epoch_00000001" / name)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
 
 
 @pytest.mark.slow  # about 15 s on 2 CPU cores: a one-process run and two one-process "nodes"
