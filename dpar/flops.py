@@ -15,6 +15,7 @@ sample is a mix of the two nearest integer patch counts with that mean, each mea
     python -m dpar.flops --model DGPT-L --image-size 256 --json
     python -m dpar.flops --tables        # paper Tables 1 and 8, reproduced
     python -m dpar.flops --model DGPT-L --n-enc-layer 2 --n-dec-layer 3   # Table 10's E2D3
+    python -m dpar.flops --memory --micro-batch 32 --gpus 16   # per-GPU training memory, DDP and FSDP
 """
 from __future__ import annotations
 
@@ -129,6 +130,65 @@ def count(name: str, image_size: int, tokens_per_patch: float | None = None, dow
     }
 
 
+def saved_activation_bytes(model: torch.nn.Module, *inputs, **kwargs) -> int:
+    """Bytes of the tensors one forward saves for backward (the activations a training step holds at its peak,
+    before backward frees them), counted on whatever device ``model`` is on (``meta``: no memory). Each storage
+    counts once (views share it); the parameters, which backward also keeps, are not activations."""
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights and storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(*inputs, **kwargs)
+    return total
+
+
+def training_memory(name: str, image_size: int, micro_batch: int, gpus: int = 8,
+                    tokens_per_patch: float | None = None, ema: bool = True, downsample_size: int = 16,
+                    vocab_size: int = 16384, num_classes: int = 1000, **architecture) -> dict:
+    """Bytes per GPU of training model ``name`` (fp32 weights, gradients and AdamW's two moments as this
+    trainer keeps them, EMA weights when ``ema``) at ``micro_batch`` images per GPU, under DDP (every GPU holds
+    all of it) and under full sharding over ``gpus`` GPUs (FSDP / ZeRO-3: the weight, gradient, optimizer and
+    EMA bytes divided by ``gpus``, plus one block's weights and gradients gathered whole). Activations are
+    what one training forward (train mode, loss included) saves for backward, measured on the meta device in
+    fp32: bf16 autocast stores most of them in half the bytes. Allocator slack, kernels' workspaces and the
+    CUDA context (~0.5-1 GB) come on top. DPAR is measured at ``tokens_per_patch`` (default: the paper's)."""
+    assert name in MODEL_NAMES and image_size % downsample_size == 0 and micro_batch >= 1 and gpus >= 1
+    grid = image_size // downsample_size
+    num_tokens = grid * grid
+    model = build_on_meta(name, grid, vocab_size, num_classes, **architecture).train()
+    params = sum(p.numel() for p in model.parameters())
+    labels = torch.zeros(micro_batch, dtype=torch.long, device="meta")
+    tokens = torch.zeros(micro_batch, num_tokens, dtype=torch.long, device="meta")
+    if is_dpar(name):
+        per_patch = tokens_per_patch or PAPER_TOKENS_PER_PATCH.get(image_size)
+        if per_patch is None or not 1.0 <= per_patch <= num_tokens:
+            raise UserError(f"--tokens-per-patch must be given in [1, {num_tokens}] at image size {image_size}")
+        mask = evenly_spaced_patches(num_tokens, round(num_tokens / per_patch)).expand(micro_batch, -1)
+        layout = PatchLayout.from_mask(mask, grid).to("meta")
+        activations = saved_activation_bytes(model, tokens, labels, mask.to("meta"), targets=tokens, layout=layout)
+    else:
+        activations = saved_activation_bytes(model, tokens[:, :-1], labels, targets=tokens)
+    blocks = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
+    largest_block = max((sum(p.numel() for p in block[0].parameters()) for block in blocks if len(block)), default=0)
+    parts = {"weights": 4 * params, "gradients": 4 * params, "adamw_state": 8 * params,
+             "ema": 4 * params if ema else 0}
+    states = sum(parts.values())
+    return {"model": name, "image_size": image_size, "micro_batch": micro_batch, "gpus": gpus, "params": params,
+            **{f"{key}_gb": value / 2**30 for key, value in parts.items()},
+            "activations_gb": activations / 2**30,
+            "ddp_gb": (states + activations) / 2**30,
+            "fsdp_gb": (states / gpus + 8 * largest_block + activations) / 2**30}
+
+
 def _pct(measured: float, paper: float) -> str:
     return f"{100 * (measured - paper) / paper:+.1f}%"
 
@@ -155,6 +215,24 @@ def tables_markdown() -> str:
     return "\n".join(lines)
 
 
+MEMORY_MODELS = ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-3B", "GPT-7B", "DGPT-B", "DGPT-L", "DGPT-XL", "DGPT-XXL")
+
+
+def memory_markdown(micro_batch: int, gpus: int, ema: bool = True) -> str:
+    """:func:`training_memory` of every size at 256 and 384 px, one markdown table."""
+    lines = [f"GB per GPU at micro-batch {micro_batch} (fp32 weights, gradients, AdamW"
+             f"{', EMA' if ema else ''}; activations measured in fp32; FSDP: fully sharded over {gpus} GPUs):", "",
+             "| model | px | params | weights + grads + AdamW + EMA | activations | DDP | FSDP |",
+             "|---|---|---|---|---|---|---|"]
+    for name in MEMORY_MODELS:
+        for image_size in (256, 384):
+            m = training_memory(name, image_size, micro_batch, gpus, ema=ema)
+            states = m["weights_gb"] + m["gradients_gb"] + m["adamw_state_gb"] + m["ema_gb"]
+            lines.append(f"| {name} | {image_size} | {m['params'] / 1e6:,.0f}M | {states:.1f} | "
+                         f"{m['activations_gb']:.1f} | {m['ddp_gb']:.1f} | {m['fsdp_gb']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m dpar.flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODEL_NAMES, default="DGPT-B")
@@ -173,9 +251,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="DPAR: RoPE of the global transformer (paper Table 9; no linear-layer cost)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--tables", action="store_true", help="print paper Tables 1 and 8 with measured values")
+    memory = parser.add_argument_group("memory plan (--memory)")
+    memory.add_argument("--memory", action="store_true",
+                        help="per-GPU training memory of every size at 256 and 384 px, DDP and FSDP")
+    memory.add_argument("--micro-batch", type=number(int, min=1), default=32, help="images per GPU and step")
+    memory.add_argument("--gpus", type=number(int, min=1), default=8, help="GPUs that FSDP shards over")
+    memory.add_argument("--no-ema", dest="ema", action="store_false", help="without EMA weights (train.ema false)")
     args = parser.parse_args(argv)
     if args.tables:
         print(tables_markdown())
+        return
+    if args.memory:
+        print(memory_markdown(args.micro_batch, args.gpus, args.ema))
         return
     options = ModelConfig(gpt_model=args.model, image_size=args.image_size, rope=args.rope,
                           n_enc_layer=args.n_enc_layer, n_dec_layer=args.n_dec_layer,

@@ -1,13 +1,18 @@
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from dpar import flops
 from dpar.flops import PAPER_LINEAR_GMACS, PAPER_PARAMS, count, evenly_spaced_patches, measure_forward
 from dpar.models import PatchLayout
 from helpers import tiny_dpar, tiny_gpt
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_prints_one_json_object():
@@ -87,3 +92,51 @@ def test_fractional_patch_counts_interpolate_measured_runs():
 def test_evenly_spaced_patches():
     mask = evenly_spaced_patches(16, 6)
     assert mask.sum() == 6 and mask[0, 0]
+
+
+# -- the memory plan (python -m dpar.flops --memory) ------------------------------------------------------------
+
+def test_memory_plan_counts_fp32_states_and_scales_activations_with_the_micro_batch():
+    one, four = flops.training_memory("DGPT-B", 256, 1, gpus=8), flops.training_memory("DGPT-B", 256, 4, gpus=8)
+    params_gb = one["params"] / 2**30
+    assert one["weights_gb"] == one["gradients_gb"] == one["ema_gb"] == 4 * params_gb
+    assert one["adamw_state_gb"] == 8 * params_gb
+    assert 3.5 < four["activations_gb"] / one["activations_gb"] <= 4  # per image, but RoPE tables are shared
+    assert one["fsdp_gb"] < one["ddp_gb"] and flops.training_memory("DGPT-B", 256, 1, ema=False)["ema_gb"] == 0
+
+
+_MEASURE = r"""
+import json, os, sys, torch
+from dpar import flops
+from dpar.models import PatchLayout, is_dpar
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+name, b, grid = sys.argv[1], 4, 16
+torch.manual_seed(0)
+zoo = flops.DPAR_models if is_dpar(name) else flops.GPT_models
+model = zoo[name](vocab_size=16384, block_size=grid * grid, num_classes=1000).train()
+tokens, labels = torch.randint(0, 16384, (b, grid * grid)), torch.zeros(b, dtype=torch.long)
+if is_dpar(name):
+    mask = flops.evenly_spaced_patches(grid * grid, round(grid * grid / 1.81)).expand(b, -1)
+    args, kwargs = (tokens, labels, mask), dict(targets=tokens, layout=PatchLayout.from_mask(mask, grid))
+else:
+    args, kwargs = (tokens[:, :-1], labels), dict(targets=tokens)
+with torch.no_grad():
+    model(*args, **kwargs)
+before = rss()
+kept = model(*args, **kwargs)  # the graph, and what it saved for backward, stays alive
+print(json.dumps({"measured": rss() - before, "planned": flops.training_memory(name, 256, b)["activations_gb"] * 2**30}))
+"""
+
+
+@pytest.mark.slow  # about 15 s and 1 GB on 2 CPU cores: GPT-B and DGPT-B forwards at 256 px
+@pytest.mark.parametrize("name", ["GPT-B", "DGPT-B"])
+def test_planned_activations_match_the_memory_a_real_forward_holds(name):
+    """Independent of the meta-device count: the resident memory a real CPU training forward adds while its graph
+    lives (large blocks are mmapped, so what the forward frees leaves the count), within 10%."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, name], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                               "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert abs(result["measured"] / result["planned"] - 1) < 0.10, result
