@@ -37,7 +37,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dpar.errors import ArgumentParser, UserError, first_line, run_main
-from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file, claim_output, lock_folder
+from dpar.fileio import (atomic_path, atomic_write_text, check_output_dir, check_output_file, claim_output,
+                         lock_folder, npy_header)
 from dpar.launch import make_accelerator
 from dpar.validation import number
 from sample_cli import (add_sampling_arguments, run_record, sample_file_stem, sample_name, sampler_from_args,
@@ -198,10 +199,7 @@ class SampleChunks:
                 problem = "no arr_0"
             else:
                 with archive.open("arr_0.npy") as member:
-                    version = np.lib.format.read_magic(member)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, fortran, dtype = read_header(member)
+                    shape, _, dtype = npy_header(member)
                 if dtype != np.uint8 or len(shape) != 4 or shape[0] != self.num_samples or shape[-1] != 3:
                     problem = f"arr_0 is {dtype} {list(shape)}, not uint8 [{self.num_samples}, H, W, 3]"
             if problem is None and self.labels is not None:

@@ -24,6 +24,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from .errors import WRITE_ERRNOS, UserError
 
 
@@ -376,3 +378,11 @@ def lock_folder(folder: str | os.PathLike, what: str, shared: bool = False) -> i
                         "first") from None
     _HELD[key] = fd
     return fd
+
+
+def npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy at the start of ``stream`` (e.g. an ``.npz`` member), read
+    without its data; leaves ``stream`` at the data."""
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(stream)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from dpar.data.store import file_sha256
 from dpar.errors import ArgumentParser, UserError, run_main
-from dpar.fileio import OutputBusy, atomic_path, atomic_write_text, check_output_file, claim_output
+from dpar.fileio import OutputBusy, atomic_path, atomic_write_text, check_output_file, claim_output, npy_header
 from dpar.validation import device, number
 
 from .inception import FIDInceptionV3
@@ -153,7 +153,7 @@ class ImageBatch:
                     keys = ", ".join(n.removesuffix(".npy") for n in names) or "none"
                     raise UserError(f"{path} has no 'arr_0' (keys: {keys}); ADM batches keep their images in arr_0")
                 with archive.open("arr_0.npy") as member:
-                    shape, fortran, dtype = _npy_header(member)
+                    shape, fortran, dtype = npy_header(member)
         except (OSError, ValueError, zipfile.BadZipFile) as error:
             raise UserError(f"cannot read {path} as an .npz: {error}") from None
         if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
@@ -171,20 +171,13 @@ class ImageBatch:
         image_bytes = int(np.prod(self.shape[1:]))
         try:
             with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as member:
-                _npy_header(member)
+                npy_header(member)
                 for start in range(0, len(self), batch_size):
                     count = min(batch_size, len(self) - start)
                     data = member.read(count * image_bytes)
                     yield np.frombuffer(data, dtype=np.uint8).reshape(count, *self.shape[1:])
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # a bad CRC, a cut file
             raise UserError(f"{self.path} is damaged: {error}") from None
-
-
-def _npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran order, dtype) of the .npy at the start of ``stream``; leaves it at the data."""
-    version = np.lib.format.read_magic(stream)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    return read(stream)
 
 
 @torch.no_grad()
