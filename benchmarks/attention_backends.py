@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     grad_out = torch.randn(shape, generator=generator, device=args.device)
 
     def forward_backward(fn, dtype_, grad: bool):
-        inputs = [t.to(dtype_).requires_grad_(grad) for t in (q, k, v)]
+        inputs = [t.detach().to(dtype_).requires_grad_(grad) for t in (q, k, v)]  # fresh leaves each call
         out = fn(*inputs)
         if not grad:
             return out.float(), None

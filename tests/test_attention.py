@@ -14,7 +14,7 @@ def per_sequence_reference(q, k, v, lengths):
     for n in lengths:
         sl = slice(offset, offset + n)
         scores = q[:, :, sl] @ k[:, :, sl].transpose(-1, -2) / q.shape[-1] ** 0.5
-        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
         outputs.append(scores.softmax(-1) @ v[:, :, sl])
         offset += n
     return torch.cat(outputs, dim=2)
