@@ -1,11 +1,13 @@
 r"""Build the embedded demo from nothing: synthetic images -> tokenizer -> tokens -> entropy model ->
-entropies -> DPAR, the GPT baseline and static patching -> samples. Run from the repository root:
+entropies -> DPAR, the GPT baseline and static patching -> samples; beside them the sample-quality metric's
+classifier and reference batch (``<output>/classifier``). Run from the repository root:
 
     python -m dpar.demo                  # rebuilds assets/demo/ (minutes on a laptop CPU)
     python -m dpar.demo --tiny --output /tmp/demo   # the same pipeline at toy sizes (CI's end-to-end test)
 
 Every stage is the project's own command (``tokenizer.train_vq``, ``preprocess_tokens.py``,
-``train_entropy_model.py``, ``train_global_model.py``) with the ``configs/tiny`` configs; the
+``train_entropy_model.py``, ``train_global_model.py``, ``evaluations.c2i.classifier``,
+``evaluations.c2i.reference_batch``) with the ``configs/tiny`` configs; the
 runs end up in ``<output>/<name>/`` in the normal experiment-dir layout, with paths relative to the
 repository so ``python sample_c2i.py`` works from a fresh clone.
 """
@@ -43,12 +45,16 @@ class Scale:
     global_epochs: int
     views: int
     val_holdout: int  # validation images: a seeded class-stratified draw (dpar/data/splits.py), split seed 0
+    classifier_epochs: int = 10  # the metric's classifier, trained on the demo's training images
+    reference_images: int = 1000  # held-out real images of the metric's reference batch (fresh, REFERENCE_SEED)
 
 
 FULL = Scale(images=4000, tokenizer_images=1024, tokenizer_epochs=20, entropy_epochs=6, global_epochs=10, views=2,
              val_holdout=200)
 TINY = Scale(images=96, tokenizer_images=32, tokenizer_epochs=1, entropy_epochs=1, global_epochs=1, views=1,
-             val_holdout=16)
+             val_holdout=16, classifier_epochs=1, reference_images=24)
+REFERENCE_SEED = 2  # the reference batch's images: neither the training images' seed (0) nor the tokenizer's (1)
+CLASSIFIER = "classifier"  # <output>/classifier: classifier.safetensors, classifier.json, reference.npz
 
 
 def image_size() -> int:
@@ -68,6 +74,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     import sample_c2i
     import train_entropy_model
     import train_global_model
+    from evaluations.c2i import classifier, reference_batch
     from tokenizer import train_vq
 
     from .data.stats import calibration_images, describe_images, missed_target, store_patch_stats, store_threshold
@@ -89,6 +96,15 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     stage("synthetic images", lambda: (write_image_folder(images, scale.images, image_size(), seed=0),
                                        write_image_folder(tokenizer_images, scale.tokenizer_images, image_size(),
                                                           seed=1)))
+    metric, reference_images = work / CLASSIFIER, work / "reference_images"
+    stage("classifier", lambda: (
+        classifier.main(["--images", str(images), "--output", str(metric), "--image-size", str(image_size()),
+                         "--epochs", str(scale.classifier_epochs)]),
+        write_image_folder(reference_images, scale.reference_images, image_size(), seed=REFERENCE_SEED),
+        reference_batch.main([str(reference_images), str(metric / "reference.npz"), "--statistics", "--features",
+                              str(metric / classifier.WEIGHTS_FILE), "--max-images", str(scale.reference_images)])))
+    summary["classifier_held_out_accuracy"] = json.loads((metric / classifier.RECORD_FILE).read_text())[
+        "held_out"]["accuracy"]
     stage("tokenizer", lambda: train_vq.main([
         "--config", str(REPO / "configs" / "tokenizer" / "vq_tiny.yaml"), "--data.data_path", str(tokenizer_images),
         "--train.results_dir", str(work / "runs"), "--train.epochs", str(scale.tokenizer_epochs),
@@ -128,6 +144,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
                 "data.tokenizer_checkpoint": _relative(output / "tokenizer" / _weights(vq)),
                 "data.store": _relative(output / STORE)}
     _publish(vq, output / "tokenizer", {})
+    shutil.copytree(metric, output / CLASSIFIER)
     _publish(entropy, output / "entropy_model", rewrites)
     publish_store(store, output / STORE, rewrites)
     for name in GLOBAL_RUNS:

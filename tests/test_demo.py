@@ -20,8 +20,12 @@ from tests.helpers import ROOT, finish, labelled_grid, run_script
 def test_tiny_demo_build_then_sample(tiny_demo, tmp_path, capsys):
     output = tiny_demo / "demo"
     summary = json.loads((output / "summary.json").read_text())
-    assert list(summary["seconds"]) == ["synthetic images", "tokenizer", "tokens", "entropy model", "entropies",
-                                        "dpar model", "gpt model", "static model", "dpar samples", "gpt samples"]
+    assert list(summary["seconds"]) == ["synthetic images", "classifier", "tokenizer", "tokens", "entropy model",
+                                        "entropies", "dpar model", "gpt model", "static model", "dpar samples",
+                                        "gpt samples"]
+    metric = output / demo.CLASSIFIER  # the sample-quality metric: classifier and reference batch (issue 31)
+    assert sorted(p.name for p in metric.iterdir()) == ["classifier.json", "classifier.safetensors", "reference.npz"]
+    assert 0 <= summary["classifier_held_out_accuracy"] <= 1
     assert summary["static"]["tokens_per_patch"] == 2.0 and summary["gpt"]["tokens_per_patch"] == 1.0
     assert 1.0 <= summary["dpar"]["tokens_per_patch"] <= 4.0 and "threshold" in summary
     for name in ("tokenizer", "entropy_model", "dpar", "gpt", "static"):

@@ -3,6 +3,8 @@ r"""FID, sFID, Inception Score, precision and recall of ADM-format .npz batches,
     python -m evaluations.c2i.evaluator VIRTUAL_imagenet256_labeled.npz \
         samples/epoch-299-topk-0-topp-1.0-temperature-1.0-cfg-2.0-seed-0.npz \
         --inception-weights pretrained_models/pt_inception-2015-12-05-6726825d.pth
+    python -m evaluations.c2i.evaluator assets/demo/classifier/reference.npz samples/<sample name>.npz \
+        --features assets/demo/classifier/classifier.safetensors
 
 A port of OpenAI's ``guided-diffusion/evaluations/evaluator.py``: the same Inception graph (see
 ``inception.py``), features (pool_3; the first 7 channels of mixed_6/conv for sFID; the softmax of
@@ -10,6 +12,15 @@ the pool_3 logits for IS) and metric code paths. Prints the results in ADM's for
 to ``SAMPLE.txt``. Reference statistics (``mu``, ``sigma``, ``mu_s``, ``sigma_s``) are taken from the
 reference .npz when present, as ADM does; features computed for a file are cached beside it
 (``<file>.inception.npz``) so a second evaluation skips the network.
+
+The feature network is a choice (``--features``): ``inception`` (the default, ADM's numbers) or a classifier
+trained by ``python -m evaluations.c2i.classifier`` on data Inception does not know (the embedded demo). The
+classifier's pooled features then take pool_3's place (FID, precision, recall), its spatial features
+mixed_6/conv's (sFID), its softmax the 1008 classes' (the IS formula, reported as ``Classifier Score``), and its
+predictions give the **class accuracy**: the share of samples classified as the label they were conditioned on
+(``arr_1``). The metric code is the same for both. Reference statistics record the features they were computed
+with (``dpar_reference``); statistics of other features are refused. The report of a classifier evaluation
+goes to ``SAMPLE.classifier.txt`` and names the classifier in its first line.
 """
 from __future__ import annotations
 
@@ -19,7 +30,7 @@ import sys
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +43,14 @@ from dpar.errors import ArgumentParser, UserError, run_main
 from dpar.fileio import OutputBusy, atomic_path, atomic_write_text, check_output_file, claim_output, npy_header
 from dpar.validation import device, number
 
+from .classifier import load_classifier, spatial_size
 from .inception import FIDInceptionV3
 
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023 features
 # the statistics a reference batch may carry, and their shapes (pool_3: 2048 features; spatial: 2023)
 STATS_SIZES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
 IS_SPLIT = 5000  # ADM: the Inception Score is the mean over consecutive splits of 5,000 samples
+REFERENCE_RECORD = "dpar_reference"  # how reference_batch.py made a file (JSON), with the statistics' features
 
 
 # -- the metrics (each a plain function of features, as ADM computes it) -------------------------------------
@@ -124,12 +137,90 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+# -- the feature network ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Features:
+    """What a feature network gives the metrics: a network's ``forward(float [N, 3, H, W] in 0..255)`` returns
+    (pooled ``[N, pool]``, spatial ``[N, h, w, c]``, logits ``[N, logits]``); the first ``spatial_channels``
+    channels of the spatial output (all of them when None) give the ``spatial`` sFID features."""
+    name: str                     # "inception" or "classifier": the cache's and the report's suffix
+    pool: int
+    logits: int
+    spatial: int
+    spatial_channels: int | None
+    sha256: str | None            # of the weights (None: any weights of this network, e.g. ADM's own statistics)
+    description: str = ""         # the report's "Features:" line
+    image_size: int | None = None  # the only image size it takes (None: any; Inception resizes to 299)
+    classes: tuple[str, ...] | None = None  # a classifier's classes in label order
+
+    @property
+    def identity(self) -> dict:
+        """What a reference batch records of the features its statistics were computed with."""
+        return {"network": self.name, "sha256": self.sha256}
+
+    @property
+    def score_name(self) -> str:
+        return "Inception Score" if self.name == "inception" else "Classifier Score"
+
+    def stats_sizes(self) -> dict[str, tuple[int, ...]]:
+        return {"mu": (self.pool,), "sigma": (self.pool, self.pool), "mu_s": (self.spatial,),
+                "sigma_s": (self.spatial, self.spatial)}
+
+
+INCEPTION = Features("inception", 2048, 1008, STATS_SIZES["mu_s"][0], SPATIAL_CHANNELS, None,
+                     "inception (ADM's FID Inception-v3)")
+
+
+def inception_features(weights: str | Path) -> tuple[FIDInceptionV3, Features]:
+    """The FID Inception and its features (one line when the weights are missing or foreign)."""
+    network = FIDInceptionV3.from_file(weights)
+    return network, replace(INCEPTION, sha256=file_sha256(weights),
+                            description=f"inception {weights} (ADM's FID Inception-v3)")
+
+
+def classifier_features(path: str | Path) -> tuple[torch.nn.Module, Features]:
+    """A classifier of ``python -m evaluations.c2i.classifier`` and its features."""
+    network, record = load_classifier(path)
+    size, classes = record["image_size"], tuple(record["classes"])
+    accuracy = record.get("held_out", {}).get("accuracy")
+    held_out = f", held-out accuracy {accuracy:.4f}" if accuracy is not None else ""
+    return network, Features("classifier", record["features"]["pool"], len(classes), spatial_size(size), None,
+                             file_sha256(path), f"classifier {path} ({len(classes)} classes, {size} px{held_out})",
+                             size, classes)
+
+
+def features_flag(text: str) -> str | Path:
+    """An argparse ``type`` for ``--features``: ``inception`` or a classifier's ``.safetensors``."""
+    if text == "inception":
+        return text
+    if not text.endswith(".safetensors"):
+        raise argparse.ArgumentTypeError("must be 'inception' or a classifier's .safetensors (python -m "
+                                         f"evaluations.c2i.classifier); got {text!r}")
+    return Path(text)
+
+
+def load_features(choice: str | Path, inception_weights: str | Path) -> tuple[torch.nn.Module, Features]:
+    """The network of ``--features`` and its :class:`Features`."""
+    return inception_features(inception_weights) if choice == "inception" else classifier_features(choice)
+
+
+def check_image_size(batch: ImageBatch, features: Features) -> None:
+    """One line when a classifier is given images of another size than it was trained on."""
+    if features.image_size is None or batch.shape[1:3] == (features.image_size,) * 2:
+        return
+    h, w = batch.shape[1:3]
+    raise UserError(f"{batch.path}: {h}x{w} px images, but the classifier judges {features.image_size}x"
+                    f"{features.image_size} px images (build the reference with --image-size "
+                    f"{features.image_size}, sample at that size, or train a classifier with --image-size {h})")
+
+
 # -- features of a batch file -------------------------------------------------------------------------------
 
 @dataclass
 class BatchFeatures:
-    pool: np.ndarray        # [N, 2048] float32
-    probs: np.ndarray       # [N, 1008] softmax of the pool_3 logits
+    pool: np.ndarray        # [N, 2048] float32 (Inception's pool_3; a classifier's pooled features)
+    probs: np.ndarray       # [N, 1008] softmax of the pool_3 logits (a classifier's softmax)
     mu: np.ndarray
     sigma: np.ndarray
     mu_s: np.ndarray
@@ -181,14 +272,17 @@ class ImageBatch:
 
 
 @torch.no_grad()
-def compute_features(network: FIDInceptionV3, images: ImageBatch, batch_size: int, device: str) -> BatchFeatures:
+def compute_features(network: torch.nn.Module, images: ImageBatch, batch_size: int, device: str,
+                     features: Features = INCEPTION) -> BatchFeatures:
     pools, spatials, probs = [], [], []
-    for batch in tqdm(images.batches(batch_size), total=-(-len(images) // batch_size), desc="inception",
+    channels = features.spatial_channels
+    for batch in tqdm(images.batches(batch_size), total=-(-len(images) // batch_size), desc=features.name,
                       unit="batch"):
         x = torch.from_numpy(batch.copy()).to(device)
         pool, spatial, logits = network(x.permute(0, 3, 1, 2).float())
         pools.append(pool.float().cpu().numpy())
-        spatials.append(spatial[..., :SPATIAL_CHANNELS].reshape(len(x), -1).float().cpu().numpy())
+        spatials.append((spatial if channels is None else spatial[..., :channels]).reshape(len(x), -1)
+                        .float().cpu().numpy())
         probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     pool = np.concatenate(pools)
     mu, sigma = statistics(pool)
@@ -197,17 +291,17 @@ def compute_features(network: FIDInceptionV3, images: ImageBatch, batch_size: in
 
 
 def batch_features(images: ImageBatch, network_factory, weights_id: str, batch_size: int,
-                   device: str) -> BatchFeatures:
-    """Features of one batch file, from its cache when the file and the weights are unchanged. The cache is
-    best effort: a batch in a read-only folder is evaluated all the same."""
+                   device: str, kind: Features = INCEPTION) -> BatchFeatures:
+    """Features of one batch file, from its cache (``<file>.<kind.name>.npz``) when the file and the weights
+    are unchanged. The cache is best effort: a batch in a read-only folder is evaluated all the same."""
     path = images.path
     stat = path.stat()
     key = f"{stat.st_size}-{stat.st_mtime_ns}-{weights_id}"
-    cache = path.with_name(path.name + ".inception.npz")
-    cached = _cached_features(cache, key, len(images))
+    cache = path.with_name(f"{path.name}.{kind.name}.npz")
+    cached = _cached_features(cache, key, len(images), kind)
     if cached is not None:
         return cached
-    features = compute_features(network_factory(), images, batch_size, device)
+    features = compute_features(network_factory(), images, batch_size, device, kind)
     try:
         with atomic_path(cache) as tmp, open(tmp, "wb") as f:
             np.savez(f, key=key, **features.__dict__)
@@ -217,7 +311,7 @@ def batch_features(images: ImageBatch, network_factory, weights_id: str, batch_s
     return features
 
 
-def _cached_features(cache: Path, key: str, count: int) -> BatchFeatures | None:
+def _cached_features(cache: Path, key: str, count: int, kind: Features = INCEPTION) -> BatchFeatures | None:
     """The features cached for this file and these weights, or None when there are none usable (missing,
     stale, damaged or of other shapes: they are then computed again and the cache rewritten)."""
     try:
@@ -227,13 +321,30 @@ def _cached_features(cache: Path, key: str, count: int) -> BatchFeatures | None:
             features = BatchFeatures(*(cached[name] for name in ("pool", "probs", "mu", "sigma", "mu_s", "sigma_s")))
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
         return None
-    expected = {"pool": (count, 2048), "probs": (count, 1008), **STATS_SIZES}
+    expected = {"pool": (count, kind.pool), "probs": (count, kind.logits), **kind.stats_sizes()}
     return features if all(getattr(features, k).shape == v for k, v in expected.items()) else None
 
 
-def reference_statistics(path: Path) -> dict[str, np.ndarray] | None:
-    """The mu/sigma/mu_s/sigma_s a reference file carries (checked against ADM's shapes), or None. ADM's
-    rule: these win over statistics computed from its arr_0."""
+def reference_record(path: Path) -> dict:
+    """The ``dpar_reference`` record of a batch built by ``reference_batch.py`` ({} for ADM's own files)."""
+    try:
+        with np.load(path) as stored:
+            return json.loads(str(stored[REFERENCE_RECORD])) if REFERENCE_RECORD in stored.files else {}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise UserError(f"{path} is damaged: {error}") from None
+
+
+def statistics_features(path: Path) -> dict:
+    """What a reference file records of the features its statistics were computed with; a file without a
+    record (ADM's, or an older reference_batch.py's) holds Inception statistics of unnamed weights."""
+    return reference_record(path).get("features") or {"network": "inception", "sha256": None}
+
+
+def reference_statistics(path: Path, kind: Features | None = None) -> dict[str, np.ndarray] | None:
+    """The mu/sigma/mu_s/sigma_s a reference file carries (checked against the shapes of ``kind``'s features,
+    by default ADM's Inception), or None. ADM's rule: these win over statistics computed from its arr_0.
+    Statistics recorded as made with other features (another network, or other weights) are refused."""
+    kind = kind or INCEPTION
     try:
         with np.load(path) as stored:
             if "mu" not in stored.files:
@@ -241,12 +352,41 @@ def reference_statistics(path: Path) -> dict[str, np.ndarray] | None:
             found = {key: stored[key] for key in STATS_SIZES if key in stored.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise UserError(f"{path} is damaged: {error}") from None
-    for key, shape in STATS_SIZES.items():
+    made_with = statistics_features(path)
+    if made_with.get("network") != kind.name or (made_with.get("sha256") and kind.sha256
+                                                 and made_with["sha256"] != kind.sha256):
+        theirs = made_with.get("network")
+        weights = " of other weights" if theirs == kind.name else ""
+        raise UserError(f"{path} holds statistics of {theirs} features{weights} (sha256 "
+                        f"{str(made_with.get('sha256'))[:12]}), this evaluation uses {kind.description}; evaluate "
+                        "with the features they were made with, or build the reference again with these (or "
+                        "without --statistics)")
+    what = "ADM's Inception features" if kind.name == "inception" else "the classifier's features"
+    for key, shape in kind.stats_sizes().items():
         if key not in found or found[key].shape != shape:
             got = list(found[key].shape) if key in found else "nothing"
-            raise UserError(f"{path}: reference statistics {key} must have shape {list(shape)} (ADM's Inception "
-                            f"features), got {got}")
+            raise UserError(f"{path}: reference statistics {key} must have shape {list(shape)} ({what}), got {got}")
     return found
+
+
+def sample_labels(path: Path, count: int, kind: Features) -> tuple[np.ndarray | None, str | None]:
+    """(the ``arr_1`` labels the samples were conditioned on, None) or (None, why there are none). Labels that
+    do not fit the classifier (other classes) are one line."""
+    try:
+        with np.load(path) as data:
+            labels = data["arr_1"] if "arr_1" in data.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise UserError(f"{path} is damaged: {error}") from None
+    if labels is None:
+        return None, (f"{path} has no arr_1 (the labels the samples were conditioned on; sample_c2i_ddp.py writes "
+                      "them): no class accuracy")
+    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: arr_1 must hold one integer label per image ({count}), got {labels.dtype} "
+                        f"{list(labels.shape)}")
+    if count and (labels.min() < 0 or labels.max() >= kind.logits):
+        raise UserError(f"{path}: arr_1 holds labels {labels.min()}..{labels.max()}, but the classifier knows "
+                        f"{kind.logits} classes (0..{kind.logits - 1}); is it the classifier of these samples' data?")
+    return labels, None
 
 
 def with_reference_statistics(features: BatchFeatures, stored: dict[str, np.ndarray] | None) -> BatchFeatures:
@@ -290,48 +430,77 @@ def size_warning(ref: ImageBatch, sample: ImageBatch) -> str | None:
             f"... --image-size {sh})")
 
 
-def evaluate(ref: BatchFeatures, sample: BatchFeatures) -> dict[str, float]:
+def class_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Share of samples whose predicted class is the label they were conditioned on."""
+    return float((probs.argmax(1) == labels).mean())
+
+
+def evaluate(ref: BatchFeatures, sample: BatchFeatures, kind: Features = INCEPTION,
+             labels: np.ndarray | None = None) -> dict[str, float]:
     precision, recall = precision_recall(ref.pool, sample.pool)
-    return {"Inception Score": inception_score(sample.probs),
-            "FID": frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma),
-            "sFID": frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s),
-            "Precision": precision, "Recall": recall}
+    results = {kind.score_name: inception_score(sample.probs),
+               "FID": frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma),
+               "sFID": frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s),
+               "Precision": precision, "Recall": recall}
+    if labels is not None:
+        results["Class accuracy"] = class_accuracy(sample.probs, labels)
+    return results
+
+
+def check_reference_classes(path: Path, kind: Features) -> None:
+    """One line when the reference batch was built from a folder of other classes than the classifier's."""
+    classes = reference_record(path).get("classes")
+    if kind.classes is not None and classes is not None and tuple(classes) != kind.classes:
+        raise UserError(f"{path} was built from a folder of other classes ({len(classes)}: {classes[0]}, ...) than "
+                        f"the classifier's ({len(kind.classes)}: {kind.classes[0]}, ...)")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref_batch", help="reference batch .npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     parser.add_argument("sample_batch", help="sample batch .npz (arr_0: uint8 [N, H, W, 3])")
+    parser.add_argument("--features", type=features_flag, default="inception",
+                        help="the feature network: 'inception' (ADM's; default) or a classifier's .safetensors "
+                             "(python -m evaluations.c2i.classifier), e.g. the demo's "
+                             "assets/demo/classifier/classifier.safetensors")
     parser.add_argument("--inception-weights", default="pretrained_models/pt_inception-2015-12-05-6726825d.pth",
                         help="pytorch-fid's FID Inception weights (default: %(default)s, from the working folder)")
-    parser.add_argument("--batch-size", type=number(int, min=1), default=64, help="images per Inception forward")
+    parser.add_argument("--batch-size", type=number(int, min=1), default=64, help="images per network forward")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    report_path = check_output_file(Path(args.sample_batch).with_suffix(".txt"), "the report of sample_batch")
+    suffix = ".txt" if args.features == "inception" else ".classifier.txt"
+    report_path = check_output_file(Path(args.sample_batch).with_suffix(suffix), "the report of sample_batch")
 
-    # every input (both batches, the reference's statistics, the weights) checked before any work or output
+    # every input (both batches, the network, the reference's statistics, the labels) checked before any work
     ref_images, sample_images = ImageBatch(Path(args.ref_batch), 2), ImageBatch(Path(args.sample_batch), 2)
-    stored = reference_statistics(ref_images.path)
-    weights = Path(args.inception_weights)
-    network = FIDInceptionV3.from_file(weights)  # a missing or foreign file: one line, now
-    weights_id = file_sha256(weights)
+    network, kind = load_features(args.features, args.inception_weights)  # a missing or foreign file: one line
+    stored = reference_statistics(ref_images.path, kind)
+    labels, no_labels = (None, None) if kind.name == "inception" else sample_labels(sample_images.path,
+                                                                                  len(sample_images), kind)
+    for batch in (ref_images, sample_images):
+        check_image_size(batch, kind)
+    check_reference_classes(ref_images.path, kind)
 
-    def network_factory() -> FIDInceptionV3:
+    def network_factory() -> torch.nn.Module:
         return network.to(args.device)
 
     claim_output(report_path, "the report of sample_batch")
     for warning in (class_order_warning(sample_images.path, len(sample_images)),
-                    size_warning(ref_images, sample_images)):
+                    size_warning(ref_images, sample_images), no_labels):
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
+    if kind.name == "inception":  # a classifier's report names it in its first line
+        print(f"features: {kind.description}")
     print("computing reference batch activations...")
-    ref = with_reference_statistics(batch_features(ref_images, network_factory, weights_id, args.batch_size,
-                                                   args.device), stored)
+    ref = with_reference_statistics(batch_features(ref_images, network_factory, kind.sha256, args.batch_size,
+                                                   args.device, kind), stored)
     print("computing sample batch activations...")
-    sample = batch_features(sample_images, network_factory, weights_id, args.batch_size, args.device)
+    sample = batch_features(sample_images, network_factory, kind.sha256, args.batch_size, args.device, kind)
     print("Computing evaluations...")
-    results = evaluate(ref, sample)
-    report = "".join(f"{name}: {value}\n" for name, value in results.items())
+    results = evaluate(ref, sample) if kind.name == "inception" else evaluate(ref, sample, kind, labels)
+    # ADM's report for Inception, as it was; a classifier's report names the classifier first
+    header = "" if kind.name == "inception" else f"Features: {kind.description}\n"
+    report = header + "".join(f"{name}: {value}\n" for name, value in results.items())
     print(report, end="")
     atomic_write_text(report_path, report)
 

@@ -4,6 +4,8 @@ r"""Build an ADM-format reference batch from your own images, for the evaluator 
     python -m evaluations.c2i.reference_batch data/my_images data/my_images_256.npz --image-size 256 \
         --statistics --inception-weights pretrained_models/pt_inception-2015-12-05-6726825d.pth
     python -m evaluations.c2i.evaluator data/my_images_256.npz samples/<sample name>.npz --inception-weights ...
+    python -m evaluations.c2i.reference_batch data/heldout data/heldout_ref.npz --statistics \
+        --features runs/classifier/classifier.safetensors     # a classifier's features (evaluations.c2i.classifier)
 
 What ADM's reference batches (``VIRTUAL_imagenet256_labeled.npz``) hold: ``arr_0`` uint8 ``[N, H, W, 3]``,
 up to ``--max-images`` (ADM: 10,000) images drawn at random (``--seed``) from the folder, each prepared as ADM
@@ -15,7 +17,10 @@ statistics ``mu``, ``sigma`` (pool_3) and ``mu_s``, ``sigma_s`` (spatial) over *
 ("statistics over the whole dataset", as ADM's), computed by the evaluator's own code
 (``evaluator.compute_features``) in blocks of 10,000 images whose means and covariances are pooled exactly,
 so that memory stays bounded. The evaluator then takes FID and sFID from these statistics and precision and
-recall from ``arr_0``. ``dpar_reference`` (JSON) records how the file was made.
+recall from ``arr_0``. ``--features`` chooses the network of the statistics as the evaluator's flag does
+(``inception``, or a classifier's ``.safetensors``, whose image size is then the default ``--image-size``).
+``dpar_reference`` (JSON) records how the file was made, and with statistics which features they are of
+(network and weights' sha256: the evaluator refuses to compare them with other features).
 
 The folder is an ImageFolder (``<class>/<image>``), a flat folder of images or a ``<path> <label>`` list file
 (``tokenizer.images.list_images``). An image that cannot be read is skipped and counted (printed, and listed
@@ -45,19 +50,19 @@ from dpar.validation import MAX_IMAGE_SIZE, device, number
 from tokenizer.images import list_images
 from tokenizer.transforms import ImageError, center_crop_arr, open_rgb
 
-from .evaluator import compute_features
-from .inception import FIDInceptionV3
+from .evaluator import INCEPTION, REFERENCE_RECORD, Features, compute_features, features_flag, load_features
 
 ADM_IMAGES = 10_000       # ADM's reference batches: 10,000 images for precision and recall
 STATISTICS_BLOCK = 10_000  # images whose Inception features are held at once (about 20 KB each)
-RECORD_KEY = "dpar_reference"
+RECORD_KEY = REFERENCE_RECORD
 
 
 def build(data_path: str | Path, out: str | Path, image_size: int, max_images: int = ADM_IMAGES, seed: int = 0,
           network: nn.Module | None = None, batch_size: int = 64, device: str = "cpu",
-          block: int = STATISTICS_BLOCK) -> dict:
+          block: int = STATISTICS_BLOCK, kind: Features = INCEPTION) -> dict:
     """Write the reference batch ``out`` from the images of ``data_path`` (see the module doc); with
-    ``network`` (the FID Inception), the statistics over every readable image. Returns the record."""
+    ``network`` (the FID Inception, or the network ``kind`` describes), the statistics over every readable
+    image. Returns the record."""
     paths, labels, classes = list_images(data_path)
     labelled = classes != [""]
     order = np.random.default_rng(seed).permutation(len(paths))
@@ -96,10 +101,11 @@ def build(data_path: str | Path, out: str | Path, image_size: int, max_images: i
                         pass
                 else:
                     statistics = _statistics(network, stream, batch_size, device, block,
-                                             lambda: len(order) - read[0] + stream.buffered)
+                                             lambda: len(order) - read[0] + stream.buffered, kind)
             record = {"image_size": image_size, "images": len(kept_labels), "listed": len(paths), "seed": seed,
                       "statistics_images": None if statistics is None else statistics.pop("count"),
-                      "classes": classes if labelled else None, "skipped": skipped, "upscaled": upscaled[0]}
+                      "classes": classes if labelled else None, "skipped": skipped, "upscaled": upscaled[0],
+                      "features": None if statistics is None else kind.identity}
             arrays = {"arr_1": np.asarray(kept_labels, dtype=np.int64)} if labelled else {}
             arrays.update(statistics or {})
             arrays[RECORD_KEY] = np.array(json.dumps(record))
@@ -154,13 +160,13 @@ class _Block:
 
 
 def _statistics(network: nn.Module, stream: _Lookahead, batch_size: int, device: str, block: int,
-                left: Callable[[], int]) -> dict:
+                left: Callable[[], int], kind: Features = INCEPTION) -> dict:
     """mu, sigma, mu_s, sigma_s of every crop in ``stream`` (and their ``count``): the evaluator's features and
     statistics of each block; blocks after the first are pooled exactly (Chan et al.'s parallel mean and
     covariance), a single block is the evaluator's result as it is."""
     first, pooled = None, None  # pooled: count, then (mean, scatter = (n - 1) * covariance) per feature kind
     while stream.has(2):
-        features = compute_features(network, _Block(stream, block, left()), batch_size, device)
+        features = compute_features(network, _Block(stream, block, left()), batch_size, device, kind)
         n = len(features.pool)
         block_stats = {"": (features.mu, features.sigma), "_s": (features.mu_s, features.sigma_s)}
         if first is None:
@@ -210,16 +216,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("data_path", help="image folder (<class>/<image>, or images directly) or a '<path> <label>' "
                                           "list file")
     parser.add_argument("out", help="the reference batch to write, e.g. data/my_images_256.npz")
-    parser.add_argument("--image-size", type=number(int, min=1, max=MAX_IMAGE_SIZE), default=256,
-                        help="crop size in pixels: the samples' size (default: %(default)s)")
+    parser.add_argument("--image-size", type=number(int, min=1, max=MAX_IMAGE_SIZE), default=None,
+                        help="crop size in pixels: the samples' size (default: 256, or a classifier's own size)")
     parser.add_argument("--max-images", type=number(int, min=2), default=ADM_IMAGES,
                         help="images kept in arr_0, drawn at random (ADM: 10,000)")
     parser.add_argument("--seed", type=number(int, min=0, max=2**32 - 1), default=0, help="of the draw")
     parser.add_argument("--statistics", action="store_true",
-                        help="also store the Inception statistics over every image (needs --inception-weights)")
+                        help="also store the statistics of --features over every image")
+    parser.add_argument("--features", type=features_flag, default="inception",
+                        help="the statistics' feature network: 'inception' (default; needs --inception-weights) or "
+                             "a classifier's .safetensors (python -m evaluations.c2i.classifier)")
     parser.add_argument("--inception-weights", default="pretrained_models/pt_inception-2015-12-05-6726825d.pth",
                         help="with --statistics: pytorch-fid's FID Inception weights (default: %(default)s)")
-    parser.add_argument("--batch-size", type=number(int, min=1), default=64, help="images per Inception forward")
+    parser.add_argument("--batch-size", type=number(int, min=1), default=64, help="images per network forward")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     out = check_output_file(args.out, "out")
@@ -228,15 +237,23 @@ def main(argv: list[str] | None = None) -> None:
     if out.exists():
         raise UserError(f"out {out} exists; delete it or choose another name")
     list_images(args.data_path)  # an empty or missing folder: one line, before the weights load
-    network = FIDInceptionV3.from_file(args.inception_weights).to(args.device) if args.statistics else None
-    record = build(args.data_path, out, args.image_size, args.max_images, args.seed, network, args.batch_size,
-                   args.device)
-    statistics = (f"; Inception statistics over {record['statistics_images']} images"
+    network, kind = None, INCEPTION
+    if args.statistics or args.features != "inception":
+        network, kind = load_features(args.features, args.inception_weights)
+        network = network.to(args.device) if args.statistics else None
+    image_size = args.image_size or kind.image_size or 256
+    if kind.image_size is not None and image_size != kind.image_size:
+        raise UserError(f"--image-size {image_size}: the classifier {args.features} judges {kind.image_size} px "
+                        f"images; build the reference at {kind.image_size} px, or train a classifier at {image_size}")
+    record = build(args.data_path, out, image_size, args.max_images, args.seed, network, args.batch_size,
+                   args.device, kind=kind)
+    network_name = "Inception" if kind.name == "inception" else "classifier"
+    statistics = (f"; {network_name} statistics over {record['statistics_images']} images"
                   if record["statistics_images"] else "")
-    print(f"{record['images']} images of {record['listed']} ({args.image_size}x{args.image_size})"
+    print(f"{record['images']} images of {record['listed']} ({image_size}x{image_size})"
           f"{', with labels' if record['classes'] else ''}{statistics} -> {out}")
     if record["upscaled"]:
-        print(f"warning: {record['upscaled']} of the images read are smaller than --image-size {args.image_size} on "
+        print(f"warning: {record['upscaled']} of the images read are smaller than --image-size {image_size} on "
               "their short side and were enlarged; build the reference at the samples' size", file=sys.stderr)
     if record["skipped"]:
         print(f"skipped {len(record['skipped'])} unreadable image(s), listed in its {RECORD_KEY}; first: "
