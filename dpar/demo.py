@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +50,15 @@ class Scale:
     val_holdout: int  # validation images: a seeded class-stratified draw (dpar/data/splits.py), split seed 0
     classifier_epochs: int = 10  # the metric's classifier, trained on the demo's training images
     reference_images: int = 1000  # held-out real images of the metric's reference batch (fresh, REFERENCE_SEED)
+    quality_samples: int = 480  # samples per model and CFG scale scored by the metric (40 per class)
+    quality_cfg_scales: tuple[float, ...] = (1.0, 2.0, 4.0)  # the CFG scales the samples are scored at
 
 
 FULL = Scale(images=4000, tokenizer_images=1024, tokenizer_epochs=20, entropy_epochs=6, global_epochs=10, views=2,
              val_holdout=200)
 TINY = Scale(images=96, tokenizer_images=32, tokenizer_epochs=1, entropy_epochs=1, global_epochs=1, views=1,
-             val_holdout=16, classifier_epochs=1, reference_images=24)
+             val_holdout=16, classifier_epochs=1, reference_images=24, quality_samples=24,
+             quality_cfg_scales=(4.0,))
 REFERENCE_SEED = 2  # the reference batch's images: neither the training images' seed (0) nor the tokenizer's (1)
 CLASSIFIER = "classifier"  # <output>/classifier: classifier.safetensors, classifier.json, reference.npz
 
@@ -73,7 +79,6 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     import preprocess_tokens
     import sample_c2i
     import train_entropy_model
-    import train_global_model
     from evaluations.c2i import classifier, reference_batch
     from tokenizer import train_vq
 
@@ -110,6 +115,9 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
         "--train.results_dir", str(work / "runs"), "--train.epochs", str(scale.tokenizer_epochs),
         "--train.recon_every", str(max(scale.tokenizer_epochs // 2, 1)), *batch]))
     vq = _final(work / "runs" / "scratch" / "vq_tiny")
+    reference, classifier_weights = metric / "reference.npz", metric / classifier.WEIGHTS_FILE
+    stage("tokenizer check", lambda: summary.update(tokenizer_reconstructions=score_reconstructions(
+        vq / "model.safetensors", reference, classifier_weights, work / "reconstructions.npz")))
     stage("tokens", lambda: preprocess_tokens.main([
         "--stage", "tokens", "--data-path", str(images), "--store", str(store), "--vq-ckpt", str(vq / "model.safetensors"),
         "--image-size", str(image_size()), "--views", str(scale.views), "--num-workers", "0", "--shard-size", "500"]))
@@ -132,11 +140,10 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
           f"{summary['threshold_calibrated_on']} of {store}")
     if missed_target(reached, TOKENS_PER_PATCH):  # e.g. --tiny: a 1-epoch entropy model's entropies barely vary
         print(f"note: no θ gives {TOKENS_PER_PATCH} tokens per patch with this entropy model; DPAR trains at {reached:.3f}")
-    for name, config in GLOBAL_RUNS.items():
-        stage(f"{name} model", lambda config=config: train_global_model.main([
-            "--config", config, *common, "--train.epochs", str(scale.global_epochs), *batch,
-            "--patcher.entropy_model_checkpoint", str(entropy / "model.safetensors"),
-            "--patcher.threshold", str(threshold), *holdout]))
+    global_runs = {name: ["--config", config, *common, "--train.epochs", str(scale.global_epochs), *batch,
+                          "--patcher.entropy_model_checkpoint", str(entropy / "model.safetensors"),
+                          "--patcher.threshold", str(threshold), *holdout] for name, config in GLOBAL_RUNS.items()}
+    stage("global models", lambda: timings.update(train_side_by_side(global_runs, work / "logs")))
 
     _replace_folder(output, SUMMARY_FILE)
     rewrites = {"patcher.entropy_model_checkpoint": _relative(output / "entropy_model" / _weights(entropy)),
@@ -144,7 +151,7 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
                 "data.tokenizer_checkpoint": _relative(output / "tokenizer" / _weights(vq)),
                 "data.store": _relative(output / STORE)}
     _publish(vq, output / "tokenizer", {})
-    shutil.copytree(metric, output / CLASSIFIER)
+    shutil.copytree(metric, output / CLASSIFIER, ignore=shutil.ignore_patterns("*.npz.*.npz"))  # not the feature caches
     _publish(entropy, output / "entropy_model", rewrites)
     publish_store(store, output / STORE, rewrites)
     for name in GLOBAL_RUNS:
@@ -154,9 +161,80 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
         stage(f"{name} samples", lambda name=name: sample_c2i.main([
             "--experiment_dir", str(output / name), "--output-dir", str(output / "samples" / name),
             "--per-class", "4" if scale is FULL else "1"]))
+    stage("sample quality", lambda: summary.update(sample_quality={
+        name: score_samples(output / name, reference, classifier_weights, work / "quality" / name,
+                            scale.quality_samples, scale.quality_cfg_scales) for name in GLOBAL_RUNS}))
     summary["seconds"] = timings
     atomic_write_text(output / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def train_side_by_side(runs: dict[str, list[str]], logs: Path) -> dict[str, float]:
+    """Run ``train_global_model.py`` once per entry of ``runs`` (name -> its flags), all at once with one thread
+    each: small models use a second thread poorly, so on a 2-core laptop three runs side by side take about half
+    the time of one after the other. Each run's output goes to ``logs/<name>.log``. Returns each run's seconds;
+    ``RuntimeError`` with the end of its log when a run fails (the others are stopped)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    started, processes, seconds = time.perf_counter(), {}, {}
+    try:
+        for name, flags in runs.items():
+            with open(logs / f"{name}.log", "w") as log:
+                processes[name] = subprocess.Popen([sys.executable, str(REPO / "train_global_model.py"), *flags],
+                                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            print(f"{name}: training, log {logs / f'{name}.log'}", flush=True)
+        waiting = dict(processes)
+        while waiting:
+            for name, process in list(waiting.items()):
+                if process.poll() is None:
+                    continue
+                del waiting[name]
+                seconds[f"{name} model"] = round(time.perf_counter() - started, 1)
+                if process.returncode != 0:
+                    tail = "".join((logs / f"{name}.log").read_text().splitlines(keepends=True)[-20:])
+                    raise RuntimeError(f"training the demo's {name} model failed (exit {process.returncode}):\n{tail}")
+                print(f"{name}: done in {seconds[f'{name} model']:.0f} s", flush=True)
+            time.sleep(0.5)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
+    return seconds
+
+
+def evaluator_report(reference: Path, batch: Path, classifier_weights: Path) -> dict[str, float]:
+    """The evaluator's metrics of ``batch`` against ``reference`` with the classifier as its feature network."""
+    from evaluations.c2i import evaluator
+
+    evaluator.main([str(reference), str(batch), "--features", str(classifier_weights)])
+    lines = batch.with_suffix(".classifier.txt").read_text().splitlines()[1:]  # the first names the classifier
+    return {name.lower().replace(" ", "_"): float(value) for name, value in (line.split(": ", 1) for line in lines)}
+
+
+def score_reconstructions(vq: Path, reference: Path, classifier_weights: Path, out: Path) -> dict[str, float]:
+    """PSNR, codes in use and the metric (rFID, class accuracy of reconstructions) of the tokenizer ``vq`` on the
+    reference batch (``evaluations.reconstruction``, then the evaluator)."""
+    from evaluations import reconstruction
+
+    summary = out.with_suffix(".json")
+    reconstruction.main(["--vq-ckpt", str(vq), str(reference), str(out), "--json", str(summary)])
+    return {**json.loads(summary.read_text()), **evaluator_report(reference, out, classifier_weights)}
+
+
+def score_samples(run: Path, reference: Path, classifier_weights: Path, work: Path, count: int,
+                  cfg_scales: tuple[float, ...]) -> dict:
+    """The metric of ``count`` samples of ``run`` at each of ``cfg_scales`` (``sample_c2i_ddp.py``, then the
+    evaluator), keyed by scale."""
+    import sample_c2i_ddp
+
+    scores = {}
+    for cfg_scale in cfg_scales:
+        folder = work / f"cfg-{cfg_scale}"
+        sample_c2i_ddp.main(["--experiment_dir", str(run), "--cfg-scale", str(cfg_scale), "--num-fid-samples",
+                             str(count), "--per-proc-batch-size", "48", "--output-dir", str(folder)])
+        scores[str(cfg_scale)] = evaluator_report(reference, next(folder.glob("*.npz")), classifier_weights)
+    return scores
 
 
 def check_replaceable(folder: Path, marker: str, what: str) -> None:

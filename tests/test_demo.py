@@ -20,9 +20,19 @@ from tests.helpers import ROOT, finish, labelled_grid, run_script
 def test_tiny_demo_build_then_sample(tiny_demo, tmp_path, capsys):
     output = tiny_demo / "demo"
     summary = json.loads((output / "summary.json").read_text())
-    assert list(summary["seconds"]) == ["synthetic images", "classifier", "tokenizer", "tokens", "entropy model",
-                                        "entropies", "dpar model", "gpt model", "static model", "dpar samples",
-                                        "gpt samples"]
+    assert list(summary["seconds"]) == ["synthetic images", "classifier", "tokenizer", "tokenizer check", "tokens",
+                                        "entropy model", "entropies", *sorted(["dpar model", "gpt model",
+                                                                               "static model"],
+                                                                              key=summary["seconds"].get),
+                                        "global models", "dpar samples", "gpt samples", "sample quality"]
+    # what the tokenizer keeps, and the metric of each model's samples (issue 31): evaluator figures in range
+    reconstructions = summary["tokenizer_reconstructions"]
+    assert reconstructions["images"] == demo.TINY.reference_images and reconstructions["psnr_db"] > 0
+    assert 0 <= reconstructions["class_accuracy"] <= 1 and reconstructions["fid"] >= 0
+    assert set(summary["sample_quality"]) == set(demo.GLOBAL_RUNS)
+    for scores in summary["sample_quality"].values():
+        assert list(scores) == [str(s) for s in demo.TINY.quality_cfg_scales]
+        assert all(0 <= score["class_accuracy"] <= 1 and score["fid"] >= 0 for score in scores.values())
     metric = output / demo.CLASSIFIER  # the sample-quality metric: classifier and reference batch (issue 31)
     assert sorted(p.name for p in metric.iterdir()) == ["classifier.json", "classifier.safetensors", "reference.npz"]
     assert 0 <= summary["classifier_held_out_accuracy"] <= 1
