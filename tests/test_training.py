@@ -251,22 +251,58 @@ def test_two_process_ddp_matches_one_process(setup, tmp_path):
     assert any(not torch.allclose(a[k], v) for k, v in start.state_dict().items())  # training did change the weights
 
 
+@pytest.mark.slow  # about 10 s on 2 CPU cores per case: a one-process and a sharded two-process run
+@pytest.mark.parametrize("config", ["configs/tiny/global_model_entropy_row_break.yaml", "configs/tiny/gpt_baseline.yaml"],
+                         ids=["DGPT", "GPT"])
+def test_fsdp_on_two_processes_matches_one_process(setup, tmp_path, config):
+    """train.fsdp=true over gloo: weights, gradients, AdamW state and EMA sharded over 2 processes, with gradient
+    accumulation (micro-batch 2 x 2), clipping, bf16 autocast and validation; the full checkpoint rank 0 writes
+    equals a one-process run's at the same global batch (dropout off), model and EMA alike."""
+    extra = ["train.epochs=1", "model.dropout_p=0", "model.token_dropout_p=0", "model.class_dropout_prob=0",
+             "train.ema=true", "train.ema_decay=0.5", "train.max_grad_norm=0.05"]
+    single, sharded = tmp_path / "one", tmp_path / "fsdp"
+    finish(run_script([sys.executable, "train_global_model.py"]
+                      + global_args(setup, single, config, *extra, "train.max_device_batch_size=4")))
+    launcher, overrides = launch("fsdp")
+    out = finish(run_script(launcher + ["train_global_model.py"]
+                            + global_args(setup, sharded, config, *extra, "train.max_device_batch_size=2", *overrides),
+                            ACCELERATE_USE_CPU="1"))
+    assert "2 process(es) x micro-batch 2 x 2 accumulation step(s), sharded (FSDP)" in out
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(only_run(single) / "checkpoints" / "epoch_00000000" / name)
+        b = load_file(only_run(sharded) / "checkpoints" / "epoch_00000000" / name)
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), name  # full, unsharded
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
+    (one,), (two,) = metrics(only_run(single))[1], metrics(only_run(sharded))[1]
+    assert two["val_nll"] == pytest.approx(one["val_nll"], abs=1e-4)  # 16 held out: 8 per process
+    norms = [r["grad_norm"] for r in metrics(only_run(sharded))[0]]
+    assert max(norms) > 0.05  # clipping acted
+
+
+def launch(layout: str) -> tuple[list[str], list[str]]:
+    """(launcher, overrides) of a layout: "1" one process, "2" two DDP processes, "fsdp" two sharded processes."""
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return {"1": ([sys.executable], []), "2": (two, []), "fsdp": (two, ["train.fsdp=true"])}[layout]
+
+
 @pytest.mark.slow  # about 20 s on 2 CPU cores per case: three training runs, one or two of them on 2 processes
-@pytest.mark.parametrize("before, after", [(1, 2), (2, 1)], ids=["1_to_2", "2_to_1"])
-def test_a_run_killed_mid_epoch_resumes_on_another_process_count(setup, tmp_path, before, after):
-    """Same global batch, dropout off: the resumed run ends where an uninterrupted one-process run does, up to
-    float reassociation (with dropout on it warns in one line: test_a_resume_that_changes_the_random_masks...)."""
+@pytest.mark.parametrize("straight_layout, before, after", [("1", "1", "2"), ("1", "2", "1"), ("fsdp", "fsdp", "fsdp"),
+                                                            ("1", "fsdp", "1"), ("1", "1", "fsdp")],
+                         ids=["1_to_2", "2_to_1", "fsdp_to_fsdp", "fsdp_to_1", "1_to_fsdp"])
+def test_a_run_killed_mid_epoch_resumes_on_another_process_count(setup, tmp_path, straight_layout, before, after):
+    """Same global batch, dropout off: the resumed run ends where an uninterrupted run does, up to float
+    reassociation (with dropout on it warns in one line: test_a_resume_that_changes_the_random_masks...). FSDP
+    (train.fsdp=true, 2 processes) writes the same full checkpoints, so a run goes from and to it too."""
     extra = ["train.epochs=2", "train.global_batch_size=4", "train.ckpt_every_steps=5", "model.dropout_p=0",
              "model.token_dropout_p=0", "model.class_dropout_prob=0", "train.ema=true", "train.ema_decay=0.9"]
     config = "configs/tiny/global_model_entropy_row_break.yaml"
 
-    def command(processes: int, results: Path) -> list[str]:
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                    if processes == 2 else [sys.executable])
-        return launcher + ["train_global_model.py"] + global_args(setup, results, config, *extra)
+    def command(layout: str, results: Path) -> list[str]:
+        launcher, overrides = launch(layout)
+        return launcher + ["train_global_model.py"] + global_args(setup, results, config, *extra, *overrides)
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    finish(run_script(command(1, straight)))
+    finish(run_script(command(straight_layout, straight), ACCELERATE_USE_CPU="1"))
     proc = run_script(command(before, killed), ACCELERATE_USE_CPU="1")
     deadline = time.time() + 120
     while not list(killed.glob("scratch/*/*/checkpoints/latest/model.safetensors")):
@@ -286,7 +322,8 @@ def test_a_run_killed_mid_epoch_resumes_on_another_process_count(setup, tmp_path
     os.close(folder)
     assert checkpoint_step(resume_checkpoint(run)) % 12 != 0  # killed inside an epoch (12 steps each)
     out = finish(run_script(command(after, killed) + ["--resume", str(run)], ACCELERATE_USE_CPU="1"))
-    assert f"{after} process(es)" in out
+    assert ("2 process(es)" if after == "fsdp" else f"{after} process(es)") in out
+    assert ("sharded (FSDP)" in out) == (after == "fsdp")
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(only_run(straight) / "checkpoints" / "epoch_00000001" / name)
         b = load_file(run / "checkpoints" / "epoch_00000001" / name)
@@ -490,3 +527,68 @@ def test_the_weights_record_their_model_config_and_an_edited_config_is_refused(s
     demo = ROOT / "assets" / "demo" / "dpar"  # weights written before the record: loaded as before
     assert recorded_model_config(demo / "checkpoints" / "epoch_00000009" / "model.safetensors") is None
     Sampler.from_experiment(demo, tokenizer=False)
+
+
+def test_sharded_state_is_saved_and_loaded_in_the_unsharded_format(tmp_path):
+    """full_weights / full_optimizer_state of an FSDP-sharded model (a one-process gloo group here) give what the
+    same model unsharded gives: state_dict() and optimizer.state_dict() by parameter index, so either resumes the
+    other; load_optimizer_state puts a saved state back into the shards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from dpar.training import full_optimizer_state, full_weights, load_optimizer_state, shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        config = ModelConfig(gpt_model="DGPT-tiny", image_size=16, downsample_size=4, vocab_size=VOCAB,
+                             num_classes=CLASSES, class_dropout_prob=0, dropout_p=0, token_dropout_p=0)
+        torch.manual_seed(0)
+        plain = create_model(config)
+        sharded = shard(copy.deepcopy(plain), init_device_mesh("cpu", (1,)))
+        idx, labels = torch.randint(0, VOCAB, (2, N)), torch.tensor([0, 1])
+        starts = torch.rand(2, N) < 0.5
+        starts[:, 0] = True
+        optimizers = []
+        for model in (plain, sharded):
+            optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
+            model(idx, labels, starts, targets=idx)[1].backward()
+            optimizer.step()
+            optimizers.append(optimizer)
+        weights = full_weights(sharded, True)
+        assert weights.keys() == plain.state_dict().keys()
+        assert all(torch.allclose(weights[k], v, atol=1e-6) for k, v in plain.state_dict().items())
+        saved, expected = full_optimizer_state(sharded, optimizers[1], True), optimizers[0].state_dict()
+        assert [g["params"] for g in saved["param_groups"]] == [g["params"] for g in expected["param_groups"]]
+        for i, moments in expected["state"].items():
+            assert torch.allclose(saved["state"][i]["exp_avg"], moments["exp_avg"], atol=1e-6), i
+        fresh = shard(copy.deepcopy(plain), init_device_mesh("cpu", (1,)))
+        reloaded = build_optimizer(fresh, TrainConfig(lr=1e-2))
+        load_optimizer_state(fresh, reloaded, expected, True)  # an unsharded run's state into the shards
+        again = full_optimizer_state(fresh, reloaded, True)
+        assert all(torch.equal(again["state"][i]["exp_avg_sq"], m["exp_avg_sq"]) for i, m in expected["state"].items())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_refuses_compile_and_accelerates_own_sharding_in_one_line():
+    from dpar.training import _check_distributed_type
+    with pytest.raises(UserError, match=r"train.fsdp=true and train.compile=true: .* set train.compile=false"):
+        TrainConfig(fsdp=True, compile=True).check()
+    for name in ("FSDP", "DEEPSPEED"):
+        with pytest.raises(UserError, match=f"distributed_type {name}, .* shard with train.fsdp=true"):
+            _check_distributed_type(name)
+    _check_distributed_type("MULTI_GPU")
+
+
+def test_fsdp_on_one_process_runs_the_sharded_code_and_equals_unsharded(setup, tmp_path):
+    """Plain python, one process: train.fsdp makes a one-process group of its own (gone after the run), so one GPU
+    runs the sharded code path (the GPU suite's check); its checkpoint equals an unsharded run's."""
+    import torch.distributed as dist
+    extra = ["train.max_steps=3", "train.ema=true", "train.ema_decay=0.5", "model.dropout_p=0",
+             "model.token_dropout_p=0", "model.class_dropout_prob=0"]
+    for name, fsdp in (("plain", "false"), ("fsdp", "true")):
+        train_global_model.main(global_args(setup, tmp_path / name, "configs/tiny/global_model_entropy_row_break.yaml",
+                                            *extra, f"train.fsdp={fsdp}"))
+        assert not dist.is_initialized()
+    for file in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(resume_checkpoint(only_run(tmp_path / name)) / file) for name in ("plain", "fsdp"))
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6, file
