@@ -354,6 +354,59 @@ def test_two_nodes_over_loopback_train_as_one_job(setup, tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
+@pytest.mark.slow  # about 10 s on 2 CPU cores: one accelerate launch
+def test_the_shipped_cpu_accelerate_config_trains(setup, tmp_path):
+    """`accelerate launch --config_file configs/accelerate/cpu.yaml train_global_model.py ...`, the CPU form of the
+    README's accelerate line (the GPU files are loaded by tests/test_launch.py)."""
+    out = finish(run_script([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(ROOT / "configs/accelerate/cpu.yaml"), "train_global_model.py"]
+                            + global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                                          "train.max_steps=2")))
+    assert "1 process(es)" in out
+    assert resume_checkpoint(only_run(tmp_path)) is not None
+
+
+@pytest.mark.slow  # about 15 s on 2 CPU cores: two one-process "nodes" and a one-process run
+def test_the_slurm_node_script_over_loopback(setup, tmp_path):
+    """tools/slurm/node.sh, the per-node part of tools/slurm/train.sbatch, run twice by hand as srun would run it on
+    two nodes: SLURM's variables set here, and a stand-in `scontrol show hostnames` on PATH that expands the node
+    list (the first host, 127.0.0.1, hosts the rendezvous). The two train one job in one run folder, with the
+    weights of a one-process run."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && echo "$3" | tr , "\\n"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    extra = ["train.epochs=1", "train.max_device_batch_size=4", "model.dropout_p=0", "model.token_dropout_p=0",
+             "model.class_dropout_prob=0"]
+    config = "configs/tiny/global_model_entropy_row_break.yaml"
+    single, nodes = tmp_path / "one", tmp_path / "nodes"
+    finish(run_script([sys.executable, "train_global_model.py"] + global_args(setup, single, config, *extra)))
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               ACCELERATE_USE_CPU="1", NPROC_PER_NODE="1", SLURM_NNODES="2", SLURM_JOB_NODELIST="127.0.0.1,localhost",
+               SLURM_JOB_ID="77", MASTER_PORT=str(port))
+    launches = [subprocess.Popen(["bash", "tools/slurm/node.sh", "train_global_model.py"]
+                                 + global_args(setup, nodes, config, *extra), cwd=ROOT, text=True,
+                                 env={**env, "SLURM_NODEID": str(rank), "SLURM_PROCID": str(rank)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    outs = [finish(proc) for proc in launches]
+    assert "2 process(es) x micro-batch 4 x 1 accumulation" in outs[0]
+    a = load_file(only_run(single) / "checkpoints" / "epoch_00000000" / "model.safetensors")
+    b = load_file(only_run(nodes) / "checkpoints" / "epoch_00000000" / "model.safetensors")  # one folder
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_the_slurm_node_script_outside_slurm_stops_in_one_line():
+    proc = subprocess.run(["bash", "tools/slurm/node.sh", "train_global_model.py"], cwd=ROOT, capture_output=True,
+                          text=True, env={"PATH": os.environ["PATH"]})
+    assert proc.returncode == 2 and proc.stderr == ("error: SLURM_NNODES is not set: run tools/slurm/node.sh through "
+                                                    "srun (tools/slurm/train.sbatch)\n")
+
+
 def one_line_error(args: list[str], after_progress: bool = False) -> str:
     proc = subprocess.run([sys.executable, "train_global_model.py", *args], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
