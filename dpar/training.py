@@ -393,7 +393,8 @@ class Trainer:
         model = create_model(model_config)
         _check_backend(model_config.attn_backend, self.device, cfg.mixed_precision)
         self.run.find().start(config, RESUMABLE_KEYS, self.total_steps, state_keys=self.STATE_KEYS)
-        model = model.to(self.device)
+        if not cfg.fsdp:  # sharded, each process moves only its shards to the device (shard below)
+            model = model.to(self.device)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema else None
         # full weights are loaded before sharding (each process keeps its part), the optimizer state after
         state = self.run.load(model, None if self.ema is None else self.ema.model) if self.run.resume_from else None

@@ -252,14 +252,15 @@ def test_two_process_ddp_matches_one_process(setup, tmp_path):
 
 
 @pytest.mark.slow  # about 10 s on 2 CPU cores per case: a one-process and a sharded two-process run
-@pytest.mark.parametrize("config", ["configs/tiny/global_model_entropy_row_break.yaml", "configs/tiny/gpt_baseline.yaml"],
-                         ids=["DGPT", "GPT"])
-def test_fsdp_on_two_processes_matches_one_process(setup, tmp_path, config):
+@pytest.mark.parametrize("config, held_out", [("configs/tiny/global_model_entropy_row_break.yaml", 16),
+                                              ("configs/tiny/gpt_baseline.yaml", 13)], ids=["DGPT", "GPT"])
+def test_fsdp_on_two_processes_matches_one_process(setup, tmp_path, config, held_out):
     """train.fsdp=true over gloo: weights, gradients, AdamW state and EMA sharded over 2 processes, with gradient
-    accumulation (micro-batch 2 x 2), clipping, bf16 autocast and validation; the full checkpoint rank 0 writes
-    equals a one-process run's at the same global batch (dropout off), model and EMA alike."""
+    accumulation (micro-batch 2 x 2), clipping, bf16 autocast and validation (13 held out: 7 and 6 images, so one
+    process runs an uncounted forward to match the other's); the full checkpoint rank 0 writes equals a
+    one-process run's at the same global batch (dropout off), model and EMA alike."""
     extra = ["train.epochs=1", "model.dropout_p=0", "model.token_dropout_p=0", "model.class_dropout_prob=0",
-             "train.ema=true", "train.ema_decay=0.5", "train.max_grad_norm=0.05"]
+             "train.ema=true", "train.ema_decay=0.5", "train.max_grad_norm=0.05", f"data.val_holdout={held_out}"]
     single, sharded = tmp_path / "one", tmp_path / "fsdp"
     finish(run_script([sys.executable, "train_global_model.py"]
                       + global_args(setup, single, config, *extra, "train.max_device_batch_size=4")))
@@ -274,7 +275,7 @@ def test_fsdp_on_two_processes_matches_one_process(setup, tmp_path, config):
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), name  # full, unsharded
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
     (one,), (two,) = metrics(only_run(single))[1], metrics(only_run(sharded))[1]
-    assert two["val_nll"] == pytest.approx(one["val_nll"], abs=1e-4)  # 16 held out: 8 per process
+    assert two["val_nll"] == pytest.approx(one["val_nll"], abs=1e-4)
     norms = [r["grad_norm"] for r in metrics(only_run(sharded))[0]]
     assert max(norms) > 0.05  # clipping acted
 
@@ -330,10 +331,13 @@ def test_a_run_killed_mid_epoch_resumes_on_another_process_count(setup, tmp_path
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
 
 
-@pytest.mark.slow  # about 15 s on 2 CPU cores: a one-process run and two one-process "nodes"
-def test_two_nodes_over_loopback_train_as_one_job(setup, tmp_path):
-    """The per-node torchrun command of docs/training.md, in its CPU form: two "machines" (node ranks 0 and 1,
-    one process each, gloo over 127.0.0.1) write ONE run folder whose weights equal a one-process run's."""
+@pytest.mark.slow  # about 15 s on 2 CPU cores per case: a one-process run and two one-process "nodes"
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_nodes_over_loopback_train_as_one_job(setup, tmp_path, launcher):
+    """The per-node commands of docs/training.md, in their CPU form: two "machines" (node ranks 0 and 1, one
+    process each, gloo over 127.0.0.1) write ONE run folder whose weights equal a one-process run's. torchrun, and
+    accelerate launch with the shipped 2-node config file (its GPU counts and address overridden by flags;
+    ACCELERATE_USE_CPU=1 makes the torchrun it starts run on CPUs)."""
     import socket
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -343,9 +347,15 @@ def test_two_nodes_over_loopback_train_as_one_job(setup, tmp_path):
     config = "configs/tiny/global_model_entropy_row_break.yaml"
     single, nodes = tmp_path / "one", tmp_path / "nodes"
     finish(run_script([sys.executable, "train_global_model.py"] + global_args(setup, single, config, *extra)))
-    launches = [run_script([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-                            "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                            "train_global_model.py"] + global_args(setup, nodes, config, *extra),
+    def node(rank: int) -> list[str]:
+        if launcher == "torchrun":
+            return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                    "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "configs/accelerate/2nodes_8gpu.yaml"), "--num_processes", "2", "--machine_rank", str(rank),
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+
+    launches = [run_script(node(rank) + ["train_global_model.py"] + global_args(setup, nodes, config, *extra),
                            ACCELERATE_USE_CPU="1") for rank in (0, 1)]
     outs = [finish(proc) for proc in launches]
     assert "2 process(es) x micro-batch 4 x 1 accumulation" in outs[0]
@@ -354,15 +364,17 @@ def test_two_nodes_over_loopback_train_as_one_job(setup, tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
-@pytest.mark.slow  # about 10 s on 2 CPU cores: one accelerate launch
-def test_the_shipped_cpu_accelerate_config_trains(setup, tmp_path):
-    """`accelerate launch --config_file configs/accelerate/cpu.yaml train_global_model.py ...`, the CPU form of the
-    README's accelerate line (the GPU files are loaded by tests/test_launch.py)."""
+@pytest.mark.slow  # about 10 s on 2 CPU cores per case: one accelerate launch
+@pytest.mark.parametrize("file, flags, processes", [("cpu.yaml", [], 1), ("1node_8gpu.yaml", ["--num_processes", "2"], 2)])
+def test_the_shipped_cpu_accelerate_config_trains(setup, tmp_path, file, flags, processes):
+    """`accelerate launch --config_file configs/accelerate/<file> train_global_model.py ...`: the one-CPU-process file,
+    and the CPU form of the README's one-node line (the 8-GPU file with 2 processes; ACCELERATE_USE_CPU=1 makes the
+    torchrun that accelerate starts run on CPUs, gloo). The 2-node file: test_two_nodes_over_loopback_train_as_one_job."""
     out = finish(run_script([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             str(ROOT / "configs/accelerate/cpu.yaml"), "train_global_model.py"]
+                             str(ROOT / "configs/accelerate" / file), *flags, "train_global_model.py"]
                             + global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
-                                          "train.max_steps=2")))
-    assert "1 process(es)" in out
+                                          "train.max_steps=2"), ACCELERATE_USE_CPU="1"))
+    assert f"{processes} process(es)" in out
     assert resume_checkpoint(only_run(tmp_path)) is not None
 
 
