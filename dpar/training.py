@@ -62,9 +62,10 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> module
 # which images a step trains on or its step size. compile, max_device_batch_size (and the process count, which no
 # key holds) change how a step is split and so, with dropout on, the random masks it draws: a resume that changes
 # them is warned (Trainer._load), and its results then differ from an uninterrupted run's (see the module's doc).
+# train.fsdp changes where the training state lives, not what a step computes or draws, nor the checkpoint files.
 RESUMABLE_KEYS = RESUMABLE_TRAIN_KEYS | {"train.max_steps", "train.val_every", "train.ckpt_every_steps",
                                         "train.trackers", "train.compile", "train.max_device_batch_size",
-                                        "data.num_workers"}
+                                        "train.fsdp", "data.num_workers"}
 
 
 @dataclass
@@ -86,12 +87,23 @@ class TrainConfig(BaseTrainConfig):
     ema_decay: float = ranged(0.9999, min=0, lt=1)
     # torch.compile the model (CUDA; the first steps are slow while it compiles).
     compile: bool = False
+    # shard weights, gradients, AdamW state and EMA over the processes (torch FSDP2, fully_shard: each
+    # transformer block its own unit) instead of keeping a full copy on each (DDP); for sizes whose training
+    # state does not fit one GPU (python -m dpar.flops --memory). Same precision (fp32 weights, bf16 autocast),
+    # same checkpoint files (full, written by rank 0). One process shards over itself (the same code, no saving).
+    fsdp: bool = False
     # validation NLL every N epochs (needs data.val_store or data.val_holdout).
     val_every: int = ranged(1, min=1)
     # rewrite checkpoints/latest/ every N steps, so a killed run loses at most N steps (0: off).
     ckpt_every_steps: int = ranged(5000, min=0)
     # accelerate trackers, if installed: [tensorboard], [wandb] or both.
     trackers: list[str] = field(default_factory=list)
+
+    def check(self, key: Key = config_key("train")) -> None:
+        """The rule between fields: FSDP runs eager (its sharded blocks are not compiled here). ``UserError``."""
+        if self.fsdp and self.compile:
+            raise UserError(f"{key('fsdp')}=true and {key('compile')}=true: the sharded model is not compiled here; "
+                            f"set {key('compile')}=false (or {key('fsdp')}=false)")
 
 
 @dataclass
@@ -172,6 +184,81 @@ class EMA:
         torch._foreach_lerp_(list(self.model.parameters()), [p.float() for p in model.parameters()], 1 - self.decay)
 
 
+def shard(model: nn.Module, mesh) -> nn.Module:
+    """Shard ``model`` in place over the processes of ``mesh`` (torch FSDP2, ``fully_shard``): every block of every
+    ``nn.ModuleList`` (the GPT's and DPAR's transformer blocks, DPAR's pooling and injection blocks) is a unit whose
+    weights are gathered for its forward and backward and freed after; the rest (embeddings, norm, head) is the
+    root's unit. Parameters stay fp32 (bf16 comes from autocast, as under DDP); gradients are reduce-scattered,
+    so each process holds 1/P of the weights, gradients and AdamW state."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
+    for block in reversed(blocks):  # inner units before the units that contain them
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def device_mesh(device: torch.device, world: int):
+    """(the mesh :func:`shard` splits over: all ``world`` processes, True when this made the process group). One
+    process started without a group (plain ``python``; accelerate makes none for one process) gets a group of its
+    own, so that ``train.fsdp`` runs the same sharded code on one GPU as on many."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    made = not dist.is_initialized()
+    if made:
+        assert world == 1, "accelerate initialises the group of several processes"
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    return init_device_mesh(device.type, (world,)), made
+
+
+def full_weights(model: nn.Module, sharded: bool) -> dict[str, Tensor]:
+    """The full state dict of ``model``: gathered from the shards onto the CPU of process 0 when ``sharded``
+    (every process must call it; the others get ``{}``), else ``model.state_dict()``."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
+    """``optimizer.state_dict()``'s format (parameters by index) whether or not ``model`` is sharded, so that a
+    checkpoint resumes under DDP or FSDP on any process count. Sharded: gathered on process 0 (every process
+    must call it; the others get ``{}``)."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+    if not state:
+        return {}
+    index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+    return {"state": {index[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
+    """Load a :func:`full_optimizer_state` (every process holds it whole); sharded: each process keeps its part."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = _parameter_names(model, optimizer)
+    assert len(names) == sum(len(group["params"]) for group in state["param_groups"]), "weights fit, so must this"
+    by_name = {"state": {names[i]: value for i, value in state["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters in its own order (the indices of its state dict)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
 def forward_loss(model: nn.Module, batch: PackedBatch, conditional: bool) -> Tensor:
     """Mean next-token cross-entropy (nats per token) of a DPAR (patched batch) or GPT model."""
     labels = batch.labels if conditional else None
@@ -185,18 +272,27 @@ def forward_loss(model: nn.Module, batch: PackedBatch, conditional: bool) -> Ten
 @torch.no_grad()
 def nll_totals(model: nn.Module, dataset: Dataset, collate: PackedCollate, batch_size: int, conditional: bool, *,
                autocast: Callable[[], ContextManager] = nullcontext, num_workers: int = 0,
-               progress: bool = True) -> Tensor:
+               progress: bool = True, forward_passes: int | None = None,
+               filler: PackedBatch | None = None) -> Tensor:
     """``[sum of token NLLs (nats), token count]`` of ``dataset`` under ``model``, with the patches that
-    ``collate`` cuts: validation during training, and the study's threshold sweep (other boundaries)."""
+    ``collate`` cuts: validation during training, and the study's threshold sweep (other boundaries).
+
+    ``forward_passes`` (a sharded model, whose every forward is a collective that all processes must run as
+    often): run that many, those past the data on ``filler``, uncounted."""
     model.eval()
     device = next(model.parameters()).device
     totals = torch.zeros(2, device=device)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    passes = 0
     for batch in tqdm(loader, desc="validation", unit="batch", leave=False, disable=not progress):
         batch = batch.to(device)
         with autocast():
             loss = forward_loss(model, batch, conditional)
         totals += torch.stack([loss.float() * batch.tokens.numel(), totals.new_tensor(batch.tokens.numel())])
+        passes += 1
+    for _ in range(passes, forward_passes or 0):
+        with autocast():
+            forward_loss(model, filler.to(device), conditional)
     return totals
 
 
@@ -267,6 +363,7 @@ class Trainer:
         # trackers log under <experiment>/logs, set once the experiment dir is known
         self.accelerator = acc = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.trackers or None,
                                                   project_dir=cfg.results_dir)
+        _check_distributed_type(acc.distributed_type.name)
         self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
         self.micro_batch, self.accumulation = split_global_batch(cfg.global_batch_size, self.world,
                                                                  cfg.max_device_batch_size)
@@ -296,20 +393,32 @@ class Trainer:
         model = create_model(model_config)
         _check_backend(model_config.attn_backend, self.device, cfg.mixed_precision)
         self.run.find().start(config, RESUMABLE_KEYS, self.total_steps, state_keys=self.STATE_KEYS)
-        model = model.to(self.device)
+        if not cfg.fsdp:  # sharded, each process moves only its shards to the device (shard below)
+            model = model.to(self.device)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema else None
+        # full weights are loaded before sharding (each process keeps its part), the optimizer state after
+        state = self.run.load(model, None if self.ema is None else self.ema.model) if self.run.resume_from else None
+        self.sharded, self.own_group = cfg.fsdp, False
+        if self.sharded:
+            mesh, self.own_group = device_mesh(self.device, self.world)
+            shard(model, mesh)
+            if self.ema is not None:
+                shard(self.ema.model, mesh)  # the same split as the model's, so the update is local
         optimizer = build_optimizer(model, cfg)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
         self.step, self.images_seen, self.positions_seen, self.epoch_loss = 0, 0, 0, [0.0, 0]
-        if self.run.resume_from is not None:
-            self._load(model, optimizer)
+        if state is not None:
+            self._load(state, model, optimizer)
         self.run.truncate_metrics(self.step)  # a killed run may have logged past its checkpoint (or before one)
-        self.raw_model = model
+        self.raw_model, self.raw_optimizer = model, optimizer
         if cfg.compile:
             model = torch.compile(model, dynamic=is_dpar(model_config.gpt_model))
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.sharded:  # already distributed: accelerate's DDP wrapper would replicate it again
+            self.model, self.optimizer = model, acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         if cfg.trackers:
             acc.project_configuration.logging_dir = str(self.run.dir / "logs")
             flat = flatten(OmegaConf.to_container(config, resolve=True))
@@ -327,7 +436,8 @@ class Trainer:
                     if self.val_set is not None and self.val_set.store is self.train_set.store else "")
         acc.print(f"{self.model_config.gpt_model}: {params:,} parameters; {len(self.train_set):,} training images, {held_out}"
                   f"{self.steps_per_epoch} steps per epoch; global batch {cfg.global_batch_size} = {self.world} "
-                  f"process(es) x micro-batch {self.micro_batch} x {self.accumulation} accumulation step(s); "
+                  f"process(es) x micro-batch {self.micro_batch} x {self.accumulation} accumulation step(s)"
+                  f"{', sharded (FSDP)' if self.sharded else ''}; "
                   f"writing to {self.run.dir}")
         while self.step < self.total_steps:
             epoch, first_step = divmod(self.step, self.steps_per_epoch)
@@ -337,6 +447,8 @@ class Trainer:
                 break
             self._end_epoch(epoch)
         acc.end_training()
+        if self.own_group and torch.distributed.is_initialized():  # (end_training may have ended it)
+            torch.distributed.destroy_process_group()
         acc.print(f"done: {self.run.dir}")
         return self.run.dir
 
@@ -369,7 +481,9 @@ class Trainer:
         for k, batch in enumerate(micro_batches):
             self.interval_positions += batch.positions
             batch = batch.to(self.device)
-            with nullcontext() if k == len(micro_batches) - 1 else acc.no_sync(self.model):
+            # DDP all-reduces the last micro-batch's gradients only; FSDP reduce-scatters each micro-batch's into
+            # the shards (no full-size gradient is ever held)
+            with nullcontext() if k == len(micro_batches) - 1 or self.sharded else acc.no_sync(self.model):
                 with acc.autocast():
                     loss = forward_loss(self.model, batch, self.conditional)
                 acc.backward(loss / len(micro_batches))
@@ -452,9 +566,13 @@ class Trainer:
     def validation_nll(self) -> float:
         """Mean NLL per token (nats) of the validation images, over all processes."""
         shard = torch.utils.data.Subset(self.val_set, range(self.rank, len(self.val_set), self.world))
+        passes, filler = None, None
+        if self.sharded:  # every process runs as many forwards: the longest share's batches
+            passes = math.ceil(math.ceil(len(self.val_set) / self.world) / self.micro_batch)
+            filler = self.collate([self.val_set[0]])
         totals = nll_totals(self.raw_model, shard, self.collate, self.micro_batch, self.conditional,
                             autocast=self.accelerator.autocast, num_workers=self.num_workers,
-                            progress=self.accelerator.is_local_main_process)
+                            progress=self.accelerator.is_local_main_process, forward_passes=passes, filler=filler)
         totals = self.accelerator.reduce(totals, "sum")
         return float(totals[0] / totals[1])
 
@@ -464,22 +582,24 @@ class Trainer:
         acc = self.accelerator
         self._log(epoch, None)  # also the non-finite check: never save a diverged model
         acc.wait_for_everyone()
+        # full files whether sharded or not (sharded: every process takes part in gathering them onto process 0)
+        weights = full_weights(self.raw_model, self.sharded)
+        ema = None if self.ema is None else full_weights(self.ema.model, self.sharded)
+        optimizer = full_optimizer_state(self.raw_model, self.raw_optimizer, self.sharded)
         if acc.is_main_process:
             state = {"step": self.step, "steps_per_epoch": self.steps_per_epoch, "images_seen": self.images_seen,
-                     "positions_seen": self.positions_seen, "epoch_loss": self.epoch_loss, "optimizer": self.optimizer.state_dict(),
+                     "positions_seen": self.positions_seen, "epoch_loss": self.epoch_loss, "optimizer": optimizer,
                      "scheduler": self.scheduler.state_dict(), "split": self._split()}
-            ema = None if self.ema is None else self.ema.model.state_dict()
-            self.run.save(epoch, self.raw_model.state_dict(), state, ema_state=ema, step=self.step,
-                          end_of_epoch=end_of_epoch)
+            self.run.save(epoch, weights, state, ema_state=ema, step=self.step, end_of_epoch=end_of_epoch)
         acc.wait_for_everyone()
 
-    def _load(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _load(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Continue from the training ``state`` that :meth:`Run.load` returned with the weights."""
         checkpoint = self.run.resume_from
-        state = self.run.load(model, None if self.ema is None else self.ema.model)
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise UserError(f"{checkpoint} was trained with {state['steps_per_epoch']} steps per epoch, this run has "
                             f"{self.steps_per_epoch}: the training images or train.global_batch_size changed")
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"], self.sharded)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.images_seen, self.positions_seen = state["step"], state["images_seen"], state["positions_seen"]
         self.epoch_loss = state["epoch_loss"]
@@ -547,6 +667,16 @@ def _check_backend(backend: str, device: torch.device, mixed_precision: str) -> 
     if backend not in usable:
         raise UserError(f"model.attn_backend {backend!r} cannot train on {device.type} with {dtype} (no backward "
                         f"there); available: auto, {', '.join(usable)}")
+
+
+def _check_distributed_type(name: str) -> None:
+    """A launch whose accelerate config asks accelerate itself to shard or offload (``distributed_type: FSDP``,
+    ``DEEPSPEED``, ``MEGATRON_LM``) is refused: its plugin's settings would be half applied. Sharding is
+    ``train.fsdp=true`` under a plain multi-GPU launch (configs/accelerate/)."""
+    if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"this launch's accelerate config sets distributed_type {name}, which the trainer does not "
+                        "use; launch with a plain multi-GPU config (configs/accelerate/) and shard with "
+                        "train.fsdp=true")
 
 
 def _check_trackers(trackers: list[str]) -> None:

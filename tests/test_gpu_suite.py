@@ -16,7 +16,7 @@ from tools.gpu.gpu_suite import SMOKE
 from tests.helpers import ROOT
 
 SECTIONS = ["Environment", "CUDA tests", "Packed attention backends", "Training throughput", "Sampling throughput",
-            "The command-line path"]
+            "The command-line path", "FSDP"]
 
 
 ENV = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": "/tmp"}
@@ -54,9 +54,9 @@ def check_smoke_report(run: subprocess.CompletedProcess, report_path: Path, comp
     time_boxes = next(line for line in report.splitlines() if "time box per command" in line)
     assert ("cli_compile" in time_boxes and "train_compile" in time_boxes) == compiled
     summary = table_rows(report.split("\n## ")[0], "")
-    assert [row[1] for row in summary[1:]] == ["ok"] * 6, summary
+    assert [row[1] for row in summary[1:]] == ["ok"] * 7, summary
     found = sections(report)
-    assert [next(t for t in found if t.startswith(s)) for s in SECTIONS]  # all six, in order
+    assert [next(t for t in found if t.startswith(s)) for s in SECTIONS]  # all seven, in order
     body = {s: next(v for t, v in found.items() if t.startswith(s)) for s in SECTIONS}
     assert table_rows(body["Environment"], "torch") and table_rows(body["Environment"], "float32 matmul")
     assert "skipped" in body["CUDA tests"] and "test_kv_cached_sampling_equals_a_full_forward" in body["CUDA tests"]
@@ -78,6 +78,9 @@ def check_smoke_report(run: subprocess.CompletedProcess, report_path: Path, comp
         assert (report_path.parent / f"{report_path.stem}-{png}.png").stat().st_size > 0
     log = report_path.with_suffix(".log").read_text()
     assert "train_global_model.py" in log and ("--train.compile true" in log) == compiled
+    fsdp = table_rows(body["FSDP"], "fsdp")  # trained sharded, resumed for a second epoch, sampled
+    assert len(fsdp) == 1 and int(fsdp[0][1]) == 2 * 96 // 16, body["FSDP"]
+    assert "sharded (FSDP)" in log and "resuming" in log and "--train.fsdp true" in log
 
 
 @pytest.mark.slow  # runs the suite's steps

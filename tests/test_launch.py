@@ -44,3 +44,24 @@ def test_accelerate_launch_cpu_of_several_processes_is_refused_before_any_output
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: accelerate launch started this")]
     assert len(ours) == 1, proc.stderr[-2000:]  # (accelerate then repeats it inside its own traceback)
     assert not out.exists()
+
+
+LAYOUTS = {"1node_8gpu": (1, 8), "2nodes_8gpu": (2, 16), "cpu": (1, 1)}  # (machines, processes over all)
+
+
+def test_every_shipped_accelerate_config_loads_with_accelerates_own_loader():
+    """configs/accelerate/*.yaml as `accelerate launch --config_file` reads them: the layout each is named for,
+    DDP or one CPU process (the trainer shards itself with train.fsdp and refuses accelerate's FSDP)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    files = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+    assert [path.stem for path in files] == sorted(LAYOUTS)
+    for path in files:
+        config = load_config_from_file(str(path))
+        machines, processes = LAYOUTS[path.stem]
+        assert (config.num_machines, config.num_processes) == (machines, processes), path.name
+        if config.use_cpu:
+            assert config.distributed_type.name == "NO"
+        else:
+            assert config.distributed_type.name == "MULTI_GPU" and config.mixed_precision == "bf16", path.name
+        if machines > 1:
+            assert config.main_process_ip and config.main_process_port and config.rdzv_backend == "static"

@@ -593,3 +593,38 @@ def test_a_sample_name_belongs_to_the_first_run_that_writes_it(tmp_path):
     Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "q.png")
     stem = sample_cli.sample_name(tmp_path, "q", (".png",), odd)[0]
     assert stem.startswith("q-my_exp__v2-run__1_éé") and len(stem[2:].encode()) <= sample_cli.RUN_SUFFIX_BYTES
+
+
+@pytest.mark.slow  # about 30 s on 2 CPU cores: each script on one process and on two one-process "nodes"
+def test_preprocessing_and_fid_sampling_on_two_nodes_over_loopback(experiment, tmp_path):
+    """The per-node lines of docs/training.md#several-nodes for preprocess_tokens.py and sample_c2i_ddp.py in their
+    CPU form: two "nodes" (torchrun node ranks 0 and 1, one process each, gloo over 127.0.0.1) write what one
+    process writes: the same token arrays, the same .npz."""
+    import socket
+    from tests.helpers import write_image_folder
+    run, vq_ckpt = experiment
+    images = write_image_folder(tmp_path / "images", classes=2, per_class=5, size=SIZE)
+
+    def on_two_nodes(argv: list[str]) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        launches = [run_script([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+                               + argv, ACCELERATE_USE_CPU="1") for rank in (0, 1)]
+        outs = [finish(proc) for proc in launches]
+        assert "2 process(es)" in outs[0] or argv[0] == "sample_c2i_ddp.py"
+
+    tokens = ["preprocess_tokens.py", "--stage", "tokens", "--data-path", str(images), "--vq-ckpt", str(vq_ckpt),
+              "--image-size", str(SIZE), "--views", "2", "--num-workers", "0", "--shard-size", "4"]
+    finish(run_script([sys.executable] + tokens + ["--store", str(tmp_path / "store_one")]))
+    on_two_nodes(tokens + ["--store", str(tmp_path / "store_two")])
+    arrays = {store: {path.relative_to(tmp_path / store): np.load(path) for path in (tmp_path / store).rglob("*.npy")}
+              for store in ("store_one", "store_two")}
+    assert arrays["store_one"] and arrays["store_one"].keys() == arrays["store_two"].keys()
+    assert all(np.array_equal(a, arrays["store_two"][name]) for name, a in arrays["store_one"].items())
+
+    finish(run_script([sys.executable] + ddp_command(run, vq_ckpt, tmp_path / "one")))
+    on_two_nodes(ddp_command(run, vq_ckpt, tmp_path / "two"))
+    one, two = (dict(np.load(tmp_path / d / NPZ)) for d in ("one", "two"))
+    assert one.keys() == two.keys() and all(np.array_equal(one[key], two[key]) for key in one)

@@ -251,22 +251,59 @@ def test_two_process_ddp_matches_one_process(setup, tmp_path):
     assert any(not torch.allclose(a[k], v) for k, v in start.state_dict().items())  # training did change the weights
 
 
+@pytest.mark.slow  # about 10 s on 2 CPU cores per case: a one-process and a sharded two-process run
+@pytest.mark.parametrize("config, held_out", [("configs/tiny/global_model_entropy_row_break.yaml", 16),
+                                              ("configs/tiny/gpt_baseline.yaml", 13)], ids=["DGPT", "GPT"])
+def test_fsdp_on_two_processes_matches_one_process(setup, tmp_path, config, held_out):
+    """train.fsdp=true over gloo: weights, gradients, AdamW state and EMA sharded over 2 processes, with gradient
+    accumulation (micro-batch 2 x 2), clipping, bf16 autocast and validation (13 held out: 7 and 6 images, so one
+    process runs an uncounted forward to match the other's); the full checkpoint rank 0 writes equals a
+    one-process run's at the same global batch (dropout off), model and EMA alike."""
+    extra = ["train.epochs=1", "model.dropout_p=0", "model.token_dropout_p=0", "model.class_dropout_prob=0",
+             "train.ema=true", "train.ema_decay=0.5", "train.max_grad_norm=0.05", f"data.val_holdout={held_out}"]
+    single, sharded = tmp_path / "one", tmp_path / "fsdp"
+    finish(run_script([sys.executable, "train_global_model.py"]
+                      + global_args(setup, single, config, *extra, "train.max_device_batch_size=4")))
+    launcher, overrides = launch("fsdp")
+    out = finish(run_script(launcher + ["train_global_model.py"]
+                            + global_args(setup, sharded, config, *extra, "train.max_device_batch_size=2", *overrides),
+                            ACCELERATE_USE_CPU="1"))
+    assert "2 process(es) x micro-batch 2 x 2 accumulation step(s), sharded (FSDP)" in out
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(only_run(single) / "checkpoints" / "epoch_00000000" / name)
+        b = load_file(only_run(sharded) / "checkpoints" / "epoch_00000000" / name)
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), name  # full, unsharded
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
+    (one,), (two,) = metrics(only_run(single))[1], metrics(only_run(sharded))[1]
+    assert two["val_nll"] == pytest.approx(one["val_nll"], abs=1e-4)
+    norms = [r["grad_norm"] for r in metrics(only_run(sharded))[0]]
+    assert max(norms) > 0.05  # clipping acted
+
+
+def launch(layout: str) -> tuple[list[str], list[str]]:
+    """(launcher, overrides) of a layout: "1" one process, "2" two DDP processes, "fsdp" two sharded processes."""
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return {"1": ([sys.executable], []), "2": (two, []), "fsdp": (two, ["train.fsdp=true"])}[layout]
+
+
 @pytest.mark.slow  # about 20 s on 2 CPU cores per case: three training runs, one or two of them on 2 processes
-@pytest.mark.parametrize("before, after", [(1, 2), (2, 1)], ids=["1_to_2", "2_to_1"])
-def test_a_run_killed_mid_epoch_resumes_on_another_process_count(setup, tmp_path, before, after):
-    """Same global batch, dropout off: the resumed run ends where an uninterrupted one-process run does, up to
-    float reassociation (with dropout on it warns in one line: test_a_resume_that_changes_the_random_masks...)."""
+@pytest.mark.parametrize("straight_layout, before, after", [("1", "1", "2"), ("1", "2", "1"), ("fsdp", "fsdp", "fsdp"),
+                                                            ("1", "fsdp", "1"), ("1", "1", "fsdp")],
+                         ids=["1_to_2", "2_to_1", "fsdp_to_fsdp", "fsdp_to_1", "1_to_fsdp"])
+def test_a_run_killed_mid_epoch_resumes_on_another_process_count(setup, tmp_path, straight_layout, before, after):
+    """Same global batch, dropout off: the resumed run ends where an uninterrupted run does, up to float
+    reassociation (with dropout on it warns in one line: test_a_resume_that_changes_the_random_masks...). FSDP
+    (train.fsdp=true, 2 processes) writes the same full checkpoints, so a run goes from and to it too."""
     extra = ["train.epochs=2", "train.global_batch_size=4", "train.ckpt_every_steps=5", "model.dropout_p=0",
              "model.token_dropout_p=0", "model.class_dropout_prob=0", "train.ema=true", "train.ema_decay=0.9"]
     config = "configs/tiny/global_model_entropy_row_break.yaml"
 
-    def command(processes: int, results: Path) -> list[str]:
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                    if processes == 2 else [sys.executable])
-        return launcher + ["train_global_model.py"] + global_args(setup, results, config, *extra)
+    def command(layout: str, results: Path) -> list[str]:
+        launcher, overrides = launch(layout)
+        return launcher + ["train_global_model.py"] + global_args(setup, results, config, *extra, *overrides)
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    finish(run_script(command(1, straight)))
+    finish(run_script(command(straight_layout, straight), ACCELERATE_USE_CPU="1"))
     proc = run_script(command(before, killed), ACCELERATE_USE_CPU="1")
     deadline = time.time() + 120
     while not list(killed.glob("scratch/*/*/checkpoints/latest/model.safetensors")):
@@ -286,17 +323,21 @@ def test_a_run_killed_mid_epoch_resumes_on_another_process_count(setup, tmp_path
     os.close(folder)
     assert checkpoint_step(resume_checkpoint(run)) % 12 != 0  # killed inside an epoch (12 steps each)
     out = finish(run_script(command(after, killed) + ["--resume", str(run)], ACCELERATE_USE_CPU="1"))
-    assert f"{after} process(es)" in out
+    assert ("2 process(es)" if after == "fsdp" else f"{after} process(es)") in out
+    assert ("sharded (FSDP)" in out) == (after == "fsdp")
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(only_run(straight) / "checkpoints" / "epoch_00000001" / name)
         b = load_file(run / "checkpoints" / "epoch_00000001" / name)
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
 
 
-@pytest.mark.slow  # about 15 s on 2 CPU cores: a one-process run and two one-process "nodes"
-def test_two_nodes_over_loopback_train_as_one_job(setup, tmp_path):
-    """The per-node torchrun command of docs/training.md, in its CPU form: two "machines" (node ranks 0 and 1,
-    one process each, gloo over 127.0.0.1) write ONE run folder whose weights equal a one-process run's."""
+@pytest.mark.slow  # about 15 s on 2 CPU cores per case: a one-process run and two one-process "nodes"
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_nodes_over_loopback_train_as_one_job(setup, tmp_path, launcher):
+    """The per-node commands of docs/training.md, in their CPU form: two "machines" (node ranks 0 and 1, one
+    process each, gloo over 127.0.0.1) write ONE run folder whose weights equal a one-process run's. torchrun, and
+    accelerate launch with the shipped 2-node config file (its GPU counts and address overridden by flags;
+    ACCELERATE_USE_CPU=1 makes the torchrun it starts run on CPUs)."""
     import socket
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -306,15 +347,76 @@ def test_two_nodes_over_loopback_train_as_one_job(setup, tmp_path):
     config = "configs/tiny/global_model_entropy_row_break.yaml"
     single, nodes = tmp_path / "one", tmp_path / "nodes"
     finish(run_script([sys.executable, "train_global_model.py"] + global_args(setup, single, config, *extra)))
-    launches = [run_script([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-                            "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                            "train_global_model.py"] + global_args(setup, nodes, config, *extra),
+    def node(rank: int) -> list[str]:
+        if launcher == "torchrun":
+            return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                    "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "configs/accelerate/2nodes_8gpu.yaml"), "--num_processes", "2", "--machine_rank", str(rank),
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+
+    launches = [run_script(node(rank) + ["train_global_model.py"] + global_args(setup, nodes, config, *extra),
                            ACCELERATE_USE_CPU="1") for rank in (0, 1)]
     outs = [finish(proc) for proc in launches]
     assert "2 process(es) x micro-batch 4 x 1 accumulation" in outs[0]
     a = load_file(only_run(single) / "checkpoints" / "epoch_00000000" / "model.safetensors")
     b = load_file(only_run(nodes) / "checkpoints" / "epoch_00000000" / "model.safetensors")  # one folder
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.mark.slow  # about 10 s on 2 CPU cores per case: one accelerate launch
+@pytest.mark.parametrize("file, flags, processes", [("cpu.yaml", [], 1), ("1node_8gpu.yaml", ["--num_processes", "2"], 2)])
+def test_the_shipped_cpu_accelerate_config_trains(setup, tmp_path, file, flags, processes):
+    """`accelerate launch --config_file configs/accelerate/<file> train_global_model.py ...`: the one-CPU-process file,
+    and the CPU form of the README's one-node line (the 8-GPU file with 2 processes; ACCELERATE_USE_CPU=1 makes the
+    torchrun that accelerate starts run on CPUs, gloo). The 2-node file: test_two_nodes_over_loopback_train_as_one_job."""
+    out = finish(run_script([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(ROOT / "configs/accelerate" / file), *flags, "train_global_model.py"]
+                            + global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
+                                          "train.max_steps=2"), ACCELERATE_USE_CPU="1"))
+    assert f"{processes} process(es)" in out
+    assert resume_checkpoint(only_run(tmp_path)) is not None
+
+
+@pytest.mark.slow  # about 15 s on 2 CPU cores: two one-process "nodes" and a one-process run
+def test_the_slurm_node_script_over_loopback(setup, tmp_path):
+    """tools/slurm/node.sh, the per-node part of tools/slurm/train.sbatch, run twice by hand as srun would run it on
+    two nodes: SLURM's variables set here, and a stand-in `scontrol show hostnames` on PATH that expands the node
+    list (the first host, 127.0.0.1, hosts the rendezvous). The two train one job in one run folder, with the
+    weights of a one-process run."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && echo "$3" | tr , "\\n"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    extra = ["train.epochs=1", "train.max_device_batch_size=4", "model.dropout_p=0", "model.token_dropout_p=0",
+             "model.class_dropout_prob=0"]
+    config = "configs/tiny/global_model_entropy_row_break.yaml"
+    single, nodes = tmp_path / "one", tmp_path / "nodes"
+    finish(run_script([sys.executable, "train_global_model.py"] + global_args(setup, single, config, *extra)))
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               ACCELERATE_USE_CPU="1", NPROC_PER_NODE="1", SLURM_NNODES="2", SLURM_JOB_NODELIST="127.0.0.1,localhost",
+               SLURM_JOB_ID="77", MASTER_PORT=str(port))
+    launches = [subprocess.Popen(["bash", "tools/slurm/node.sh", "train_global_model.py"]
+                                 + global_args(setup, nodes, config, *extra), cwd=ROOT, text=True,
+                                 env={**env, "SLURM_NODEID": str(rank), "SLURM_PROCID": str(rank)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    outs = [finish(proc) for proc in launches]
+    assert "2 process(es) x micro-batch 4 x 1 accumulation" in outs[0]
+    a = load_file(only_run(single) / "checkpoints" / "epoch_00000000" / "model.safetensors")
+    b = load_file(only_run(nodes) / "checkpoints" / "epoch_00000000" / "model.safetensors")  # one folder
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_the_slurm_node_script_outside_slurm_stops_in_one_line():
+    proc = subprocess.run(["bash", "tools/slurm/node.sh", "train_global_model.py"], cwd=ROOT, capture_output=True,
+                          text=True, env={"PATH": os.environ["PATH"]})
+    assert proc.returncode == 2 and proc.stderr == ("error: SLURM_NNODES is not set: run tools/slurm/node.sh through "
+                                                    "srun (tools/slurm/train.sbatch)\n")
 
 
 def one_line_error(args: list[str], after_progress: bool = False) -> str:
@@ -490,3 +592,68 @@ def test_the_weights_record_their_model_config_and_an_edited_config_is_refused(s
     demo = ROOT / "assets" / "demo" / "dpar"  # weights written before the record: loaded as before
     assert recorded_model_config(demo / "checkpoints" / "epoch_00000009" / "model.safetensors") is None
     Sampler.from_experiment(demo, tokenizer=False)
+
+
+def test_sharded_state_is_saved_and_loaded_in_the_unsharded_format(tmp_path):
+    """full_weights / full_optimizer_state of an FSDP-sharded model (a one-process gloo group here) give what the
+    same model unsharded gives: state_dict() and optimizer.state_dict() by parameter index, so either resumes the
+    other; load_optimizer_state puts a saved state back into the shards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from dpar.training import full_optimizer_state, full_weights, load_optimizer_state, shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        config = ModelConfig(gpt_model="DGPT-tiny", image_size=16, downsample_size=4, vocab_size=VOCAB,
+                             num_classes=CLASSES, class_dropout_prob=0, dropout_p=0, token_dropout_p=0)
+        torch.manual_seed(0)
+        plain = create_model(config)
+        sharded = shard(copy.deepcopy(plain), init_device_mesh("cpu", (1,)))
+        idx, labels = torch.randint(0, VOCAB, (2, N)), torch.tensor([0, 1])
+        starts = torch.rand(2, N) < 0.5
+        starts[:, 0] = True
+        optimizers = []
+        for model in (plain, sharded):
+            optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
+            model(idx, labels, starts, targets=idx)[1].backward()
+            optimizer.step()
+            optimizers.append(optimizer)
+        weights = full_weights(sharded, True)
+        assert weights.keys() == plain.state_dict().keys()
+        assert all(torch.allclose(weights[k], v, atol=1e-6) for k, v in plain.state_dict().items())
+        saved, expected = full_optimizer_state(sharded, optimizers[1], True), optimizers[0].state_dict()
+        assert [g["params"] for g in saved["param_groups"]] == [g["params"] for g in expected["param_groups"]]
+        for i, moments in expected["state"].items():
+            assert torch.allclose(saved["state"][i]["exp_avg"], moments["exp_avg"], atol=1e-6), i
+        fresh = shard(copy.deepcopy(plain), init_device_mesh("cpu", (1,)))
+        reloaded = build_optimizer(fresh, TrainConfig(lr=1e-2))
+        load_optimizer_state(fresh, reloaded, expected, True)  # an unsharded run's state into the shards
+        again = full_optimizer_state(fresh, reloaded, True)
+        assert all(torch.equal(again["state"][i]["exp_avg_sq"], m["exp_avg_sq"]) for i, m in expected["state"].items())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_refuses_compile_and_accelerates_own_sharding_in_one_line():
+    from dpar.training import _check_distributed_type
+    with pytest.raises(UserError, match=r"train.fsdp=true and train.compile=true: .* set train.compile=false"):
+        TrainConfig(fsdp=True, compile=True).check()
+    for name in ("FSDP", "DEEPSPEED"):
+        with pytest.raises(UserError, match=f"distributed_type {name}, .* shard with train.fsdp=true"):
+            _check_distributed_type(name)
+    _check_distributed_type("MULTI_GPU")
+
+
+def test_fsdp_on_one_process_runs_the_sharded_code_and_equals_unsharded(setup, tmp_path):
+    """Plain python, one process: train.fsdp makes a one-process group of its own (gone after the run), so one GPU
+    runs the sharded code path (the GPU suite's check); its checkpoint equals an unsharded run's."""
+    import torch.distributed as dist
+    extra = ["train.max_steps=3", "train.ema=true", "train.ema_decay=0.5", "model.dropout_p=0",
+             "model.token_dropout_p=0", "model.class_dropout_prob=0"]
+    for name, fsdp in (("plain", "false"), ("fsdp", "true")):
+        train_global_model.main(global_args(setup, tmp_path / name, "configs/tiny/global_model_entropy_row_break.yaml",
+                                            *extra, f"train.fsdp={fsdp}"))
+        assert not dist.is_initialized()
+    for file in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(resume_checkpoint(only_run(tmp_path / name)) / file) for name in ("plain", "fsdp"))
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6, file

@@ -1,7 +1,7 @@
 r"""Every CUDA check and GPU benchmark of the project in one time-boxed run, written up as one markdown report.
 
-    bash tools/gpu/gpu_suite.sh                        # on a GPU machine: no arguments, <= 9.5 minutes on an H200
-    bash tools/gpu/gpu_suite.sh --smoke --out /tmp/x   # the same steps at tiny sizes on a CPU, < 3 minutes
+    bash tools/gpu/gpu_suite.sh                        # on a GPU machine: no arguments, <= 10 minutes on an H200
+    bash tools/gpu/gpu_suite.sh --smoke --out /tmp/x   # the same steps at tiny sizes on a CPU, < 5 minutes
     bash tools/gpu/gpu_suite.sh --only cli --budget 240 --timeout cli_compile=200   # rerun a step, more time
 
 The steps, in order. Each command runs in its own process group (killed with its workers at its time
@@ -18,7 +18,10 @@ and never the shares of the steps after it; a failing step never stops the next 
 5. ``sample``: benchmarks/sample_throughput.py, DGPT-L (GPT-B entropy model) vs GPT-L, batch 64, CFG 2.0;
 6. ``cli``: the user's commands on CUDA: synthetic images -> ``tokenizer.train_vq`` (1 epoch) ->
    ``preprocess_tokens.py`` tokens -> ``train_entropy_model.py`` -> entropies -> θ for 1.81 tokens/patch ->
-   ``train_global_model.py`` DGPT-B for 48 steps eager and with ``--train.compile true`` -> ``sample_c2i.py``.
+   ``train_global_model.py`` DGPT-B for 48 steps eager and with ``--train.compile true`` -> ``sample_c2i.py``;
+7. ``fsdp``: ``train.fsdp=true`` (FSDP2, ``fully_shard``) under ``torchrun --nproc_per_node 1`` on the step 6
+   store and entropy model: DGPT-B for one epoch (8 steps), resumed for a second, then ``sample_c2i.py`` from
+   its full checkpoint (needs step 6 in the same run).
 
 ``--smoke`` runs the same steps with tiny models on the CPU (the CUDA tests are collected and skip).
 ``--no-compile`` leaves out the ``torch.compile`` commands of steps 4 and 6 (on a CPU most of a smoke run's
@@ -89,7 +92,7 @@ class Sizes:
 
 
 GPU = Sizes(
-    device="cuda", budget=560,
+    device="cuda", budget=590,
     attention=["--model", "DGPT-L", "--image-size", "256", "--downsample", "16", "--batch-size", "64"],
     train_pairs=[["DGPT-B", "GPT-B"], ["DGPT-L", "GPT-L"]],
     train=["--image-size", "256", "--downsample", "16", "--vocab", "16384", "--num-classes", "1000",
@@ -101,13 +104,15 @@ GPU = Sizes(
     configs={"tokenizer": "configs/tokenizer/vq_16.yaml", "entropy": "configs/entropy_model/gpt_b_256.yaml",
              "global": "configs/patching_modes/global_model_entropy_row_break.yaml"},
     # Measured on an H200 (benchmarks/results/nvidia-h200-2026-12-04*.md): cuda_tests 50-57 s, attention 27 s, the
-    # two eager train pairs 48 s, compiling the B pair 100+ s with a cold inductor cache, sample 86 s, cli 190 s.
+    # two eager train pairs 48 s, compiling the B pair 100+ s with a cold inductor cache, sample 86 s, cli 190 s;
+    # fsdp not yet run on a GPU: its three commands are boxed at 40 s each, its share is 59 s.
     timeouts={"env": 30, "cuda_tests": 90, "attention": 45, "train": 35, "train_compile": 150, "sample": 120,
-              "cli": 60, "cli_compile": 150},
-    reserves={"env": 0.02, "cuda_tests": 0.1, "attention": 0.05, "train": 0.3, "sample": 0.16, "cli": 0.35},
+              "cli": 60, "cli_compile": 150, "fsdp": 40},
+    reserves={"env": 0.02, "cuda_tests": 0.1, "attention": 0.05, "train": 0.28, "sample": 0.15, "cli": 0.33,
+              "fsdp": 0.1},
 )
 SMOKE = Sizes(
-    device="cpu", budget=170,
+    device="cpu", budget=300,
     attention=["--batch-size", "8", "--repeats", "2"],
     train_pairs=[["DGPT-tiny", "GPT-tiny"]],
     train=["--image-size", "32", "--downsample", "4", "--vocab", "64", "--num-classes", "4", "--batch-size", "8",
@@ -118,8 +123,9 @@ SMOKE = Sizes(
     configs={"tokenizer": "configs/tokenizer/vq_tiny.yaml", "entropy": "configs/tiny/entropy_model.yaml",
              "global": "configs/tiny/global_model_entropy_row_break.yaml"},
     timeouts={"env": 30, "cuda_tests": 60, "attention": 30, "train": 30, "train_compile": 90, "sample": 30,
-              "cli": 40, "cli_compile": 90},
-    reserves={"env": 0.03, "cuda_tests": 0.03, "attention": 0.03, "train": 0.12, "sample": 0.06, "cli": 0.25},
+              "cli": 40, "cli_compile": 90, "fsdp": 40},
+    reserves={"env": 0.03, "cuda_tests": 0.03, "attention": 0.03, "train": 0.1, "sample": 0.05, "cli": 0.21,
+              "fsdp": 0.15},
 )
 
 
@@ -446,6 +452,7 @@ def step_cli(suite: Suite, step: StepReport) -> None:
         step.notes.append(f"θ = {threshold} gives {reached:.2f} tokens per patch, not {PAPER_TOKENS_PER_PATCH}: this "
                           "briefly trained entropy model's entropies take too few distinct values. The runs below "
                           "use this θ (where the closest patching was one token each, the longest patches P allows).")
+    suite.facts["cli"] = {"store": store, "entropy": entropy, "threshold": threshold, "runs": runs}  # for fsdp
     trained = {}
     if not suite.compile:
         step.notes.append("The --train.compile true run was left out (--no-compile); the eager run samples.")
@@ -466,6 +473,43 @@ def step_cli(suite: Suite, step: StepReport) -> None:
         target = suite.report_path.with_name(f"{suite.report_path.stem}-{kind}.png")
         shutil.copy(png, target)
         step.notes.append(f"![{kind}]({target.name})")
+
+
+def step_fsdp(suite: Suite, step: StepReport) -> None:
+    """train.fsdp=true on this machine's one device under torchrun (a one-process group: the sharded code path),
+    stopped after one epoch and resumed for a second, then sampled from its full
+    model.safetensors as any run is."""
+    if "cli" not in suite.facts:
+        raise StepFailed("needs the token store and entropy model of the cli step, in the same run (--only cli fsdp)")
+    sizes, work, cli = suite.sizes, suite.work / "fsdp", suite.facts["cli"]
+
+    def run(argv: list[str]) -> CommandResult:
+        result = suite.run(step, suite.python(*argv), "fsdp", show="tail")
+        if not result.ok:
+            raise StepFailed()
+        return result
+
+    train = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train_global_model.py",
+             "--config", sizes.configs["global"], "--data.store", str(cli["store"]), "--data.val_store", "null",
+             "--data.val_holdout", "0", "--patcher.entropy_model_checkpoint", str(cli["entropy"]),
+             "--patcher.threshold", cli["threshold"], "--train.results_dir", str(work / "runs"),
+             "--train.experiment_name", "fsdp", "--train.fsdp", "true", "--train.ema", "true",
+             "--train.global_batch_size", str(sizes.cli_batch), "--train.log_every", "4"]
+    first = run(train + ["--train.epochs", "1"])
+    if "sharded (FSDP)" not in first.stdout:
+        raise StepFailed("the run did not say it was sharded")
+    trained = _newest(work / "runs", "scratch/fsdp/*/config.yaml").parent
+    resumed = run(train + ["--train.epochs", "2", "--resume", str(trained)])
+    if "resuming" not in resumed.stdout:
+        raise StepFailed("the second command did not resume the run")
+    step.notes.append(_training_table({"fsdp": trained}))
+    samples = work / "samples"
+    run(["sample_c2i.py", "--experiment_dir", str(trained), "--output-dir", str(samples), "--classes",
+         *sizes.cli_classes[:2], "--per-class", "2"])
+    if not list(samples.glob("*.png")):
+        raise StepFailed(f"no sample grid in {samples}")
+    step.notes.append("Trained sharded (a one-process group), resumed from its epoch checkpoint, sampled from its full "
+                      "model.safetensors.")
 
 
 def _newest(root: Path, pattern: str) -> Path:
@@ -508,6 +552,7 @@ STEPS: dict[str, tuple[str, Callable[[Suite, StepReport], None]]] = {
     "sample": ("Sampling throughput", step_sample),
     "cli": ("The command-line path: tokenizer -> tokens -> entropy model -> DPAR {runs} -> samples",
             step_cli),
+    "fsdp": ("FSDP (train.fsdp) under torchrun: train, resume, sample", step_fsdp),
 }
 
 
