@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.nodes import BooleanNode
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import UserError, first_line
@@ -320,9 +321,14 @@ def _merge(config: DictConfig, update: DictConfig, where: str, prefix: str = "")
 
 
 def _check_sections(config: DictConfig, update: DictConfig, where: str, prefix: str) -> None:
-    """A section of the schema (``model``) given something other than keys (``model: 5``): one line."""
+    """A section of the schema (``model``) given something other than keys (``model: 5``), or a yes/no key given a
+    number (``train.fsdp=2``): one line."""
     for key in update.keys() if isinstance(update, DictConfig) else ():
         node = config._get_node(key) if key in config else None
+        if isinstance(node, BooleanNode) and not OmegaConf.is_interpolation(update, key):
+            value = update._get_node(key)._value()
+            if isinstance(value, (int, float)) and not isinstance(value, bool):  # OmegaConf reads 2 as true
+                raise ConfigError(f"{where}config key {prefix + str(key)!r} must be true or false; got {_short(value)}")
         if not isinstance(node, DictConfig) or OmegaConf.is_interpolation(update, key):
             continue
         value = update._get_node(key)

@@ -45,9 +45,26 @@ def check_joined_launch(environ: dict[str, str] = os.environ) -> None:
                         "... (gloo)")
 
 
+ACCELERATE_PLUGINS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED",
+                      "ACCELERATE_USE_MEGATRON_LM": "MEGATRON_LM"}  # what `accelerate launch` exports for each
+
+
+def check_no_accelerate_plugin(environ: dict[str, str] = os.environ) -> None:
+    """``UserError`` for a launch whose accelerate config asks accelerate itself to shard or offload
+    (``distributed_type: FSDP``, ``DEEPSPEED``, ``MEGATRON_LM``, seen in the variable ``accelerate launch``
+    exports), before accelerate acts on it: the project shards with ``train.fsdp=true`` under a plain
+    multi-GPU launch (configs/accelerate/), and the plugin's settings would be half applied."""
+    for variable, name in ACCELERATE_PLUGINS.items():
+        if environ.get(variable, "").lower() in ("1", "true", "yes"):
+            raise UserError(f"this launch's accelerate config sets distributed_type {name}, which this project does "
+                            "not use; launch with a plain multi-GPU config (configs/accelerate/) and shard training "
+                            "with train.fsdp=true")
+
+
 def make_accelerator(**kwargs) -> Accelerator:
     """An ``Accelerator``, refusing a launch where each process would run alone (all writing the same files):
-    :func:`check_joined_launch`, and a launch whose process count accelerate does not see.
+    :func:`check_joined_launch`, :func:`check_no_accelerate_plugin`, and a launch whose process count
+    accelerate does not see.
 
     A process started by a launcher (``torchrun`` / ``accelerate launch``) ends with it, so a killed launch
     leaves no worker writing behind it. On CPUs ``accelerate launch --cpu`` starts one process; several need
@@ -56,6 +73,7 @@ def make_accelerator(**kwargs) -> Accelerator:
     from accelerate import Accelerator
 
     check_joined_launch()
+    check_no_accelerate_plugin()
     if "LOCAL_RANK" in os.environ:
         set_parent_death_signal()
     accelerator = Accelerator(**kwargs)

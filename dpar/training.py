@@ -363,7 +363,6 @@ class Trainer:
         # trackers log under <experiment>/logs, set once the experiment dir is known
         self.accelerator = acc = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.trackers or None,
                                                   project_dir=cfg.results_dir)
-        _check_distributed_type(acc.distributed_type.name)
         self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
         self.micro_batch, self.accumulation = split_global_batch(cfg.global_batch_size, self.world,
                                                                  cfg.max_device_batch_size)
@@ -667,16 +666,6 @@ def _check_backend(backend: str, device: torch.device, mixed_precision: str) -> 
     if backend not in usable:
         raise UserError(f"model.attn_backend {backend!r} cannot train on {device.type} with {dtype} (no backward "
                         f"there); available: auto, {', '.join(usable)}")
-
-
-def _check_distributed_type(name: str) -> None:
-    """A launch whose accelerate config asks accelerate itself to shard or offload (``distributed_type: FSDP``,
-    ``DEEPSPEED``, ``MEGATRON_LM``) is refused: its plugin's settings would be half applied. Sharding is
-    ``train.fsdp=true`` under a plain multi-GPU launch (configs/accelerate/)."""
-    if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise UserError(f"this launch's accelerate config sets distributed_type {name}, which the trainer does not "
-                        "use; launch with a plain multi-GPU config (configs/accelerate/) and shard with "
-                        "train.fsdp=true")
 
 
 def _check_trackers(trackers: list[str]) -> None:

@@ -31,7 +31,7 @@ from dpar.validation import number
 from tokenizer.lpips import LPIPS
 from tokenizer.vq_model import load_vq, uint8_to_unit
 
-from .c2i.evaluator import ImageBatch
+from .c2i.evaluator import ImageBatch, batch_labels
 
 PSNR_CAP = 100.0  # dB for an image reconstructed exactly (its MSE is 0)
 
@@ -88,17 +88,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.vgg16_weights and not args.lpips_weights:
         raise UserError("--vgg16-weights is the trunk of LPIPS: give --lpips-weights too")
     batch = ImageBatch(args.reference, minimum=1)
-    if args.output.exists():
-        raise UserError(f"output {args.output} exists; delete it first or choose another name")
+    labels = batch_labels(args.reference, len(batch))  # copied to the output: checked as the evaluator checks them
     outputs = {args.output: "the output"} | ({args.json: "--json"} if args.json else {})
+    if args.json and args.json.resolve() == args.output.resolve():
+        raise UserError(f"--json {args.json} is the output file; give another name")
     for path, what in outputs.items():
+        if path.exists() or path.resolve() == args.reference.resolve():
+            raise UserError(f"{what} {path} exists; delete it first or choose another name")
         check_output_file(path, what)
     vq = load_vq(args.vq_ckpt)
     check_size(vq, batch)
     lpips = LPIPS.from_files(args.lpips_weights, args.vgg16_weights) if args.lpips_weights else None
     claims = [claim_output(path, what) for path, what in outputs.items()]
-    with np.load(args.reference) as data:  # labels only: the images stream from the zip member
-        labels = data["arr_1"] if "arr_1" in data.files else None
     images, summary = reconstruct(vq, batch, args.batch_size, lpips)
     with atomic_path(args.output) as tmp, open(tmp, "wb") as f:
         np.savez(f, images, *([] if labels is None else [labels]))

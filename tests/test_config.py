@@ -354,3 +354,14 @@ def test_yaml_aliases_are_refused_at_once(tmp_path):
     assert proc.returncode == 2 and "YAML aliases" in proc.stdout and str(path) in proc.stdout, proc.stderr[-2000:]
     message = one_line_error(write(tmp_path, "model: &m\n  gpt_model: DGPT-L\npatcher: *m\n"))
     assert "line 3" in message and "*m" in message
+
+
+@pytest.mark.parametrize("value", ["2", "0", "1.5"])
+def test_a_yes_no_key_given_a_number_is_refused(value):
+    """OmegaConf reads train.fsdp=2 (or train.ema=2) as true, so a typo trained sharded, or kept an EMA, in silence."""
+    from dpar.training import TrainGlobalConfig
+    with pytest.raises(ConfigError, match=rf"config key 'train.fsdp' must be true or false; got {value}$"):
+        load_config(TrainGlobalConfig, ROOT / "configs/tiny/gpt_baseline.yaml", [f"train.fsdp={value}"])
+    for spelling, expected in (("true", True), ("false", False)):
+        config = load_config(TrainGlobalConfig, ROOT / "configs/tiny/gpt_baseline.yaml", [f"train.ema={spelling}"])
+        assert config.train.ema is expected

@@ -65,3 +65,23 @@ def test_every_shipped_accelerate_config_loads_with_accelerates_own_loader():
             assert config.distributed_type.name == "MULTI_GPU" and config.mixed_precision == "bf16", path.name
         if machines > 1:
             assert config.main_process_ip and config.main_process_port and config.rdzv_backend == "static"
+
+
+@pytest.mark.parametrize("variables,expected", [
+    ("SLURM_NNODES=1 SLURM_NODEID=0", "SLURM_JOB_NODELIST is not set"),
+    ("SLURM_NNODES=2 SLURM_NODEID=0 SLURM_JOB_NODELIST=n[1-2]", "scontrol is not on PATH"),
+    ("SLURM_NNODES=1 SLURM_NODEID=0 MASTER_ADDR=x SLURM_JOB_ID=abc", "SLURM_JOB_ID=abc: must be an integer >= 0"),
+    ("SLURM_NNODES=abc SLURM_NODEID=0", "SLURM_NNODES=abc: must be an integer >= 1"),
+    ("SLURM_NNODES=1 SLURM_NODEID=0 MASTER_ADDR=x MASTER_PORT=99999", "MASTER_PORT=99999: must be an integer >= 1 and"),
+    ("SLURM_NNODES=1 SLURM_NODEID=0 MASTER_ADDR=x NPROC_PER_NODE=0", "NPROC_PER_NODE=0: must be an integer >= 1"),
+    ("SLURM_NNODES=1 SLURM_NODEID=3 MASTER_ADDR=x", "SLURM_NODEID=3: must be an integer >= 0 and <= 0"),
+    ("SLURM_NODEID=0", "SLURM_NNODES is not set"),
+])
+def test_the_slurm_node_script_refuses_bad_variables_in_one_line(tmp_path, variables, expected):
+    """tools/slurm/node.sh before torchrun starts: each of these was a bash error, a torchrun traceback (exit 1) or a
+    node that waited forever (node 3 of 1)."""
+    env = {"PATH": "/usr/bin:/bin", **dict(pair.split("=", 1) for pair in variables.split())}
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "slurm" / "node.sh"), "train_global_model.py"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stderr == f"error: {proc.stderr[7:].strip()}\n" and expected in proc.stderr
+    assert not list(tmp_path.iterdir())

@@ -59,23 +59,32 @@ def run(*args):
                           capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("case", ["exists", "odd_size", "vgg_alone", "no_arr_0"])
+@pytest.mark.parametrize("case", ["exists", "odd_size", "vgg_alone", "no_arr_0", "json_is_the_reference",
+                                  "json_is_the_output", "json_exists", "labels_short"])
 def test_bad_inputs_are_one_line_before_any_output(tmp_path, case):
-    images, _ = demo_images(2)
+    """Each refused in one line with every file as it was; the --json and label cases overwrote the reference or
+    the output, or wrote a batch whose labels did not fit its images (a breaker's findings)."""
+    images, labels = demo_images(2)
     ref, out = write_batch(tmp_path / "ref.npz", images), tmp_path / "rec.npz"
     flags = ["--vq-ckpt", DEMO_TOKENIZER]
-    expected = {"exists": "exists", "odd_size": "multiple of its downsampling", "vgg_alone": "--lpips-weights",
-                "no_arr_0": "no 'arr_0'"}[case]
-    if case == "exists":
-        out.write_bytes(b"keep")
+    expected = {"exists": "the output", "odd_size": "multiple of its downsampling", "vgg_alone": "--lpips-weights",
+                "no_arr_0": "no 'arr_0'", "json_is_the_reference": "--json", "json_is_the_output": "--json",
+                "json_exists": "--json", "labels_short": "arr_1 must hold one integer label per image (2)"}[case]
+    if case in ("exists", "json_exists"):
+        (out if case == "exists" else tmp_path / "keep.json").write_bytes(b"keep")
+        flags += ["--json", tmp_path / "keep.json"] if case == "json_exists" else []
     elif case == "odd_size":
         write_batch(ref, np.zeros((2, 30, 30, 3), np.uint8))
     elif case == "vgg_alone":
         flags += ["--vgg16-weights", tmp_path / "vgg.pth"]
-    else:
+    elif case == "no_arr_0":
         np.savez(ref, images=images)
+    elif case == "labels_short":
+        write_batch(ref, images, labels[:1])
+    else:
+        flags += ["--json", ref if case == "json_is_the_reference" else out]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     result = run(ref, out, *flags)
     assert result.returncode == 2, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr
-    assert (out.read_bytes() == b"keep") if case == "exists" else not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ref.npz"] + (["rec.npz"] if case == "exists" else []))
+    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

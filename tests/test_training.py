@@ -2,6 +2,7 @@
 import copy
 import re
 import json
+import shutil
 import fcntl
 import os
 import signal
@@ -24,7 +25,7 @@ from dpar.errors import UserError
 from dpar.experiment import checkpoint_step, list_checkpoints, resume_checkpoint, save_checkpoint
 from dpar.models import ModelConfig, create_model
 from dpar.training import build_optimizer, split_global_batch, TrainConfig
-from tests.helpers import finish, run_script, write_token_store
+from tests.helpers import finish, run_script, without_record, write_token_store
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID, VOCAB, CLASSES, IMAGES, VIEWS = 4, 48, 4, 64, 2
@@ -378,6 +379,26 @@ def test_the_shipped_cpu_accelerate_config_trains(setup, tmp_path, file, flags, 
     assert resume_checkpoint(only_run(tmp_path)) is not None
 
 
+@pytest.mark.slow  # about 10 s: accelerate launch starting one process
+def test_an_accelerate_fsdp_config_is_refused_before_accelerate_acts_on_it(setup, tmp_path):
+    """configs/accelerate/cpu.yaml with distributed_type FSDP: accelerate itself failed with a traceback ("FSDP
+    parameter initialization ... is not supported on cpu") before the trainer's check ran. Now one line, exit 2,
+    no run folder."""
+    config = (ROOT / "configs/accelerate/cpu.yaml").read_text()
+    assert "distributed_type: 'NO'" in config
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text(config.replace("distributed_type: 'NO'", "distributed_type: FSDP"))
+    proc = run_script([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(fsdp),
+                       "train_global_model.py"] + global_args(setup, tmp_path / "runs",
+                                                              "configs/tiny/global_model_entropy_row_break.yaml",
+                                                              "train.max_steps=2"), ACCELERATE_USE_CPU="1")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "error: this launch's accelerate config sets distributed_type FSDP" in err  # (the launcher's own
+    assert "not supported on cpu" not in err                                         # traceback follows it)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow  # about 15 s on 2 CPU cores: two one-process "nodes" and a one-process run
 def test_the_slurm_node_script_over_loopback(setup, tmp_path):
     """tools/slurm/node.sh, the per-node part of tools/slurm/train.sbatch, run twice by hand as srun would run it on
@@ -589,9 +610,10 @@ def test_the_weights_record_their_model_config_and_an_edited_config_is_refused(s
     with pytest.raises(UserError, match="model.rope='2d', but the weights"):  # resumed with the edited config
         train_global_model.main(global_args(setup, tmp_path, "configs/tiny/global_model_entropy_row_break.yaml",
                                             "train.epochs=2", "train.ema=true", "model.rope=2d") + ["--resume", str(run)])
-    demo = ROOT / "assets" / "demo" / "dpar"  # weights written before the record: loaded as before
-    assert recorded_model_config(demo / "checkpoints" / "epoch_00000009" / "model.safetensors") is None
-    Sampler.from_experiment(demo, tokenizer=False)
+    old = Path(shutil.copytree(ROOT / "assets" / "demo" / "dpar", tmp_path / "old"))  # weights written before the
+    weights = without_record(next((old / "checkpoints").glob("epoch_*")) / "model.safetensors")  # record: loaded
+    assert recorded_model_config(weights) is None                                                 # as before
+    Sampler.from_experiment(old, tokenizer=False)
 
 
 def test_sharded_state_is_saved_and_loaded_in_the_unsharded_format(tmp_path):
@@ -635,13 +657,14 @@ def test_sharded_state_is_saved_and_loaded_in_the_unsharded_format(tmp_path):
 
 
 def test_fsdp_refuses_compile_and_accelerates_own_sharding_in_one_line():
-    from dpar.training import _check_distributed_type
+    from dpar.launch import check_no_accelerate_plugin
     with pytest.raises(UserError, match=r"train.fsdp=true and train.compile=true: .* set train.compile=false"):
         TrainConfig(fsdp=True, compile=True).check()
-    for name in ("FSDP", "DEEPSPEED"):
-        with pytest.raises(UserError, match=f"distributed_type {name}, .* shard with train.fsdp=true"):
-            _check_distributed_type(name)
-    _check_distributed_type("MULTI_GPU")
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        with pytest.raises(UserError, match=f"distributed_type {name}, .* shard training with train.fsdp=true"):
+            check_no_accelerate_plugin({variable: "true"})
+    check_no_accelerate_plugin({"ACCELERATE_USE_FSDP": "false"})
+    check_no_accelerate_plugin({})
 
 
 def test_fsdp_on_one_process_runs_the_sharded_code_and_equals_unsharded(setup, tmp_path):

@@ -46,7 +46,11 @@ def read_image_list(path: str | Path) -> tuple[list[Path], list[int], list[str]]
     """A list file of ``<image path> <integer label>`` lines (paths relative to the file's folder)."""
     path = Path(path)
     paths, labels = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:  # an image, an .npz, weights...: not a list file
+        raise UserError(f"{path} is neither an image folder nor a '<image path> <label>' list file (not text)") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         name, _, label = line.rstrip().rpartition(" ")

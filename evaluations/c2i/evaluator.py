@@ -369,20 +369,27 @@ def reference_statistics(path: Path, kind: Features | None = None) -> dict[str, 
     return found
 
 
-def sample_labels(path: Path, count: int, kind: Features) -> tuple[np.ndarray | None, str | None]:
-    """(the ``arr_1`` labels the samples were conditioned on, None) or (None, why there are none). Labels that
-    do not fit the classifier (other classes) are one line."""
+def batch_labels(path: Path, count: int) -> np.ndarray | None:
+    """The ``arr_1`` labels of an ADM batch of ``count`` images, or None when it has none; one line when they are
+    not one integer per image, or the file is damaged."""
     try:
         with np.load(path) as data:
             labels = data["arr_1"] if "arr_1" in data.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise UserError(f"{path} is damaged: {error}") from None
+    if labels is not None and (labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer)):
+        raise UserError(f"{path}: arr_1 must hold one integer label per image ({count}), got {labels.dtype} "
+                        f"{list(labels.shape)}")
+    return labels
+
+
+def sample_labels(path: Path, count: int, kind: Features) -> tuple[np.ndarray | None, str | None]:
+    """(the ``arr_1`` labels the samples were conditioned on, None) or (None, why there are none). Labels that
+    do not fit the classifier (other classes) are one line."""
+    labels = batch_labels(path, count)
     if labels is None:
         return None, (f"{path} has no arr_1 (the labels the samples were conditioned on; sample_c2i_ddp.py writes "
                       "them): no class accuracy")
-    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{path}: arr_1 must hold one integer label per image ({count}), got {labels.dtype} "
-                        f"{list(labels.shape)}")
     if count and (labels.min() < 0 or labels.max() >= kind.logits):
         raise UserError(f"{path}: arr_1 holds labels {labels.min()}..{labels.max()}, but the classifier knows "
                         f"{kind.logits} classes (0..{kind.logits - 1}); is it the classifier of these samples' data?")

@@ -10,17 +10,30 @@
 #   ACCELERATE_USE_CPU=1 NPROC_PER_NODE=1 SLURM_NNODES=2 SLURM_NODEID=<0|1> SLURM_JOB_NODELIST=... \
 #   MASTER_PORT=... bash tools/slurm/node.sh train_global_model.py --config configs/tiny/...
 set -euo pipefail
+fail() { echo "error: $*" >&2; exit 2; }
+integer() {  # integer NAME VALUE MIN [MAX]: one line unless MIN <= VALUE (<= MAX)
+    [[ "$2" =~ ^[0-9]+$ ]] && (( 10#$2 >= $3 )) && { [ -z "${4:-}" ] || (( 10#$2 <= $4 )); } \
+        || fail "$1=$2: must be an integer >= $3${4:+ and <= $4}"
+}
 for name in SLURM_NNODES SLURM_NODEID; do
-    if [ -z "${!name:-}" ]; then
-        echo "error: $name is not set: run tools/slurm/node.sh through srun (tools/slurm/train.sbatch)" >&2
-        exit 2
-    fi
+    [ -n "${!name:-}" ] || fail "$name is not set: run tools/slurm/node.sh through srun (tools/slurm/train.sbatch)"
 done
+integer SLURM_NNODES "$SLURM_NNODES" 1
+integer SLURM_NODEID "$SLURM_NODEID" 0 $((10#$SLURM_NNODES - 1))
 if [ -z "${MASTER_ADDR:-}" ]; then
-    MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?SLURM_JOB_NODELIST is not set}" | head -n 1)
+    [ -n "${SLURM_JOB_NODELIST:-}" ] || fail "SLURM_JOB_NODELIST is not set (and no MASTER_ADDR): run through srun"
+    command -v scontrol > /dev/null || fail "scontrol is not on PATH to expand SLURM_JOB_NODELIST; set MASTER_ADDR"
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    [ -n "$MASTER_ADDR" ] || fail "scontrol show hostnames $SLURM_JOB_NODELIST named no host; set MASTER_ADDR"
 fi
-MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+if [ -z "${MASTER_PORT:-}" ]; then
+    integer SLURM_JOB_ID "${SLURM_JOB_ID:-0}" 0
+    MASTER_PORT=$((20000 + 10#${SLURM_JOB_ID:-0} % 20000))
+fi
+integer MASTER_PORT "$MASTER_PORT" 1 65535
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
-echo "node $SLURM_NODEID of $SLURM_NNODES: $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
+integer NPROC_PER_NODE "$NPROC_PER_NODE" 1
+echo "node $SLURM_NODEID of $SLURM_NNODES: $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT" \
+     "(waits there until all $SLURM_NNODES node(s) have joined)" >&2
 exec "${PYTHON:-python}" -m torch.distributed.run --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" \
     --nproc_per_node "$NPROC_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@"
