@@ -104,6 +104,21 @@ def write_token_store(path, tokens, labels, *, codebook_size: int, num_classes: 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def without_record(weights: Path) -> Path:
+    """Re-save a ``.safetensors`` file without its metadata: weights written before they recorded their model config
+    (older runs; LlamaGen's files record none), whose shapes alone say what they fit."""
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(weights), weights)
+    return weights
+
+
+def demo_checkpoint(run: str) -> Path:
+    """The one checkpoint folder the embedded demo ships for ``run`` (tokenizer, entropy_model, dpar, gpt, static):
+    ``assets/demo/<run>/checkpoints/epoch_*`` (its epoch changes when the demo is rebuilt longer)."""
+    (folder,) = (ROOT / "assets" / "demo" / run / "checkpoints").glob("epoch_*")
+    return folder
+
+
 def run_script(args: list[str], cwd: Path = ROOT, **env):
     """Start a script, from the repository root unless ``cwd`` says otherwise. One thread per process: CPU
     matmul results can depend on the thread count, and runs that are compared must compute alike."""

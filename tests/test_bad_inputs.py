@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 
 import preprocess_tokens
@@ -28,13 +29,14 @@ from dpar.fileio import atomic_write_text, lock_folder
 from dpar.sampling import SamplingConfig, sample_from_logits
 from sample_c2i_ddp import SampleChunks
 from evaluations.c2i import evaluator
-from tests.helpers import ROOT, write_token_store
+from tests.helpers import ROOT, demo_checkpoint, without_record, write_token_store
 from tokenizer import train_vq
 from tokenizer.vq_model import VQConfig, create_vq, unit_to_uint8
 
 DEMO = ROOT / "assets" / "demo"
-ENTROPY_CKPT = DEMO / "entropy_model" / "checkpoints" / "epoch_00000005" / "model.safetensors"
-GPT_CKPT = DEMO / "gpt" / "checkpoints" / "epoch_00000009" / "model.safetensors"
+DEMO_CODES = yaml.safe_load((DEMO / "tokenizer" / "config.yaml").read_text())["model"]["codebook_size"]  # = vocab
+ENTROPY_CKPT = demo_checkpoint("entropy_model") / "model.safetensors"
+GPT_CKPT = demo_checkpoint("gpt") / "model.safetensors"
 TINY_GLOBAL = ["--config", "configs/tiny/global_model_entropy_row_break.yaml"]
 
 
@@ -45,9 +47,9 @@ def places(tmp_path_factory):
     (root / "a_file").write_text("not a folder")
     (root / "empty").write_bytes(b"")  # what a failed download leaves
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 128, (24, 1, 64), generator=generator).numpy()
+    tokens = torch.randint(0, DEMO_CODES, (24, 1, 64), generator=generator).numpy()
     entropies = (torch.rand(24, 1, 64, generator=generator) * 4).numpy()
-    write_token_store(root / "store", tokens, np.arange(24) % 12, codebook_size=128, num_classes=12,
+    write_token_store(root / "store", tokens, np.arange(24) % 12, codebook_size=DEMO_CODES, num_classes=12,
                       entropies=entropies, entropy_checkpoint=ENTROPY_CKPT, shard_size=8)
     rng = np.random.default_rng(0)
     np.savez(root / "batch.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
@@ -515,11 +517,11 @@ def no_null_class(tmp_path_factory):
 
     from dpar.models import ModelConfig, create_model
     root = tmp_path_factory.mktemp("no_null") / "run"
-    config = ModelConfig(gpt_model="GPT-tiny", image_size=32, downsample_size=4, vocab_size=128, num_classes=12,
+    config = ModelConfig(gpt_model="GPT-tiny", image_size=32, downsample_size=4, vocab_size=DEMO_CODES, num_classes=12,
                          class_dropout_prob=0.0)
     root.mkdir()
     (root / "config.yaml").write_text(OmegaConf.to_yaml({"model": asdict(config), "data": {
-        "tokenizer_checkpoint": str(DEMO / "tokenizer" / "checkpoints" / "epoch_00000019" / "model.safetensors")}}))
+        "tokenizer_checkpoint": str(demo_checkpoint("tokenizer") / "model.safetensors")}}))
     experiment.save_checkpoint(root, 0, create_model(config).state_dict())
     return root
 
@@ -605,7 +607,7 @@ def test_a_reference_in_a_read_only_folder_is_evaluated_without_its_cache(places
 
 # -- non-finite numbers: weights and entropies are refused where they are read, the file named ------------------
 
-TOKENIZER_CKPT = DEMO / "tokenizer" / "checkpoints" / "epoch_00000019" / "model.safetensors"
+TOKENIZER_CKPT = demo_checkpoint("tokenizer") / "model.safetensors"
 WEIGHT_DAMAGE = {"nan": "holds NaN", "inf": "holds inf", "int64": "is int64; model weights are floating point"}
 
 
@@ -651,7 +653,7 @@ def test_non_finite_or_integer_weights_are_refused_before_sampling(tmp_path, whi
         argv = ["--vq-ckpt", str(weights)]
     else:  # a released LlamaGen c2i checkpoint: {"model": state_dict} in a .pt
         from dpar.models import ModelConfig, create_model
-        config = ModelConfig(gpt_model="GPT-tiny", image_size=32, downsample_size=4, vocab_size=128, num_classes=12,
+        config = ModelConfig(gpt_model="GPT-tiny", image_size=32, downsample_size=4, vocab_size=DEMO_CODES, num_classes=12,
                              class_dropout_prob=0.1)
         weights = tmp_path / "c2i_tiny.pt"
         torch.save({"model": create_model(config).state_dict()}, weights)
@@ -833,11 +835,13 @@ def limited_run(args: list[str], memory_gb: int = 6, timeout: int = 300) -> subp
 
 
 def edited_run(tmp_path: Path, run: str, edits: dict) -> Path:
-    """A copy of the demo's ``run`` (dpar, gpt, tokenizer) whose config.yaml has ``edits`` ({dotted key: value})."""
+    """A copy of the demo's ``run`` (dpar, gpt, tokenizer) whose config.yaml has ``edits`` ({dotted key: value}), its
+    weights without their recorded config (as older runs' and LlamaGen's), so their shapes are what is compared."""
     import shutil
 
     import yaml
     copy = Path(shutil.copytree(DEMO / run, tmp_path / run))
+    without_record(next(copy.glob("checkpoints/epoch_*/model.safetensors")))  # the shapes decide, not the record
     config = yaml.safe_load((copy / "config.yaml").read_text())
     for key, value in edits.items():
         section, name = key.split(".")
@@ -851,7 +855,7 @@ SIZE_EDITS = [
     ("gpt_7b", "dpar", {"model.gpt_model": "GPT-7B"},
      "{config} has model.gpt_model=GPT-7B, but the weights {weights} have the shapes of model.gpt_model=DGPT-tiny"),
     ("vocab_1e9", "dpar", {"model.vocab_size": 10**9},
-     "{config} has model.vocab_size=1000000000, but the weights {weights} have the shapes of model.vocab_size=128"),
+     "{config} has model.vocab_size=1000000000, but the weights {weights} have the shapes of model.vocab_size=" + str(DEMO_CODES)),
     ("classes", "gpt", {"model.num_classes": 1000},
      "{config} has model.num_classes=1000, but the weights {weights} have the shapes of model.num_classes=12"),
     ("null_class", "dpar", {"model.class_dropout_prob": 0.0},
@@ -868,7 +872,7 @@ SIZE_EDITS = [
      "{config} has model.ch=100000, but the weights {weights} have the shapes of model.ch=32"),
     ("tokenizer_codebook", "tokenizer", {"model.codebook_size": 10**9},
      "{config} has model.codebook_size=1000000000, but the weights {weights} have the shapes of "
-     "model.codebook_size=128"),
+     f"model.codebook_size={DEMO_CODES}"),
     ("tokenizer_blocks", "tokenizer", {"model.num_res_blocks": 60},
      "{config} has model.num_res_blocks=60, but the weights {weights} have the shapes of model.num_res_blocks=1"),
 ]
@@ -902,7 +906,7 @@ def test_weights_no_single_key_explains_are_named_by_their_first_difference(tmp_
 
 def test_the_shapes_of_a_torch_checkpoint_are_read_without_its_weights(tmp_path):
     from dpar.models import ModelConfig, create_model
-    config = ModelConfig(gpt_model="GPT-tiny", image_size=32, downsample_size=4, vocab_size=128, num_classes=12)
+    config = ModelConfig(gpt_model="GPT-tiny", image_size=32, downsample_size=4, vocab_size=DEMO_CODES, num_classes=12)
     state = create_model(config).state_dict()
     torch.save({"model": state, "args": None}, tmp_path / "c2i.pt")
     torch.save({"model": state}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # cannot be mapped
@@ -947,7 +951,7 @@ def test_crafted_checkpoint_counts_are_refused_naming_the_file(tmp_path, key, va
 def test_checkpoint_folders_are_named_in_ascii_digits(tmp_path):
     import shutil
     for name in ("epoch_00000003\n", "epoch_0000000٣", "epoch_00000003.x"):
-        shutil.copytree(DEMO / "dpar" / "checkpoints" / "epoch_00000009", tmp_path / "checkpoints" / name)
+        shutil.copytree(demo_checkpoint("dpar"), tmp_path / "checkpoints" / name)
     assert experiment.list_checkpoints(tmp_path) == []
     weights = tmp_path / "checkpoints" / "epoch_0000000٣" / "model.safetensors"
     assert experiment.experiment_of(weights) is None

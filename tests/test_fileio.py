@@ -28,10 +28,10 @@ from dpar.fileio import atomic_write_text, check_output_dir, check_output_file
 from evaluations import linear_probe
 from evaluations.c2i import evaluator
 from sample_c2i_ddp import SampleChunks
-from tests.helpers import ROOT, write_image_folder
+from tests.helpers import ROOT, demo_checkpoint, write_image_folder
 
 DEMO = ROOT / "assets" / "demo"
-VQ = DEMO / "tokenizer" / "checkpoints" / "epoch_00000019" / "model.safetensors"
+VQ = demo_checkpoint("tokenizer") / "model.safetensors"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 # a process that holds a write of argv[1] open (through atomic_path) until it reads a line
