@@ -7,7 +7,7 @@
 #   MASTER_PORT    default 20000 + SLURM_JOB_ID % 20000 (jobs sharing a node do not collide)
 #   NPROC_PER_NODE default SLURM_GPUS_ON_NODE, else 8; PYTHON default python
 # Its CPU form, tested over loopback (tests/test_training.py::test_the_slurm_node_script_over_loopback):
-#   ACCELERATE_USE_CPU=1 NPROC_PER_NODE=1 SLURM_NNODES=2 SLURM_NODEID=<0|1> SLURM_JOB_NODELIST=... \
+#   ACCELERATE_USE_CPU=1 NPROC_PER_NODE=1 SLURM_NNODES=2 SLURM_NODEID=<0|1> MASTER_ADDR=127.0.0.1 \
 #   MASTER_PORT=... bash tools/slurm/node.sh train_global_model.py --config configs/tiny/...
 set -euo pipefail
 fail() { echo "error: $*" >&2; exit 2; }
