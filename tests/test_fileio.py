@@ -42,9 +42,20 @@ WRITER = ("import sys\nfrom dpar.fileio import atomic_path\n"
           "    sys.stdin.readline()\n")
 
 
+def interruptible(then=None):
+    """A child's ``preexec_fn``: Ctrl-C (SIGINT) as a terminal delivers it, then ``then``. A shell starts background
+    jobs (``nohup pytest ... &``) with SIGINT ignored, children inherit that, and Python then installs no handler."""
+    def setup() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if then is not None:
+            then()
+    return setup
+
+
 def python(code: str, *args, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=ENV, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=interruptible(kwargs.pop("preexec_fn", None)), **kwargs)
 
 
 class Writing:
@@ -420,7 +431,8 @@ def test_ctrl_c_is_one_line_and_exit_status_130(tmp_path):
 
 def _run(argv, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env={**ENV, "PYTHONDONTWRITEBYTECODE": "1"},
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=interruptible(kwargs.pop("preexec_fn", None)), **kwargs)
 
 
 @pytest.mark.slow
