@@ -1,7 +1,9 @@
-r"""The paper's ablations at toy scale (Tables 3, 6, 9, 10 and Figure 1) on the demo's synthetic tokens.
+r"""The paper's ablations at toy scale (Tables 3, 6, 9, 10 and Figure 1) on the demo's synthetic tokens, in
+validation NLL and in the quality of samples (FID, precision / recall, class accuracy: the paper's currency).
 
-    python -m dpar.demo                          # once: the token store and entropy model it reuses
-    python benchmarks/small_scale_study.py --seeds 0 1 2 --epochs 16 --ablation-epochs 8   # 33 runs, ~2 h on 2 cores
+    python -m dpar.demo                          # once: the token store, entropy model and metric it reuses
+    python benchmarks/small_scale_study.py --variants static entropy_only dpar token gpt --seeds 0 1 2 \
+        --epochs 8 --dropout 0.1                 # the core comparison, ~45 min on 2 cores
 
 Every variant trains DGPT-tiny's depth (or GPT-tiny, for the baseline; width 64, head_dim 32) with the same
 recipe, data, dropout and number of optimizer steps; only what the variant names differs (``VARIANTS``):
@@ -14,10 +16,15 @@ recipe, data, dropout and number of optimizer steps; only what the variant names
 
 Validation is the trainers' seeded class-stratified hold-out (``data.val_holdout``, split seed 0), the same
 images for every run; θ is calibrated on the other images (:func:`dpar.data.stats.store_threshold`).
+Sample quality (``--quality-samples``, default 480 per cell): each Table 3 run's final checkpoint at every
+``--cfg-scales``, ``--curve-points`` checkpoints along training at ``--curve-cfg`` (Figure 4: quality against
+steps and training compute), and Table 6 (dpar and static sampled at the sweep's higher θ), each through
+``sample_c2i_ddp.py`` and the evaluator with the demo classifier's features (``evaluations/c2i/classifier.py``).
 Writes ``small_scale_study.md`` (tables, per-class NLL, command, environment), ``small_scale_study.json``
-(every number) and PNG plots to ``--output``. Runs go to ``--runs-dir``; finished ones are reused when the
-study is rerun with the same settings (other settings are refused: give another ``--runs-dir``). A
-"## Findings" section that a person added to the markdown is kept when it is rewritten.
+(every number) and PNG plots and sample grids to ``--output``. Runs go to ``--runs-dir``, samples and scores
+to ``<runs-dir>/quality``; finished runs and scored cells are reused when the study is rerun with the same
+settings (other settings are refused: give another ``--runs-dir``). A "## Findings" section that a person
+added to the markdown is kept when it is rewritten.
 """
 from __future__ import annotations
 
@@ -27,8 +34,13 @@ import os
 import platform
 import subprocess
 import sys
+import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from datetime import date
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +54,7 @@ from dpar.data.dataset import PackedCollate, TokenDataset  # noqa: E402
 from dpar.data.splits import holdout_split  # noqa: E402
 from dpar.data.stats import calibration_images, describe_images, store_patch_stats, store_threshold  # noqa: E402
 from dpar.data.store import TokenStore  # noqa: E402
-from dpar.demo import TOKENS_PER_PATCH  # noqa: E402
+from dpar.demo import CLASSIFIER, TOKENS_PER_PATCH, sample_batch, score_samples  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.experiment import (CONFIG_FILE, METRICS_FILE, checkpoint_dir, config_difference,  # noqa: E402
                              latest_checkpoint)
@@ -54,6 +66,7 @@ from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.training import (RESUMABLE_KEYS, DataConfig, TrainConfig, TrainGlobalConfig,  # noqa: E402
                            check_entropy_source, nll_totals)
 from dpar.validation import field_type, number, path as path_flag  # noqa: E402
+from evaluations.c2i.classifier import WEIGHTS_FILE  # noqa: E402
 
 DPAR_CONFIG = "configs/tiny/global_model_entropy_row_break.yaml"
 # name -> (section of the report, config, overrides); static's K is appended once it is known
@@ -254,9 +267,147 @@ def summarize(args, runs: dict[tuple[str, int], Path], static_k: int, dpar_patch
     return results
 
 
+
+QUALITY_DIR = "quality"  # <runs-dir>/quality: samples, evaluator reports, scores.json
+METRICS = ("fid", "precision", "recall", "class_accuracy", "classifier_score")  # the evaluator's, per cell
+
+
+@dataclass(frozen=True)
+class QualityJob:
+    """One cell of the sample-quality tables: ``run``'s checkpoint ``epoch`` sampled at ``cfg`` with
+    ``sample_c2i_ddp.py`` (plus ``flags``) and scored by the evaluator with the demo classifier's features."""
+    key: str      # variant_seedS/epoch-E/cfg-C[/theta-T]: its folder under <runs-dir>/quality and its scores' key
+    run: str
+    epoch: int
+    cfg: float
+    flags: tuple[str, ...] = ()
+
+
+def score_job(job: QualityJob, reference: Path, classifier: Path, work: Path, count: int) -> dict:
+    """The evaluator's metrics of ``count`` samples of ``job`` (one thread; its output goes to a log beside
+    its samples). Runs in a worker process."""
+    torch.set_num_threads(1)
+    folder = work / job.key
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.txt", "w") as log, redirect_stdout(log), redirect_stderr(log):
+        scores = score_samples(Path(job.run), reference, classifier, folder, count, (job.cfg,),
+                               ("--epoch", str(job.epoch), *job.flags))
+    return scores[str(job.cfg)]
+
+
+def curve_epochs(epochs: int, points: int) -> list[int]:
+    """Checkpoint epochs (0-based) at ``points`` even steps of a run, the last one included."""
+    return sorted({round((i + 1) * epochs / points) - 1 for i in range(min(points, epochs))})
+
+
+def repatched_run(run: Path, patcher: PatcherConfig, folder: Path) -> Path:
+    """A run folder that samples ``run``'s weights with ``patcher`` (a static model at entropy boundaries,
+    paper Table 6): its config with the patcher replaced, and its checkpoints linked."""
+    config = OmegaConf.load(run / CONFIG_FILE)
+    for key in ("mode", "threshold", "max_patch_length", "row_break"):
+        config.patcher[key] = getattr(patcher, key)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / CONFIG_FILE, OmegaConf.to_yaml(config))
+    if not (folder / "checkpoints").exists():
+        (folder / "checkpoints").symlink_to((run / "checkpoints").resolve(), target_is_directory=True)
+    return folder
+
+
+def quality_jobs(args, runs: dict[tuple[str, int], Path], dpar_patcher: PatcherConfig,
+                 thetas: list[float]) -> list[QualityJob]:
+    """Table 3's runs at every ``--cfg-scales`` (final checkpoint) and along training at ``--curve-cfg``;
+    Table 6: dpar and static at each sweep θ (``--curve-cfg``, final checkpoint)."""
+    jobs, work = [], args.runs_dir / QUALITY_DIR
+    for variant in [v for v in args.variants if VARIANTS[v][0] == "Table 3"]:
+        for seed in args.seeds:
+            run, name, last = runs[variant, seed], run_name(variant, seed), epochs_of(args, variant) - 1
+            cells = [(last, cfg) for cfg in args.cfg_scales]
+            cells += [(epoch, args.curve_cfg) for epoch in curve_epochs(last + 1, args.curve_points)]
+            for epoch, cfg in dict.fromkeys(cells):
+                jobs.append(QualityJob(f"{name}/epoch-{epoch}/cfg-{cfg}", str(run), epoch, cfg))
+    for variant in ("dpar", "static"):
+        if variant not in args.variants:
+            continue
+        for seed in args.seeds:
+            run, name, last = runs[variant, seed], run_name(variant, seed), epochs_of(args, variant) - 1
+            for theta in thetas:
+                key = f"{name}/epoch-{last}/cfg-{args.curve_cfg}/theta-{theta:.5f}"
+                if variant == "dpar":
+                    jobs.append(QualityJob(key, str(run), last, args.curve_cfg, ("--threshold", str(theta))))
+                else:
+                    patcher = PatcherConfig(mode="entropy", threshold=theta,
+                                            max_patch_length=dpar_patcher.max_patch_length,
+                                            row_break=dpar_patcher.row_break)
+                    copy = repatched_run(run, patcher, work / "repatched" / f"{name}-theta-{theta:.5f}")
+                    jobs.append(QualityJob(key, str(copy), last, args.curve_cfg))
+    return list({job.key: job for job in jobs}.values())  # two sweep targets may share a θ (a flat entropy model)
+
+
+def score_all(args, jobs: list[QualityJob]) -> dict[str, dict]:
+    """Every job's metrics, ``args.jobs`` at a time; kept in <runs-dir>/quality/scores.json, so a rerun scores
+    only new cells (a cell scored with another ``--quality-samples`` is scored again)."""
+    from tqdm import tqdm
+    work = args.runs_dir / QUALITY_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    reference = work / "reference.npz"  # a copy: the evaluator caches features beside its reference
+    if not reference.is_file():
+        shutil.copyfile(args.classifier / "reference.npz", reference)
+    saved = work / "scores.json"
+    scores = json.loads(saved.read_text()) if saved.is_file() else {}
+    pending = [job for job in jobs if scores.get(job.key, {}).get("samples") != args.quality_samples]
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(score_job, job, reference, args.classifier / WEIGHTS_FILE, work,
+                               args.quality_samples): job for job in pending}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="sample quality", unit="cell"):
+            scores[futures[future].key] = {"samples": args.quality_samples, **future.result()}
+            atomic_write_text(saved, json.dumps(scores, indent=1) + "\n")
+    return {job.key: scores[job.key] for job in jobs}
+
+
+def summarize_quality(args, runs: dict[tuple[str, int], Path], results: dict, thetas: list[float],
+                      scores: dict[str, dict]) -> None:
+    """results["quality"][variant]: the final checkpoint's metrics per CFG scale and the curve at
+    ``--curve-cfg`` (per seed); results["quality_sweep"][variant]: Table 6 in sample quality."""
+    def cell(variant, seed, epoch, cfg, suffix=""):
+        return scores[f"{run_name(variant, seed)}/epoch-{epoch}/cfg-{cfg}{suffix}"]
+
+    results["quality"], results["quality_sweep"] = {}, {}
+    for variant in [v for v in args.variants if VARIANTS[v][0] == "Table 3"]:
+        last = epochs_of(args, variant) - 1
+        epochs = curve_epochs(last + 1, args.curve_points)
+        history = epoch_history(runs[variant, args.seeds[0]])
+        results["quality"][variant] = {
+            "final": {str(cfg): {m: [cell(variant, s, last, cfg)[m] for s in args.seeds] for m in METRICS}
+                      for cfg in args.cfg_scales},
+            "curve": {"epochs": epochs, "steps": [history[e]["step"] for e in epochs],
+                      "images_seen": [history[e]["images_seen"] for e in epochs],
+                      **{m: [[cell(variant, s, e, args.curve_cfg)[m] for e in epochs] for s in args.seeds]
+                         for m in METRICS}}}
+    for variant in ("dpar", "static"):
+        if variant not in args.variants:
+            continue
+        last = epochs_of(args, variant) - 1
+        results["quality_sweep"][variant] = [
+            {"threshold": theta, "train_tokens_per_patch": target,
+             **{m: [cell(variant, s, last, args.curve_cfg, f"/theta-{theta:.5f}")[m] for s in args.seeds]
+                for m in METRICS}}
+            for target, theta in zip(args.sweep_tokens_per_patch, thetas)]
+
+
+def sample_grid(args, variant: str, per_class: int = 6) -> np.ndarray:
+    """The first ``per_class`` samples of each class of seed ``--seeds[0]``'s final checkpoint at
+    ``--curve-cfg``: uint8 [classes * H, per_class * W, 3] (one row per class)."""
+    from dpar.visual import image_grid
+    key = f"{run_name(variant, args.seeds[0])}/epoch-{epochs_of(args, variant) - 1}/cfg-{args.curve_cfg}"
+    with np.load(sample_batch(args.runs_dir / QUALITY_DIR / key / f"cfg-{args.curve_cfg}")) as batch:
+        images, labels = batch["arr_0"], batch["arr_1"]
+    rows = [images[labels == c][:per_class] for c in range(int(labels.max()) + 1)]
+    return image_grid(np.concatenate(rows), per_class)
+
 REPORT_FILES = ("small_scale_study.md", "small_scale_study.json", "small_scale_study_nll_vs_steps.png",
                 "small_scale_study_nll_vs_gmacs.png", "small_scale_study_nll_vs_steps_architecture.png",
-                "small_scale_study_threshold_sweep.png")  # what --output receives
+                "small_scale_study_threshold_sweep.png", "small_scale_study_quality.png",
+                "small_scale_study_threshold_sweep_fid.png", "small_scale_study_samples.png")  # what --output receives
 
 
 def plot(results: dict, output: Path, batch: int) -> list[str]:
@@ -304,7 +455,74 @@ def plot(results: dict, output: Path, batch: int) -> list[str]:
         with atomic_path(output / names[-1]) as tmp:
             fig.savefig(tmp, format="png")
         plt.close(fig)
+    if results.get("quality"):
+        names += plot_quality(results, output, plt)
     return names
+
+
+def _save(fig, output: Path, name: str) -> str:
+    fig.tight_layout()
+    with atomic_path(output / name) as tmp:
+        fig.savefig(tmp, format="png")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return name
+
+
+def plot_quality(results: dict, output: Path, plt) -> list[str]:
+    """FID and class accuracy of samples along training (against steps and training compute; seed mean, band
+    min-max over seeds), and Table 6 in FID."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=110)
+    for variant, q in results["quality"].items():
+        r, curve = results["variants"][variant], q["curve"]
+        compute = 3 * np.array(curve["images_seen"]) * r["forward_gmacs_per_sample"]
+        for row, metric, label in ((0, "fid", "FID (classifier features)"), (1, "class_accuracy", "class accuracy")):
+            values = np.array(curve[metric])
+            for col, x in enumerate((np.array(curve["steps"]), compute)):
+                ax = axes[row, col]
+                ax.plot(x, values.mean(0), marker="o", markersize=3, label=variant)
+                ax.fill_between(x, values.min(0), values.max(0), alpha=0.2)
+                ax.set_ylabel(label)
+                ax.set_xlabel("optimizer steps" if col == 0 else "training compute (3 x forward linear GMACs)")
+                ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"sample quality along training at CFG {results['curve_cfg']} ({results['quality_samples']} samples "
+                 "per cell; seed mean, band = min-max over seeds)", fontsize=9)
+    names = [_save(fig, output, "small_scale_study_quality.png")]
+    if results.get("quality_sweep"):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for variant, rows in results["quality_sweep"].items():
+            ax.errorbar([row["train_tokens_per_patch"] for row in rows], [np.mean(row["fid"]) for row in rows],
+                        yerr=[np.std(row["fid"]) for row in rows], marker="o", capsize=3, label=variant)
+        ax.set_xlabel("tokens per patch on the training images at the inference θ (θ raised left to right)")
+        ax.set_ylabel("FID (classifier features)")
+        ax.set_title(f"inference-time threshold sweep in FID (paper Table 6), CFG {results['curve_cfg']}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        names.append(_save(fig, output, "small_scale_study_threshold_sweep_fid.png"))
+    return names
+
+
+def plot_samples(args, results: dict) -> str:
+    """One sample grid per Table 3 variant side by side (rows: classes), titled with its FID and class accuracy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    variants = list(results["quality"])
+    fig, axes = plt.subplots(1, len(variants), figsize=(2.6 * len(variants), 5.6), dpi=120)
+    for ax, variant in zip(np.atleast_1d(axes), variants):
+        grid = sample_grid(args, variant)
+        final = results["quality"][variant]["final"][str(args.curve_cfg)]
+        ax.imshow(grid)
+        ax.set_title(f"{variant}\nFID {final['fid'][0]:.2f}, class acc {final['class_accuracy'][0]:.0%}", fontsize=8)
+        ax.set_xticks([])
+        rows = len(results["class_names"]) or 1
+        ax.set_yticks((np.arange(rows) + 0.5) * grid.shape[0] / rows)
+        ax.set_yticklabels([results["class_names"].get(str(c), str(c)) for c in range(rows)] if ax is np.atleast_1d(axes)[0]
+                           else [], fontsize=6)
+    fig.suptitle(f"samples of seed {args.seeds[0]}'s final checkpoints at CFG {args.curve_cfg} (rows: classes; "
+                 "titles: this seed's scores)", fontsize=8)
+    return _save(fig, args.output, "small_scale_study_samples.png")
 
 
 def up_to(r: dict, step: int) -> dict:
@@ -337,6 +555,41 @@ def _table(lines: list[str], results: dict, names: list[str]) -> None:
                      f"{r['forward_gmacs_per_sample']:.4f} | {at['mean']:.4f} ± {at['std']:.4f} | {delta} | "
                      f"{at['best']:.4f} | {at['best_step']} | {_change(at)} |")
     lines.append("")
+
+
+def _mean_std(values: list[float], spec: str) -> str:
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):{spec}} ± {std:{spec}}"
+
+
+def _quality_tables(lines: list[str], results: dict) -> None:
+    """Sample quality of Table 3's final checkpoints at each CFG scale, and along training at the curve's."""
+    quality, v = results["quality"], results["variants"]
+    lines += ["### Sample quality (the demo classifier's features; the evaluator's FID, precision / recall and class "
+              "accuracy)", "",
+              f"{results['quality_samples']} samples per model, seed and CFG scale against the demo's 1,000-image "
+              "reference batch; mean ± std over seeds. **Bold**: the variant's best CFG scale by FID. Training "
+              "compute: 3 x forward linear GMACs per image x images seen.", "",
+              "| variant | CFG | FID | precision | recall | class accuracy | Classifier Score | val NLL | "
+              "training compute (GMAC) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, q in quality.items():
+        best = min(q["final"], key=lambda cfg: np.mean(q["final"][cfg]["fid"]))
+        compute = 3 * v[name]["images_seen"][-1] * v[name]["forward_gmacs_per_sample"]
+        for cfg, m in q["final"].items():
+            mark = "**" if cfg == best else ""
+            lines.append(f"| {name} | {mark}{cfg}{mark} | {mark}{_mean_std(m['fid'], '.2f')}{mark} | "
+                         f"{_mean_std(m['precision'], '.3f')} | {_mean_std(m['recall'], '.3f')} | "
+                         f"{_mean_std(m['class_accuracy'], '.1%')} | {_mean_std(m['classifier_score'], '.2f')} | "
+                         f"{v[name]['final_val_nll_mean']:.4f} | {compute:.0f} |")
+    first = next(iter(quality.values()))["curve"]
+    lines += ["", f"Along training, CFG {results['curve_cfg']} (seed mean FID / class accuracy):", "",
+              "| variant | " + " | ".join(f"step {s}" for s in first["steps"]) + " |",
+              "|---|" + "---|" * len(first["steps"])]
+    for name, q in quality.items():
+        lines.append(f"| {name} | " + " | ".join(f"{f:.2f} / {a:.1%}" for f, a in zip(
+            np.mean(q["curve"]["fid"], 0), np.mean(q["curve"]["class_accuracy"], 0))) + " |")
+    lines += ["", "![sample quality along training](small_scale_study_quality.png)", "",
+              "![samples](small_scale_study_samples.png)", ""]
 
 
 def write_report(args, results: dict, plots: list[str], command: str) -> Path:
@@ -378,6 +631,8 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
             for step, order in rankings(results, names)[-4:]:
                 lines.append(f"- step {step}: {' < '.join(order)}")
             lines += ["", f"![val NLL vs steps]({plots[0]})", "", f"![val NLL vs compute (Figure 1b)]({plots[1]})", ""]
+            if results.get("quality"):
+                _quality_tables(lines, results)
     if any(p.endswith("steps_architecture.png") for p in plots):
         lines += [f"![architecture options: val NLL vs steps]({next(p for p in plots if 'architecture' in p)})", ""]
     classes = sorted(next(iter(v.values()))["per_class_val_nll"], key=int)
@@ -404,6 +659,19 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
                 std = np.std(row["val_nll"], ddof=1) if len(row["val_nll"]) > 1 else 0.0
                 lines.append(f"| {name} | {theta} | {tpp} | {np.mean(row['val_nll']):.4f} ± {std:.4f} |")
         lines += ["", f"![threshold sweep]({next(p for p in plots if 'sweep' in p)})", ""]
+    if results.get("quality_sweep"):
+        lines += ["## Table 6 in sample quality: the final models sampled at a higher θ", "",
+                  f"CFG {results['curve_cfg']}, {results['quality_samples']} samples per seed; the static model (trained "
+                  f"on K = {results['static_length']} patches) is sampled with DPAR's entropy boundaries (P = 4, row "
+                  "break) at each θ, as in the paper.", "",
+                  "| model | threshold | tokens/patch on the training images | FID (mean ± std) | class accuracy | "
+                  "precision | recall |", "|---|---|---|---|---|---|---|"]
+        for name, rows in results["quality_sweep"].items():
+            for row in rows:
+                lines.append(f"| {name} | {row['threshold']:.4f} | {row['train_tokens_per_patch']:.2f} | "
+                             f"{_mean_std(row['fid'], '.2f')} | {_mean_std(row['class_accuracy'], '.1%')} | "
+                             f"{_mean_std(row['precision'], '.3f')} | {_mean_std(row['recall'], '.3f')} |")
+        lines += ["", "![threshold sweep in FID](small_scale_study_threshold_sweep_fid.png)", ""]
     lines += ["Run wall times (s; runs trained concurrently on a shared machine, so these say how long a run took, "
               "not which variant is faster): " + ", ".join(f"{k} {s}" for k, s in sorted(results["seconds"].items())),
               ""]
@@ -437,7 +705,20 @@ def main(argv: list[str] | None = None) -> None:
                         default=[1.81, 1.92, 2.03, 2.16],
                         help="inference thresholds for the sweep, as the mean patch lengths they give on the training "
                              "images (the paper's Table 6 row)")
-    parser.add_argument("--jobs", type=number(int, min=1), default=2, help="runs trained at once")
+    parser.add_argument("--quality-samples", type=number(int, min=0), default=480,
+                        help="samples per model, seed and CFG scale for the sample-quality tables (40 per class; "
+                             "0: NLL only)")
+    parser.add_argument("--cfg-scales", type=number(float, min=1), nargs="+", default=[1.0, 2.0, 4.0],
+                        help="CFG scales the final checkpoints are sampled at")
+    parser.add_argument("--curve-cfg", type=number(float, min=1), default=2.0,
+                        help="the CFG scale of the quality-along-training curve, the sample grids and Table 6")
+    parser.add_argument("--curve-points", type=number(int, min=1), default=4,
+                        help="checkpoints along each Table 3 run scored at --curve-cfg (evenly spaced, the last one "
+                             "included)")
+    parser.add_argument("--classifier", type=path_flag, default=REPO / "assets" / "demo" / CLASSIFIER,
+                        help="the sample-quality metric: a folder with the classifier's weights and reference.npz "
+                             "(default: the demo's)")
+    parser.add_argument("--jobs", type=number(int, min=1), default=2, help="runs trained (and cells scored) at once")
     parser.add_argument("--runs-dir", type=path_flag, default=REPO / "results" / "small_scale_study")
     parser.add_argument("--output", type=path_flag, default=REPO / "benchmarks" / "results")
     parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run (key=value)")
@@ -453,6 +734,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in REPORT_FILES:
         check_output_file(args.output / name, "--output")
     check_output_dir(args.runs_dir, "--runs-dir")
+    if args.quality_samples:
+        for name in (WEIGHTS_FILE, "reference.npz"):
+            if not (args.classifier / name).is_file():
+                raise UserError(f"--classifier {args.classifier} has no {name}; build the demo (python -m dpar.demo) "
+                                "or give --quality-samples 0")
     if not (args.store / "meta.json").is_file():
         raise UserError(f"no token store at --store {args.store}; build it with python -m dpar.demo")
     entropy = args.entropy_model
@@ -498,8 +784,16 @@ def main(argv: list[str] | None = None) -> None:
                        "tokens_per_patch"],
                    threshold_images=describe_images(len(store), len(train_images), args.val_holdout, 0),
                    class_names=_class_names(store), seconds=seconds)
+    if args.quality_samples:
+        thetas = [row["threshold"] for row in results["sweep"].get("dpar") or results["sweep"].get("static") or []
+                  if row["threshold"] is not None]
+        scores = score_all(args, quality_jobs(args, runs, dpar_patcher, thetas))
+        summarize_quality(args, runs, results, thetas, scores)
+        results.update(curve_cfg=args.curve_cfg, quality_samples=args.quality_samples)
     atomic_write_text(args.output / "small_scale_study.json", json.dumps(results, indent=1) + "\n")
     plots = plot(results, args.output, OmegaConf.load(REPO / DPAR_CONFIG).train.global_batch_size)
+    if results.get("quality"):
+        plots.append(plot_samples(args, results))
     command = "python benchmarks/small_scale_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"wrote {write_report(args, results, plots, command.strip())}")
 

@@ -223,18 +223,26 @@ def score_reconstructions(vq: Path, reference: Path, classifier_weights: Path, o
 
 
 def score_samples(run: Path, reference: Path, classifier_weights: Path, work: Path, count: int,
-                  cfg_scales: tuple[float, ...]) -> dict:
-    """The metric of ``count`` samples of ``run`` at each of ``cfg_scales`` (``sample_c2i_ddp.py``, then the
-    evaluator), keyed by scale."""
+                  cfg_scales: tuple[float, ...], flags: tuple[str, ...] = ()) -> dict:
+    """The metric of ``count`` samples of ``run`` at each of ``cfg_scales`` (``sample_c2i_ddp.py`` with
+    ``flags``, e.g. ``--epoch 3 --threshold 2.8``, then the evaluator), keyed by scale."""
     import sample_c2i_ddp
 
     scores = {}
     for cfg_scale in cfg_scales:
         folder = work / f"cfg-{cfg_scale}"
         sample_c2i_ddp.main(["--experiment_dir", str(run), "--cfg-scale", str(cfg_scale), "--num-fid-samples",
-                             str(count), "--per-proc-batch-size", "48", "--output-dir", str(folder)])
-        scores[str(cfg_scale)] = evaluator_report(reference, next(folder.glob("*.npz")), classifier_weights)
+                             str(count), "--per-proc-batch-size", "48", "--output-dir", str(folder), *flags])
+        scores[str(cfg_scale)] = evaluator_report(reference, sample_batch(folder), classifier_weights)
     return scores
+
+
+def sample_batch(folder: Path) -> Path:
+    """The one ``.npz`` of samples ``sample_c2i_ddp.py`` wrote into ``folder`` (not the evaluator's feature cache
+    beside it, ``<batch>.npz.<features>.npz``)."""
+    batches = [path for path in folder.glob("*.npz") if ".npz." not in path.name]
+    assert len(batches) == 1, f"{folder} holds {len(batches)} sample batches"
+    return batches[0]
 
 
 def check_replaceable(folder: Path, marker: str, what: str) -> None:

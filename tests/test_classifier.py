@@ -99,13 +99,14 @@ def test_real_against_real_is_close_and_wrong_labels_or_other_images_are_not(tmp
 def test_samples_without_labels_are_evaluated_and_said_to_have_no_class_accuracy(tmp_path, capsys):
     images, _ = fresh_images(24, seed=4)
     np.savez(tmp_path / "unlabelled.npz", arr_0=images)
+    shipped = sorted(p.name for p in SHIPPED.iterdir())  # (a user's evaluation may have left a cache there)
     report = evaluate(shipped_reference(tmp_path), tmp_path / "unlabelled.npz")
     assert list(report) == ["Features", "Classifier Score", "FID", "sFID", "Precision", "Recall"]
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert warnings == [f"warning: {tmp_path / 'unlabelled.npz'} has no arr_1 (the labels the samples were "
                         "conditioned on; sample_c2i_ddp.py writes them): no class accuracy"]
     assert (tmp_path / "unlabelled.npz.classifier.npz").is_file()  # its own cache, beside Inception's
-    assert sorted(p.name for p in SHIPPED.iterdir()) == ["classifier.json", "classifier.safetensors", "reference.npz"]
+    assert sorted(p.name for p in SHIPPED.iterdir()) == shipped  # the copy's cache is beside the copy
     assert not (tmp_path / "unlabelled.txt").exists()  # an Inception report of the same file is not replaced
 
 
@@ -202,6 +203,11 @@ def test_statistics_of_other_features_are_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"ref.npz holds statistics of classifier features of other weights"):
         evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), "--features",
                         str(tmp_path / "other" / classifier.WEIGHTS_FILE)])
+    # found before any network is loaded: no Inception weights are needed to learn that they would not fit
+    with pytest.raises(UserError, match=r"ref.npz holds statistics of classifier features \(sha256 \w+\), this "
+                                        "evaluation uses inception features; evaluate with"):
+        evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), "--inception-weights",
+                        str(tmp_path / "missing.pth")])
     (tmp_path / "inception.pth").write_bytes(b"")
     monkeypatch.setattr(evaluator.FIDInceptionV3, "from_file", lambda path: torch.nn.Identity())
     with pytest.raises(UserError, match=r"ref.npz holds statistics of classifier features \(sha256 \w+\), this "

@@ -59,7 +59,8 @@ def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     argv = ["--store", str(tiny_demo / "work" / "tokens"), "--entropy-model", str(tiny_demo / "demo" / "entropy_model"),
             "--seeds", "0", "1", "--epochs", "2", "--ablation-epochs", "1", "--val-holdout", "16", "--variants", "dpar", "static", "gpt", "inject_every_block",
             "--runs-dir", str(tmp_path / "runs"), "--output", str(out), "--jobs", "2",
-            "--extra", "train.global_batch_size=16"]
+            "--extra", "train.global_batch_size=16", "--classifier", str(tiny_demo / "demo" / "classifier"),
+            "--quality-samples", "24", "--cfg-scales", "1", "2", "--curve-points", "2"]
     small_scale_study.main(argv)
     results = json.loads((out / "small_scale_study.json").read_text())
     variants = results["variants"]
@@ -82,7 +83,29 @@ def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     assert variants["inject_every_block"]["section"] == "Deviations"
     for png in ("nll_vs_steps", "nll_vs_gmacs", "nll_vs_steps_architecture", "threshold_sweep"):
         assert Image.open(out / f"small_scale_study_{png}.png").size[0] > 100
+    # sample quality (issue 31): the evaluator's metrics per CFG scale, along training, and Table 6 in FID
+    quality = results["quality"]
+    assert set(quality) == {"dpar", "static", "gpt"}  # Table 3's variants; the architecture options have none
+    for q in quality.values():
+        assert list(q["final"]) == ["1.0", "2.0"] and q["curve"]["epochs"] == [0, 1] and q["curve"]["steps"] == [5, 10]
+        for metrics in [*q["final"].values(), q["curve"]]:
+            accuracy = np.array(metrics["class_accuracy"])
+            assert accuracy.shape[0] == 2 and ((accuracy >= 0) & (accuracy <= 1)).all()  # per seed
+            assert (np.array(metrics["fid"]) >= 0).all()
+    assert quality["dpar"]["curve"]["fid"][0][-1] == quality["dpar"]["final"]["2.0"]["fid"][0]  # one cell, once
+    scores = json.loads((tmp_path / "runs" / "quality" / "scores.json").read_text())
+    thetas = len({f"{row['threshold']:.5f}" for row in results["sweep"]["dpar"] if row["threshold"]})  # a flat
+    assert len(scores) == 3 * 2 * 3 + 2 * 2 * thetas  # entropy model may give two targets one θ; scored once
+    assert all(cell["samples"] == 24 for cell in scores.values())
+    sweep = results["quality_sweep"]
+    assert [len(sweep[name]) for name in ("dpar", "static")] == [4, 4]
+    assert [row["threshold"] for row in sweep["dpar"]] == [row["threshold"] for row in results["sweep"]["dpar"]]
+    repatched = OmegaConf.load(next((tmp_path / "runs" / "quality" / "repatched").glob("static_seed0-*")) / "config.yaml")
+    assert repatched.patcher.mode == "entropy" and repatched.patcher.max_patch_length == 4  # DPAR's boundaries
+    for png in ("quality", "threshold_sweep_fid", "samples"):
+        assert Image.open(out / f"small_scale_study_{png}.png").size[0] > 100
     report = (out / "small_scale_study.md").read_text()
+    assert "### Sample quality" in report and "## Table 6 in sample quality" in report
     assert "| dpar |" in report and "| gpt |" in report and "## Validation NLL per class" in report
     assert "## Deviations from the paper's text" in report and "val NLL at step 5 " in report  # dpar read at step 5
     # a rerun reuses the finished runs and keeps a hand-written findings section

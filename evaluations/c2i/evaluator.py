@@ -340,6 +340,24 @@ def statistics_features(path: Path) -> dict:
     return reference_record(path).get("features") or {"network": "inception", "sha256": None}
 
 
+def check_statistics_network(path: Path, network: str) -> None:
+    """Refuse, before any network is loaded, statistics made with another feature network than ``network``
+    (``inception`` or ``classifier``): no Inception weights are needed to learn that a classifier's statistics
+    do not fit them. Other weights of the same network are found by :func:`reference_statistics`."""
+    try:
+        with np.load(path) as stored:
+            if "mu" not in stored.files:
+                return
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise UserError(f"{path} is damaged: {error}") from None
+    made_with = statistics_features(path)
+    if made_with.get("network") != network:
+        raise UserError(f"{path} holds statistics of {made_with.get('network')} features (sha256 "
+                        f"{str(made_with.get('sha256'))[:12]}), this evaluation uses {network} features; evaluate "
+                        "with the features they were made with (--features), or build the reference again with "
+                        "these (or without --statistics)")
+
+
 def reference_statistics(path: Path, kind: Features | None = None) -> dict[str, np.ndarray] | None:
     """The mu/sigma/mu_s/sigma_s a reference file carries (checked against the shapes of ``kind``'s features,
     by default ADM's Inception), or None. ADM's rule: these win over statistics computed from its arr_0.
@@ -480,6 +498,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # every input (both batches, the network, the reference's statistics, the labels) checked before any work
     ref_images, sample_images = ImageBatch(Path(args.ref_batch), 2), ImageBatch(Path(args.sample_batch), 2)
+    check_statistics_network(ref_images.path, "inception" if args.features == "inception" else "classifier")
     network, kind = load_features(args.features, args.inception_weights)  # a missing or foreign file: one line
     stored = reference_statistics(ref_images.path, kind)
     labels, no_labels = (None, None) if kind.name == "inception" else sample_labels(sample_images.path,
