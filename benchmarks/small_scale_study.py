@@ -5,8 +5,8 @@ validation NLL and in the quality of samples (FID, precision / recall, class acc
     python benchmarks/small_scale_study.py --variants static entropy_only dpar token gpt --seeds 0 1 2 \
         --epochs 8 --dropout 0.1                 # the core comparison, ~45 min on 2 cores
 
-Every variant trains DGPT-tiny's depth (or GPT-tiny, for the baseline; width 64, head_dim 32) with the same
-recipe, data, dropout and number of optimizer steps; only what the variant names differs (``VARIANTS``):
+Every variant trains DGPT-tiny's depth (or GPT-tiny, for the baseline; width 64, head_dim 32; ``--size small``:
+DGPT-small / GPT-small, the same depth at width 128, for the scale trend) with the same recipe, data, dropout and number of optimizer steps; only what the variant names differs (``VARIANTS``):
 
 * Table 3: ``static`` (K-token patches, K = dpar's rounded mean), ``entropy_only`` (θ alone),
   ``entropy_cap`` (θ + P = 4), ``dpar`` (θ + P = 4 + row break, the paper's method), ``token`` (DPAR's
@@ -69,6 +69,8 @@ from dpar.validation import field_type, number, path as path_flag  # noqa: E402
 from evaluations.c2i.classifier import WEIGHTS_FILE  # noqa: E402
 
 DPAR_CONFIG = "configs/tiny/global_model_entropy_row_break.yaml"
+GPT_CONFIG = "configs/tiny/gpt_baseline.yaml"
+SIZES = {"tiny": 64, "small": 128}  # --size -> width of DGPT-<size> / GPT-<size> (same depth, head_dim 32)
 # name -> (section of the report, config, overrides); static's K is appended once it is known
 VARIANTS = {
     "static": ("Table 3", "configs/tiny/global_model_static.yaml", []),
@@ -76,7 +78,7 @@ VARIANTS = {
     "entropy_cap": ("Table 3", DPAR_CONFIG, ["patcher.row_break=false"]),
     "dpar": ("Table 3", DPAR_CONFIG, []),
     "token": ("Table 3", DPAR_CONFIG, ["patcher.mode=token"]),
-    "gpt": ("Table 3", "configs/tiny/gpt_baseline.yaml", []),
+    "gpt": ("Table 3", GPT_CONFIG, []),
     "rope_no_redundancy": ("Table 9", DPAR_CONFIG, ["model.rope=dynamic_no_redundancy"]),
     "rope_complementary": ("Table 9", DPAR_CONFIG, ["model.rope=dynamic_complementary"]),
     "rope_2d": ("Table 9", DPAR_CONFIG, ["model.rope=2d"]),
@@ -601,7 +603,8 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
         f"({os.cpu_count()} cores), torch {torch.__version__}, fp32; {len(args.seeds)} seed(s) "
         f"({', '.join(map(str, args.seeds))}), {args.epochs} epochs per Table 3 run and {args.ablation_epochs} per "
         f"architecture-option run (compared with dpar's curve at that step), same recipe for all "
-        f"(configs/tiny, width 64, head_dim 32, dropout_p = token_dropout_p = {args.dropout} for every variant; "
+        f"(configs/tiny at size {args.size}: DGPT-{args.size} / GPT-{args.size}, width {SIZES[args.size]}, head_dim 32, "
+        f"dropout_p = token_dropout_p = {args.dropout} for every variant; "
         f"`{results['store']}`).",
         "",
         f"    {command}",
@@ -718,6 +721,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifier", type=path_flag, default=REPO / "assets" / "demo" / CLASSIFIER,
                         help="the sample-quality metric: a folder with the classifier's weights and reference.npz "
                              "(default: the demo's)")
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny",
+                        help="model size of every variant: tiny (width 64) or small (width 128, the same depth)")
     parser.add_argument("--jobs", type=number(int, min=1), default=2, help="runs trained (and cells scored) at once")
     parser.add_argument("--runs-dir", type=path_flag, default=REPO / "results" / "small_scale_study")
     parser.add_argument("--output", type=path_flag, default=REPO / "benchmarks" / "results")
@@ -767,6 +772,8 @@ def main(argv: list[str] | None = None) -> None:
                               if (VARIANTS[v][0] == "Table 3") == table3):
             _, config, overrides = VARIANTS[variant]
             overrides = overrides + ([f"patcher.static_length={static_k}"] if variant == "static" else [])
+            if args.size != "tiny":
+                overrides += [f"model.gpt_model={'GPT' if config == GPT_CONFIG else 'DGPT'}-{args.size}"]
             jobs.append((variant, seed, ["--config", config, *common, "--train.epochs", str(epochs_of(args, variant)),
                                          "--train.experiment_name", run_name(variant, seed),
                                          f"train.global_seed={seed}", *overrides, *args.extra]))
@@ -783,7 +790,7 @@ def main(argv: list[str] | None = None) -> None:
                    threshold_tokens_per_patch=store_patch_stats(store, [threshold], 4, True, train_images)[0][
                        "tokens_per_patch"],
                    threshold_images=describe_images(len(store), len(train_images), args.val_holdout, 0),
-                   class_names=_class_names(store), seconds=seconds)
+                   class_names=_class_names(store), seconds=seconds, size=args.size)
     if args.quality_samples:
         thetas = [row["threshold"] for row in results["sweep"].get("dpar") or results["sweep"].get("static") or []
                   if row["threshold"] is not None]
@@ -804,7 +811,8 @@ def check_jobs(jobs: list[tuple[str, int, list[str]]], extra: list[str], common:
     or a variant sets (the report would describe runs it did not make), and must suit every variant; the
     entropy model loads and made the store's entropies (as the trainer checks it); a finished run in
     ``runs_dir`` is reused only when it was trained with this study's settings."""
-    owned = {item.partition("=")[0] for item in parse_overrides(common)} | {"patcher.static_length", "train.epochs"} | \
+    owned = {item.partition("=")[0] for item in parse_overrides(common)} | {"patcher.static_length", "train.epochs",
+                                                                           "model.gpt_model"} | \
         {item.partition("=")[0] for _, _, overrides in VARIANTS.values() for item in overrides}
     try:
         extras = parse_overrides(extra)

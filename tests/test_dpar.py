@@ -218,6 +218,22 @@ def test_sizes_and_aliases():
     assert model.config.dim == 1024 and model.config.n_head == 16
 
 
+def test_the_small_sizes_are_the_tiny_ones_at_twice_the_width():
+    """The small-scale study's scale trend (--size small) changes the width only: depth and head_dim stay."""
+    from dpar.models import GPT_models
+    with torch.device("meta"):
+        built = {name: builder(vocab_size=512, block_size=64, num_classes=12, cls_token_num=1, model_type="c2i")
+                 for name, builder in [*((n, DPAR_models[n]) for n in ("DGPT-tiny", "DGPT-small")),
+                                       *((n, GPT_models[n]) for n in ("GPT-tiny", "GPT-small"))]}
+    for family in ("DGPT", "GPT"):
+        tiny, small = built[f"{family}-tiny"].config, built[f"{family}-small"].config
+        assert (small.dim, small.n_head, small.n_layer) == (2 * tiny.dim, 2 * tiny.n_head, tiny.n_layer)
+        assert small.dim // small.n_head == tiny.dim // tiny.n_head == 32
+    blocks = [(len(m.encoder.layers), len(m.global_layers), len(m.decoder.layers))
+              for m in (built["DGPT-tiny"], built["DGPT-small"])]
+    assert blocks[0] == blocks[1] == (1, 3, 2)
+
+
 def test_bad_arguments():  # DPARArgs built by hand; a user's config is checked by ModelConfig first
     with pytest.raises(AssertionError, match="rope must be one of"):
         tiny_dpar(rope="3d")

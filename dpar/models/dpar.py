@@ -397,5 +397,6 @@ DPAR_models = {
     "DGPT-XL": _size(1, 30, 5, 1280, 20),  # 789M
     "DGPT-XXL": _size(1, 41, 6, 1536, 24),  # 1.4B
     "DGPT-tiny": _size(1, 3, 2, 64, 2),     # as deep as GPT-tiny (head_dim 32): CPU tests and the embedded demo
+    "DGPT-small": _size(1, 3, 2, 128, 4),   # DGPT-tiny at twice the width: the small-scale study's scale trend
 }
 DPAR_models.update({name.replace("DGPT", "DPAR"): build for name, build in list(DPAR_models.items())})

@@ -122,4 +122,5 @@ GPT_models = {
     "GPT-3B": _size(24, 32, 3200),
     "GPT-7B": _size(32, 32, 4096),
     "GPT-tiny": _size(6, 2, 64),     # 0.3M + embeddings, head_dim 32: CPU tests and the embedded demo
+    "GPT-small": _size(6, 4, 128),   # GPT-tiny at twice the width: the small-scale study's scale trend
 }
