@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 from dpar.data.dataset import PackedCollate, TokenDataset  # noqa: E402
 from dpar.data.splits import holdout_split  # noqa: E402
 from dpar.data.stats import calibration_images, describe_images, store_patch_stats, store_threshold  # noqa: E402
-from dpar.data.store import TokenStore  # noqa: E402
+from dpar.data.store import TokenStore, file_sha256  # noqa: E402
 from dpar.demo import CLASSIFIER, TOKENS_PER_PATCH, sample_batch, score_samples  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.experiment import (CONFIG_FILE, METRICS_FILE, checkpoint_dir, config_difference,  # noqa: E402
@@ -270,19 +270,53 @@ def summarize(args, runs: dict[tuple[str, int], Path], static_k: int, dpar_patch
 
 
 
-QUALITY_DIR = "quality"  # <runs-dir>/quality: samples, evaluator reports, scores.json
+QUALITY_DIR = "quality"  # <runs-dir>/quality/<metric>: samples, evaluator reports, scores.json
 METRICS = ("fid", "precision", "recall", "class_accuracy", "classifier_score")  # the evaluator's, per cell
+MIN_QUALITY_SAMPLES = 4  # precision / recall compare each sample with its k = 3 nearest neighbours
 
 
 @dataclass(frozen=True)
 class QualityJob:
     """One cell of the sample-quality tables: ``run``'s checkpoint ``epoch`` sampled at ``cfg`` with
     ``sample_c2i_ddp.py`` (plus ``flags``) and scored by the evaluator with the demo classifier's features."""
-    key: str      # variant_seedS/epoch-E/cfg-C[/theta-T]: its folder under <runs-dir>/quality and its scores' key
+    key: str      # its folder under the metric's folder and its scores' key (:func:`cell_key`)
     run: str
     epoch: int
     cfg: float
     flags: tuple[str, ...] = ()
+
+
+def cell_key(run: Path, variant: str, seed: int, epoch: int, cfg: float, theta: float | None = None) -> str:
+    """``variant_seedS/<run folder>/epoch-E/cfg-C[/theta-T]``: a retrained run (a new run folder) is never
+    credited with the scores of the run it replaced."""
+    return f"{run_name(variant, seed)}/{run.name}/epoch-{epoch}/cfg-{cfg}" + (
+        "" if theta is None else f"/theta-{theta:.5f}")
+
+
+def check_metric(args) -> tuple[Path, int]:
+    """(the metric's folder, the reference's image count): ``--classifier`` holds a classifier and a reference
+    batch whose statistics are that classifier's, checked before anything is trained or written; one line
+    naming the flag otherwise. The folder is named by the content of both files and ``--quality-samples``, so
+    another metric or sample count scores in a folder of its own."""
+    from evaluations.c2i import evaluator
+    if 0 < args.quality_samples < MIN_QUALITY_SAMPLES:
+        raise UserError(f"--quality-samples {args.quality_samples}: 0 (no sample quality) or at least "
+                        f"{MIN_QUALITY_SAMPLES} (precision / recall compare each sample with its 3 nearest)")
+    weights, reference = args.classifier / WEIGHTS_FILE, args.classifier / "reference.npz"
+    for path in (weights, reference):
+        if not path.is_file():
+            raise UserError(f"--classifier {args.classifier} has no {path.name}; build the demo (python -m "
+                            "dpar.demo) or give --quality-samples 0")
+    try:
+        _, kind = evaluator.classifier_features(weights)
+        evaluator.check_statistics_network(reference, "classifier")
+        evaluator.reference_statistics(reference, kind)
+        images = len(evaluator.ImageBatch(reference, 2))
+        evaluator.check_image_size(evaluator.ImageBatch(reference, 2), kind)
+    except UserError as error:
+        raise UserError(f"--classifier {args.classifier}: {error}") from None
+    folder = f"{file_sha256(weights, 8)}-{file_sha256(reference, 8)}-n{args.quality_samples}"
+    return args.runs_dir / QUALITY_DIR / folder, images
 
 
 def score_job(job: QualityJob, reference: Path, classifier: Path, work: Path, count: int) -> dict:
@@ -319,44 +353,47 @@ def quality_jobs(args, runs: dict[tuple[str, int], Path], dpar_patcher: PatcherC
                  thetas: list[float]) -> list[QualityJob]:
     """Table 3's runs at every ``--cfg-scales`` (final checkpoint) and along training at ``--curve-cfg``;
     Table 6: dpar and static at each sweep θ (``--curve-cfg``, final checkpoint)."""
-    jobs, work = [], args.runs_dir / QUALITY_DIR
+    jobs = []
     for variant in [v for v in args.variants if VARIANTS[v][0] == "Table 3"]:
         for seed in args.seeds:
-            run, name, last = runs[variant, seed], run_name(variant, seed), epochs_of(args, variant) - 1
+            run, last = runs[variant, seed], epochs_of(args, variant) - 1
             cells = [(last, cfg) for cfg in args.cfg_scales]
             cells += [(epoch, args.curve_cfg) for epoch in curve_epochs(last + 1, args.curve_points)]
             for epoch, cfg in dict.fromkeys(cells):
-                jobs.append(QualityJob(f"{name}/epoch-{epoch}/cfg-{cfg}", str(run), epoch, cfg))
+                jobs.append(QualityJob(cell_key(run, variant, seed, epoch, cfg), str(run), epoch, cfg))
     for variant in ("dpar", "static"):
         if variant not in args.variants:
             continue
         for seed in args.seeds:
-            run, name, last = runs[variant, seed], run_name(variant, seed), epochs_of(args, variant) - 1
+            run, last = runs[variant, seed], epochs_of(args, variant) - 1
             for theta in thetas:
-                key = f"{name}/epoch-{last}/cfg-{args.curve_cfg}/theta-{theta:.5f}"
+                key = cell_key(run, variant, seed, last, args.curve_cfg, theta)
                 if variant == "dpar":
                     jobs.append(QualityJob(key, str(run), last, args.curve_cfg, ("--threshold", str(theta))))
                 else:
                     patcher = PatcherConfig(mode="entropy", threshold=theta,
                                             max_patch_length=dpar_patcher.max_patch_length,
                                             row_break=dpar_patcher.row_break)
-                    copy = repatched_run(run, patcher, work / "repatched" / f"{name}-theta-{theta:.5f}")
-                    jobs.append(QualityJob(key, str(copy), last, args.curve_cfg))
+                    copy = args.runs_dir / QUALITY_DIR / "repatched" / f"{run.parent.name}-{run.name}-theta-{theta:.5f}"
+                    jobs.append(QualityJob(key, str(repatched_run(run, patcher, copy)), last, args.curve_cfg))
     return list({job.key: job for job in jobs}.values())  # two sweep targets may share a θ (a flat entropy model)
 
 
-def score_all(args, jobs: list[QualityJob]) -> dict[str, dict]:
-    """Every job's metrics, ``args.jobs`` at a time; kept in <runs-dir>/quality/scores.json, so a rerun scores
-    only new cells (a cell scored with another ``--quality-samples`` is scored again)."""
+def score_all(args, jobs: list[QualityJob], work: Path) -> dict[str, dict]:
+    """Every job's metrics, ``args.jobs`` at a time, in the metric's folder ``work`` (:func:`check_metric`);
+    kept in its scores.json, so a rerun scores only the cells it lacks."""
     from tqdm import tqdm
-    work = args.runs_dir / QUALITY_DIR
     work.mkdir(parents=True, exist_ok=True)
     reference = work / "reference.npz"  # a copy: the evaluator caches features beside its reference
     if not reference.is_file():
-        shutil.copyfile(args.classifier / "reference.npz", reference)
+        with atomic_path(reference) as tmp:
+            shutil.copyfile(args.classifier / "reference.npz", tmp)
     saved = work / "scores.json"
-    scores = json.loads(saved.read_text()) if saved.is_file() else {}
-    pending = [job for job in jobs if scores.get(job.key, {}).get("samples") != args.quality_samples]
+    try:
+        scores = json.loads(saved.read_text()) if saved.is_file() else {}
+    except ValueError as error:
+        raise UserError(f"{saved} is damaged ({error}); delete it to score its cells again") from None
+    pending = [job for job in jobs if not all(metric in scores.get(job.key, {}) for metric in METRICS)]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(score_job, job, reference, args.classifier / WEIGHTS_FILE, work,
                                args.quality_samples): job for job in pending}
@@ -370,8 +407,8 @@ def summarize_quality(args, runs: dict[tuple[str, int], Path], results: dict, th
                       scores: dict[str, dict]) -> None:
     """results["quality"][variant]: the final checkpoint's metrics per CFG scale and the curve at
     ``--curve-cfg`` (per seed); results["quality_sweep"][variant]: Table 6 in sample quality."""
-    def cell(variant, seed, epoch, cfg, suffix=""):
-        return scores[f"{run_name(variant, seed)}/epoch-{epoch}/cfg-{cfg}{suffix}"]
+    def cell(variant, seed, epoch, cfg, theta=None):
+        return scores[cell_key(runs[variant, seed], variant, seed, epoch, cfg, theta)]
 
     results["quality"], results["quality_sweep"] = {}, {}
     for variant in [v for v in args.variants if VARIANTS[v][0] == "Table 3"]:
@@ -391,17 +428,17 @@ def summarize_quality(args, runs: dict[tuple[str, int], Path], results: dict, th
         last = epochs_of(args, variant) - 1
         results["quality_sweep"][variant] = [
             {"threshold": theta, "train_tokens_per_patch": target,
-             **{m: [cell(variant, s, last, args.curve_cfg, f"/theta-{theta:.5f}")[m] for s in args.seeds]
-                for m in METRICS}}
+             **{m: [cell(variant, s, last, args.curve_cfg, theta)[m] for s in args.seeds] for m in METRICS}}
             for target, theta in zip(args.sweep_tokens_per_patch, thetas)]
 
 
-def sample_grid(args, variant: str, per_class: int = 6) -> np.ndarray:
+def sample_grid(args, runs: dict[tuple[str, int], Path], work: Path, variant: str, per_class: int = 6) -> np.ndarray:
     """The first ``per_class`` samples of each class of seed ``--seeds[0]``'s final checkpoint at
     ``--curve-cfg``: uint8 [classes * H, per_class * W, 3] (one row per class)."""
     from dpar.visual import image_grid
-    key = f"{run_name(variant, args.seeds[0])}/epoch-{epochs_of(args, variant) - 1}/cfg-{args.curve_cfg}"
-    with np.load(sample_batch(args.runs_dir / QUALITY_DIR / key / f"cfg-{args.curve_cfg}")) as batch:
+    seed = args.seeds[0]
+    key = cell_key(runs[variant, seed], variant, seed, epochs_of(args, variant) - 1, args.curve_cfg)
+    with np.load(sample_batch(work / key / f"cfg-{args.curve_cfg}")) as batch:
         images, labels = batch["arr_0"], batch["arr_1"]
     rows = [images[labels == c][:per_class] for c in range(int(labels.max()) + 1)]
     return image_grid(np.concatenate(rows), per_class)
@@ -505,7 +542,7 @@ def plot_quality(results: dict, output: Path, plt) -> list[str]:
     return names
 
 
-def plot_samples(args, results: dict) -> str:
+def plot_samples(args, results: dict, runs: dict[tuple[str, int], Path], work: Path) -> str:
     """One sample grid per Table 3 variant side by side (rows: classes), titled with its FID and class accuracy."""
     import matplotlib
     matplotlib.use("Agg")
@@ -513,7 +550,7 @@ def plot_samples(args, results: dict) -> str:
     variants = list(results["quality"])
     fig, axes = plt.subplots(1, len(variants), figsize=(2.6 * len(variants), 5.6), dpi=120)
     for ax, variant in zip(np.atleast_1d(axes), variants):
-        grid = sample_grid(args, variant)
+        grid = sample_grid(args, runs, work, variant)
         final = results["quality"][variant]["final"][str(args.curve_cfg)]
         ax.imshow(grid)
         ax.set_title(f"{variant}\nFID {final['fid'][0]:.2f}, class acc {final['class_accuracy'][0]:.0%}", fontsize=8)
@@ -569,8 +606,8 @@ def _quality_tables(lines: list[str], results: dict) -> None:
     quality, v = results["quality"], results["variants"]
     lines += ["### Sample quality (the demo classifier's features; the evaluator's FID, precision / recall and class "
               "accuracy)", "",
-              f"{results['quality_samples']} samples per model, seed and CFG scale against the demo's 1,000-image "
-              "reference batch; mean ± std over seeds. **Bold**: the variant's best CFG scale by FID. Training "
+              f"{results['quality_samples']} samples per model, seed and CFG scale against the classifier's "
+              f"{results['reference_images']:,}-image reference batch; mean ± std over seeds. **Bold**: the variant's best CFG scale by FID. Training "
               "compute: 3 x forward linear GMACs per image x images seen.", "",
               "| variant | CFG | FID | precision | recall | class accuracy | Classifier Score | val NLL | "
               "training compute (GMAC) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -739,11 +776,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in REPORT_FILES:
         check_output_file(args.output / name, "--output")
     check_output_dir(args.runs_dir, "--runs-dir")
-    if args.quality_samples:
-        for name in (WEIGHTS_FILE, "reference.npz"):
-            if not (args.classifier / name).is_file():
-                raise UserError(f"--classifier {args.classifier} has no {name}; build the demo (python -m dpar.demo) "
-                                "or give --quality-samples 0")
+    metric_folder, reference_images = check_metric(args) if args.quality_samples else (None, 0)
     if not (args.store / "meta.json").is_file():
         raise UserError(f"no token store at --store {args.store}; build it with python -m dpar.demo")
     entropy = args.entropy_model
@@ -794,13 +827,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.quality_samples:
         thetas = [row["threshold"] for row in results["sweep"].get("dpar") or results["sweep"].get("static") or []
                   if row["threshold"] is not None]
-        scores = score_all(args, quality_jobs(args, runs, dpar_patcher, thetas))
+        scores = score_all(args, quality_jobs(args, runs, dpar_patcher, thetas), metric_folder)
         summarize_quality(args, runs, results, thetas, scores)
-        results.update(curve_cfg=args.curve_cfg, quality_samples=args.quality_samples)
+        results.update(curve_cfg=args.curve_cfg, quality_samples=args.quality_samples,
+                       reference_images=reference_images)
     atomic_write_text(args.output / "small_scale_study.json", json.dumps(results, indent=1) + "\n")
     plots = plot(results, args.output, OmegaConf.load(REPO / DPAR_CONFIG).train.global_batch_size)
     if results.get("quality"):
-        plots.append(plot_samples(args, results))
+        plots.append(plot_samples(args, results, runs, metric_folder))
     command = "python benchmarks/small_scale_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"wrote {write_report(args, results, plots, command.strip())}")
 

@@ -219,3 +219,32 @@ def test_self_entropy_checks_its_runs_before_the_calibration_from_any_folder(tmp
                                       "to time against, or none")
     assert checked[0] == root / "benchmarks" / "results" / "self_entropy_demo.md"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_study_checks_its_sample_quality_metric_before_any_work(tmp_path):
+    """--quality-samples too small for precision / recall, and a --classifier folder whose reference is missing,
+    damaged or holds another network's statistics: one line naming the flag, before anything is trained or
+    written (a breaker found them after training and sampling, naming the study's own copy)."""
+    import shutil
+
+    import numpy as np
+
+    from benchmarks import small_scale_study
+    from dpar.errors import UserError
+    shipped = small_scale_study.REPO / "assets" / "demo" / "classifier"
+    bad = {name: tmp_path / "classifiers" / name for name in ("no_reference", "damaged", "inception")}
+    for name, folder in bad.items():
+        folder.mkdir(parents=True)
+        shutil.copy(shipped / "classifier.safetensors", folder)
+    (bad["damaged"] / "reference.npz").write_bytes((shipped / "reference.npz").read_bytes()[:3000])
+    np.savez(bad["inception"] / "reference.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8), mu=np.zeros(2048),
+             sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    cases = [(["--quality-samples", "3"], r"--quality-samples 3: 0 \(no sample quality\) or at least 4"),
+             (["--classifier", str(bad["no_reference"])], r"--classifier .*no_reference has no reference.npz"),
+             (["--classifier", str(bad["damaged"])], r"--classifier .*damaged: .*reference.npz"),
+             (["--classifier", str(bad["inception"])], r"--classifier .*inception: .*holds statistics of inception")]
+    outputs = ["--runs-dir", str(tmp_path / "runs"), "--output", str(tmp_path / "out")]
+    for argv, named in cases:
+        with pytest.raises(UserError, match=named):
+            small_scale_study.main(argv + outputs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifiers"]

@@ -1,6 +1,7 @@
 """The embedded demo's pipeline end to end at toy size (python -m dpar.demo --tiny), sampling from it, and
 the small-scale study on its token store. ``tiny_demo`` (tests/conftest.py) is built once per session."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
             assert accuracy.shape[0] == 2 and ((accuracy >= 0) & (accuracy <= 1)).all()  # per seed
             assert (np.array(metrics["fid"]) >= 0).all()
     assert quality["dpar"]["curve"]["fid"][0][-1] == quality["dpar"]["final"]["2.0"]["fid"][0]  # one cell, once
-    scores = json.loads((tmp_path / "runs" / "quality" / "scores.json").read_text())
+    metric, = (tmp_path / "runs" / "quality").glob("*-n24")  # named by the classifier, reference and count
+    scores = json.loads((metric / "scores.json").read_text())
     thetas = len({f"{row['threshold']:.5f}" for row in results["sweep"]["dpar"] if row["threshold"]})  # a flat
     assert len(scores) == 3 * 2 * 3 + 2 * 2 * thetas  # entropy model may give two targets one θ; scored once
     assert all(cell["samples"] == 24 for cell in scores.values())
@@ -113,6 +115,21 @@ def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     small_scale_study.main(argv)
     assert (out / "small_scale_study.md").read_text().endswith("## Findings\n\nhand-written\n")
     assert len(list((tmp_path / "runs" / "scratch" / "dpar_seed0").iterdir())) == 1
+    assert json.loads((metric / "scores.json").read_text()) == scores  # every cell reused
+    # a retrained run is scored again, never credited with the removed run's cells
+    removed = next((tmp_path / "runs" / "scratch" / "gpt_seed0").iterdir()).name
+    shutil.rmtree(tmp_path / "runs" / "scratch" / "gpt_seed0")
+    gpt_only = argv[:argv.index("--variants")] + ["--variants", "gpt"] + argv[argv.index("--runs-dir"):]
+    small_scale_study.main(gpt_only)
+    retrained = next((tmp_path / "runs" / "scratch" / "gpt_seed0").iterdir()).name
+    rescored = json.loads((metric / "scores.json").read_text())
+    assert retrained != removed and {k: v for k, v in rescored.items() if k in scores} == scores
+    assert sorted(set(rescored) - set(scores)) == sorted(k.replace(removed, retrained) for k in scores
+                                                         if k.startswith(f"gpt_seed0/{removed}/"))
+    # another sample count scores in a folder of its own
+    small_scale_study.main(gpt_only + ["--quality-samples", "12"])
+    cells = json.loads((metric.parent / metric.name.replace("-n24", "-n12") / "scores.json").read_text())
+    assert len(cells) == 3 * 2 and {cell["samples"] for cell in cells.values()} == {12}
     # a finished run trained with other settings is never passed off as this study's
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     with pytest.raises(UserError, match=r"--runs-dir .* was trained with model.dropout_p=0.0, this study asks for 0.3"):
