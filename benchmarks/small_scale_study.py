@@ -52,7 +52,8 @@ sys.path.insert(0, str(REPO))
 
 from dpar.data.dataset import PackedCollate, TokenDataset  # noqa: E402
 from dpar.data.splits import holdout_split  # noqa: E402
-from dpar.data.stats import calibration_images, describe_images, store_patch_stats, store_threshold  # noqa: E402
+from dpar.data.stats import (calibration_images, describe_images, missed_target, store_patch_stats,  # noqa: E402
+                             store_threshold)
 from dpar.data.store import TokenStore, file_sha256  # noqa: E402
 from dpar.demo import CLASSIFIER, TOKENS_PER_PATCH, sample_batch, score_samples  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
@@ -332,8 +333,10 @@ def score_job(job: QualityJob, reference: Path, classifier: Path, work: Path, co
 
 
 def curve_epochs(epochs: int, points: int) -> list[int]:
-    """Checkpoint epochs (0-based) at ``points`` even steps of a run, the last one included."""
-    return sorted({round((i + 1) * epochs / points) - 1 for i in range(min(points, epochs))})
+    """Checkpoint epochs (0-based) at ``points`` even steps of a run of ``epochs`` epochs (every epoch when
+    there are fewer), the last one included."""
+    points = min(points, epochs)
+    return sorted({round((i + 1) * epochs / points) - 1 for i in range(points)})
 
 
 def repatched_run(run: Path, patcher: PatcherConfig, folder: Path) -> Path:
@@ -529,13 +532,18 @@ def plot_quality(results: dict, output: Path, plt) -> list[str]:
                  "per cell; seed mean, band = min-max over seeds)", fontsize=9)
     names = [_save(fig, output, "small_scale_study_quality.png")]
     if results.get("quality_sweep"):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
         for variant, rows in results["quality_sweep"].items():
             ax.errorbar([row["train_tokens_per_patch"] for row in rows], [np.mean(row["fid"]) for row in rows],
-                        yerr=[np.std(row["fid"]) for row in rows], marker="o", capsize=3, label=variant)
-        ax.set_xlabel("tokens per patch on the training images at the inference θ (θ raised left to right)")
+                        yerr=[np.std(row["fid"], ddof=1) if len(row["fid"]) > 1 else 0 for row in rows], marker="o",
+                        capsize=3, label=f"{variant} at DPAR's entropy boundaries")
+        if "static" in results["quality"]:
+            own = np.mean(results["quality"]["static"]["final"][str(results["curve_cfg"])]["fid"])
+            ax.axhline(own, color="grey", linestyle="--", label=f"static with its own K = {results['static_length']}")
+        ax.set_xlabel("target tokens per patch of the inference θ (training images)")
         ax.set_ylabel("FID (classifier features)")
-        ax.set_title(f"inference-time threshold sweep in FID (paper Table 6), CFG {results['curve_cfg']}", fontsize=9)
+        ax.set_title(f"threshold sweep in FID (paper Table 6), CFG {results['curve_cfg']}; seed mean, bars = std",
+                     fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         names.append(_save(fig, output, "small_scale_study_threshold_sweep_fid.png"))
@@ -638,8 +646,10 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
         "",
         f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()} "
         f"({os.cpu_count()} cores), torch {torch.__version__}, fp32; {len(args.seeds)} seed(s) "
-        f"({', '.join(map(str, args.seeds))}), {args.epochs} epochs per Table 3 run and {args.ablation_epochs} per "
-        f"architecture-option run (compared with dpar's curve at that step), same recipe for all "
+        f"({', '.join(map(str, args.seeds))}), {args.epochs} epochs per Table 3 run"
+        + (f" and {args.ablation_epochs} per architecture-option run (compared with dpar's curve at that step)"
+           if any(v["section"] != "Table 3" for v in results["variants"].values()) else "")
+        + ", same recipe for all "
         f"(configs/tiny at size {args.size}: DGPT-{args.size} / GPT-{args.size}, width {SIZES[args.size]}, head_dim 32, "
         f"dropout_p = token_dropout_p = {args.dropout} for every variant; "
         f"`{results['store']}`).",
@@ -655,6 +665,10 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
         "(negative: still falling).",
         "",
     ]
+    if missed_target(results["threshold_tokens_per_patch"], TOKENS_PER_PATCH):
+        lines += [f"**Note:** no θ gives {TOKENS_PER_PATCH} tokens per patch with this entropy model: dpar trains at "
+                  f"{results['threshold_tokens_per_patch']:.3f}, the sweep's targets are not reached, and variants "
+                  "whose patches then coincide give the same figures.", ""]
     for section, (title, note) in SECTIONS.items():
         names = [n for n in v if v[n]["section"] == section]
         if not names:
@@ -704,11 +718,13 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
                   f"CFG {results['curve_cfg']}, {results['quality_samples']} samples per seed; the static model (trained "
                   f"on K = {results['static_length']} patches) is sampled with DPAR's entropy boundaries (P = 4, row "
                   "break) at each θ, as in the paper.", "",
-                  "| model | threshold | tokens/patch on the training images | FID (mean ± std) | class accuracy | "
-                  "precision | recall |", "|---|---|---|---|---|---|---|"]
+                  "| model | threshold | tokens/patch (target on the training images → held out) | FID (mean ± std) | "
+                  "class accuracy | precision | recall |", "|---|---|---|---|---|---|---|"]
+        held_out = {row["threshold"]: row["tokens_per_patch"] for rows in results["sweep"].values() for row in rows}
         for name, rows in results["quality_sweep"].items():
             for row in rows:
-                lines.append(f"| {name} | {row['threshold']:.4f} | {row['train_tokens_per_patch']:.2f} | "
+                lines.append(f"| {name} | {row['threshold']:.4f} | {row['train_tokens_per_patch']:.2f} → "
+                             f"{held_out[row['threshold']]:.2f} | "
                              f"{_mean_std(row['fid'], '.2f')} | {_mean_std(row['class_accuracy'], '.1%')} | "
                              f"{_mean_std(row['precision'], '.3f')} | {_mean_std(row['recall'], '.3f')} |")
         lines += ["", "![threshold sweep in FID](small_scale_study_threshold_sweep_fid.png)", ""]
@@ -832,7 +848,8 @@ def main(argv: list[str] | None = None) -> None:
         results.update(curve_cfg=args.curve_cfg, quality_samples=args.quality_samples,
                        reference_images=reference_images)
     atomic_write_text(args.output / "small_scale_study.json", json.dumps(results, indent=1) + "\n")
-    plots = plot(results, args.output, OmegaConf.load(REPO / DPAR_CONFIG).train.global_batch_size)
+    batch = read_section(next(iter(runs.values())) / CONFIG_FILE, "train", TrainConfig).global_batch_size
+    plots = plot(results, args.output, batch)
     if results.get("quality"):
         plots.append(plot_samples(args, results, runs, metric_folder))
     command = "python benchmarks/small_scale_study.py " + " ".join(argv if argv is not None else sys.argv[1:])

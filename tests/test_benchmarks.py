@@ -248,3 +248,11 @@ def test_the_study_checks_its_sample_quality_metric_before_any_work(tmp_path):
         with pytest.raises(UserError, match=named):
             small_scale_study.main(argv + outputs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classifiers"]
+
+
+@pytest.mark.parametrize("epochs,points,expected", [(8, 4, [1, 3, 5, 7]), (4, 2, [1, 3]), (3, 4, [0, 1, 2]),
+                                                    (2, 4, [0, 1]), (1, 4, [0]), (5, 1, [4])])
+def test_the_quality_curve_reads_existing_checkpoints_and_always_the_last(epochs, points, expected):
+    """A breaker's --epochs 2 with the default 4 points asked sample_c2i_ddp.py for epoch -1 after training."""
+    from benchmarks.small_scale_study import curve_epochs
+    assert curve_epochs(epochs, points) == expected
