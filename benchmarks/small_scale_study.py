@@ -32,10 +32,8 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import shutil
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -55,11 +53,12 @@ from dpar.data.splits import holdout_split  # noqa: E402
 from dpar.data.stats import (calibration_images, describe_images, missed_target, store_patch_stats,  # noqa: E402
                              store_threshold)
 from dpar.data.store import TokenStore, file_sha256  # noqa: E402
-from dpar.demo import CLASSIFIER, TOKENS_PER_PATCH, sample_batch, score_samples  # noqa: E402
+from dpar.demo import CLASSIFIER, TOKENS_PER_PATCH, sample_batch, score_samples, train_side_by_side  # noqa: E402
 from dpar.errors import ArgumentParser, UserError, run_main  # noqa: E402
 from dpar.experiment import (CONFIG_FILE, METRICS_FILE, checkpoint_dir, config_difference,  # noqa: E402
                              latest_checkpoint)
 from dpar.config import load_config, parse_overrides, read_section  # noqa: E402
+from dpar.launch import set_parent_death_signal  # noqa: E402
 from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file  # noqa: E402
 from dpar.models import ModelConfig, is_dpar  # noqa: E402
 from dpar.runs import load_trained_model  # noqa: E402
@@ -83,29 +82,36 @@ VARIANTS = {
     "rope_no_redundancy": ("Table 9", DPAR_CONFIG, ["model.rope=dynamic_no_redundancy"]),
     "rope_complementary": ("Table 9", DPAR_CONFIG, ["model.rope=dynamic_complementary"]),
     "rope_2d": ("Table 9", DPAR_CONFIG, ["model.rope=2d"]),
-    "token_rope_complementary": ("Table 9", DPAR_CONFIG, ["patcher.mode=token", "model.rope=dynamic_complementary"]),
-    "token_rope_no_redundancy": ("Table 9", DPAR_CONFIG, ["patcher.mode=token", "model.rope=dynamic_no_redundancy"]),
-    "token_rope_2d": ("Table 9", DPAR_CONFIG, ["patcher.mode=token", "model.rope=2d"]),
     "E2D1": ("Table 10", DPAR_CONFIG, ["model.n_enc_layer=2", "model.n_dec_layer=1"]),
     "no_pooling_ffn": ("Deviations", DPAR_CONFIG, ["model.encoder_pooling_ffn=false"]),
     "inject_every_block": ("Deviations", DPAR_CONFIG, ["model.decoder_injection=every_block"]),
 }
-SECTIONS = {
+TOKEN_LEVEL = {"token_rope_complementary": ["model.rope=dynamic_complementary"],  # each with one token per patch
+               "token_rope_no_redundancy": ["model.rope=dynamic_no_redundancy"], "token_rope_2d": ["model.rope=2d"],
+               "token_E2D1": VARIANTS["E2D1"][2], "token_no_pooling_ffn": VARIANTS["no_pooling_ffn"][2],
+               "token_inject_every_block": VARIANTS["inject_every_block"][2]}
+VARIANTS.update({name: ("Token level", DPAR_CONFIG, ["patcher.mode=token", *overrides])
+                 for name, overrides in TOKEN_LEVEL.items()})
+SECTIONS = {  # title, note, and the variants each option is compared with (the first one gives the Δ column)
     "Table 3": ("Table 3 / Figure 1: patching strategies, token-level DPAR and the GPT of equal depth",
                 "static: K-token patches, K = DPAR's rounded mean; entropy_only: θ alone; entropy_cap: θ + P = 4; "
                 "dpar: θ + P = 4 + row break (the paper's method); token: DPAR's architecture with one token per "
-                "patch; gpt: LlamaGen's GPT of equal depth (6 layers)."),
+                "patch; gpt: LlamaGen's GPT of equal depth (6 layers).", ()),
     "Table 9": ("Table 9: RoPE of the global transformer (all with dpar's patching)",
                 "dpar is Dynamic RoPE (row, start | row, end); rope_complementary gives the (row, end) half the "
                 "frequencies between the first half's (together 2D RoPE's set); rope_no_redundancy encodes the row "
-                "once; rope_2d is the 2D RoPE of each patch's first token. token_rope_*: the same options with one "
-                "token per patch (compare with token, which is `dynamic`)."),
+                "once; rope_2d is the 2D RoPE of each patch's first token.", ("dpar",)),
     "Table 10": ("Table 10: encoder / decoder depth at a fixed sum (E1D2 is dpar)",
-                 "The toy model has 3 token-level blocks (paper: 5 for DGPT-L, E1D4 ... E4D1)."),
+                 "The toy model has 3 token-level blocks (paper: 5 for DGPT-L, E1D4 ... E4D1).", ("dpar",)),
     "Deviations": ("Deviations from the paper's text (all with dpar's patching)",
                    "no_pooling_ffn: the encoder's patch step is cross-attention only, as the paper's text and BLT; "
                    "inject_every_block: each decoder block adds its own norm + linear of the patch vector, as the "
-                   "paper's text (this project's default adds it once, before the first block)."),
+                   "paper's text (this project's default adds it once, before the first block).", ("dpar",)),
+    "Token level": ("DPAR's architecture with one token per patch, option by option, against the GPT of equal depth",
+                    "token is DPAR's architecture with no merging (Dynamic RoPE, E1D2, pooling FFN, decoder injection "
+                    "once); each token_* variant changes one of them as its Table 9 / 10 / deviation namesake does. "
+                    "Where token trails the GPT, the option that closes the gap is the part of the architecture "
+                    "that costs it.", ("token", "gpt")),
 }
 FINDINGS = "## Findings"
 
@@ -131,34 +137,19 @@ def matched_static_length(store: TokenStore, patcher: PatcherConfig, images: np.
 
 def train_all(args, jobs: list[tuple[str, int, list[str]]]) -> dict[str, float]:
     """Train the missing runs, ``args.jobs`` at a time; returns wall seconds per run (kept in the runs dir)."""
-    from tqdm import tqdm
-    pending = [job for job in jobs if finished_run(args.runs_dir, run_name(job[0], job[1]), epochs_of(args, job[0])) is None]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+    pending = {run_name(variant, seed): argv for variant, seed, argv in jobs
+               if finished_run(args.runs_dir, run_name(variant, seed), epochs_of(args, variant)) is None}
     timings = args.runs_dir / "seconds.json"
     seconds = json.loads(timings.read_text()) if timings.is_file() else {}
-    running = []
-    bar = tqdm(total=len(pending), desc="study runs", unit="run")
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            variant, seed, argv = pending.pop(0)
-            name = run_name(variant, seed)
-            log = open(args.runs_dir / f"{name}.log", "w")
-            proc = subprocess.Popen([sys.executable, str(REPO / "train_global_model.py"), *argv], cwd=REPO, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT)
-            running.append((name, proc, log, time.perf_counter()))
-        time.sleep(1)
-        for item in [r for r in running if r[1].poll() is not None]:
-            name, proc, log, started = item
-            log.close()
-            running.remove(item)
-            if proc.returncode:
-                for _, other, *_ in running:
-                    other.kill()
-                raise UserError(f"study run {name} failed (exit {proc.returncode}); see {args.runs_dir / name}.log")
-            seconds[name] = round(time.perf_counter() - started, 1)
-            atomic_write_text(timings, json.dumps(seconds, indent=1) + "\n")
-            bar.update()
-    bar.close()
+
+    def keep(name: str, wall: float) -> None:
+        seconds[name] = wall
+        atomic_write_text(timings, json.dumps(seconds, indent=1) + "\n")
+
+    try:
+        train_side_by_side(pending, args.runs_dir, args.jobs, keep)
+    except RuntimeError as error:
+        raise UserError(str(error).splitlines()[0]) from None
     return seconds
 
 
@@ -205,8 +196,9 @@ def own_patcher(run: Path) -> PatcherConfig | None:
 
 
 def epochs_of(args, variant: str) -> int:
-    """Table 3 runs train ``--epochs``; the architecture options ``--ablation-epochs`` (compared with dpar at
-    that step: with a constant learning rate a shorter run is the start of a longer one)."""
+    """Table 3 runs train ``--epochs``; the architecture options ``--ablation-epochs`` (compared with their
+    section's reference, dpar or token, at that step: with a constant learning rate a shorter run is the start of
+    a longer one)."""
     return args.epochs if VARIANTS[variant][0] == "Table 3" else args.ablation_epochs
 
 
@@ -310,10 +302,10 @@ def check_metric(args) -> tuple[Path, int]:
                             "dpar.demo) or give --quality-samples 0")
     try:
         _, kind = evaluator.classifier_features(weights)
-        evaluator.check_statistics_network(reference, "classifier")
-        evaluator.reference_statistics(reference, kind)
-        images = len(evaluator.ImageBatch(reference, 2))
-        evaluator.check_image_size(evaluator.ImageBatch(reference, 2), kind)
+        evaluator.reference_statistics(reference, kind)  # statistics of this classifier's features
+        batch = evaluator.ImageBatch(reference, 2)
+        evaluator.check_image_size(batch, kind)
+        images = len(batch)
     except UserError as error:
         raise UserError(f"--classifier {args.classifier}: {error}") from None
     folder = f"{file_sha256(weights, 8)}-{file_sha256(reference, 8)}-n{args.quality_samples}"
@@ -397,7 +389,8 @@ def score_all(args, jobs: list[QualityJob], work: Path) -> dict[str, dict]:
     except ValueError as error:
         raise UserError(f"{saved} is damaged ({error}); delete it to score its cells again") from None
     pending = [job for job in jobs if not all(metric in scores.get(job.key, {}) for metric in METRICS)]
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+    # workers end with the study, even when it is killed
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=set_parent_death_signal) as pool:
         futures = {pool.submit(score_job, job, reference, args.classifier / WEIGHTS_FILE, work,
                                args.quality_samples): job for job in pending}
         for future in tqdm(as_completed(futures), total=len(futures), desc="sample quality", unit="cell"):
@@ -452,13 +445,20 @@ REPORT_FILES = ("small_scale_study.md", "small_scale_study.json", "small_scale_s
                 "small_scale_study_threshold_sweep_fid.png", "small_scale_study_samples.png")  # what --output receives
 
 
-def plot(results: dict, output: Path, batch: int) -> list[str]:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(results: dict, output: Path, batch: int) -> list[str]:
+    plt = pyplot()
     names = []
     table3 = {k: v for k, v in results["variants"].items() if v["section"] == "Table 3"}
-    others = {k: v for k, v in results["variants"].items() if v["section"] != "Table 3" or k == "dpar"}
+    references = {ref for v in results["variants"].values() for ref in SECTIONS[v["section"]][2]}
+    others = {k: v for k, v in results["variants"].items() if v["section"] != "Table 3" or k in references}
     panels = [("steps", "optimizer steps", table3), ("gmacs", "training compute (3 x forward linear GMACs)", table3)]
     if len(others) > 1:
         panels.append(("steps_architecture", "optimizer steps", others))
@@ -506,8 +506,7 @@ def _save(fig, output: Path, name: str) -> str:
     fig.tight_layout()
     with atomic_path(output / name) as tmp:
         fig.savefig(tmp, format="png")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    pyplot().close(fig)
     return name
 
 
@@ -552,9 +551,7 @@ def plot_quality(results: dict, output: Path, plt) -> list[str]:
 
 def plot_samples(args, results: dict, runs: dict[tuple[str, int], Path], work: Path) -> str:
     """One sample grid per Table 3 variant side by side (rows: classes), titled with its FID and class accuracy."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     variants = list(results["quality"])
     fig, axes = plt.subplots(1, len(variants), figsize=(2.6 * len(variants), 5.6), dpi=120)
     for ax, variant in zip(np.atleast_1d(axes), variants):
@@ -587,14 +584,14 @@ def _change(at: dict) -> str:
     return f"{at['last_quarter_change']:+.4f} (from step {at['last_quarter_from_step']})"
 
 
-def _table(lines: list[str], results: dict, names: list[str]) -> None:
-    """One row per variant at the section's last common step (dpar's curve is read there)."""
+def _table(lines: list[str], results: dict, names: list[str], versus: str) -> None:
+    """One row per variant at the section's last common step (longer curves are read there); Δ vs ``versus``."""
     v = results["variants"]
     step = min(v[name]["steps"][-1] for name in names)
     lines += [f"| variant | tokens/patch | global steps/image | forward GMACs/sample | val NLL at step {step} "
-              "(mean ± std) | Δ vs dpar | best val NLL (mean) | best at step | change over last quarter |",
+              f"(mean ± std) | Δ vs {versus} | best val NLL (mean) | best at step | change over last quarter |",
               "|---|---|---|---|---|---|---|---|---|"]
-    reference = up_to(v["dpar"], step) if "dpar" in v else None
+    reference = up_to(v[versus], step) if versus in v else None
     for name in names:
         r, at = v[name], up_to(v[name], step)
         delta = f"{at['mean'] - reference['mean']:+.4f}" if reference else "-"
@@ -647,7 +644,8 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
         f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()} "
         f"({os.cpu_count()} cores), torch {torch.__version__}, fp32; {len(args.seeds)} seed(s) "
         f"({', '.join(map(str, args.seeds))}), {args.epochs} epochs per Table 3 run"
-        + (f" and {args.ablation_epochs} per architecture-option run (compared with dpar's curve at that step)"
+        + (f" and {args.ablation_epochs} per architecture-option run (compared with dpar's or token's curve at "
+           "that step)"
            if any(v["section"] != "Table 3" for v in results["variants"].values()) else "")
         + ", same recipe for all "
         f"(configs/tiny at size {args.size}: DGPT-{args.size} / GPT-{args.size}, width {SIZES[args.size]}, head_dim 32, "
@@ -669,14 +667,13 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
         lines += [f"**Note:** no θ gives {TOKENS_PER_PATCH} tokens per patch with this entropy model: dpar trains at "
                   f"{results['threshold_tokens_per_patch']:.3f}, the sweep's targets are not reached, and variants "
                   "whose patches then coincide give the same figures.", ""]
-    for section, (title, note) in SECTIONS.items():
+    for section, (title, note, compared_with) in SECTIONS.items():
         names = [n for n in v if v[n]["section"] == section]
         if not names:
             continue
-        if section != "Table 3" and "dpar" in v:
-            names = ["dpar"] + names
+        names = [n for n in compared_with if n in v] + names
         lines += [f"## {title}", "", note, ""]
-        _table(lines, results, names)
+        _table(lines, results, names, compared_with[0] if compared_with else "dpar")
         if section == "Table 3":
             if "static" in v:
                 lines += [f"Static patching uses K = {results['static_length']} (dpar's mean patch length on the "
@@ -782,9 +779,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run (key=value)")
     args = parser.parse_args(argv)
     args.ablation_epochs = args.ablation_epochs or args.epochs
-    if args.ablation_epochs > args.epochs and "dpar" in args.variants:
+    compared_with = sorted({ref for v in args.variants for ref in SECTIONS[VARIANTS[v][0]][2]} & set(args.variants))
+    if args.ablation_epochs > args.epochs and compared_with:
         raise UserError(f"--ablation-epochs {args.ablation_epochs} exceeds --epochs {args.epochs}: the options are "
-                        "compared with dpar's curve, which must reach their last step")
+                        f"compared with {' and '.join(compared_with)}'s curve, which must reach their last step")
     for flag, values in (("--variants", args.variants), ("--seeds", args.seeds)):
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -143,7 +144,8 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     global_runs = {name: ["--config", config, *common, "--train.epochs", str(scale.global_epochs), *batch,
                           "--patcher.entropy_model_checkpoint", str(entropy / "model.safetensors"),
                           "--patcher.threshold", str(threshold), *holdout] for name, config in GLOBAL_RUNS.items()}
-    stage("global models", lambda: timings.update(train_side_by_side(global_runs, work / "logs")))
+    stage("global models", lambda: timings.update(
+        {f"{name} model": seconds for name, seconds in train_side_by_side(global_runs, work / "logs").items()}))
 
     _replace_folder(output, SUMMARY_FILE)
     rewrites = {"patcher.entropy_model_checkpoint": _relative(output / "entropy_model" / _weights(entropy)),
@@ -169,34 +171,52 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
     return summary
 
 
-def train_side_by_side(runs: dict[str, list[str]], logs: Path) -> dict[str, float]:
-    """Run ``train_global_model.py`` once per entry of ``runs`` (name -> its flags), all at once with one thread
-    each: small models use a second thread poorly, so on a 2-core laptop three runs side by side take about half
-    the time of one after the other. Each run's output goes to ``logs/<name>.log``. Returns each run's seconds;
-    ``RuntimeError`` with the end of its log when a run fails (the others are stopped)."""
+def train_side_by_side(runs: dict[str, list[str]], logs: Path, jobs: int | None = None,
+                       finished: Callable[[str, float], None] | None = None) -> dict[str, float]:
+    """Run ``train_global_model.py`` once per entry of ``runs`` (name -> its flags), ``jobs`` at a time (default:
+    all at once), each with ``cpu_count // jobs`` threads (at least one): small models use a second thread
+    poorly, so on a 2-core laptop three runs side by side take about half the time of one after the other.
+
+    Each run's output goes to ``logs/<name>.log``; ``finished(name, seconds)`` is called as each one ends. Returns
+    each run's wall seconds. A run that fails stops the others and raises ``RuntimeError``: one line naming its
+    log, then the log's last 20 lines. The runs end with this process, even when it is killed
+    (:func:`dpar.launch.set_parent_death_signal`).
+    """
+    from tqdm import tqdm
+
+    from .launch import set_parent_death_signal
+
+    jobs = jobs or len(runs)
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    started, processes, seconds = time.perf_counter(), {}, {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)), "PYTHONPATH": str(REPO)}
+    pending, running, seconds = list(runs.items()), {}, {}
+    bar = tqdm(total=len(runs), desc="training runs", unit="run")
     try:
-        for name, flags in runs.items():
-            with open(logs / f"{name}.log", "w") as log:
-                processes[name] = subprocess.Popen([sys.executable, str(REPO / "train_global_model.py"), *flags],
-                                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            print(f"{name}: training, log {logs / f'{name}.log'}", flush=True)
-        waiting = dict(processes)
-        while waiting:
-            for name, process in list(waiting.items()):
-                if process.poll() is None:
-                    continue
-                del waiting[name]
-                seconds[f"{name} model"] = round(time.perf_counter() - started, 1)
+        while pending or running:
+            while pending and len(running) < jobs:
+                name, flags = pending.pop(0)
+                with open(logs / f"{name}.log", "w") as log:
+                    running[name] = (subprocess.Popen([sys.executable, str(REPO / "train_global_model.py"), *flags],
+                                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                      preexec_fn=set_parent_death_signal), time.perf_counter())
+                bar.write(f"{name}: training, log {logs / f'{name}.log'}")
+            time.sleep(0.5)
+            ended = sorted((item for item in running.items() if item[1][0].poll() is not None),
+                           key=lambda item: -item[1][1])  # shortest first: the returned order is by seconds
+            for name, (process, started) in ended:
+                del running[name]
                 if process.returncode != 0:
                     tail = "".join((logs / f"{name}.log").read_text().splitlines(keepends=True)[-20:])
-                    raise RuntimeError(f"training the demo's {name} model failed (exit {process.returncode}):\n{tail}")
-                print(f"{name}: done in {seconds[f'{name} model']:.0f} s", flush=True)
-            time.sleep(0.5)
+                    raise RuntimeError(f"training run {name} failed (exit {process.returncode}); see "
+                                       f"{logs / f'{name}.log'}\n{tail}")
+                seconds[name] = round(time.perf_counter() - started, 1)
+                bar.write(f"{name}: done in {seconds[name]:.0f} s")
+                bar.update()
+                if finished:
+                    finished(name, seconds[name])
     finally:
-        for process in processes.values():
+        bar.close()
+        for process, _ in running.values():
             if process.poll() is None:
                 process.terminate()
                 process.wait()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from benchmarks import attention_backends, sample_throughput, self_entropy, train_throughput, workloads
+from benchmarks import attention_backends, sample_throughput, self_entropy, small_scale_study, train_throughput, workloads
 from benchmarks.workloads import realistic_patch_starts
 from dpar.patcher import patch_start_mask
 
@@ -256,3 +256,25 @@ def test_the_quality_curve_reads_existing_checkpoints_and_always_the_last(epochs
     """A breaker's --epochs 2 with the default 4 points asked sample_c2i_ddp.py for epoch -1 after training."""
     from benchmarks.small_scale_study import curve_epochs
     assert curve_epochs(epochs, points) == expected
+
+
+@pytest.mark.parametrize("variants, compared_with", [(["dpar", "E2D1"], "dpar"), (["token", "token_E2D1"], "token"),
+                                                     (["gpt", "token", "token_rope_2d"], "gpt and token")])
+def test_the_study_refuses_options_trained_past_the_curve_they_are_compared_with(tmp_path, variants, compared_with):
+    from dpar.errors import UserError
+    argv = ["--variants", *variants, "--epochs", "1", "--ablation-epochs", "2", "--quality-samples", "0",
+            "--runs-dir", str(tmp_path / "runs"), "--output", str(tmp_path / "out")]
+    with pytest.raises(UserError, match=f"--ablation-epochs 2 exceeds --epochs 1: the options are compared with "
+                                        f"{compared_with}'s curve"):
+        small_scale_study.main(argv)
+    assert not list(tmp_path.iterdir())
+
+
+def test_token_level_options_are_the_patched_options_with_one_token_per_patch():
+    variants = small_scale_study.VARIANTS
+    for name, (section, config, overrides) in variants.items():
+        if name.startswith("token_"):
+            assert section == "Token level" and config == variants["token"][1]
+            assert overrides[0] == "patcher.mode=token"
+    for patched in ("E2D1", "no_pooling_ffn", "inject_every_block"):
+        assert variants[f"token_{patched}"][2] == ["patcher.mode=token", *variants[patched][2]]

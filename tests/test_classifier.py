@@ -117,14 +117,15 @@ def small_folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("classifier") / "images", 96, 16, seed=6)
 
 
-def test_the_classifier_command_writes_weights_and_record(small_folder, tmp_path, capsys):
+def test_the_classifier_command_writes_weights_and_record(small_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the output, given as an absolute path, is recorded relative to the working folder
     argv = ["--images", str(small_folder), "--output", str(tmp_path / "out"), "--epochs", "2", "--width", "4"]
     classifier.main(argv)
     assert capsys.readouterr().out.startswith("86 training and 10 held-out images of 12 classes (16x16)")
     record = json.loads((tmp_path / "out" / classifier.RECORD_FILE).read_text())
     assert record["image_size"] == 16 and record["classes"] == [class_folder(i) for i in range(12)]
     assert record["features"] == {"pool": 16, "spatial": 4 * 4 * classifier.SPATIAL_CHANNELS, "logits": 12}
-    assert record["command"] == "python -m evaluations.c2i.classifier " + " ".join(argv)
+    assert record["command"] == "python -m evaluations.c2i.classifier " + " ".join(argv).replace(str(tmp_path / "out"), "out")
     assert 0 <= record["held_out"]["accuracy"] <= 1 and record["held_out"]["images"] == 10
     model, loaded = classifier.load_classifier(tmp_path / "out" / classifier.WEIGHTS_FILE)
     assert loaded == record

@@ -21,11 +21,13 @@ from tests.helpers import ROOT, finish, labelled_grid, run_script
 def test_tiny_demo_build_then_sample(tiny_demo, tmp_path, capsys):
     output = tiny_demo / "demo"
     summary = json.loads((output / "summary.json").read_text())
-    assert list(summary["seconds"]) == ["synthetic images", "classifier", "tokenizer", "tokenizer check", "tokens",
-                                        "entropy model", "entropies", *sorted(["dpar model", "gpt model",
-                                                                               "static model"],
-                                                                              key=summary["seconds"].get),
-                                        "global models", "dpar samples", "gpt samples", "sample quality"]
+    stages = list(summary["seconds"])
+    assert stages[:7] + stages[10:] == ["synthetic images", "classifier", "tokenizer", "tokenizer check", "tokens",
+                                        "entropy model", "entropies", "global models", "dpar samples", "gpt samples",
+                                        "sample quality"]
+    models = stages[7:10]  # the three runs side by side, in the order they ended
+    assert sorted(models) == ["dpar model", "gpt model", "static model"]
+    assert [summary["seconds"][m] for m in models] == sorted(summary["seconds"][m] for m in models)
     # what the tokenizer keeps, and the metric of each model's samples (issue 31): evaluator figures in range
     reconstructions = summary["tokenizer_reconstructions"]
     assert reconstructions["images"] == demo.TINY.reference_images and reconstructions["psnr_db"] > 0
@@ -156,3 +158,13 @@ def test_the_shipped_demo_samples_with_no_arguments_from_any_directory(tmp_path)
     labelled_grid(grid, 12, 8, demo.image_size())
     patches = np.asarray(Image.open(next((elsewhere / "out").glob("*_patches.png"))))
     assert patches.shape[0] > grid.shape[0]  # the legend below
+
+
+def test_runs_side_by_side_stop_at_the_first_failure_naming_its_log(tmp_path):
+    runs = {"broken": ["--config", str(tmp_path / "missing.yaml")], "never": ["--config", str(tmp_path / "other.yaml")]}
+    with pytest.raises(RuntimeError) as raised:
+        demo.train_side_by_side(runs, tmp_path / "logs", jobs=1)
+    first, *tail = str(raised.value).splitlines()
+    assert first == f"training run broken failed (exit 2); see {tmp_path / 'logs' / 'broken.log'}"
+    assert "missing.yaml" in "".join(tail)  # the log's end: the trainer's own one-line error
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["broken.log"]  # one at a time: never not started

@@ -196,6 +196,13 @@ def _first_image_size(data_path: str | Path) -> int:
     raise UserError(f"--images {data_path}: no readable image")
 
 
+def relative_to_cwd(argument: str) -> str:
+    """An absolute path inside the working directory as a relative one (a shipped record names no machine's
+    folders); any other argument unchanged."""
+    path = Path(argument)
+    return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else argument
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="image folder (<class>/<image>) or '<path> <label>' list")
@@ -228,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     held_out = (images[held_index], labels[held_index])
     model, accuracies = train(images[train_index], labels[train_index], len(classes), args.width, args.epochs,
                               args.batch_size, args.lr, args.seed, args.device, held_out)
-    command = "python -m evaluations.c2i.classifier " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m evaluations.c2i.classifier " + shlex.join(
+        map(relative_to_cwd, sys.argv[1:] if argv is None else argv))
     record = {"classes": classes, "image_size": image_size, "width": args.width,
               "features": {"pool": 4 * args.width, "spatial": spatial_size(image_size), "logits": len(classes)},
               "held_out": {"images": len(held_index), "accuracy": accuracies[-1], "seed": args.seed},

@@ -340,19 +340,29 @@ def statistics_features(path: Path) -> dict:
     return reference_record(path).get("features") or {"network": "inception", "sha256": None}
 
 
-def check_statistics_network(path: Path, network: str) -> None:
-    """Refuse, before any network is loaded, statistics made with another feature network than ``network``
-    (``inception`` or ``classifier``): no Inception weights are needed to learn that a classifier's statistics
-    do not fit them. Other weights of the same network are found by :func:`reference_statistics`."""
+def _stored_statistics(path: Path) -> dict[str, np.ndarray] | None:
+    """The mu/sigma/mu_s/sigma_s arrays a reference file carries (None when it has no ``mu``); one line when the
+    file is damaged."""
     try:
         with np.load(path) as stored:
             if "mu" not in stored.files:
-                return
+                return None
+            return {key: stored[key] for key in STATS_SIZES if key in stored.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise UserError(f"{path} is damaged: {error}") from None
+
+
+def check_statistics_network(path: Path, network: str, sha256: str | None = None) -> None:
+    """Refuse statistics made with another feature network than ``network`` (``inception`` or ``classifier``)
+    or, given ``sha256``, with other weights of it. Called before any network is loaded: no Inception weights
+    are needed to learn that a classifier's statistics do not fit them."""
+    if _stored_statistics(path) is None:
+        return
     made_with = statistics_features(path)
-    if made_with.get("network") != network:
-        raise UserError(f"{path} holds statistics of {made_with.get('network')} features (sha256 "
+    theirs = made_with.get("network")
+    if theirs != network or (made_with.get("sha256") and sha256 and made_with["sha256"] != sha256):
+        weights = " of other weights" if theirs == network else ""
+        raise UserError(f"{path} holds statistics of {theirs} features{weights} (sha256 "
                         f"{str(made_with.get('sha256'))[:12]}), this evaluation uses {network} features; evaluate "
                         "with the features they were made with (--features), or build the reference again with "
                         "these (or without --statistics)")
@@ -363,22 +373,10 @@ def reference_statistics(path: Path, kind: Features | None = None) -> dict[str, 
     by default ADM's Inception), or None. ADM's rule: these win over statistics computed from its arr_0.
     Statistics recorded as made with other features (another network, or other weights) are refused."""
     kind = kind or INCEPTION
-    try:
-        with np.load(path) as stored:
-            if "mu" not in stored.files:
-                return None
-            found = {key: stored[key] for key in STATS_SIZES if key in stored.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-        raise UserError(f"{path} is damaged: {error}") from None
-    made_with = statistics_features(path)
-    if made_with.get("network") != kind.name or (made_with.get("sha256") and kind.sha256
-                                                 and made_with["sha256"] != kind.sha256):
-        theirs = made_with.get("network")
-        weights = " of other weights" if theirs == kind.name else ""
-        raise UserError(f"{path} holds statistics of {theirs} features{weights} (sha256 "
-                        f"{str(made_with.get('sha256'))[:12]}), this evaluation uses {kind.description}; evaluate "
-                        "with the features they were made with, or build the reference again with these (or "
-                        "without --statistics)")
+    found = _stored_statistics(path)
+    if found is None:
+        return None
+    check_statistics_network(path, kind.name, kind.sha256)
     what = "ADM's Inception features" if kind.name == "inception" else "the classifier's features"
     for key, shape in kind.stats_sizes().items():
         if key not in found or found[key].shape != shape:
