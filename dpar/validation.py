@@ -67,6 +67,13 @@ class Range:
             return f"{'<=' if high[0] == ']' else '<'} {_number(high[1])}"
         return "a finite number"
 
+    def demand(self, value: float) -> str:
+        """What a value outside the range must be: :meth:`describe`, saying "finite" to an inf or nan."""
+        bounds = self.describe()
+        if math.isfinite(value) or bounds == "a finite number":
+            return bounds
+        return f"a finite number {bounds}"
+
 
 def ranged(default: Any, **bounds: float) -> Any:
     """A dataclass field with this default and a :class:`Range` (None passes when the field may be null)."""
@@ -94,7 +101,7 @@ def problem(value: Any, metadata: dict) -> str | None:
         bad = next((issue for issue in issues if issue), None)
         return None if bad is None else f"{bad.split('; got')[0]} in every entry; got {list(value)!r}"
     if isinstance(value, float) and not math.isfinite(value):
-        return f"must be {rule.describe() if rule else 'a finite number'}; got {value!r}"
+        return f"must be {rule.demand(value) if rule else 'a finite number'}; got {value!r}"
     if rule is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and not rule.allows(value):
         return f"must be {rule.describe()}; got {value!r}"
     return None
@@ -123,7 +130,7 @@ def number(kind: type, **bounds: float) -> Callable[[str], Any]:
                                              f"{'' if bounds == 'a finite number' else ' ' + bounds}; "
                                              f"got {text!r}") from None
         if not rule.allows(value):
-            raise argparse.ArgumentTypeError(f"must be {rule.describe()}; got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {rule.demand(value)}; got {text!r}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages

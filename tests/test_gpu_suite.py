@@ -111,7 +111,7 @@ def test_a_command_past_its_time_box_is_killed_and_the_suite_goes_on(tmp_path):
     (["--smoke", "--timeout", "cli"], "--timeout 'cli': expected NAME=SECONDS"),
     (["--smoke", "--timeout", "nope=3"], "NAME one of env, cuda_tests"),
     (["--smoke", "--budget", "0"], "argument --budget: must be > 0; got '0'"),
-    (["--smoke", "--budget", "nan"], "argument --budget: must be > 0; got 'nan'"),
+    (["--smoke", "--budget", "nan"], "argument --budget: must be a finite number > 0; got 'nan'"),
     (["--smoke", "--timeout", "cli=\u00b2"], "SECONDS a positive integer"),
     (["--smoke", "--out", ""], "--out is empty"),
     (["--smoke", "--out", "/tmp/" + "x" * 300], "bytes, the file system allows"),
