@@ -12,7 +12,9 @@ DGPT-small / GPT-small, the same depth at width 128, for the scale trend) with t
   ``entropy_cap`` (θ + P = 4), ``dpar`` (θ + P = 4 + row break, the paper's method), ``token`` (DPAR's
   architecture, one token per patch) and ``gpt`` (LlamaGen's GPT of equal depth);
 * Table 9: the global transformer's RoPE; Table 10: encoder / decoder depth at a fixed sum;
-* the two places where this project departs from the paper's text (pooling FFN, decoder injection).
+* the two places where this project departs from the paper's text (pooling FFN, decoder injection);
+* token level: each of those options with one token per patch (``token_*``), compared with ``token`` and the
+  GPT, to find which part of the architecture a token-level gap to the GPT comes from.
 
 Validation is the trainers' seeded class-stratified hold-out (``data.val_holdout``, split seed 0), the same
 images for every run; θ is calibrated on the other images (:func:`dpar.data.stats.store_threshold`).
@@ -34,6 +36,7 @@ import os
 import platform
 import sys
 import shutil
+import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -116,6 +119,11 @@ SECTIONS = {  # title, note, and the variants each option is compared with (the 
 FINDINGS = "## Findings"
 
 
+def references_of(variants: list[str]) -> list[str]:
+    """The chosen variants that some chosen architecture option is compared with (its section's references)."""
+    return sorted({ref for v in variants for ref in SECTIONS[VARIANTS[v][0]][2]} & set(variants))
+
+
 def run_name(variant: str, seed: int) -> str:
     return f"{variant}_seed{seed}"
 
@@ -140,7 +148,11 @@ def train_all(args, jobs: list[tuple[str, int, list[str]]]) -> dict[str, float]:
     pending = {run_name(variant, seed): argv for variant, seed, argv in jobs
                if finished_run(args.runs_dir, run_name(variant, seed), epochs_of(args, variant)) is None}
     timings = args.runs_dir / "seconds.json"
-    seconds = json.loads(timings.read_text()) if timings.is_file() else {}
+    try:
+        seconds = json.loads(timings.read_text()) if timings.is_file() else {}
+        assert isinstance(seconds, dict)
+    except (ValueError, AssertionError):
+        raise UserError(f"{timings} is damaged; delete it (it only records how long each run took)") from None
 
     def keep(name: str, wall: float) -> None:
         seconds[name] = wall
@@ -324,6 +336,12 @@ def score_job(job: QualityJob, reference: Path, classifier: Path, work: Path, co
     return scores[str(job.cfg)]
 
 
+def final_scales(args) -> list[float]:
+    """The CFG scales each final checkpoint is scored at: ``--cfg-scales`` and ``--curve-cfg`` (the sample grids
+    and the curve's last point are the final checkpoint at that scale)."""
+    return sorted(set(args.cfg_scales) | {args.curve_cfg})
+
+
 def curve_epochs(epochs: int, points: int) -> list[int]:
     """Checkpoint epochs (0-based) at ``points`` even steps of a run of ``epochs`` epochs (every epoch when
     there are fewer), the last one included."""
@@ -352,7 +370,7 @@ def quality_jobs(args, runs: dict[tuple[str, int], Path], dpar_patcher: PatcherC
     for variant in [v for v in args.variants if VARIANTS[v][0] == "Table 3"]:
         for seed in args.seeds:
             run, last = runs[variant, seed], epochs_of(args, variant) - 1
-            cells = [(last, cfg) for cfg in args.cfg_scales]
+            cells = [(last, cfg) for cfg in final_scales(args)]
             cells += [(epoch, args.curve_cfg) for epoch in curve_epochs(last + 1, args.curve_points)]
             for epoch, cfg in dict.fromkeys(cells):
                 jobs.append(QualityJob(cell_key(run, variant, seed, epoch, cfg), str(run), epoch, cfg))
@@ -390,7 +408,8 @@ def score_all(args, jobs: list[QualityJob], work: Path) -> dict[str, dict]:
         raise UserError(f"{saved} is damaged ({error}); delete it to score its cells again") from None
     pending = [job for job in jobs if not all(metric in scores.get(job.key, {}) for metric in METRICS)]
     # workers end with the study, even when it is killed
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=set_parent_death_signal) as pool:
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=set_parent_death_signal,
+                             initargs=(signal.SIGTERM, os.getpid())) as pool:
         futures = {pool.submit(score_job, job, reference, args.classifier / WEIGHTS_FILE, work,
                                args.quality_samples): job for job in pending}
         for future in tqdm(as_completed(futures), total=len(futures), desc="sample quality", unit="cell"):
@@ -413,7 +432,7 @@ def summarize_quality(args, runs: dict[tuple[str, int], Path], results: dict, th
         history = epoch_history(runs[variant, args.seeds[0]])
         results["quality"][variant] = {
             "final": {str(cfg): {m: [cell(variant, s, last, cfg)[m] for s in args.seeds] for m in METRICS}
-                      for cfg in args.cfg_scales},
+                      for cfg in final_scales(args)},
             "curve": {"epochs": epochs, "steps": [history[e]["step"] for e in epochs],
                       "images_seen": [history[e]["images_seen"] for e in epochs],
                       **{m: [[cell(variant, s, e, args.curve_cfg)[m] for e in epochs] for s in args.seeds]
@@ -644,8 +663,8 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
         f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()} "
         f"({os.cpu_count()} cores), torch {torch.__version__}, fp32; {len(args.seeds)} seed(s) "
         f"({', '.join(map(str, args.seeds))}), {args.epochs} epochs per Table 3 run"
-        + (f" and {args.ablation_epochs} per architecture-option run (compared with dpar's or token's curve at "
-           "that step)"
+        + (f" and {args.ablation_epochs} per architecture-option run (compared with the curve of "
+           f"{' or '.join(references_of(args.variants)) or 'dpar'} at that step)"
            if any(v["section"] != "Table 3" for v in results["variants"].values()) else "")
         + ", same recipe for all "
         f"(configs/tiny at size {args.size}: DGPT-{args.size} / GPT-{args.size}, width {SIZES[args.size]}, head_dim 32, "
@@ -671,9 +690,9 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
         names = [n for n in v if v[n]["section"] == section]
         if not names:
             continue
-        names = [n for n in compared_with if n in v] + names
+        present = [n for n in compared_with if n in v]
         lines += [f"## {title}", "", note, ""]
-        _table(lines, results, names, compared_with[0] if compared_with else "dpar")
+        _table(lines, results, present + names, present[0] if present else "dpar")
         if section == "Table 3":
             if "static" in v:
                 lines += [f"Static patching uses K = {results['static_length']} (dpar's mean patch length on the "
@@ -762,7 +781,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="samples per model, seed and CFG scale for the sample-quality tables (40 per class; "
                              "0: NLL only)")
     parser.add_argument("--cfg-scales", type=number(float, min=1), nargs="+", default=[1.0, 2.0, 4.0],
-                        help="CFG scales the final checkpoints are sampled at")
+                        help="CFG scales the final checkpoints are sampled at (--curve-cfg is added)")
     parser.add_argument("--curve-cfg", type=number(float, min=1), default=2.0,
                         help="the CFG scale of the quality-along-training curve, the sample grids and Table 6")
     parser.add_argument("--curve-points", type=number(int, min=1), default=4,
@@ -779,10 +798,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="config overrides for every run (key=value)")
     args = parser.parse_args(argv)
     args.ablation_epochs = args.ablation_epochs or args.epochs
-    compared_with = sorted({ref for v in args.variants for ref in SECTIONS[VARIANTS[v][0]][2]} & set(args.variants))
+    compared_with = references_of(args.variants)
     if args.ablation_epochs > args.epochs and compared_with:
         raise UserError(f"--ablation-epochs {args.ablation_epochs} exceeds --epochs {args.epochs}: the options are "
-                        f"compared with {' and '.join(compared_with)}'s curve, which must reach their last step")
+                        f"compared with the curve of {' and '.join(compared_with)}, which must reach their last step")
     for flag, values in (("--variants", args.variants), ("--seeds", args.seeds)):
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:

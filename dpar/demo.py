@@ -17,10 +17,12 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -174,35 +176,46 @@ def build(output: Path, work: Path, scale: Scale) -> dict:
 def train_side_by_side(runs: dict[str, list[str]], logs: Path, jobs: int | None = None,
                        finished: Callable[[str, float], None] | None = None) -> dict[str, float]:
     """Run ``train_global_model.py`` once per entry of ``runs`` (name -> its flags), ``jobs`` at a time (default:
-    all at once), each with ``cpu_count // jobs`` threads (at least one): small models use a second thread
-    poorly, so on a 2-core laptop three runs side by side take about half the time of one after the other.
+    all at once), each with ``OMP_NUM_THREADS`` threads when it is set, else this process's cores // ``jobs``
+    (at least one): small models use a second thread poorly, so on a 2-core laptop three runs side by side take
+    about half the time of one after the other.
 
     Each run's output goes to ``logs/<name>.log``; ``finished(name, seconds)`` is called as each one ends. Returns
     each run's wall seconds. A run that fails stops the others and raises ``RuntimeError``: one line naming its
-    log, then the log's last 20 lines. The runs end with this process, even when it is killed
-    (:func:`dpar.launch.set_parent_death_signal`).
+    log, then the log's last 20 lines; a log that cannot be written is a ``UserError``. The runs end with this
+    process, even when it is killed (:func:`dpar.launch.set_parent_death_signal`).
     """
     from tqdm import tqdm
 
     from .launch import set_parent_death_signal
 
-    jobs = jobs or len(runs)
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)), "PYTHONPATH": str(REPO)}
+    jobs = jobs or max(1, len(runs))
+    assert jobs >= 1, f"jobs must be >= 1, got {jobs}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(REPO)}
     pending, running, seconds = list(runs.items()), {}, {}
     bar = tqdm(total=len(runs), desc="training runs", unit="run")
     try:
         while pending or running:
             while pending and len(running) < jobs:
                 name, flags = pending.pop(0)
-                with open(logs / f"{name}.log", "w") as log:
-                    running[name] = (subprocess.Popen([sys.executable, str(REPO / "train_global_model.py"), *flags],
-                                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                      preexec_fn=set_parent_death_signal), time.perf_counter())
-                bar.write(f"{name}: training, log {logs / f'{name}.log'}")
+                log_path = logs / f"{name}.log"
+                try:
+                    logs.mkdir(parents=True, exist_ok=True)
+                    log = open(log_path, "w")
+                except OSError as error:
+                    raise UserError(f"cannot write the training log {log_path}: {error.strerror}") from None
+                with log:
+                    running[name] = (subprocess.Popen(
+                        [sys.executable, str(REPO / "train_global_model.py"), *flags], cwd=REPO, env=env, stdout=log,
+                        stderr=subprocess.STDOUT, preexec_fn=partial(set_parent_death_signal, signal.SIGTERM,
+                                                                     os.getpid())), time.perf_counter())
+                bar.write(f"{name}: training, log {log_path}")
             time.sleep(0.5)
+            # shortest first (the returned order is by seconds), and every success recorded before a failure
             ended = sorted((item for item in running.items() if item[1][0].poll() is not None),
-                           key=lambda item: -item[1][1])  # shortest first: the returned order is by seconds
+                           key=lambda item: (item[1][0].returncode != 0, -item[1][1]))
             for name, (process, started) in ended:
                 del running[name]
                 if process.returncode != 0:

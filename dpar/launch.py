@@ -15,12 +15,16 @@ if TYPE_CHECKING:
 _PR_SET_PDEATHSIG = 1
 
 
-def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
+def set_parent_death_signal(signum: int = signal.SIGTERM, parent: int | None = None) -> None:
     """Have the kernel send ``signum`` to this process when its parent dies (Linux; a no-op elsewhere), and
-    exit at once if the parent is already gone. Launched workers then never outlive their launcher."""
+    exit at once if the parent is already gone. Launched workers then never outlive their launcher.
+
+    ``parent``: the launcher's pid, taken in the launcher (``os.getpid()``) and passed down, so that a parent
+    that died before this call (a spawned worker calls it only after importing its modules) is noticed; without
+    it, the parent is whoever is the parent when this is called."""
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
     except (AttributeError, OSError):

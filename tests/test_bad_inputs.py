@@ -410,6 +410,16 @@ def test_a_launched_worker_dies_with_its_launcher(tmp_path):
         pytest.fail("the worker outlived its launcher")
 
 
+def test_a_worker_whose_launcher_died_before_it_armed_exits():
+    """A spawned worker arms its death signal only after its imports; had its launcher died by then, the pid the
+    launcher passed down (not the worker's own parent, by then init) says so, and the worker exits."""
+    code = ("import os, signal; from dpar.launch import set_parent_death_signal; "
+            "set_parent_death_signal(signal.SIGTERM, os.getppid() + 1); print('survived')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", "")
+
+
 # -- kill windows ----------------------------------------------------------------------------------------------
 
 def test_a_kill_between_the_two_renames_of_a_checkpoint_leaves_one_to_resume_from(tmp_path):

@@ -265,7 +265,7 @@ def test_the_study_refuses_options_trained_past_the_curve_they_are_compared_with
     argv = ["--variants", *variants, "--epochs", "1", "--ablation-epochs", "2", "--quality-samples", "0",
             "--runs-dir", str(tmp_path / "runs"), "--output", str(tmp_path / "out")]
     with pytest.raises(UserError, match=f"--ablation-epochs 2 exceeds --epochs 1: the options are compared with "
-                                        f"{compared_with}'s curve"):
+                                        f"the curve of {compared_with},"):
         small_scale_study.main(argv)
     assert not list(tmp_path.iterdir())
 

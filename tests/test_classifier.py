@@ -267,3 +267,13 @@ def test_the_demos_classifier_recipe_reaches_95_percent_on_held_out_and_fresh_im
     assert record["held_out"]["accuracy"] >= 0.95 and record["held_out"]["images"] == demo.FULL.images // 10
     images, labels = fresh_images(600, seed=5)
     assert (classifier.predict(model, images) == labels).mean() >= 0.95
+
+
+def test_the_recorded_command_names_paths_under_the_working_folder_relative_to_it(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "link")  # the working folder reached through a link
+    inside = tmp_path / "link"
+    assert [classifier.relative_to_cwd(a) for a in [f"--output={inside / 'out'}", str(inside / "a" / ".." / "b"),
+                                                    str(tmp_path / "real" / "c"), "/elsewhere/d", "--epochs", "e/f"]] \
+        == ["--output=out", "b", "c", "/elsewhere/d", "--epochs", "e/f"]

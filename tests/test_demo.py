@@ -168,3 +168,16 @@ def test_runs_side_by_side_stop_at_the_first_failure_naming_its_log(tmp_path):
     assert first == f"training run broken failed (exit 2); see {tmp_path / 'logs' / 'broken.log'}"
     assert "missing.yaml" in "".join(tail)  # the log's end: the trainer's own one-line error
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["broken.log"]  # one at a time: never not started
+
+
+def test_a_training_log_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "logs").write_text("a file where the log folder goes")
+    with pytest.raises(UserError, match=f"cannot write the training log {tmp_path / 'logs' / 'gpt.log'}: "):
+        demo.train_side_by_side({"gpt": ["--config", "unused.yaml"]}, tmp_path / "logs")
+
+
+def test_the_study_says_its_timings_file_is_damaged(tmp_path):
+    from argparse import Namespace
+    (tmp_path / "seconds.json").write_text("[1, 2")
+    with pytest.raises(UserError, match="seconds.json is damaged; delete it"):
+        small_scale_study.train_all(Namespace(runs_dir=tmp_path, jobs=1), [])

@@ -450,3 +450,18 @@ def test_a_reference_batch_with_the_fid_inception(image_folder, batches, tmp_pat
     features = evaluator.batch_features(evaluator.ImageBatch(tmp_path / "ref.npz", 2),
                                         lambda: FIDInceptionV3.from_file(batches / "inception.pth"), "w", 7, "cpu")
     np.testing.assert_allclose(stored["mu"], features.mu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, arrays, message", [
+    ("features_str", {"dpar_reference": json.dumps({"features": "inception"})}, "record is not one reference_batch"),
+    ("record_list", {"dpar_reference": json.dumps([1])}, "record is not one reference_batch"),
+    ("mu_text", {"mu": np.array(["a"] * 2048)}, "mu must be finite numbers, got <U1"),
+    ("sigma_inf", {"sigma": np.full((2048, 2048), np.inf)}, "sigma must be finite numbers, got non-finite values"),
+    ("mu_nan", {"mu": np.full(2048, np.nan)}, "mu must be finite numbers, got non-finite values"),
+])
+def test_damaged_reference_statistics_are_one_line_errors(tmp_path, name, arrays, message):
+    """A breaker's damaged references, each once an AttributeError, a numpy error or FID: nan."""
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(2023), "sigma_s": np.eye(2023)}
+    np.savez(tmp_path / f"{name}.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), **{**stats, **arrays})
+    with pytest.raises(UserError, match=f"{name}.npz.*{message}"):
+        evaluator.reference_statistics(tmp_path / f"{name}.npz")

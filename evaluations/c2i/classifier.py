@@ -197,10 +197,13 @@ def _first_image_size(data_path: str | Path) -> int:
 
 
 def relative_to_cwd(argument: str) -> str:
-    """An absolute path inside the working directory as a relative one (a shipped record names no machine's
-    folders); any other argument unchanged."""
-    path = Path(argument)
-    return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else argument
+    """An absolute path inside the working directory (alone or as ``--flag=path``) as a relative one, resolved
+    (links, ``..``), so a shipped record names no machine's folders; any other argument unchanged."""
+    flag, equals, value = argument.partition("=") if argument.startswith("-") else ("", "", argument)
+    path, here = Path(value), Path.cwd().resolve()
+    if not path.is_absolute() or not path.resolve().is_relative_to(here):
+        return argument
+    return f"{flag}{equals}{path.resolve().relative_to(here)}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -326,12 +326,18 @@ def _cached_features(cache: Path, key: str, count: int, kind: Features = INCEPTI
 
 
 def reference_record(path: Path) -> dict:
-    """The ``dpar_reference`` record of a batch built by ``reference_batch.py`` ({} for ADM's own files)."""
+    """The ``dpar_reference`` record of a batch built by ``reference_batch.py`` ({} for ADM's own files); one line
+    when the file is damaged or the record is not one reference_batch.py writes."""
     try:
         with np.load(path) as stored:
-            return json.loads(str(stored[REFERENCE_RECORD])) if REFERENCE_RECORD in stored.files else {}
+            record = json.loads(str(stored[REFERENCE_RECORD])) if REFERENCE_RECORD in stored.files else {}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise UserError(f"{path} is damaged: {error}") from None
+    features = record.get("features") if isinstance(record, dict) else None
+    if not isinstance(record, dict) or not isinstance(features or {}, dict) or \
+            not isinstance((features or {}).get("network", "inception"), str):
+        raise UserError(f"{path} is damaged: its {REFERENCE_RECORD} record is not one reference_batch.py writes")
+    return record
 
 
 def statistics_features(path: Path) -> dict:
@@ -352,20 +358,21 @@ def _stored_statistics(path: Path) -> dict[str, np.ndarray] | None:
         raise UserError(f"{path} is damaged: {error}") from None
 
 
-def check_statistics_network(path: Path, network: str, sha256: str | None = None) -> None:
+def check_statistics_network(path: Path, network: str, sha256: str | None = None, uses: str | None = None) -> None:
     """Refuse statistics made with another feature network than ``network`` (``inception`` or ``classifier``)
-    or, given ``sha256``, with other weights of it. Called before any network is loaded: no Inception weights
-    are needed to learn that a classifier's statistics do not fit them."""
+    or, given ``sha256``, with other weights of it; ``uses`` describes this evaluation's features in the message.
+    Called before any network is loaded: no Inception weights are needed to learn that a classifier's statistics
+    do not fit them."""
     if _stored_statistics(path) is None:
         return
     made_with = statistics_features(path)
-    theirs = made_with.get("network")
-    if theirs != network or (made_with.get("sha256") and sha256 and made_with["sha256"] != sha256):
+    theirs, their_weights = made_with.get("network"), made_with.get("sha256")
+    if theirs != network or (their_weights and sha256 and their_weights != sha256):
         weights = " of other weights" if theirs == network else ""
-        raise UserError(f"{path} holds statistics of {theirs} features{weights} (sha256 "
-                        f"{str(made_with.get('sha256'))[:12]}), this evaluation uses {network} features; evaluate "
-                        "with the features they were made with (--features), or build the reference again with "
-                        "these (or without --statistics)")
+        made = f" (sha256 {str(their_weights)[:12]})" if their_weights else " (unnamed weights)"
+        raise UserError(f"{path} holds statistics of {theirs} features{weights}{made}, this evaluation uses "
+                        f"{uses or network + ' features'}; evaluate with the features they were made with, or "
+                        "build the reference again with these (or without --statistics)")
 
 
 def reference_statistics(path: Path, kind: Features | None = None) -> dict[str, np.ndarray] | None:
@@ -376,12 +383,15 @@ def reference_statistics(path: Path, kind: Features | None = None) -> dict[str, 
     found = _stored_statistics(path)
     if found is None:
         return None
-    check_statistics_network(path, kind.name, kind.sha256)
+    check_statistics_network(path, kind.name, kind.sha256, kind.description)
     what = "ADM's Inception features" if kind.name == "inception" else "the classifier's features"
     for key, shape in kind.stats_sizes().items():
         if key not in found or found[key].shape != shape:
             got = list(found[key].shape) if key in found else "nothing"
             raise UserError(f"{path}: reference statistics {key} must have shape {list(shape)} ({what}), got {got}")
+        if not np.issubdtype(found[key].dtype, np.number) or not np.isfinite(found[key]).all():
+            raise UserError(f"{path}: reference statistics {key} must be finite numbers, got "
+                            f"{'non-finite values' if np.issubdtype(found[key].dtype, np.number) else found[key].dtype}")
     return found
 
 

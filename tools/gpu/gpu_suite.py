@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from datetime import date, datetime
 from pathlib import Path
 from typing import Callable
@@ -233,7 +234,7 @@ class Suite:
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             started = time.monotonic()
             process = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=out, stderr=err, start_new_session=True,
-                                       preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL))
+                                       preexec_fn=partial(set_parent_death_signal, signal.SIGKILL, os.getpid()))
             status = "interrupted"
             try:
                 code = process.wait(timeout=timeout)
