@@ -67,7 +67,7 @@ from dpar.models import ModelConfig, is_dpar  # noqa: E402
 from dpar.runs import load_trained_model  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.training import (RESUMABLE_KEYS, DataConfig, TrainConfig, TrainGlobalConfig,  # noqa: E402
-                           check_entropy_source, nll_totals)
+                           check_entropy_source, nll_totals, token_nlls)
 from dpar.validation import field_type, number, path as path_flag  # noqa: E402
 from evaluations.c2i.classifier import WEIGHTS_FILE  # noqa: E402
 
@@ -180,20 +180,20 @@ def validation_set(run: Path) -> tuple[TokenStore, TokenDataset, int]:
 
 def evaluate(run: Path, patcher: PatcherConfig | None, per_class: bool = False) -> dict:
     """Validation NLL per token (nats) of a run's final model with ``patcher``'s boundaries (None: a GPT), the
-    tokens per patch they give, and (``per_class``) the NLL of each class's held-out images."""
+    tokens per patch they give, and (``per_class``) the NLL of each class's held-out images and of each grid
+    position (``per_position``, row-major, averaged over the images)."""
     store, val, batch = validation_set(run)
     model, model_config = load_trained_model(latest_checkpoint(run) / "model.safetensors")
     collate, conditional = PackedCollate(patcher, store.grid), model_config.model_type == "c2i"
-    totals = nll_totals(model, val, collate, batch, conditional, progress=False)
-    result = {"nll": float(totals[0] / totals[1]), "tokens_per_patch": 1.0}
     if per_class:
+        nlls = token_nlls(model, val, collate, batch, conditional).double()  # [images, N]
         labels = store.labels[np.asarray(val.images)]
-        result["per_class"] = {}
-        for label in np.unique(labels):
-            images = np.asarray(val.images)[labels == label]
-            subset = TokenDataset(store, entropies=True, images=images, view=0)
-            class_totals = nll_totals(model, subset, collate, batch, conditional, progress=False)
-            result["per_class"][int(label)] = float(class_totals[0] / class_totals[1])
+        result = {"nll": float(nlls.mean()), "per_position": nlls.mean(0).tolist(),
+                  "per_class": {int(c): float(nlls[torch.from_numpy(labels == c)].mean()) for c in np.unique(labels)}}
+    else:
+        totals = nll_totals(model, val, collate, batch, conditional, progress=False)
+        result = {"nll": float(totals[0] / totals[1])}
+    result["tokens_per_patch"] = 1.0
     if patcher is not None:
         entropies = torch.from_numpy(np.stack([val[i]["entropies"].numpy() for i in range(len(val))]))
         result["tokens_per_patch"] = entropies.numel() / float(patch_starts(patcher, entropies, store.grid).sum())
@@ -241,8 +241,9 @@ def summarize(args, runs: dict[tuple[str, int], Path], static_k: int, dpar_patch
         final = [h[-1] for h in histories]
         val = np.array([[r["val_nll"] for r in h] for h in histories])
         steps = [r["step"] for r in histories[0]]
-        per_class = [evaluate(runs[variant, seed], own_patcher(runs[variant, seed]), per_class=True)["per_class"]
-                     for seed in args.seeds]
+        evaluations = [evaluate(runs[variant, seed], own_patcher(runs[variant, seed]), per_class=True)
+                       for seed in args.seeds]
+        per_class = [e["per_class"] for e in evaluations]
         tokens_per_patch = float(np.mean([r["tokens_per_patch"] for r in final]))
         results["variants"][variant] = {
             "section": VARIANTS[variant][0], "steps": steps, "images_seen": [r["images_seen"] for r in histories[0]],
@@ -253,6 +254,7 @@ def summarize(args, runs: dict[tuple[str, int], Path], static_k: int, dpar_patch
             "global_steps_per_image": store.num_tokens / tokens_per_patch,
             "forward_gmacs_per_sample": final[0]["forward_linear_gmacs_per_sample"],
             "per_class_val_nll": {str(c): float(np.mean([p[c] for p in per_class])) for c in per_class[0]},
+            "per_position_val_nll": np.mean([e["per_position"] for e in evaluations], axis=0).tolist(),
             **curve_status(val, steps)}
     thetas = [store_threshold(store, target, dpar_patcher.max_patch_length, dpar_patcher.row_break, train_images)
               for target in args.sweep_tokens_per_patch]
@@ -655,6 +657,26 @@ def _quality_tables(lines: list[str], results: dict) -> None:
               "![samples](small_scale_study_samples.png)", ""]
 
 
+def _position_table(lines: list[str], v: dict, grid: int) -> None:
+    """Validation NLL by grid row, and on the first row and column (whose tokens have no upper or no left
+    neighbour) against the interior; as differences from the GPT's when it ran: where a gap to it lies."""
+    versus = v.get("gpt")
+    lines += ["## Validation NLL by position (seed mean)" + (", minus the GPT's" if versus else ""), "",
+              "Each run's final model (architecture options at their shorter length), every held-out token by its place "
+              f"in the {grid}x{grid} grid. Edge: the first row and the first column; interior: the rest.", "",
+              "| variant | " + " | ".join(f"row {r}" for r in range(grid)) + " | edge | interior |",
+              "|---|" + "---|" * (grid + 2)]
+    interior = np.zeros((grid, grid), bool)
+    interior[1:, 1:] = True
+    for name, r in v.items():
+        nll = np.array(r["per_position_val_nll"]).reshape(grid, grid)
+        if versus:
+            nll = nll - np.array(versus["per_position_val_nll"]).reshape(grid, grid)
+        cells = list(nll.mean(1)) + [nll[~interior].mean(), nll[interior].mean()]
+        lines.append(f"| {name} | " + " | ".join(f"{x:+.3f}" if versus else f"{x:.3f}" for x in cells) + " |")
+    lines.append("")
+
+
 def write_report(args, results: dict, plots: list[str], command: str) -> Path:
     v = results["variants"]
     lines = [
@@ -715,6 +737,7 @@ def write_report(args, results: dict, plots: list[str], command: str) -> Path:
     for name, r in v.items():
         lines.append(f"| {name} | " + " | ".join(f"{r['per_class_val_nll'][c]:.3f}" for c in classes) + " |")
     lines.append("")
+    _position_table(lines, v, results["grid"])
     if results["sweep"]:
         lines += ["## Table 6 at toy scale: boundaries recomputed with a higher threshold at inference", "",
                   "θ set for the given tokens per patch on the training images; the tokens per patch it gives on the "
@@ -852,7 +875,7 @@ def main(argv: list[str] | None = None) -> None:
     results = summarize(args, runs, static_k, dpar_patcher, train_images)
     results.update(store=str(args.store.resolve().relative_to(REPO) if args.store.resolve().is_relative_to(REPO)
                              else args.store), static_length=static_k, dpar_mean_patch_length=dpar_mean,
-                   threshold=threshold, val_images=args.val_holdout,
+                   threshold=threshold, val_images=args.val_holdout, grid=store.grid,
                    threshold_tokens_per_patch=store_patch_stats(store, [threshold], 4, True, train_images)[0][
                        "tokens_per_patch"],
                    threshold_images=describe_images(len(store), len(train_images), args.val_holdout, 0),

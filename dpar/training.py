@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -267,6 +268,26 @@ def forward_loss(model: nn.Module, batch: PackedBatch, conditional: bool) -> Ten
     else:
         _, loss = model(batch.tokens, labels, batch.patch_start, targets=batch.tokens, layout=batch.layout)
     return loss
+
+
+@torch.no_grad()
+def token_nlls(model: nn.Module, dataset: Dataset, collate: PackedCollate, batch_size: int,
+               conditional: bool) -> Tensor:
+    """``[images, N]``: the NLL (nats) of every token of every image of ``dataset``, in order, under ``model``
+    with the patches ``collate`` cuts (the per-token terms whose mean :func:`nll_totals` gives)."""
+    model.eval()
+    device = next(model.parameters()).device
+    nlls = []
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        batch = batch.to(device)
+        labels = batch.labels if conditional else None
+        if batch.patch_start is None:
+            logits, _ = model(batch.tokens[:, :-1], labels)
+        else:
+            logits, _ = model(batch.tokens, labels, batch.patch_start, layout=batch.layout)
+        nlls.append(F.cross_entropy(logits.flatten(0, 1).float(), batch.tokens.flatten(),
+                                    reduction="none").view(batch.tokens.shape).cpu())
+    return torch.cat(nlls)
 
 
 @torch.no_grad()

@@ -334,3 +334,20 @@ def test_small_hold_outs_draw_their_classes_and_every_class_keeps_a_training_ima
     assert np.bincount(labels[train], minlength=12).min() == 1 and len(held) == 16
     with pytest.raises(ValueError, match="every class keeps one"):
         holdout_split(labels, 85)
+
+
+@pytest.mark.parametrize("gpt_model, patcher", [("DGPT-tiny", PatcherConfig(threshold=2.0, max_patch_length=4)),
+                                                ("GPT-tiny", None)])
+def test_per_token_nlls_average_to_the_validation_nll(store, gpt_model, patcher):
+    """training.token_nlls (the study's NLL by class and grid position) against nll_totals (validation)."""
+    from dpar.training import nll_totals, token_nlls
+    torch.manual_seed(0)
+    config = ModelConfig(gpt_model=gpt_model, image_size=SIZE, downsample_size=4, vocab_size=CODES, num_classes=12)
+    model = randomize(create_model(config))
+    dataset, collate = TokenDataset(store, entropies=True, view=0), PackedCollate(patcher, GRID)
+    nlls = token_nlls(model, dataset, collate, 5, conditional=True)
+    totals = nll_totals(model, dataset, collate, 5, conditional=True, progress=False)
+    assert nlls.shape == (len(dataset), GRID * GRID)
+    assert float(nlls.double().mean()) == pytest.approx(float(totals[0] / totals[1]), rel=1e-5)
+    first = token_nlls(model, torch.utils.data.Subset(dataset, [0]), collate, 1, conditional=True)
+    torch.testing.assert_close(first[0], nlls[0], rtol=1e-5, atol=1e-5)  # one image alone: the same terms
