@@ -661,15 +661,17 @@ def _position_table(lines: list[str], v: dict, grid: int) -> None:
     """Validation NLL by grid row, and on the first row and column (whose tokens have no upper or no left
     neighbour) against the interior; as differences from the GPT's when it ran: where a gap to it lies."""
     versus = v.get("gpt")
+    shown = [n for n in v if not versus or v[n]["steps"][-1] == versus["steps"][-1]]  # a difference needs equal steps
     lines += ["## Validation NLL by position (seed mean)" + (", minus the GPT's" if versus else ""), "",
-              "Each run's final model (architecture options at their shorter length), every held-out token by its place "
-              f"in the {grid}x{grid} grid. Edge: the first row and the first column; interior: the rest.", "",
+              "Each run's final model, every held-out token by its place in the "
+              f"{grid}x{grid} grid. Edge: the first row and the first column; interior: the rest."
+              + (" Runs of another length than the GPT's are left out." if len(shown) < len(v) else ""), "",
               "| variant | " + " | ".join(f"row {r}" for r in range(grid)) + " | edge | interior |",
               "|---|" + "---|" * (grid + 2)]
     interior = np.zeros((grid, grid), bool)
     interior[1:, 1:] = True
-    for name, r in v.items():
-        nll = np.array(r["per_position_val_nll"]).reshape(grid, grid)
+    for name in shown:
+        nll = np.array(v[name]["per_position_val_nll"]).reshape(grid, grid)
         if versus:
             nll = nll - np.array(versus["per_position_val_nll"]).reshape(grid, grid)
         cells = list(nll.mean(1)) + [nll[~interior].mean(), nll[interior].mean()]

@@ -112,6 +112,9 @@ def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     assert "### Sample quality" in report and "## Table 6 in sample quality" in report
     assert "| dpar |" in report and "| gpt |" in report and "## Validation NLL per class" in report
     assert "## Deviations from the paper's text" in report and "val NLL at step 5 " in report  # dpar read at step 5
+    by_position = report.split("## Validation NLL by position (seed mean), minus the GPT's")[1].split("\n## ")[0]
+    assert "| dpar | " in by_position and "| inject_every_block |" not in by_position  # shorter: no difference
+    assert "Runs of another length than the GPT's are left out." in by_position
     # a rerun reuses the finished runs and keeps a hand-written findings section
     (out / "small_scale_study.md").write_text(report + "\n## Findings\n\nhand-written\n")
     small_scale_study.main(argv)
