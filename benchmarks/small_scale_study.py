@@ -150,9 +150,10 @@ def train_all(args, jobs: list[tuple[str, int, list[str]]]) -> dict[str, float]:
     timings = args.runs_dir / "seconds.json"
     try:
         seconds = json.loads(timings.read_text()) if timings.is_file() else {}
-        assert isinstance(seconds, dict)
-    except (ValueError, AssertionError):
-        raise UserError(f"{timings} is damaged; delete it (it only records how long each run took)") from None
+    except ValueError:
+        seconds = None
+    if not isinstance(seconds, dict):
+        raise UserError(f"{timings} is damaged; delete it (it only records how long each run took)")
 
     def keep(name: str, wall: float) -> None:
         seconds[name] = wall
@@ -478,7 +479,7 @@ def plot(results: dict, output: Path, batch: int) -> list[str]:
     plt = pyplot()
     names = []
     table3 = {k: v for k, v in results["variants"].items() if v["section"] == "Table 3"}
-    references = {ref for v in results["variants"].values() for ref in SECTIONS[v["section"]][2]}
+    references = references_of(list(results["variants"]))
     others = {k: v for k, v in results["variants"].items() if v["section"] != "Table 3" or k in references}
     panels = [("steps", "optimizer steps", table3), ("gmacs", "training compute (3 x forward linear GMACs)", table3)]
     if len(others) > 1:
