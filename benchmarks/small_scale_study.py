@@ -92,7 +92,8 @@ VARIANTS = {
 TOKEN_LEVEL = {"token_rope_complementary": ["model.rope=dynamic_complementary"],  # each with one token per patch
                "token_rope_no_redundancy": ["model.rope=dynamic_no_redundancy"], "token_rope_2d": ["model.rope=2d"],
                "token_E2D1": VARIANTS["E2D1"][2], "token_no_pooling_ffn": VARIANTS["no_pooling_ffn"][2],
-               "token_inject_every_block": VARIANTS["inject_every_block"][2]}
+               "token_inject_every_block": VARIANTS["inject_every_block"][2],
+               "token_inject_residual": ["model.decoder_injection=residual"]}
 VARIANTS.update({name: ("Token level", DPAR_CONFIG, ["patcher.mode=token", *overrides])
                  for name, overrides in TOKEN_LEVEL.items()})
 SECTIONS = {  # title, note, and the variants each option is compared with (the first one gives the Δ column)
@@ -112,7 +113,8 @@ SECTIONS = {  # title, note, and the variants each option is compared with (the 
                    "paper's text (this project's default adds it once, before the first block).", ("dpar",)),
     "Token level": ("DPAR's architecture with one token per patch, option by option, against the GPT of equal depth",
                     "token is DPAR's architecture with no merging (Dynamic RoPE, E1D2, pooling FFN, decoder injection "
-                    "once); each token_* variant changes one of them as its Table 9 / 10 / deviation namesake does. "
+                    "once); each token_* variant changes one of them as its Table 9 / 10 / deviation namesake does; "
+                    "token_inject_residual adds the global output to the decoder's input as it is (no norm + linear). "
                     "Where token trails the GPT, the option that closes the gap is the part of the architecture "
                     "that costs it.", ("token", "gpt")),
 }

@@ -26,8 +26,10 @@ def test_logits_shape_and_loss():
 
 # the architecture options of DPARArgs (paper Tables 9 and 10 and the paper's text), each alone
 ARCHITECTURES = [{}, {"rope": "dynamic_complementary"}, {"rope": "dynamic_no_redundancy"}, {"rope": "2d"},
-                 {"n_enc_layer": 2, "n_dec_layer": 1}, {"encoder_pooling_ffn": False}, {"decoder_injection": "every_block"}]
-ARCH_IDS = ["default", "rope_complementary", "rope_no_redundancy", "rope_2d", "E2D1", "no_pooling_ffn", "inject_every_block"]
+                 {"n_enc_layer": 2, "n_dec_layer": 1}, {"encoder_pooling_ffn": False}, {"decoder_injection": "every_block"},
+                 {"decoder_injection": "residual"}]
+ARCH_IDS = ["default", "rope_complementary", "rope_no_redundancy", "rope_2d", "E2D1", "no_pooling_ffn", "inject_every_block",
+            "inject_residual"]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCH_IDS)
@@ -92,6 +94,8 @@ def test_architecture_options_build_what_they_say():
     every = tiny_dpar(decoder_injection="every_block")  # 2 decoder blocks: one more norm + linear
     extra = set(every.state_dict()) - set(plain.state_dict())
     assert extra == {"decoder.block_injections.0.patch_norm.weight", "decoder.block_injections.0.patch_proj.weight"}
+    as_is = tiny_dpar(decoder_injection="residual")  # the global output added with no norm + linear
+    assert set(plain.state_dict()) - set(as_is.state_dict()) == {"decoder.patch_norm.weight", "decoder.patch_proj.weight"}
     with pytest.raises(AssertionError, match="decoder_injection must be one of"):  # a user's: ModelConfig's field
         tiny_dpar(decoder_injection="twice")
     with pytest.raises(AssertionError, match="n_dec_layer >= 1"):

@@ -28,7 +28,8 @@ def threshold_for(model, fraction: float = 0.5) -> float:
 
 
 @pytest.mark.parametrize("arch", [{}, {"decoder_injection": "every_block", "n_dec_layer": 3},
-                                  {"encoder_pooling_ffn": False, "n_enc_layer": 2}], ids=["default", "every", "E2"])
+                                  {"encoder_pooling_ffn": False, "n_enc_layer": 2}, {"decoder_injection": "residual"}],
+                         ids=["default", "every", "E2", "residual"])
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize("mode", ["entropy", "static", "token"])
 def test_dpar_logits_equal_a_full_forward_of_the_sample(mode, cfg_scale, arch):

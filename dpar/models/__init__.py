@@ -53,7 +53,8 @@ class ModelConfig:
     # matches Table 1's parameter counts; false: cross-attention only, as the paper's text and BLT).
     encoder_pooling_ffn: bool = True
     # DPAR only: the patch vector enters the decoder "once" (before its first block) or before "every_block",
-    # each with its own norm + linear (the paper's text, section 3.3).
+    # each with its own norm + linear (the paper's text, section 3.3); "residual": the global output is added
+    # as is before the first block (no norm, no linear), so the global residual stream runs on into the decoder.
     decoder_injection: str = choice("once", DECODER_INJECTIONS)
 
     def check(self, key: Key = config_key("model")) -> None:

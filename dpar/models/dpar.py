@@ -11,7 +11,8 @@ Shapes for a batch of B images of N tokens grouped into P patches in all (arXiv 
       norm + head -> logits [B, N, vocab]; position i predicts x_i
 
 Options (``DPARArgs``): encoder/decoder depth (paper Table 10), the pooling FFN on or off, the patch vector
-injected into the decoder once or before every block, and the global RoPE variant (Table 9).
+injected into the decoder once or before every block (or the global output added as is), and the global RoPE
+variant (Table 9).
 
 With patch boundaries fixed, logits for x_i depend on x_<i only: h_{i-1} sees x_<i, and the global
 output used by token i sees the class and the patches that end before token i's patch starts.
@@ -29,7 +30,7 @@ from .layers import (FeedForward, ModelArgs, RMSNorm, TransformerBlock, attach_k
                      init_weights)
 from .rope import ROPE_MODES, grid_rope, patch_rope
 
-DECODER_INJECTIONS = ("once", "every_block")
+DECODER_INJECTIONS = ("once", "every_block", "residual")
 
 
 @dataclass
@@ -41,7 +42,7 @@ class DPARArgs(ModelArgs):
     rope: str = "dynamic"  # Dynamic RoPE variant of the global transformer (paper Table 9)
     attn_backend: str = "auto"  # packed attention backend of the global transformer
     encoder_pooling_ffn: bool = True  # a SwiGLU FFN after each patch cross-attention (not in the paper's text)
-    decoder_injection: str = "once"  # the patch vector enters the decoder before its first block, or every block
+    decoder_injection: str = "once"  # the patch vector enters the decoder before its first block, every block, or as is
 
     def __post_init__(self):  # what a user sets is checked by dpar.models.ModelConfig before it gets here
         super().__post_init__()
@@ -201,21 +202,26 @@ class PatchDecoder(nn.Module):
     """Global outputs -> per-token states: u_i = h_{i-1} + Linear(RMSNorm(g_{p(i)-1})), then causal blocks.
 
     ``decoder_injection="once"`` adds the patch vector before the first block; ``"every_block"`` (the paper's
-    text, section 3.3) adds it again, with its own norm + linear, before each later block.
+    text, section 3.3) adds it again, with its own norm + linear, before each later block; ``"residual"`` adds
+    the global output as it is (no norm, no linear) before the first block, so the global transformer's residual
+    stream runs on into the decoder as a GPT's runs on into its next block.
     """
 
     def __init__(self, config: DPARArgs):
         super().__init__()
         self.start = nn.Parameter(torch.zeros(config.dim))  # h_0, stands before the first token
-        self.patch_norm = RMSNorm(config.dim, eps=config.norm_eps)  # the first block's injection
-        self.patch_proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.as_is = config.decoder_injection == "residual"
+        if not self.as_is:
+            self.patch_norm = RMSNorm(config.dim, eps=config.norm_eps)  # the first block's injection
+            self.patch_proj = nn.Linear(config.dim, config.dim, bias=False)
         later = config.n_dec_layer - 1 if config.decoder_injection == "every_block" else 0
         self.block_injections = nn.ModuleList(PatchInjection(config) for _ in range(later))
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_dec_layer))
 
     def injections(self, g: Tensor) -> list[Tensor | None]:
         """What each block adds to its input (``None``: nothing), from the global outputs ``g [..., d]``."""
-        return [self.patch_proj(self.patch_norm(g))] + [inject(g) for inject in self.block_injections] + \
+        first = g if self.as_is else self.patch_proj(self.patch_norm(g))
+        return [first] + [inject(g) for inject in self.block_injections] + \
             [None] * (len(self.layers) - 1 - len(self.block_injections))
 
     def forward(self, h: Tensor, g: Tensor, rope: Tensor, layout: PatchLayout) -> Tensor:
