@@ -12,7 +12,7 @@ DGPT-small / GPT-small, the same depth at width 128, for the scale trend) with t
   ``entropy_cap`` (θ + P = 4), ``dpar`` (θ + P = 4 + row break, the paper's method), ``token`` (DPAR's
   architecture, one token per patch) and ``gpt`` (LlamaGen's GPT of equal depth);
 * Table 9: the global transformer's RoPE; Table 10: encoder / decoder depth at a fixed sum;
-* the two places where this project departs from the paper's text (pooling FFN, decoder injection);
+* the paper's text, where the tiny configs depart from it (pooling FFN, decoder injection once);
 * token level: each of those options with one token per patch (``token_*``), compared with ``token`` and the
   GPT, to find which part of the architecture a token-level gap to the GPT comes from.
 
@@ -63,7 +63,7 @@ from dpar.experiment import (CONFIG_FILE, METRICS_FILE, checkpoint_dir, config_d
 from dpar.config import load_config, parse_overrides, read_section  # noqa: E402
 from dpar.launch import set_parent_death_signal  # noqa: E402
 from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file  # noqa: E402
-from dpar.models import ModelConfig, is_dpar  # noqa: E402
+from dpar.models import ModelConfig, is_dpar, unused_keys  # noqa: E402
 from dpar.runs import load_trained_model  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.training import (RESUMABLE_KEYS, DataConfig, TrainConfig, TrainGlobalConfig,  # noqa: E402
@@ -86,14 +86,17 @@ VARIANTS = {
     "rope_complementary": ("Table 9", DPAR_CONFIG, ["model.rope=dynamic_complementary"]),
     "rope_2d": ("Table 9", DPAR_CONFIG, ["model.rope=2d"]),
     "E2D1": ("Table 10", DPAR_CONFIG, ["model.n_enc_layer=2", "model.n_dec_layer=1"]),
-    "no_pooling_ffn": ("Deviations", DPAR_CONFIG, ["model.encoder_pooling_ffn=false"]),
-    "inject_every_block": ("Deviations", DPAR_CONFIG, ["model.decoder_injection=every_block"]),
+    "no_pooling_ffn": ("Paper's text", DPAR_CONFIG, ["model.encoder_pooling_ffn=false"]),
+    "inject_every_block": ("Paper's text", DPAR_CONFIG, ["model.decoder_injection=every_block"]),
+    "paper_text": ("Paper's text", DPAR_CONFIG, ["model.encoder_pooling_ffn=false", "model.decoder_injection=every_block"]),
 }
 TOKEN_LEVEL = {"token_rope_complementary": ["model.rope=dynamic_complementary"],  # each with one token per patch
                "token_rope_no_redundancy": ["model.rope=dynamic_no_redundancy"], "token_rope_2d": ["model.rope=2d"],
                "token_E2D1": VARIANTS["E2D1"][2], "token_no_pooling_ffn": VARIANTS["no_pooling_ffn"][2],
                "token_inject_every_block": VARIANTS["inject_every_block"][2],
-               "token_inject_residual": ["model.decoder_injection=residual"]}
+               "token_paper_text": VARIANTS["paper_text"][2],
+               "token_inject_residual": ["model.decoder_injection=residual"],
+               "token_residual_rope_2d": ["model.decoder_injection=residual", "model.rope=2d"]}
 VARIANTS.update({name: ("Token level", DPAR_CONFIG, ["patcher.mode=token", *overrides])
                  for name, overrides in TOKEN_LEVEL.items()})
 SECTIONS = {  # title, note, and the variants each option is compared with (the first one gives the Δ column)
@@ -107,14 +110,16 @@ SECTIONS = {  # title, note, and the variants each option is compared with (the 
                 "once; rope_2d is the 2D RoPE of each patch's first token.", ("dpar",)),
     "Table 10": ("Table 10: encoder / decoder depth at a fixed sum (E1D2 is dpar)",
                  "The toy model has 3 token-level blocks (paper: 5 for DGPT-L, E1D4 ... E4D1).", ("dpar",)),
-    "Deviations": ("Deviations from the paper's text (all with dpar's patching)",
-                   "no_pooling_ffn: the encoder's patch step is cross-attention only, as the paper's text and BLT; "
-                   "inject_every_block: each decoder block adds its own norm + linear of the patch vector, as the "
-                   "paper's text (this project's default adds it once, before the first block).", ("dpar",)),
+    "Paper's text": ("The paper's text, where the tiny configs depart from it (all with dpar's patching)",
+                     "The tiny configs (dpar) put a SwiGLU FFN after the encoder's patch cross-attention and add the "
+                     "patch vector to the decoder before its first block only. no_pooling_ffn: cross-attention only, "
+                     "as the paper and BLT; inject_every_block: every decoder block adds its own norm + linear of "
+                     "the patch vector, as the paper; paper_text: both (the default architecture).", ("dpar",)),
     "Token level": ("DPAR's architecture with one token per patch, option by option, against the GPT of equal depth",
-                    "token is DPAR's architecture with no merging (Dynamic RoPE, E1D2, pooling FFN, decoder injection "
-                    "once); each token_* variant changes one of them as its Table 9 / 10 / deviation namesake does; "
-                    "token_inject_residual adds the global output to the decoder's input as it is (no norm + linear). "
+                    "token is the tiny DPAR with no merging (Dynamic RoPE, E1D2, pooling FFN, the patch vector "
+                    "into the decoder once); each token_* variant changes one of them as its Table 9 / 10 / paper's-text namesake does; "
+                    "token_inject_residual adds the global output to the decoder's input as it is (no norm + linear); "
+                    "token_residual_rope_2d does that with 2D RoPE in the global transformer. "
                     "Where token trails the GPT, the option that closes the gap is the part of the architecture "
                     "that costs it.", ("token", "gpt")),
 }
@@ -793,7 +798,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=number(int, min=0, max=2**31 - 1), nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=number(int, min=1), default=16, help="epochs per run (same for every variant)")
     parser.add_argument("--ablation-epochs", type=number(int, min=1), default=None,
-                        help="epochs of the architecture-option runs (Tables 9, 10, deviations; default --epochs)")
+                        help="epochs of the architecture-option runs (Tables 9, 10, the paper's text; default --epochs)")
     parser.add_argument("--val-holdout", type=number(int, min=1), default=200,
                         help="held-out images for the validation NLL (a stratified draw, split seed 0)")
     parser.add_argument("--dropout", type=field_type(ModelConfig, "dropout_p"), default=0.0,
@@ -929,7 +934,8 @@ def check_jobs(jobs: list[tuple[str, int, list[str]]], extra: list[str], common:
                 raise UserError(f"--entropy-model: {error}") from None
         run = finished_run(runs_dir, run_name(variant, seed), config.train.epochs)
         # the run fills in the store's tokenizer when it starts
-        differs = run and config_difference(config, run / CONFIG_FILE, RESUMABLE_KEYS | {"data.tokenizer_checkpoint"})
+        differs = run and config_difference(config, run / CONFIG_FILE, RESUMABLE_KEYS | {"data.tokenizer_checkpoint"} |
+                                            {f"model.{name}" for name in unused_keys(config.model)})
         if differs:
             key, saved, value = differs
             raise UserError(f"--runs-dir {runs_dir}: the finished run {run} was trained with {key}={saved!r}, this "

@@ -144,6 +144,7 @@ class Run:
         self.dir: Path | None = None  # set by find()
         self.resume_from: Path | None = None
         self.model_config: dict[str, Any] | None = None  # the resolved model section, set by start()
+        self.resumable_model_keys: frozenset[str] = frozenset()  # its keys a resume may change, set by start()
         self._state: dict[str, Any] | None = None  # the resume point's training state, read by start() (main process)
 
     def find(self) -> Run:
@@ -168,6 +169,8 @@ class Run:
         section is recorded with every checkpoint's weights."""
         if "model" in config:
             self.model_config = OmegaConf.to_container(config.model, resolve=True)
+            self.resumable_model_keys = frozenset(key.removeprefix("model.") for key in resumable_keys
+                                                  if key.startswith("model."))
         path = self.dir / CONFIG_FILE
         if self.main and self.resume_from is not None:  # what the run is, before how far it got
             self._check_resume_point(path, bool(OmegaConf.select(config, "train.ema", default=False)), state_keys)
@@ -210,9 +213,10 @@ class Run:
     def load(self, model: torch.nn.Module, ema: torch.nn.Module | None = None) -> dict[str, Any]:
         """Load the resume point's weights into ``model`` (and its EMA weights into ``ema``); returns the training
         state saved with them. Every process reads. ``UserError`` for weights that do not fit or that record
-        another model config than this run's, or no EMA file."""
+        another model config than this run's (outside the ``model`` keys a resume may change), or no EMA file."""
         if self.model_config is not None:  # the config.yaml (edited?) and the command agree; and the weights?
-            check_model_record(self.resume_from / MODEL_FILE, self.model_config, self.dir / CONFIG_FILE)
+            check_model_record(self.resume_from / MODEL_FILE, self.model_config, self.dir / CONFIG_FILE,
+                               ignore=self.resumable_model_keys)
         state = self._state if self._state is not None else _load_torch_file(self.resume_from / STATE_FILE)
         self._state = None
         load_model_weights(model, self.resume_from / MODEL_FILE)

@@ -19,6 +19,7 @@ sample is a mix of the two nearest integer patch counts with that mean, each mea
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -243,10 +244,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="DPAR: patch-encoder blocks (default: the size's own; paper Table 10)")
     parser.add_argument("--n-dec-layer", type=number(int, min=1), default=None,
                         help="DPAR: patch-decoder blocks (default: the size's own)")
-    parser.add_argument("--no-encoder-pooling-ffn", dest="encoder_pooling_ffn", action="store_false",
-                        help="DPAR: cross-attention only in the encoder's patch pooling")
-    parser.add_argument("--decoder-injection", choices=DECODER_INJECTIONS, default="once",
-                        help="DPAR: the patch vector enters the decoder once or before every block")
+    parser.add_argument("--encoder-pooling-ffn", action=argparse.BooleanOptionalAction,
+                        default=ModelConfig.encoder_pooling_ffn,
+                        help="DPAR: a SwiGLU FFN after the encoder's patch cross-attention (not in the paper)")
+    parser.add_argument("--decoder-injection", choices=DECODER_INJECTIONS, default=ModelConfig.decoder_injection,
+                        help="DPAR: the patch vector enters the decoder before every block (the paper) or once")
     parser.add_argument("--rope", choices=ROPE_MODES, default="dynamic",
                         help="DPAR: RoPE of the global transformer (paper Table 9; no linear-layer cost)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                           n_enc_layer=args.n_enc_layer, n_dec_layer=args.n_dec_layer,
                           encoder_pooling_ffn=args.encoder_pooling_ffn, decoder_injection=args.decoder_injection)
     check_flags(options, {name: "--" + name.replace("_", "-") for name in DPAR_OPTIONS + ("image_size",)} |
-                {"gpt_model": "--model", "encoder_pooling_ffn": "--no-encoder-pooling-ffn",
+                {"gpt_model": "--model",
                  "downsample_size": "the VQ-16 downsampling factor"})
     result = count(args.model, args.image_size, args.tokens_per_patch, **architecture(options))
     if args.json:

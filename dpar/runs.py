@@ -30,7 +30,7 @@ from .errors import UserError
 from .experiment import (CHECKPOINTS, CONFIG_FILE, EMA_FILE, MODEL_FILE, STEP_CHECKPOINT, build_for_weights,
                          check_fits, check_model_record, checkpoint_metadata, experiment_of, list_checkpoints,
                          read_state_dict, step_checkpoint_dir)
-from .models import GPT_models, ModelConfig, create_model, is_dpar
+from .models import GPT_models, ModelConfig, create_model, is_dpar, unused_keys
 from .patcher import PatcherConfig
 from .sampling import Generation, SamplingConfig, cached_steps, generate
 from .validation import flag_key
@@ -265,7 +265,7 @@ def load_trained_model(checkpoint: str | Path, config_path: str | Path | None = 
                             "also give the run's config.yaml")
         config_path = experiment / CONFIG_FILE
     config = read_section(config_path, "model", ModelConfig)  # checked, as dpar.config checks every config
-    check_model_record(checkpoint, asdict(config), config_path, ignore=RUN_TIME_MODEL_KEYS)
+    check_model_record(checkpoint, asdict(config), config_path, ignore=RUN_TIME_MODEL_KEYS | unused_keys(config))
     model = build_for_weights(create_model, config, checkpoint, config_path)  # shapes first, on the meta device
     return model.eval(), config
 

@@ -52,7 +52,7 @@ from .errors import UserError
 from .experiment import CONFIG_FILE, RESUMABLE_TRAIN_KEYS, BaseTrainConfig, Run, experiment_of
 from .launch import make_accelerator
 from .flops import count
-from .models import ModelConfig, architecture, create_model, is_dpar
+from .models import ModelConfig, architecture, create_model, is_dpar, unused_keys
 from .models.attention import available_backends
 from .patcher import PatcherConfig
 from .runs import load_entropy_model
@@ -412,7 +412,8 @@ class Trainer:
         torch.manual_seed(cfg.global_seed)
         model = create_model(model_config)
         _check_backend(model_config.attn_backend, self.device, cfg.mixed_precision)
-        self.run.find().start(config, RESUMABLE_KEYS, self.total_steps, state_keys=self.STATE_KEYS)
+        resumable = RESUMABLE_KEYS | {f"model.{name}" for name in unused_keys(model_config)}
+        self.run.find().start(config, resumable, self.total_steps, state_keys=self.STATE_KEYS)
         if not cfg.fsdp:  # sharded, each process moves only its shards to the device (shard below)
             model = model.to(self.device)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema else None

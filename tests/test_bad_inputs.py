@@ -136,7 +136,7 @@ CASES = [
      "data.val_store {store} and data.val_holdout=5 are two validation sets"),
     ("gpt_dpar_option", train_global_model, ["--config", "configs/tiny/gpt_baseline.yaml", "--data.store", "{store}",
                                              "--train.results_dir", "{out}", "--data.val_holdout", "0",
-                                             "--model.decoder_injection", "every_block"],
+                                             "--model.decoder_injection", "residual"],
      "model.decoder_injection applies to DGPT-* models only, not GPT-tiny"),
     ("decoder_injection", train_global_model, [*TINY_GLOBAL, "--model.decoder_injection", "twice"],
      "'model.decoder_injection' must be one of"),

@@ -271,7 +271,7 @@ def test_a_bad_saved_run_config_is_one_line_naming_the_file(tmp_path):
     (run / "checkpoints" / "epoch_00000000" / "model.safetensors").write_bytes(b"")  # never read
     saved = run / "config.yaml"
     saved.write_text("model:\n  gpt_model: GPT-tiny\n  image_size: 32\n  downsample_size: 4\n"
-                     "  decoder_injection: every_block\n")
+                     "  decoder_injection: residual\n")
     expected = f"in {saved}: model.decoder_injection applies to DGPT-* models only, not GPT-tiny"
     with pytest.raises(ConfigError) as info:
         read_section(saved, "model", ModelConfig)

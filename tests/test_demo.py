@@ -83,7 +83,7 @@ def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     assert [row["threshold"] is None for row in sweep["static"]] == [False] * 4 + [True]
     classes = len(json.loads((tiny_demo / "work" / "tokens" / "meta.json").read_text())["class_names"])
     assert len(variants["dpar"]["per_class_val_nll"]) == classes  # the stratified hold-out has every class
-    assert variants["inject_every_block"]["section"] == "Deviations"
+    assert variants["inject_every_block"]["section"] == "Paper's text"
     for png in ("nll_vs_steps", "nll_vs_gmacs", "nll_vs_steps_architecture", "threshold_sweep"):
         assert Image.open(out / f"small_scale_study_{png}.png").size[0] > 100
     # sample quality (issue 31): the evaluator's metrics per CFG scale, along training, and Table 6 in FID
@@ -111,7 +111,7 @@ def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     report = (out / "small_scale_study.md").read_text()
     assert "### Sample quality" in report and "## Table 6 in sample quality" in report
     assert "| dpar |" in report and "| gpt |" in report and "## Validation NLL per class" in report
-    assert "## Deviations from the paper's text" in report and "val NLL at step 5 " in report  # dpar read at step 5
+    assert "## The paper's text, where the tiny configs depart from it" in report and "val NLL at step 5 " in report  # dpar read at step 5
     by_position = report.split("## Validation NLL by position (seed mean), minus the GPT's")[1].split("\n## ")[0]
     assert "| dpar | " in by_position and "| inject_every_block |" not in by_position  # shorter: no difference
     assert "Runs of another length than the GPT's are left out." in by_position

@@ -26,9 +26,9 @@ def test_logits_shape_and_loss():
 
 # the architecture options of DPARArgs (paper Tables 9 and 10 and the paper's text), each alone
 ARCHITECTURES = [{}, {"rope": "dynamic_complementary"}, {"rope": "dynamic_no_redundancy"}, {"rope": "2d"},
-                 {"n_enc_layer": 2, "n_dec_layer": 1}, {"encoder_pooling_ffn": False}, {"decoder_injection": "every_block"},
+                 {"n_enc_layer": 2, "n_dec_layer": 1}, {"encoder_pooling_ffn": True}, {"decoder_injection": "once"},
                  {"decoder_injection": "residual"}]
-ARCH_IDS = ["default", "rope_complementary", "rope_no_redundancy", "rope_2d", "E2D1", "no_pooling_ffn", "inject_every_block",
+ARCH_IDS = ["default", "rope_complementary", "rope_no_redundancy", "rope_2d", "E2D1", "pooling_ffn", "inject_once",
             "inject_residual"]
 
 
@@ -85,17 +85,17 @@ def test_the_global_output_at_stream_position_s_first_changes_the_first_token_of
 
 
 def test_architecture_options_build_what_they_say():
-    plain = tiny_dpar()
+    plain = tiny_dpar()  # the paper's text: cross-attention only, the patch vector into every decoder block
     e2d1 = tiny_dpar(n_enc_layer=2, n_dec_layer=1)
     assert (len(e2d1.encoder.layers), len(e2d1.encoder.cross_layers), len(e2d1.decoder.layers)) == (2, 2, 1)
-    no_ffn = tiny_dpar(encoder_pooling_ffn=False)
-    assert not any("cross_layers.0.feed_forward" in k for k in no_ffn.state_dict())
-    assert any("cross_layers.0.feed_forward" in k for k in plain.state_dict())
-    every = tiny_dpar(decoder_injection="every_block")  # 2 decoder blocks: one more norm + linear
-    extra = set(every.state_dict()) - set(plain.state_dict())
+    with_ffn = tiny_dpar(encoder_pooling_ffn=True)
+    assert any("cross_layers.0.feed_forward" in k for k in with_ffn.state_dict())
+    assert not any("cross_layers.0.feed_forward" in k for k in plain.state_dict())
+    once = tiny_dpar(decoder_injection="once")  # 2 decoder blocks: one norm + linear fewer
+    extra = set(plain.state_dict()) - set(once.state_dict())
     assert extra == {"decoder.block_injections.0.patch_norm.weight", "decoder.block_injections.0.patch_proj.weight"}
     as_is = tiny_dpar(decoder_injection="residual")  # the global output added with no norm + linear
-    assert set(plain.state_dict()) - set(as_is.state_dict()) == {"decoder.patch_norm.weight", "decoder.patch_proj.weight"}
+    assert set(once.state_dict()) - set(as_is.state_dict()) == {"decoder.patch_norm.weight", "decoder.patch_proj.weight"}
     with pytest.raises(AssertionError, match="decoder_injection must be one of"):  # a user's: ModelConfig's field
         tiny_dpar(decoder_injection="twice")
     with pytest.raises(AssertionError, match="n_dec_layer >= 1"):
@@ -117,11 +117,15 @@ def test_table_10_variants_are_expressible(layers):
 def test_a_gpt_refuses_dpar_options():
     from dpar.errors import UserError
     from dpar.models import ModelConfig, create_model
-    config = ModelConfig(gpt_model="GPT-tiny", decoder_injection="every_block")
+    config = ModelConfig(gpt_model="GPT-tiny", decoder_injection="residual")
     with pytest.raises(UserError, match="model.decoder_injection applies to DGPT-\\* models only"):
         config.check()
     with pytest.raises(UserError, match="model.decoder_injection applies to DGPT-\\* models only"):
         create_model(config)  # checks first, whoever built the config
+    # what GPT-* runs recorded before DPAR's defaults became the paper's text: inert for a GPT, so accepted
+    ModelConfig(gpt_model="GPT-tiny", encoder_pooling_ffn=True, decoder_injection="once").check()
+    with pytest.raises(UserError, match="model.n_dec_layer applies to DGPT-\\* models only"):
+        ModelConfig(gpt_model="GPT-tiny", encoder_pooling_ffn=True, n_dec_layer=2).check()
 
 
 def test_dpar_refuses_stochastic_depth_and_a_partial_token_grid():

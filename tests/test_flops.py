@@ -32,6 +32,8 @@ def test_cli_rejects_bad_tokens_per_patch():
 
 @pytest.mark.parametrize("argv,message", [
     (["--model", "GPT-B", "--rope", "2d"], "error: --rope applies to DGPT-* models only, not GPT-B\n"),
+    (["--model", "GPT-B", "--decoder-injection", "residual"],
+     "error: --decoder-injection applies to DGPT-* models only, not GPT-B\n"),
     (["--image-size", "250"], "error: --image-size 250 is not a multiple of the VQ-16 downsampling factor 16\n"),
 ])
 def test_cli_checks_its_flags_by_the_model_configs_rules(argv, message):
@@ -41,14 +43,18 @@ def test_cli_checks_its_flags_by_the_model_configs_rules(argv, message):
 
 @pytest.mark.parametrize("name", list(PAPER_PARAMS))
 def test_params_match_paper_table_1(name):
-    assert count(name, 256)["params"] == pytest.approx(PAPER_PARAMS[name], rel=0.03)
+    # DPAR-B is the one size whose 120M the architecture of the paper's text (which matches all of Table 8) misses:
+    # 115.0M, -4%; the others lie within 0.3% (L, XL) or under the paper's rounding to 1.4B (the XXLs)
+    assert count(name, 256)["params"] == pytest.approx(PAPER_PARAMS[name], rel=0.05 if name == "DGPT-B" else 0.03)
 
 
 @pytest.mark.parametrize("name,image_size", list(PAPER_LINEAR_GMACS))
 def test_linear_gmacs_match_paper_table_8(name, image_size):
-    tolerance = 0.05 if name.startswith("DGPT") else 0.01
+    """The default architecture is the paper's text (no pooling FFN, the patch vector into every decoder block);
+    its forward MACs match Table 8 as closely as LlamaGen's do. With the pooling FFN (this project's former
+    default) DPAR-B comes out 2.5% over."""
     assert count(name, image_size)["linear_gmacs"] == pytest.approx(PAPER_LINEAR_GMACS[(name, image_size)],
-                                                                    rel=tolerance)
+                                                                    rel=0.005)
 
 
 @pytest.mark.parametrize("name", ["GPT-XXL", "DGPT-XXL"])

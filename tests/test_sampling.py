@@ -1,4 +1,5 @@
 """Sampling: the KV-cached, patch-by-patch generator equals full forwards of what it generated."""
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -27,9 +28,9 @@ def threshold_for(model, fraction: float = 0.5) -> float:
     return float(entropies.quantile(1 - fraction))
 
 
-@pytest.mark.parametrize("arch", [{}, {"decoder_injection": "every_block", "n_dec_layer": 3},
-                                  {"encoder_pooling_ffn": False, "n_enc_layer": 2}, {"decoder_injection": "residual"}],
-                         ids=["default", "every", "E2", "residual"])
+@pytest.mark.parametrize("arch", [{}, {"n_dec_layer": 3}, {"encoder_pooling_ffn": True, "n_enc_layer": 2},
+                                  {"decoder_injection": "residual"}],  # "once": the shipped demo's, sampled elsewhere
+                         ids=["default", "D3", "E2_ffn", "residual"])
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize("mode", ["entropy", "static", "token"])
 def test_dpar_logits_equal_a_full_forward_of_the_sample(mode, cfg_scale, arch):
@@ -189,7 +190,10 @@ def self_entropy_patcher(model, fraction: float = 0.5) -> PatcherConfig:
                           torch.tensor([0]), True))  # one patch: every prediction is "no new patch"
     probs = logits.softmax(-1)
     entropies = -(probs * probs.log()).sum(-1)[:, 1:]
-    return PatcherConfig(mode="self_entropy", threshold=float(entropies.quantile(1 - fraction)), max_patch_length=3)
+    first = PatcherConfig(mode="self_entropy", threshold=float(entropies.quantile(1 - fraction)), max_patch_length=3)
+    # the entropies of sampling itself (its own tokens and patches) differ from these: θ from a first sampling
+    sampled = generate(cached_steps(model, first), LABELS, SEEDS, SamplingConfig()).entropies
+    return dataclasses.replace(first, threshold=float(sampled[sampled.isfinite()].quantile(1 - fraction)))
 
 
 @pytest.mark.parametrize("static_shapes", [False, True], ids=["default", "two-hypotheses"])

@@ -474,6 +474,28 @@ def test_resume_refuses_changed_settings(setup, tmp_path):
     assert [epoch for epoch, _ in list_checkpoints(run)] == [0, 1]
 
 
+def test_a_resume_may_change_dpar_options_of_a_gpt_only(setup, tmp_path):
+    """A DPAR run resumes only with the architecture it began with. A GPT-* run records DPAR's options but does
+    not use them, so a resume that sets them otherwise goes on (a run begun before DPAR's defaults became the
+    paper's text, resumed under the new ones), and its earlier weights still load with the rewritten record."""
+    from dpar.runs import load_trained_model
+    paper = ["model.encoder_pooling_ffn=false", "model.decoder_injection=every_block"]  # configs/tiny: true, once
+    dpar_config, gpt_config = "configs/tiny/global_model_entropy_row_break.yaml", "configs/tiny/gpt_baseline.yaml"
+    train_global_model.main(global_args(setup, tmp_path / "dpar", dpar_config, "train.epochs=1"))
+    run = only_run(tmp_path / "dpar")
+    with pytest.raises(UserError, match="was started with model.encoder_pooling_ffn=True, this run has False"):
+        train_global_model.main(global_args(setup, tmp_path / "dpar", dpar_config, "train.epochs=2", *paper) +
+                                ["--resume", str(run)])
+    train_global_model.main(global_args(setup, tmp_path / "gpt", gpt_config, "train.epochs=1"))
+    run = only_run(tmp_path / "gpt")
+    train_global_model.main(global_args(setup, tmp_path / "gpt", gpt_config, "train.epochs=2", *paper) +
+                            ["--resume", str(run)])
+    checkpoints = list_checkpoints(run)
+    assert [epoch for epoch, _ in checkpoints] == [0, 1]
+    assert OmegaConf.load(run / "config.yaml").model.decoder_injection == "every_block"
+    load_trained_model(checkpoints[0][1] / "model.safetensors")  # recorded with decoder_injection once
+
+
 def test_a_broken_resume_point_is_refused_before_the_config_is_rewritten(setup, tmp_path):
     """Found by a breaking pass: a resume without the run's config.yaml took any settings, and one whose
     training state (or EMA weights) was missing rewrote config.yaml before failing."""

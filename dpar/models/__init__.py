@@ -17,6 +17,10 @@ from ..validation import MAX_IMAGE_SIZE, MAX_IMAGE_TOKENS, Key, choice, config_k
 MODEL_NAMES = tuple(GPT_models) + tuple(DPAR_models)
 # ModelConfig fields that configure DPAR's architecture (DPARArgs keyword arguments); a GPT-* keeps their defaults.
 DPAR_OPTIONS = ("rope", "encoder_pooling_ffn", "decoder_injection", "n_enc_layer", "n_dec_layer")
+# DPAR's defaults before they became the paper's text. A GPT-* config may hold them as well as the defaults: a
+# GPT-* run records DPAR's options (and ignores them), so earlier runs' records hold these, and configs/tiny's GPT
+# inherits them from the tiny DPAR config.
+FORMER_DEFAULTS = {"encoder_pooling_ffn": True, "decoder_injection": "once"}
 
 
 @dataclass
@@ -49,13 +53,13 @@ class ModelConfig:
     # varies them at a fixed sum (E1D4, E2D3, E3D2, E4D1 for DGPT-L).
     n_enc_layer: int | None = ranged(None, min=1)
     n_dec_layer: int | None = ranged(None, min=1)
-    # DPAR only: a SwiGLU FFN after the encoder's patch cross-attention (true: this project's default, which
-    # matches Table 1's parameter counts; false: cross-attention only, as the paper's text and BLT).
-    encoder_pooling_ffn: bool = True
-    # DPAR only: the patch vector enters the decoder "once" (before its first block) or before "every_block",
-    # each with its own norm + linear (the paper's text, section 3.3); "residual": the global output is added
-    # as is before the first block (no norm, no linear), so the global residual stream runs on into the decoder.
-    decoder_injection: str = choice("once", DECODER_INJECTIONS)
+    # DPAR only: a SwiGLU FFN after the encoder's patch cross-attention (false: cross-attention only, as the
+    # paper's Eq. 5 and BLT; true: this project's former default, with 2.5% more forward MACs than Table 8's).
+    encoder_pooling_ffn: bool = False
+    # DPAR only: the patch vector enters the decoder before "every_block", each with its own norm + linear (the
+    # paper's section 3.2.4), or "once" (before its first block: the former default); "residual": the global
+    # output is added as is before the first block (no norm, no linear): the global stream runs on into the decoder.
+    decoder_injection: str = choice("every_block", DECODER_INJECTIONS)
 
     def check(self, key: Key = config_key("model")) -> None:
         """The rules between fields (each field's own range or choices is declared above); ``key`` names a field
@@ -78,13 +82,21 @@ class ModelConfig:
                                 "the whole batch")
             return
         defaults = ModelConfig()
-        changed = [name for name in DPAR_OPTIONS if getattr(self, name) != getattr(defaults, name)]
+        changed = [name for name in DPAR_OPTIONS if getattr(self, name) != getattr(defaults, name)
+                   and getattr(self, name) != FORMER_DEFAULTS.get(name, getattr(defaults, name))]
         if changed:
             raise UserError(f"{key(changed[0])} applies to DGPT-* models only, not {self.gpt_model}")
 
 
 def is_dpar(name: str) -> bool:
     return name in DPAR_models
+
+
+def unused_keys(config: ModelConfig) -> frozenset[str]:
+    """The keys of a ``model`` section (a :class:`ModelConfig` or its DictConfig) that do not change what its
+    ``gpt_model`` builds: DPAR's options for a GPT-*. A run's record is compared with a resumed run's config, or
+    with its weights' record, without them (a GPT-* run recorded the DPAR defaults of the version it began with)."""
+    return frozenset() if is_dpar(config.gpt_model) else frozenset(DPAR_OPTIONS)
 
 
 def create_model(config: ModelConfig) -> nn.Module:

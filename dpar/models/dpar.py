@@ -7,7 +7,8 @@ Shapes for a batch of B images of N tokens grouped into P patches in all (arXiv 
                     each patch = max-pool of its h, then cross-attends to its own tokens -> [P, d]
       global stream per image: [class, patch_1, ..., patch_{M-1}] packed over the batch -> [1, P, d]
                     LLaMA blocks with Dynamic RoPE, block-diagonal causal attention -> g [P, d]
-      PatchDecoder: u_i = h_{i-1} + Linear(RMSNorm(g_{p(i)-1})), causal self-attention (2D RoPE)
+      PatchDecoder: u_i = h_{i-1}; before each block u_i += Linear(RMSNorm(g_{p(i)-1})), causal self-attention
+                    (2D RoPE)
       norm + head -> logits [B, N, vocab]; position i predicts x_i
 
 Options (``DPARArgs``): encoder/decoder depth (paper Table 10), the pooling FFN on or off, the patch vector
@@ -41,8 +42,8 @@ class DPARArgs(ModelArgs):
     n_dec_layer: int = 3
     rope: str = "dynamic"  # Dynamic RoPE variant of the global transformer (paper Table 9)
     attn_backend: str = "auto"  # packed attention backend of the global transformer
-    encoder_pooling_ffn: bool = True  # a SwiGLU FFN after each patch cross-attention (not in the paper's text)
-    decoder_injection: str = "once"  # the patch vector enters the decoder before its first block, every block, or as is
+    encoder_pooling_ffn: bool = False  # a SwiGLU FFN after each patch cross-attention (not in the paper's text)
+    decoder_injection: str = "every_block"  # the patch vector enters the decoder before every block, once, or as is
 
     def __post_init__(self):  # what a user sets is checked by dpar.models.ModelConfig before it gets here
         super().__post_init__()
@@ -137,9 +138,8 @@ class PatchCrossAttention(nn.Module):
 
 
 class PatchPoolingBlock(nn.Module):
-    """Cross-attention from patches to their tokens + residual, then (``encoder_pooling_ffn``) a SwiGLU FFN +
-    residual. The paper's text (and BLT's local encoder) has the cross-attention only; the FFN makes the
-    parameter counts of Table 1 come out."""
+    """Cross-attention from patches to their tokens + residual (the paper's Eq. 5, BLT's local encoder), then,
+    with ``encoder_pooling_ffn`` (an option, not in the paper), a SwiGLU FFN + residual."""
 
     def __init__(self, config: DPARArgs):
         super().__init__()
@@ -199,10 +199,10 @@ class PatchInjection(nn.Module):
 
 
 class PatchDecoder(nn.Module):
-    """Global outputs -> per-token states: u_i = h_{i-1} + Linear(RMSNorm(g_{p(i)-1})), then causal blocks.
+    """Global outputs -> per-token states: u_i = h_{i-1}, plus Linear(RMSNorm(g_{p(i)-1})) before causal blocks.
 
-    ``decoder_injection="once"`` adds the patch vector before the first block; ``"every_block"`` (the paper's
-    text, section 3.3) adds it again, with its own norm + linear, before each later block; ``"residual"`` adds
+    ``decoder_injection="every_block"`` (the paper's section 3.2.4) adds the patch vector before every block,
+    each with its own norm + linear; ``"once"`` only before the first block; ``"residual"`` adds
     the global output as it is (no norm, no linear) before the first block, so the global transformer's residual
     stream runs on into the decoder as a GPT's runs on into its next block.
     """
