@@ -13,6 +13,7 @@ DGPT-small / GPT-small, the same depth at width 128, for the scale trend) with t
   architecture, one token per patch) and ``gpt`` (LlamaGen's GPT of equal depth);
 * Table 9: the global transformer's RoPE; Table 10: encoder / decoder depth at a fixed sum;
 * the paper's text, where the tiny configs depart from it (pooling FFN, decoder injection once);
+* the global stream continued into the decoder (``decoder_injection: residual``, with and without 2D RoPE);
 * token level: each of those options with one token per patch (``token_*``), compared with ``token`` and the
   GPT, to find which part of the architecture a token-level gap to the GPT comes from.
 
@@ -89,14 +90,16 @@ VARIANTS = {
     "no_pooling_ffn": ("Paper's text", DPAR_CONFIG, ["model.encoder_pooling_ffn=false"]),
     "inject_every_block": ("Paper's text", DPAR_CONFIG, ["model.decoder_injection=every_block"]),
     "paper_text": ("Paper's text", DPAR_CONFIG, ["model.encoder_pooling_ffn=false", "model.decoder_injection=every_block"]),
+    "inject_residual": ("Residual", DPAR_CONFIG, ["model.decoder_injection=residual"]),
+    "residual_rope_2d": ("Residual", DPAR_CONFIG, ["model.decoder_injection=residual", "model.rope=2d"]),
 }
 TOKEN_LEVEL = {"token_rope_complementary": ["model.rope=dynamic_complementary"],  # each with one token per patch
                "token_rope_no_redundancy": ["model.rope=dynamic_no_redundancy"], "token_rope_2d": ["model.rope=2d"],
                "token_E2D1": VARIANTS["E2D1"][2], "token_no_pooling_ffn": VARIANTS["no_pooling_ffn"][2],
                "token_inject_every_block": VARIANTS["inject_every_block"][2],
                "token_paper_text": VARIANTS["paper_text"][2],
-               "token_inject_residual": ["model.decoder_injection=residual"],
-               "token_residual_rope_2d": ["model.decoder_injection=residual", "model.rope=2d"]}
+               "token_inject_residual": VARIANTS["inject_residual"][2],
+               "token_residual_rope_2d": VARIANTS["residual_rope_2d"][2]}
 VARIANTS.update({name: ("Token level", DPAR_CONFIG, ["patcher.mode=token", *overrides])
                  for name, overrides in TOKEN_LEVEL.items()})
 SECTIONS = {  # title, note, and the variants each option is compared with (the first one gives the Δ column)
@@ -115,6 +118,10 @@ SECTIONS = {  # title, note, and the variants each option is compared with (the 
                      "patch vector to the decoder before its first block only. no_pooling_ffn: cross-attention only, "
                      "as the paper and BLT; inject_every_block: every decoder block adds its own norm + linear of "
                      "the patch vector, as the paper; paper_text: both (the default architecture).", ("dpar",)),
+    "Residual": ("The global stream continued into the decoder (all with dpar's patching)",
+                 "inject_residual adds the global output to the decoder's input as it is, with no norm + linear; "
+                 "residual_rope_2d does that with 2D RoPE in the global transformer. Neither is the paper's: they "
+                 "are the two changes that bring token-level DPAR closest to the GPT (Token level).", ("dpar",)),
     "Token level": ("DPAR's architecture with one token per patch, option by option, against the GPT of equal depth",
                     "token is the tiny DPAR with no merging (Dynamic RoPE, E1D2, pooling FFN, the patch vector "
                     "into the decoder once); each token_* variant changes one of them as its Table 9 / 10 / paper's-text namesake does; "

@@ -276,5 +276,5 @@ def test_token_level_options_are_the_patched_options_with_one_token_per_patch():
         if name.startswith("token_"):
             assert section == "Token level" and config == variants["token"][1]
             assert overrides[0] == "patcher.mode=token"
-    for patched in ("E2D1", "no_pooling_ffn", "inject_every_block", "paper_text"):
+    for patched in ("E2D1", "no_pooling_ffn", "inject_every_block", "paper_text", "inject_residual", "residual_rope_2d"):
         assert variants[f"token_{patched}"][2] == ["patcher.mode=token", *variants[patched][2]]
