@@ -805,7 +805,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=number(int, min=0, max=2**31 - 1), nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=number(int, min=1), default=16, help="epochs per run (same for every variant)")
     parser.add_argument("--ablation-epochs", type=number(int, min=1), default=None,
-                        help="epochs of the architecture-option runs (Tables 9, 10, the paper's text; default --epochs)")
+                        help="epochs of the architecture-option runs (Tables 9, 10, the paper's text, residual; default --epochs)")
     parser.add_argument("--val-holdout", type=number(int, min=1), default=200,
                         help="held-out images for the validation NLL (a stratified draw, split seed 0)")
     parser.add_argument("--dropout", type=field_type(ModelConfig, "dropout_p"), default=0.0,

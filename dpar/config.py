@@ -156,11 +156,34 @@ def read_section(path: str | Path, key: str, schema: type, *, required: bool = T
     missing = sorted(OmegaConf.missing_keys(node))  # full keys; merged into the schema, ??? would keep the default
     if missing:
         raise ConfigError(f"in {path}: config key {missing[0]!r} needs a value (set it in the file)")
+    node = _upgraded(schema, node)
     config = _merge(OmegaConf.structured(schema), node, f"in {path}: ", key + ".")
     try:
         return to_dataclass(_validate(config, schema, key + ".", "set it in the file"))
     except UserError as error:  # the one line gains the file it is about
         raise ConfigError(f"in {path}: {error}") from None
+
+
+def load_record(schema: type, path: str | Path) -> DictConfig:
+    """A run's saved config, every section, read as :func:`read_section` reads one (each section upgraded by
+    its schema, then validated as :func:`load_config` validates). ``ConfigError`` naming the file."""
+    tree = read_config_file(path)
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        if isinstance(tree.get(field.name), DictConfig):
+            tree[field.name] = _upgraded(hints[field.name], tree[field.name])
+    config = _merge(OmegaConf.structured(schema), tree, f"in {path}: ")
+    try:
+        return _validate(config, schema, "", "set it in the file")
+    except UserError as error:
+        raise ConfigError(f"in {path}: {error}") from None
+
+
+def _upgraded(schema: type, node: DictConfig) -> DictConfig:
+    """A recorded section as this version reads it: a schema may define ``upgrade_record(section: dict) ->
+    dict`` for what earlier versions recorded otherwise (e.g. :meth:`dpar.models.ModelConfig.upgrade_record`)."""
+    upgrade = getattr(schema, "upgrade_record", None)
+    return node if upgrade is None else OmegaConf.create(upgrade(OmegaConf.to_container(node)))
 
 
 def literal(text: str) -> str:

@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import flatten, load_config, parse_cli, save_config
+from .config import flatten, load_record, parse_cli, save_config
 from .errors import ArgumentParser, UserError, first_line
 from .fileio import atomic_write_text, check_output_dir, lock_folder, umask, writing
 from .validation import Key, choice, config_key, ranged
@@ -718,7 +718,7 @@ def truncate_metrics(experiment_dir: str | Path, step: int) -> None:
 def config_difference(config: DictConfig, saved_path: Path, ignored_keys: set[str]) -> tuple[str, Any, Any] | None:
     """The first (dotted key, saved value, ``config``'s value) where a run's saved ``config.yaml`` differs from
     ``config`` outside ``ignored_keys``; None where they agree."""
-    saved = flatten(OmegaConf.to_container(load_config(OmegaConf.get_type(config), saved_path), resolve=True))
+    saved = flatten(OmegaConf.to_container(load_record(OmegaConf.get_type(config), saved_path), resolve=True))
     for key, value in flatten(OmegaConf.to_container(config, resolve=True)).items():
         if key not in ignored_keys and saved.get(key) != value:
             return key, saved.get(key), value

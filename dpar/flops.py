@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
                         default=ModelConfig.encoder_pooling_ffn,
                         help="DPAR: a SwiGLU FFN after the encoder's patch cross-attention (not in the paper)")
     parser.add_argument("--decoder-injection", choices=DECODER_INJECTIONS, default=ModelConfig.decoder_injection,
-                        help="DPAR: the patch vector enters the decoder before every block (the paper) or once")
+                        help="DPAR: the patch vector enters the decoder before every block (the paper), once, or "
+                             "the global output as is (residual)")
     parser.add_argument("--rope", choices=ROPE_MODES, default="dynamic",
                         help="DPAR: RoPE of the global transformer (paper Table 9; no linear-layer cost)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

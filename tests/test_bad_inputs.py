@@ -864,8 +864,14 @@ def edited_run(tmp_path: Path, run: str, edits: dict) -> Path:
 
 # (id, demo run, edits, the one line after "error: "; {config} the edited config.yaml, {weights} its weights)
 SIZE_EDITS = [
-    ("gpt_7b", "dpar", {"model.gpt_model": "GPT-7B"},
-     "{config} has model.gpt_model=GPT-7B, but the weights {weights} have the shapes of model.gpt_model=DGPT-tiny"),
+    ("gpt_7b", "gpt", {"model.gpt_model": "GPT-7B"},
+     "{config} has model.gpt_model=GPT-7B, but the weights {weights} have the shapes of model.gpt_model=GPT-tiny"),
+    # a DPAR record named a GPT-* reads DPAR's former options as a GPT's (ModelConfig.upgrade_record): no single
+    # key then gives the weights' shapes, and the line names the first weight that differs
+    ("dpar_to_gpt_7b", "dpar", {"model.gpt_model": "GPT-7B"},
+     "{weights} does not fit the model {config} describes: 224 missing (first 'layers.0.attention.wqkv.weight'); "
+     "54 unexpected (first 'decoder.layers.0.attention.wo.weight'); 4 with other shapes (first "
+     "'cls_embedding.embedding_table.weight': [13, 64] in file, [13, 4096] in model)"),
     ("vocab_1e9", "dpar", {"model.vocab_size": 10**9},
      "{config} has model.vocab_size=1000000000, but the weights {weights} have the shapes of model.vocab_size=" + str(DEMO_CODES)),
     ("classes", "gpt", {"model.num_classes": 1000},

@@ -285,6 +285,25 @@ def test_a_bad_saved_run_config_is_one_line_naming_the_file(tmp_path):
     assert "model.decoder_injection applies to DGPT-* models only" in proc.stderr
 
 
+@pytest.mark.parametrize("gpt_model,recorded,read", [
+    # DPAR before the keys existed: a pooling FFN and one injection
+    ("DGPT-tiny", "", (True, "once")),
+    ("DGPT-tiny", "  encoder_pooling_ffn: false\n  decoder_injection: every_block\n", (False, "every_block")),
+    # a GPT-* records DPAR's options without using them: the former defaults read as today's
+    ("GPT-tiny", "  encoder_pooling_ffn: true\n  decoder_injection: once\n", (False, "every_block")),
+    ("GPT-tiny", "", (False, "every_block")),
+])
+def test_records_of_earlier_versions_read_as_their_runs_were_trained(tmp_path, gpt_model, recorded, read):
+    from dpar.config import load_record, read_section
+    from dpar.training import TrainGlobalConfig
+    saved = tmp_path / "config.yaml"
+    saved.write_text(f"model:\n  gpt_model: {gpt_model}\n  image_size: 32\n  downsample_size: 4\n{recorded}")
+    model = read_section(saved, "model", ModelConfig)
+    assert (model.encoder_pooling_ffn, model.decoder_injection) == read
+    whole = load_record(TrainGlobalConfig, saved).model  # the reading a resume compares with
+    assert (whole.encoder_pooling_ffn, whole.decoder_injection) == read
+
+
 # What the YAML in a file says (text of one value), and what reading it must do: a one-line ConfigError naming the
 # file and the key, never a traceback. Each reads the way a training config and a run's config.yaml are read.
 UNRESOLVED = [

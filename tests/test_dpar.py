@@ -122,10 +122,8 @@ def test_a_gpt_refuses_dpar_options():
         config.check()
     with pytest.raises(UserError, match="model.decoder_injection applies to DGPT-\\* models only"):
         create_model(config)  # checks first, whoever built the config
-    # what GPT-* runs recorded before DPAR's defaults became the paper's text: inert for a GPT, so accepted
-    ModelConfig(gpt_model="GPT-tiny", encoder_pooling_ffn=True, decoder_injection="once").check()
-    with pytest.raises(UserError, match="model.n_dec_layer applies to DGPT-\\* models only"):
-        ModelConfig(gpt_model="GPT-tiny", encoder_pooling_ffn=True, n_dec_layer=2).check()
+    with pytest.raises(UserError, match="model.encoder_pooling_ffn applies to DGPT-\\* models only"):
+        ModelConfig(gpt_model="GPT-tiny", encoder_pooling_ffn=True).check()  # (a record of it is read otherwise)
 
 
 def test_dpar_refuses_stochastic_depth_and_a_partial_token_grid():

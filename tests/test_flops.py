@@ -32,7 +32,9 @@ def test_cli_rejects_bad_tokens_per_patch():
 
 @pytest.mark.parametrize("argv,message", [
     (["--model", "GPT-B", "--rope", "2d"], "error: --rope applies to DGPT-* models only, not GPT-B\n"),
-    (["--model", "GPT-B", "--decoder-injection", "residual"],
+    (["--model", "GPT-B", "--encoder-pooling-ffn"],
+     "error: --encoder-pooling-ffn applies to DGPT-* models only, not GPT-B\n"),
+    (["--model", "GPT-B", "--decoder-injection", "once"],
      "error: --decoder-injection applies to DGPT-* models only, not GPT-B\n"),
     (["--image-size", "250"], "error: --image-size 250 is not a multiple of the VQ-16 downsampling factor 16\n"),
 ])

@@ -496,6 +496,26 @@ def test_a_resume_may_change_dpar_options_of_a_gpt_only(setup, tmp_path):
     load_trained_model(checkpoints[0][1] / "model.safetensors")  # recorded with decoder_injection once
 
 
+def test_a_dpar_run_recorded_before_its_options_were_keys_resumes_as_it_was_trained(setup, tmp_path):
+    """Found by a breaking pass: a run whose config.yaml lacks encoder_pooling_ffn / decoder_injection (recorded
+    before they were keys, with a pooling FFN and one injection) was read with today's defaults: resumed as it
+    began, it was refused with a false "started with False"; resumed with today's defaults, its config.yaml was
+    rewritten before the weights failed to load."""
+    config = "configs/tiny/global_model_entropy_row_break.yaml"  # a pooling FFN and one injection
+    train_global_model.main(global_args(setup, tmp_path, config, "train.epochs=1"))
+    run = only_run(tmp_path)
+    saved = run / "config.yaml"
+    saved.write_text("".join(line for line in saved.read_text().splitlines(keepends=True)
+                             if not line.strip().startswith(("encoder_pooling_ffn:", "decoder_injection:"))))
+    before = saved.read_bytes()
+    with pytest.raises(UserError, match="was started with model.encoder_pooling_ffn=True, this run has False"):
+        train_global_model.main(global_args(setup, tmp_path, config, "train.epochs=2", "model.encoder_pooling_ffn=false",
+                                            "model.decoder_injection=every_block") + ["--resume", str(run)])
+    assert saved.read_bytes() == before
+    train_global_model.main(global_args(setup, tmp_path, config, "train.epochs=2") + ["--resume", str(run)])
+    assert [epoch for epoch, _ in list_checkpoints(run)] == [0, 1]
+
+
 def test_a_broken_resume_point_is_refused_before_the_config_is_rewritten(setup, tmp_path):
     """Found by a breaking pass: a resume without the run's config.yaml took any settings, and one whose
     training state (or EMA weights) was missing rewrote config.yaml before failing."""

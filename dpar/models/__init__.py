@@ -17,9 +17,8 @@ from ..validation import MAX_IMAGE_SIZE, MAX_IMAGE_TOKENS, Key, choice, config_k
 MODEL_NAMES = tuple(GPT_models) + tuple(DPAR_models)
 # ModelConfig fields that configure DPAR's architecture (DPARArgs keyword arguments); a GPT-* keeps their defaults.
 DPAR_OPTIONS = ("rope", "encoder_pooling_ffn", "decoder_injection", "n_enc_layer", "n_dec_layer")
-# DPAR's defaults before they became the paper's text. A GPT-* config may hold them as well as the defaults: a
-# GPT-* run records DPAR's options (and ignores them), so earlier runs' records hold these, and configs/tiny's GPT
-# inherits them from the tiny DPAR config.
+# What DPAR had before encoder_pooling_ffn and decoder_injection became keys, and their defaults until they became
+# the paper's text: what earlier runs' records hold, or mean where they lack the keys (ModelConfig.upgrade_record).
 FORMER_DEFAULTS = {"encoder_pooling_ffn": True, "decoder_injection": "once"}
 
 
@@ -61,6 +60,21 @@ class ModelConfig:
     # output is added as is before the first block (no norm, no linear): the global stream runs on into the decoder.
     decoder_injection: str = choice("every_block", DECODER_INJECTIONS)
 
+    @staticmethod
+    def upgrade_record(section: dict) -> dict:
+        """A run's recorded ``model`` section as this version reads it (``dpar.config.read_section``): a DPAR
+        record without ``encoder_pooling_ffn`` / ``decoder_injection`` was written before they were keys, when
+        DPAR had a pooling FFN and one injection (:data:`FORMER_DEFAULTS`); a GPT-* records DPAR's options but
+        does not use them, so where its record holds the former defaults they read as today's."""
+        upgraded, name = dict(section), section.get("gpt_model")
+        if isinstance(name, str) and is_dpar(name):
+            return {**FORMER_DEFAULTS, **upgraded}
+        if isinstance(name, str) and name in MODEL_NAMES:
+            defaults = ModelConfig()
+            upgraded.update({key: getattr(defaults, key) for key, value in FORMER_DEFAULTS.items()
+                             if upgraded.get(key) == value})
+        return upgraded
+
     def check(self, key: Key = config_key("model")) -> None:
         """The rules between fields (each field's own range or choices is declared above); ``key`` names a field
         as the user gave it (a config key or a flag). ``UserError``: the token grid must be whole and hold at
@@ -82,8 +96,7 @@ class ModelConfig:
                                 "the whole batch")
             return
         defaults = ModelConfig()
-        changed = [name for name in DPAR_OPTIONS if getattr(self, name) != getattr(defaults, name)
-                   and getattr(self, name) != FORMER_DEFAULTS.get(name, getattr(defaults, name))]
+        changed = [name for name in DPAR_OPTIONS if getattr(self, name) != getattr(defaults, name)]
         if changed:
             raise UserError(f"{key(changed[0])} applies to DGPT-* models only, not {self.gpt_model}")
 
