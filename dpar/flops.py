@@ -246,10 +246,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="DPAR: patch-decoder blocks (default: the size's own)")
     parser.add_argument("--encoder-pooling-ffn", action=argparse.BooleanOptionalAction,
                         default=ModelConfig.encoder_pooling_ffn,
-                        help="DPAR: a SwiGLU FFN after the encoder's patch cross-attention (not in the paper)")
+                        help="DPAR: a SwiGLU FFN after the encoder's patch cross-attention (not in the paper; "
+                             "default: %(default)s)")
     parser.add_argument("--decoder-injection", choices=DECODER_INJECTIONS, default=ModelConfig.decoder_injection,
                         help="DPAR: the patch vector enters the decoder before every block (the paper), once, or "
-                             "the global output as is (residual)")
+                             "the global output as is (residual; default: %(default)s)")
     parser.add_argument("--rope", choices=ROPE_MODES, default="dynamic",
                         help="DPAR: RoPE of the global transformer (paper Table 9; no linear-layer cost)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
