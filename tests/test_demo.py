@@ -75,9 +75,11 @@ def test_small_scale_study_on_the_tiny_store(tiny_demo, tmp_path):
     assert variants["gpt"]["global_steps_per_image"] == 64
     k = results["static_length"]  # K-token patches over 64 tokens: the last one may be shorter
     assert variants["static"]["tokens_per_patch"] == pytest.approx(64 / -(-64 // k))
+    tiny = OmegaConf.load(ROOT / "configs" / "tiny" / "global_model_entropy_row_break.yaml").model  # its architecture
     static_cost = count("DGPT-tiny", 32, variants["static"]["tokens_per_patch"], downsample_size=4,
                         vocab_size=OmegaConf.load(ROOT / "configs" / "tiny" / "entropy_model.yaml").model.vocab_size,
-                        num_classes=12)["linear_gmacs"]  # the runs' own patch length, as dpar.flops counts it
+                        num_classes=12, encoder_pooling_ffn=tiny.encoder_pooling_ffn,
+                        decoder_injection=tiny.decoder_injection)["linear_gmacs"]  # the runs' own patch length
     assert variants["static"]["forward_gmacs_per_sample"] == pytest.approx(static_cost)
     sweep = results["sweep"]
     assert [row["threshold"] is None for row in sweep["static"]] == [False] * 4 + [True]
