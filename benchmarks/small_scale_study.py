@@ -64,7 +64,7 @@ from dpar.experiment import (CONFIG_FILE, METRICS_FILE, checkpoint_dir, config_d
 from dpar.config import load_config, parse_overrides, read_section  # noqa: E402
 from dpar.launch import set_parent_death_signal  # noqa: E402
 from dpar.fileio import atomic_path, atomic_write_text, check_output_dir, check_output_file  # noqa: E402
-from dpar.models import ModelConfig, is_dpar, unused_keys  # noqa: E402
+from dpar.models import ModelConfig, is_dpar  # noqa: E402
 from dpar.runs import load_trained_model  # noqa: E402
 from dpar.patcher import PatcherConfig, patch_starts  # noqa: E402
 from dpar.training import (RESUMABLE_KEYS, DataConfig, TrainConfig, TrainGlobalConfig,  # noqa: E402
@@ -941,8 +941,7 @@ def check_jobs(jobs: list[tuple[str, int, list[str]]], extra: list[str], common:
                 raise UserError(f"--entropy-model: {error}") from None
         run = finished_run(runs_dir, run_name(variant, seed), config.train.epochs)
         # the run fills in the store's tokenizer when it starts
-        differs = run and config_difference(config, run / CONFIG_FILE, RESUMABLE_KEYS | {"data.tokenizer_checkpoint"} |
-                                            {f"model.{name}" for name in unused_keys(config.model)})
+        differs = run and config_difference(config, run / CONFIG_FILE, RESUMABLE_KEYS | {"data.tokenizer_checkpoint"})
         if differs:
             key, saved, value = differs
             raise UserError(f"--runs-dir {runs_dir}: the finished run {run} was trained with {key}={saved!r}, this "

@@ -412,7 +412,7 @@ class Trainer:
         torch.manual_seed(cfg.global_seed)
         model = create_model(model_config)
         _check_backend(model_config.attn_backend, self.device, cfg.mixed_precision)
-        resumable = RESUMABLE_KEYS | {f"model.{name}" for name in unused_keys(model_config)}
+        resumable = RESUMABLE_KEYS | {f"model.{name}" for name in unused_keys(model_config)}  # vs its weights' record
         self.run.find().start(config, resumable, self.total_steps, state_keys=self.STATE_KEYS)
         if not cfg.fsdp:  # sharded, each process moves only its shards to the device (shard below)
             model = model.to(self.device)

@@ -476,8 +476,12 @@ def test_resume_refuses_changed_settings(setup, tmp_path):
 
 def test_a_resume_may_change_dpar_options_of_a_gpt_only(setup, tmp_path):
     """A DPAR run resumes only with the architecture it began with. A GPT-* run records DPAR's options but does
-    not use them, so a resume that sets them otherwise goes on (a run begun before DPAR's defaults became the
-    paper's text, resumed under the new ones), and its earlier weights still load with the rewritten record."""
+    not use them: one whose config.yaml and weights hold DPAR's former defaults (as runs from before the defaults
+    became the paper's text do) resumes under today's, and its earlier weights still load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dpar.experiment import MODEL_RECORD
     from dpar.runs import load_trained_model
     paper = ["model.encoder_pooling_ffn=false", "model.decoder_injection=every_block"]  # configs/tiny: true, once
     dpar_config, gpt_config = "configs/tiny/global_model_entropy_row_break.yaml", "configs/tiny/gpt_baseline.yaml"
@@ -488,12 +492,20 @@ def test_a_resume_may_change_dpar_options_of_a_gpt_only(setup, tmp_path):
                                 ["--resume", str(run)])
     train_global_model.main(global_args(setup, tmp_path / "gpt", gpt_config, "train.epochs=1"))
     run = only_run(tmp_path / "gpt")
-    train_global_model.main(global_args(setup, tmp_path / "gpt", gpt_config, "train.epochs=2", *paper) +
-                            ["--resume", str(run)])
+    former = {"encoder_pooling_ffn": True, "decoder_injection": "once"}
+    saved = OmegaConf.load(run / "config.yaml")
+    saved.model.update(former)
+    OmegaConf.save(saved, run / "config.yaml")
+    for weights in run.glob("checkpoints/*/model.safetensors"):
+        with safe_open(weights, framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        metadata[MODEL_RECORD] = json.dumps({**json.loads(metadata[MODEL_RECORD]), **former})
+        save_file(tensors, weights, metadata=metadata)
+    train_global_model.main(global_args(setup, tmp_path / "gpt", gpt_config, "train.epochs=2") + ["--resume", str(run)])
     checkpoints = list_checkpoints(run)
     assert [epoch for epoch, _ in checkpoints] == [0, 1]
     assert OmegaConf.load(run / "config.yaml").model.decoder_injection == "every_block"
-    load_trained_model(checkpoints[0][1] / "model.safetensors")  # recorded with decoder_injection once
+    load_trained_model(checkpoints[0][1] / "model.safetensors")  # its weights record decoder_injection once
 
 
 def test_a_dpar_run_recorded_before_its_options_were_keys_resumes_as_it_was_trained(setup, tmp_path):

@@ -107,8 +107,9 @@ def is_dpar(name: str) -> bool:
 
 def unused_keys(config: ModelConfig) -> frozenset[str]:
     """The keys of a ``model`` section (a :class:`ModelConfig` or its DictConfig) that do not change what its
-    ``gpt_model`` builds: DPAR's options for a GPT-*. A run's record is compared with a resumed run's config, or
-    with its weights' record, without them (a GPT-* run recorded the DPAR defaults of the version it began with)."""
+    ``gpt_model`` builds: DPAR's options for a GPT-*. A run's weights are compared with the model config they
+    record without them (a GPT-*'s weights record the DPAR defaults of the version that wrote them; its
+    ``config.yaml`` reads as today's, :meth:`ModelConfig.upgrade_record`)."""
     return frozenset() if is_dpar(config.gpt_model) else frozenset(DPAR_OPTIONS)
 
 
