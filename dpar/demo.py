@@ -57,7 +57,9 @@ class Scale:
     quality_cfg_scales: tuple[float, ...] = (1.0, 2.0, 4.0)  # the CFG scales the samples are scored at
 
 
-FULL = Scale(images=8000, tokenizer_images=4000, tokenizer_epochs=20, entropy_epochs=6, global_epochs=15, views=2,
+# The full build, sized to about 30 minutes on 2 CPU cores (docs/demo.md); the tokenizer keeps the classes from
+# about 12 epochs on (benchmarks/results/demo-tokenizer-2026-12-05.md).
+FULL = Scale(images=8000, tokenizer_images=4000, tokenizer_epochs=14, entropy_epochs=6, global_epochs=12, views=2,
              val_holdout=200)
 TINY = Scale(images=96, tokenizer_images=32, tokenizer_epochs=1, entropy_epochs=1, global_epochs=1, views=1,
              val_holdout=16, classifier_epochs=1, reference_images=24, quality_samples=24,
