@@ -329,7 +329,10 @@ def test_a_run_killed_mid_epoch_resumes_on_another_process_count(setup, tmp_path
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(only_run(straight) / "checkpoints" / "epoch_00000001" / name)
         b = load_file(run / "checkpoints" / "epoch_00000001" / name)
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
+        # Float reassociation (2 processes sum gradients in another order), amplified by AdamW over the steps
+        # after it: 0 to 2e-5 here, depending on the patches (and so on θ). A wrong resume is far larger: one
+        # AdamW step moves weights by up to lr (1e-3), the second epoch by 1e-2.
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4, name
 
 
 @pytest.mark.slow  # about 15 s on 2 CPU cores per case: a one-process run and two one-process "nodes"
